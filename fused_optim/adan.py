@@ -1,0 +1,203 @@
+"""Adan (Xie et al. 2022, arXiv 2208.06677): Nesterov-style adaptive momentum on g and its difference.
+
+Reference: sail-sg `adan.py` (timm's `Adan` follows it); SPEC §3. State keys and layout match theirs,
+so their checkpoints load here and continue the same trajectory. Betas are the code's (1 − the paper's).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+
+__all__ = ["Adan"]
+
+
+def _forloop_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                  exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *,
+                  lr: float, beta1: float, beta2: float, beta3: float, bias_correction1: float,
+                  bias_correction2: float, bias_correction3_sqrt: float, eps: float, weight_decay: float,
+                  no_prox: bool, clip: float | Tensor, maximize: bool) -> None:
+    """sail-sg's `_single_tensor_adan`, without mutating the grad. `neg_pre_grads` holds ``-clip·g_{k-1}``
+    (initialised by the class to ``-clip·g`` at a param's first step, so ``d`` is exactly 0 then)."""
+    step_size = lr / bias_correction1
+    step_size_diff = lr * beta2 / bias_correction2
+    for p, g, exp_avg, exp_avg_sq, exp_avg_diff, npg in zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                            exp_avg_diffs, neg_pre_grads):
+        if maximize:
+            g = -g
+        g = g * clip  # upstream: grad.mul_(clip) in place; we keep .grad intact
+        npg.add_(g)  # d = g_k - g_{k-1}
+        exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+        exp_avg_diff.mul_(beta2).add_(npg, alpha=1 - beta2)
+        npg.mul_(beta2).add_(g)  # n = b2*d + g
+        exp_avg_sq.mul_(beta3).addcmul_(npg, npg, value=1 - beta3)
+        denom = (exp_avg_sq.sqrt() / bias_correction3_sqrt).add_(eps)
+        if no_prox:
+            p.mul_(1 - lr * weight_decay)
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+            p.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
+        else:
+            p.addcdiv_(exp_avg, denom, value=-step_size)
+            p.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
+            p.div_(1 + lr * weight_decay)
+        npg.zero_().add_(g, alpha=-1.0)
+
+
+def _foreach_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                  exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *,
+                  lr: float, beta1: float, beta2: float, beta3: float, bias_correction1: float,
+                  bias_correction2: float, bias_correction3_sqrt: float, eps: float, weight_decay: float,
+                  no_prox: bool, clip: float | Tensor, maximize: bool) -> None:
+    """sail-sg's `_multi_tensor_adan` op order over whole lists."""
+    step_size = lr / bias_correction1
+    step_size_diff = lr * beta2 / bias_correction2
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    grads = torch._foreach_mul(grads, clip)
+    torch._foreach_add_(neg_pre_grads, grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_add_(exp_avg_diffs, neg_pre_grads, alpha=1 - beta2)
+    torch._foreach_mul_(neg_pre_grads, beta2)
+    torch._foreach_add_(neg_pre_grads, grads)
+    torch._foreach_mul_(exp_avg_sqs, beta3)
+    torch._foreach_addcmul_(exp_avg_sqs, neg_pre_grads, neg_pre_grads, value=1 - beta3)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, bias_correction3_sqrt)
+    torch._foreach_add_(denom, eps)
+    if no_prox:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
+        torch._foreach_addcdiv_(params, exp_avg_diffs, denom, value=-step_size_diff)
+    else:
+        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
+        torch._foreach_addcdiv_(params, exp_avg_diffs, denom, value=-step_size_diff)
+        torch._foreach_div_(params, 1 + lr * weight_decay)
+    torch._foreach_zero_(neg_pre_grads)
+    torch._foreach_add_(neg_pre_grads, grads, alpha=-1.0)
+
+
+class Adan(FusedOptimizer):
+    r"""Adan with sail-sg's op order, proximal (default) or decoupled (``no_prox=True``) weight decay.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): learning rate, ``>= 0`` (default: 1e-3).
+        betas (tuple[float, float, float]): coefficients of the gradient, gradient-difference and squared
+            moments, each in [0, 1) (default: (0.98, 0.92, 0.99)).
+        eps (float): added to the denominator, ``>= 0`` (default: 1e-8).
+        weight_decay (float): ``>= 0`` (default: 0).
+        max_grad_norm (float): global gradient-norm clip over every param of every group, ``>= 0``;
+            0 disables it (default: 0). The clip uses the constructor's ``max_grad_norm`` and the first
+            group's ``eps``, like upstream. ``.grad`` is never modified (upstream scales it in place).
+        no_prox (bool): decoupled decay ``p·(1 − lr·wd)`` before the update instead of the proximal
+            ``p / (1 + lr·wd)`` after it (default: False).
+        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+
+    State (sail-sg/timm layout): ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``neg_pre_grad`` per
+    param; ``step`` per group.
+    """
+
+    _display_name = "Adan"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
+                 eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,
+                 no_prox: bool = False, *, maximize: bool = False, impl: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None):
+        _check_range("max_grad_norm", max_grad_norm, lo=0.0)
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+                        weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
+        _check_betas(group["betas"], 3)
+        _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
+        _check_range("weight_decay", group["weight_decay"], lo=0.0)
+        _check_range("max_grad_norm", group["max_grad_norm"], lo=0.0)
+
+    @torch.no_grad()
+    def restart_opt(self) -> None:
+        """Zero the three moments and every group's step (upstream's restart); `neg_pre_grad` is
+        re-initialised at the next step because the step count is back to 1 then."""
+        for group in self.param_groups:
+            group["step"] = 0
+            for p in group["params"]:
+                state = self.state.get(p)
+                if not state:
+                    continue
+                for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+                    if key in state:
+                        state[key].zero_()
+
+    def _global_clip(self, batches) -> float | Tensor:
+        """``min(max_grad_norm / (||g||_2 + eps), 1)`` over every grad of every group, or 1.0.
+
+        The reference impls compute it like upstream, a sum of per-tensor squares then `.item()`;
+        other impls keep it on the device as a 0-d fp32 tensor (no host sync)."""
+        max_grad_norm = self.defaults["max_grad_norm"]
+        if max_grad_norm <= 0:
+            return 1.0
+        grads = [g for _, _, gs in batches for g in gs]
+        if not grads:
+            return 1.0
+        device = grads[0].device
+        eps = self.param_groups[0]["eps"]
+        if self.impl_for(device) == "forloop":
+            total = torch.zeros(1, device=device)
+            for g in grads:
+                total.add_(_real_flat(g).pow(2).sum().to(device))
+            norm = torch.sqrt(total)
+            return torch.clamp(torch.tensor(max_grad_norm, device=device) / (norm + eps), max=1.0).item()
+        return self._device_clip(grads, max_grad_norm, eps)
+
+    def _device_clip(self, grads: list[Tensor], max_grad_norm: float, eps: float) -> Tensor:
+        device = grads[0].device
+        by_device: dict[torch.device, list[Tensor]] = {}
+        for g in grads:
+            by_device.setdefault(g.device, []).append(_real_flat(g))
+        sq = [torch.stack(torch._foreach_norm(gs, 2)).float().square().sum().to(device)
+              for gs in by_device.values()]
+        norm = torch.stack(sq).sum().sqrt()
+        return torch.clamp(max_grad_norm / (norm + eps), max=1.0)
+
+    def _update(self, batches) -> None:
+        clip = self._global_clip(batches)
+        for group, params, grads in batches:
+            self._adan_group(group, params, grads, clip)
+
+    def _adan_group(self, group, params, grads, clip) -> None:
+        group["step"] = group.get("step", 0) + 1
+        step = group["step"]
+        beta1, beta2, beta3 = group["betas"]
+        exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads = [], [], [], []
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._zeros_state(p)
+                state["exp_avg_sq"] = self._zeros_state(p)
+                state["exp_avg_diff"] = self._zeros_state(p)
+            if "neg_pre_grad" not in state or step == 1:
+                # -clip*g (of the maximized g): the first difference is then exactly 0
+                sign_g = g if group["maximize"] else -g
+                state["neg_pre_grad"] = sign_g.to(self._state_dtype(p)) * clip
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avg_diffs.append(state["exp_avg_diff"])
+            neg_pre_grads.append(state["neg_pre_grad"])
+        self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
+                       lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
+                       bias_correction1=1.0 - beta1 ** step, bias_correction2=1.0 - beta2 ** step,
+                       bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(group["eps"]),
+                       weight_decay=float(group["weight_decay"]), no_prox=bool(group["no_prox"]), clip=clip,
+                       maximize=group["maximize"])
+
+    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan}
+
+
+def _real_flat(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t

@@ -1,0 +1,86 @@
+"""GradientEquilibrium (seed package `gradient-equilibrum`): ``p ← p − lr·(g − mean(g))`` per tensor.
+
+SPEC §4. Upstream's weight decay is a no-op (the result of `grad.add(...)` is discarded); ours applies
+the L2 term its docstring promises, ``g + wd·p``. With ``weight_decay=0`` it matches upstream bit for bit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _as_float, _check_range
+
+__all__ = ["GradientEquilibrium", "GradientEquilibrum"]
+
+
+def _forloop_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float,
+                                  weight_decay: float, maximize: bool) -> None:
+    """Upstream's op sequence: ``eq = g - g.mean()``, then ``p -= lr * eq``."""
+    for p, g in zip(params, grads):
+        if p.numel() == 0:
+            continue
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        eq = g - g.mean()
+        p.sub_(lr * eq)
+
+
+def _foreach_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float,
+                                  weight_decay: float, maximize: bool) -> None:
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    params = [params[i] for i in keep]
+    grads = [grads[i] for i in keep]
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    # torch has no foreach mean; per-tensor means are tiny kernels (one each), the update is multi-tensor
+    means = [g.mean() for g in grads]
+    eq = torch._foreach_sub(grads, means)
+    torch._foreach_mul_(eq, lr)
+    torch._foreach_sub_(params, eq)
+
+
+class GradientEquilibrium(FusedOptimizer):
+    r"""Gradient Equilibrium: ``p ← p − lr·(g − mean(g))``, the mean over each whole tensor.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): learning rate, ``>= 0`` (default: 0.01).
+        weight_decay (float): L2 penalty added to the gradient, ``g + wd·p``, ``>= 0`` (default: 0).
+        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+
+    No state. A one-element tensor never moves (its gradient equals its mean).
+    """
+
+    _display_name = "GradientEquilibrium"
+    _supports_complex = False
+    _complex_reason = "the mean over a torch.view_as_real view would mix real and imaginary parts"
+
+    def __init__(self, params, lr: float | Tensor = 0.01, weight_decay: float = 0.0, *,
+                 maximize: bool = False, impl: str | None = None, foreach: bool | None = None,
+                 fused: bool | None = None):
+        defaults = dict(lr=lr, weight_decay=weight_decay)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
+        _check_range("weight_decay", group["weight_decay"], lo=0.0)
+
+    def _step_group(self, group, params, grads) -> None:
+        self._dispatch(params, grads, [], lr=_as_float(group["lr"]),
+                       weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+
+    _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium}
+
+
+class GradientEquilibrum(GradientEquilibrium):
+    """The seed's spelling. Accepts and ignores its unused ``max_iterations`` and ``tol`` arguments."""
+
+    def __init__(self, params, lr: float | Tensor = 0.01, max_iterations: int = 1000, tol: float = 1e-7,
+                 weight_decay: float = 0.0, **kwargs):
+        super().__init__(params, lr=lr, weight_decay=weight_decay, **kwargs)

@@ -1,0 +1,84 @@
+"""Lion (Chen et al. 2023, arXiv 2302.06675): sign of an interpolated momentum.
+
+Reference: google/automl `lion_pytorch.py` (lucidrains' default `Lion` is bit-identical); SPEC §2.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+
+__all__ = ["Lion"]
+
+
+def _forloop_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+                  beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+    """The literal upstream op sequence, one tensor at a time (the reference)."""
+    for p, g, exp_avg in zip(params, grads, exp_avgs):
+        if maximize:
+            g = -g
+        p.mul_(1 - lr * weight_decay)
+        c = exp_avg * beta1 + g * (1 - beta1)
+        p.add_(torch.sign(c), alpha=-lr)
+        exp_avg.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+def _foreach_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+                  beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+    """The same op order with torch._foreach_* (one kernel per op per list)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    c = torch._foreach_mul(exp_avgs, beta1)
+    torch._foreach_add_(c, torch._foreach_mul(grads, 1 - beta1))
+    torch._foreach_sign_(c)
+    torch._foreach_add_(params, c, alpha=-lr)
+    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
+
+
+class Lion(FusedOptimizer):
+    r"""Lion: ``p ← p·(1 − lr·wd) − lr·sign(β1·m + (1 − β1)·g)``, then ``m ← β2·m + (1 − β2)·g``.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): learning rate, ``lr >= 0`` (default: 1e-4).
+        betas (tuple[float, float]): interpolation (β1) and momentum (β2) coefficients, each in [0, 1)
+            (default: (0.9, 0.99)).
+        weight_decay (float): decoupled weight decay, ``>= 0`` (default: 0).
+        maximize (bool): maximize the objective instead of minimizing; ``.grad`` is never modified.
+        impl (str, optional): "forloop", "foreach", "triton", "native" or None for auto (SPEC §0).
+        foreach, fused (bool, optional): torch-style spellings of ``impl``.
+
+    State: ``exp_avg`` (zeros at a param's first step). No step counter.
+    """
+
+    _display_name = "Lion"
+
+    def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, impl: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None):
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        weight_decay=weight_decay)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
+        _check_betas(group["betas"], 2)
+        _check_range("weight_decay", group["weight_decay"], lo=0.0)
+
+    def _step_group(self, group, params, grads) -> None:
+        exp_avgs = []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._zeros_state(p)
+            exp_avgs.append(state["exp_avg"])
+        beta1, beta2 = group["betas"]
+        self._dispatch(params, grads, [exp_avgs], lr=_as_float(group["lr"]), beta1=float(beta1),
+                       beta2=float(beta2), weight_decay=float(group["weight_decay"]),
+                       maximize=group["maximize"])
+
+    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion}

@@ -1,0 +1,258 @@
+"""The base every fused_optim optimizer shares.
+
+One step of any optimizer here is: collect and validate every group's (param, grad) pairs, refusing bad
+input before any tensor changes; let the subclass compute its per-group Python scalars; split each
+group by (device, dtype); resolve the impl once per device; call one functional step per split. The
+functional steps of each optimizer (`_forloop_x`, `_foreach_x`, `_triton_x`, `_native_x`) share one
+keyword-only signature and live next to the class, in its module.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
+
+__all__ = ["FusedOptimizer"]
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _check_range(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, label: str | None = None) -> None:
+    """Raise torch's style of error ("Invalid learning rate: -1.0") plus the allowed range."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"Tensor {name} must be 1-element, got {value.numel()} elements")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
+    ok = not math.isnan(value)
+    if lo is not None:
+        ok = ok and (value > lo if lo_open else value >= lo)
+    if hi is not None:
+        ok = ok and (value < hi if hi_open else value <= hi)
+    if not ok:
+        lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
+        hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
+        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {lo_s}{name}{hi_s})")
+
+
+def _check_betas(betas: Any, n: int) -> None:
+    if not isinstance(betas, (tuple, list)) or len(betas) != n:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a tuple of {n} floats in [0, 1))")
+    for i, b in enumerate(betas):
+        _check_range(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True, label=f"beta parameter at index {i}")
+
+
+def _as_float(x: float | Tensor) -> float:
+    """A hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step."""
+    return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None) -> str | None:
+    if impl is not None and impl not in IMPLS:
+        raise ValueError(f"Invalid impl: {impl!r} (expected one of {IMPLS} or None for auto)")
+    if foreach and fused:
+        raise ValueError("foreach=True and fused=True are mutually exclusive; pass one of them (or impl=...)")
+    if impl is not None:
+        if foreach and impl != "foreach":
+            raise ValueError(f"foreach=True conflicts with impl={impl!r}; pass only one of them")
+        if fused and impl not in ("triton", "native"):
+            raise ValueError(f"fused=True conflicts with impl={impl!r}; pass only one of them")
+        return impl
+    if foreach:
+        return "foreach"
+    if fused:
+        return "fused"
+    if foreach is False and fused in (None, False):
+        return "forloop"  # torch's convention: foreach=False is the for-loop implementation
+    return None
+
+
+class FusedOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` with pluggable implementations (SPEC §0).
+
+    Subclasses set `_impls` (impl name -> functional step), implement `_validate_group(group)` and
+    `_step_group(group, params, grads)` (or `_update(batches)` when a step couples groups, like Adan's
+    global clip), and call `self._dispatch(...)` with their tensor lists and Python scalars.
+    """
+
+    _impls: dict[str, Callable[..., None]] = {}
+    #: human name used in error messages
+    _display_name = "optimizer"
+    #: whether complex params are updated through torch.view_as_real (False: a clear error)
+    _supports_complex = True
+    _complex_reason = ""
+
+    def __init__(self, params, defaults: dict, *, maximize: bool = False, impl: str | None = None,
+                 foreach: bool | None = None, fused: bool | None = None):
+        self._impl_request = _resolve_request(impl, foreach, fused)
+        self._impl_cache: dict[str, str] = {}
+        defaults = dict(defaults, maximize=bool(maximize))
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ impl resolution
+    @property
+    def impl(self) -> str | None:
+        """The requested impl (None = auto). `impl_for(device)` gives what actually runs there."""
+        return self._impl_request
+
+    def impl_for(self, device: torch.device | str) -> str:
+        device_type = torch.device(device).type
+        cached = self._impl_cache.get(device_type)
+        if cached is not None:
+            return cached
+        req = self._impl_request
+        if req is None:
+            impl = auto_impl(device_type)
+        elif req == "fused":
+            impl = best_fused_impl(device_type)
+        else:
+            st = impl_status(req, device_type)
+            if not st.available:
+                raise RuntimeError(f"{self._display_name}: impl={req!r} cannot run on {device_type}: {st.reason}. "
+                                   "Pass impl=None (auto) or impl='foreach' to use what is available; "
+                                   "fused_optim.available_impls() lists what was found.")
+            impl = req
+        if impl not in self._impls:
+            if req is None:  # auto never raises: fall back to what this optimizer has
+                impl = "foreach"
+            else:
+                raise RuntimeError(f"{self._display_name} has no {impl!r} implementation yet; "
+                                   f"available: {sorted(self._impls)}")
+        self._impl_cache[device_type] = impl
+        return impl
+
+    def _state_dtype(self, p: Tensor) -> torch.dtype:
+        """Fused impls keep fp32 state for bf16/fp16 params (SPEC §9); the references use p's dtype."""
+        if p.dtype in _LOW_PRECISION and self.impl_for(p.device) in ("triton", "native"):
+            return torch.float32
+        return p.dtype
+
+    def _zeros_state(self, p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------ param groups
+    def add_param_group(self, param_group: dict) -> None:
+        # Validated here, so both the constructor's defaults and every group's own values are checked
+        # before the group exists.
+        merged = dict(self.defaults)
+        merged.update({k: v for k, v in param_group.items() if k != "params"})
+        self._validate_group(merged)
+        params = param_group["params"]
+        params = [params] if isinstance(params, Tensor) else list(params)
+        for p in params:
+            if not isinstance(p, Tensor):
+                raise TypeError(f"{self._display_name} can only optimize Tensors, but one of the params is "
+                                f"{type(p).__name__}")
+            if not (p.is_floating_point() or p.is_complex()):
+                raise ValueError(f"{self._display_name} can only optimize floating-point or complex tensors, "
+                                 f"got a parameter of dtype {p.dtype}; convert it with .float()")
+            if p.is_complex() and not self._supports_complex:
+                raise ValueError(f"{self._display_name} does not support complex parameters: "
+                                 f"{self._complex_reason}. Optimize torch.view_as_real(p) as a real "
+                                 "parameter instead if a per-component update is what you want")
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ step
+    def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
+        """Params with a grad and their grads; raises before anything changes."""
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse or g.layout != torch.strided:
+                raise RuntimeError(f"{self._display_name} does not support sparse gradients; "
+                                   "use a dense gradient (e.g. nn.Embedding(sparse=False))")
+            if g.shape != p.shape:
+                raise RuntimeError(f"{self._display_name}: a gradient of shape {tuple(g.shape)} does not match "
+                                   f"its parameter of shape {tuple(p.shape)}")
+            if g.dtype != p.dtype or g.device != p.device:
+                raise RuntimeError(f"{self._display_name}: a gradient ({g.dtype}, {g.device}) does not match "
+                                   f"its parameter ({p.dtype}, {p.device}); grads must have the param's "
+                                   "dtype and device")
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """Performs a single optimization step.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss; it runs under
+                ``torch.enable_grad()``.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = [(group, *self._collect(group)) for group in self.param_groups]
+        self._update(batches)
+        return loss
+
+    def _update(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
+        for group, params, grads in batches:
+            self._step_group(group, params, grads)
+
+    def _step_group(self, group: dict, params: list[Tensor], grads: list[Tensor]) -> None:
+        raise NotImplementedError  # pragma: no cover
+
+    def _dispatch(self, params: list[Tensor], grads: list[Tensor], states: Sequence[list[Tensor]],
+                  **scalars: Any) -> None:
+        """Split by (device, dtype), resolve the impl per device and run one functional step per split.
+
+        Complex tensors are passed as `torch.view_as_real` views, so every impl sees real tensors.
+        """
+        if not params:
+            return
+        splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            splits[(p.device, p.dtype)].append(i)
+        for (device, _dtype), idx in splits.items():
+            fn = self._impls[self.impl_for(device)]
+            sub_p = [_real(params[i]) for i in idx]
+            sub_g = [_real(grads[i]) for i in idx]
+            sub_s = [[_real(s[i]) for i in idx] for s in states]
+            fn(sub_p, sub_g, *sub_s, **scalars)
+
+    # ------------------------------------------------------------------ state dict
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's loader, then every state tensor re-cast from the *saved* values to this impl's policy.
+
+        torch casts floating state to the param's dtype, which would round fp32 state of bf16 params
+        through bf16; copying from the saved tensors keeps it exact. Copies never share storage with
+        the source dict, so two live optimizers never update one buffer.
+        """
+        saved_state = state_dict["state"]
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if pid not in saved_state:
+                continue
+            for key, value in saved_state[pid].items():
+                if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()) and key != "step":
+                    dtype = self._state_dtype(p) if p.is_floating_point() or p.is_complex() else value.dtype
+                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        self._impl_cache.clear()
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def params_of(model_or_params: torch.nn.Module | Iterable) -> Iterable:
+    if isinstance(model_or_params, torch.nn.Module):
+        return model_or_params.parameters()
+    return model_or_params
