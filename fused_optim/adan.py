@@ -103,6 +103,10 @@ class Adan(FusedOptimizer):
     """
 
     _display_name = "Adan"
+    _group_counters = ("step",)  # the bias corrections depend on it: an AMP found_inf skip must not advance it
+
+    def _reads_grads_before_dispatch(self) -> bool:
+        return self.defaults["max_grad_norm"] > 0  # the global clip norm must see unscaled grads under AMP
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,

@@ -67,6 +67,7 @@ class Gravity(FusedOptimizer):
     """
 
     _display_name = "Gravity"
+    _group_counters = ("t",)  # beta_hat depends on t: an AMP found_inf skip must not advance it
     _supports_complex = False
     _complex_reason = "its per-tensor max|g| and g/(1+(g/m)^2) are defined for real values only"
 

@@ -18,9 +18,23 @@ from torch import Tensor
 
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
 
-__all__ = ["FusedOptimizer"]
+__all__ = ["FusedOptimizer", "supports_amp"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def supports_amp(fn: Callable[..., None]) -> Callable[..., None]:
+    """Mark an impl that handles AMP itself (the contract is in `FusedOptimizer`'s docstring, "AMP").
+
+    A marked impl also accepts the keyword-only arguments ``grad_scale: Tensor | None`` and
+    ``found_inf: Tensor | None`` (0-d fp32 tensors on the impl's device, or None). It must divide every
+    grad by ``grad_scale`` and write the unscaled grad back into ``grads`` (torch's fused optimizers
+    leave ``.grad`` unscaled), and when ``found_inf != 0`` it must leave params, state and grads
+    untouched, reading ``found_inf`` on the device (no host sync). Unmarked impls never see these
+    arguments: the base class unscales and skips for them.
+    """
+    fn.supports_amp = True
+    return fn
 
 
 def _check_range(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
@@ -81,7 +95,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     Subclasses set `_impls` (impl name -> functional step), implement `_validate_group(group)` and
     `_step_group(group, params, grads)` (or `_update(batches)` when a step couples groups, like Adan's
     global clip), and call `self._dispatch(...)` with their tensor lists and Python scalars.
+
+    AMP: ``_step_supports_amp_scaling = True`` tells ``torch.amp.GradScaler`` to hand the optimizer its
+    ``grad_scale`` and ``found_inf`` tensors (as attributes, or as ``step()`` keyword arguments) instead
+    of unscaling and checking the grads itself, as it does for torch's fused optimizers. Then:
+
+    - the grads are divided by ``grad_scale`` in place (``.grad`` ends unscaled, like torch's fused
+      Adam), inside the kernel for impls marked with :func:`supports_amp`, else by one foreach pass;
+    - when ``found_inf`` is nonzero the whole step is skipped: params, state, lazily created state and
+      the step counters named in ``_group_counters`` stay as they were, and ``.grad`` stays scaled.
+      The skip is decided on the host (``found_inf.item()``, one sync on an accelerator, the same one
+      ``GradScaler`` does for every optimizer it cannot hand ``found_inf`` to) unless every impl of the
+      step is AMP-aware, the optimizer has no Python step counters (Lion, GradientEquilibrium) and no
+      param is on the CPU: then ``found_inf`` goes down to the kernels and nothing syncs. Optimizers
+      whose Python scalars depend on a counter (Gravity's ``t``, Adan's ``step``) need ``capturable``
+      device counters for a sync-free skip.
+    - Clipping before ``step`` (``clip_grad_norm_``) must see unscaled grads: call
+      ``scaler.unscale_(opt)`` first; the scaler then passes ``grad_scale=None`` and only ``found_inf``.
+    - Subclasses that read grads before `_dispatch` (Adan's global clip) return True from
+      `_reads_grads_before_dispatch`, so the grads are unscaled before that read.
     """
+
+    #: torch.amp.GradScaler: give step() grad_scale/found_inf instead of unscaling (see "AMP" above)
+    _step_supports_amp_scaling = True
+    #: param-group keys that count steps; a found_inf skip leaves them unchanged (see "AMP" above)
+    _group_counters: tuple[str, ...] = ()
 
     _impls: dict[str, Callable[..., None]] = {}
     #: human name used in error messages
@@ -186,20 +224,68 @@ class FusedOptimizer(torch.optim.Optimizer):
         return params, grads
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None):
+    def step(self, closure: Callable[[], Any] | None = None, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None):
         """Performs a single optimization step.
 
         Args:
             closure (Callable, optional): re-evaluates the model and returns the loss; it runs under
                 ``torch.enable_grad()``.
+            grad_scale, found_inf (Tensor, optional): AMP loss scale and inf flag (class docstring,
+                "AMP"); by default read from the attributes ``torch.amp.GradScaler.step`` sets.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         batches = [(group, *self._collect(group)) for group in self.param_groups]
-        self._update(batches)
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+        if grad_scale is None and found_inf is None:
+            self._update(batches)
+            return loss
+        if not self._begin_amp_step(batches, grad_scale, found_inf):
+            return loss
+        try:
+            self._update(batches)
+        finally:
+            self._amp_kwargs = None
         return loss
+
+    _amp_kwargs: dict[str, Tensor | None] | None = None
+
+    def _reads_grads_before_dispatch(self) -> bool:
+        """True when the step reads grads before `_dispatch` (then AMP unscales them first)."""
+        return False
+
+    def _begin_amp_step(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]],
+                        grad_scale: Tensor | None, found_inf: Tensor | None) -> bool:
+        """Apply the AMP contract (class docstring) before `_update`; False means "skip this step".
+
+        Sets `self._amp_kwargs` to what `_dispatch` passes on to AMP-aware impls. Any other source of a
+        found_inf flag (a non-finite check) can use this same path.
+        """
+        grads = [g for _, _, gs in batches for g in gs]
+        devices = {g.device for g in grads}
+        in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
+                     and all(getattr(self._impls[self.impl_for(d)], "supports_amp", False) for d in devices))
+        device_skip = in_kernel and not self._group_counters and all(d.type != "cpu" for d in devices)
+        if found_inf is not None and not device_skip:
+            if found_inf.item():  # host read; see the class docstring for when this is a sync
+                return False
+            found_inf = None
+        if grad_scale is not None and not in_kernel:
+            by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+            for g in grads:
+                by_device[g.device].append(_real(g))
+            for device, gs in by_device.items():
+                # GradScaler's scales are powers of two, so dividing is exact (as in torch's fused Adam)
+                torch._foreach_div_(gs, grad_scale.to(device, non_blocking=True))
+            grad_scale = None
+        self._amp_kwargs = {"grad_scale": grad_scale, "found_inf": found_inf} if in_kernel else None
+        return True
 
     def _update(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         for group, params, grads in batches:
@@ -224,7 +310,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             sub_p = [_real(params[i]) for i in idx]
             sub_g = [_real(grads[i]) for i in idx]
             sub_s = [[_real(s[i]) for i in idx] for s in states]
-            fn(sub_p, sub_g, *sub_s, **scalars)
+            if self._amp_kwargs is not None and getattr(fn, "supports_amp", False):
+                amp = {k: None if v is None else v.to(device, non_blocking=True)
+                       for k, v in self._amp_kwargs.items()}
+                fn(sub_p, sub_g, *sub_s, **scalars, **amp)
+            else:
+                fn(sub_p, sub_g, *sub_s, **scalars)
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
