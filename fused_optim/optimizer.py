@@ -328,6 +328,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_state = state_dict["state"]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # checkpoints of upstream optimizers lack our keys (maximize, ...)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:
