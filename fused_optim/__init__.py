@@ -11,7 +11,11 @@ from .adan import Adan
 from .equilibrium import GradientEquilibrium, GradientEquilibrum
 from .gravity import Gravity
 from .lion import Lion
+from .lookahead import Lookahead
+from .muon import Muon, MuonWithAuxAdam, muon_param_groups
+from .neuro_optima import NeuroOptima
 from .registry import create_optimizer, optimizer_names, register_optimizer
+from .sam import SAM
 
 __all__ = [
     "Adan",
@@ -20,8 +24,14 @@ __all__ = [
     "Gravity",
     "ImplStatus",
     "Lion",
+    "Lookahead",
+    "Muon",
+    "MuonWithAuxAdam",
+    "NeuroOptima",
+    "SAM",
     "available_impls",
     "create_optimizer",
+    "muon_param_groups",
     "optimizer_names",
     "register_optimizer",
 ]

@@ -16,6 +16,12 @@ _REGISTRY: dict[str, str] = {
     "gradientequilibrium": "fused_optim.equilibrium:GradientEquilibrium",
     "gradient_equilibrium": "fused_optim.equilibrium:GradientEquilibrium",
     "gradientequilibrum": "fused_optim.equilibrium:GradientEquilibrum",
+    "lookahead": "fused_optim.lookahead:Lookahead.from_params",
+    "sam": "fused_optim.sam:SAM",
+    "neurooptima": "fused_optim.neuro_optima:NeuroOptima",
+    "neuro_optima": "fused_optim.neuro_optima:NeuroOptima",
+    "muon": "fused_optim.muon:Muon",
+    "muonwithauxadam": "fused_optim.muon:MuonWithAuxAdam",
 }
 
 
@@ -39,10 +45,28 @@ def _lookup(name: str) -> type:
     return obj
 
 
+def _resolve_optimizer(target):
+    """A base optimizer for the composites: a class/callable as is, or a name: ours first, then a
+    `torch.optim` class by case-insensitive name ("sgd", "adamw")."""
+    if not isinstance(target, str):
+        return target
+    if target.lower() in _REGISTRY:
+        return _lookup(target)
+    for attr in dir(torch.optim):
+        obj = getattr(torch.optim, attr)
+        if attr.lower() == target.lower() and isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer):
+            return obj
+    raise ValueError(f"Unknown optimizer name: {target!r} (expected one of {', '.join(optimizer_names())} "
+                     "or a torch.optim class name)")
+
+
 def create_optimizer(model_or_params: torch.nn.Module | Iterable, name: str, **kwargs) -> torch.optim.Optimizer:
     """Build an optimizer by name: ``create_optimizer(model, "lion", lr=3e-4, weight_decay=0.1)``.
 
     `model_or_params` is an `nn.Module` (its ``parameters()`` are used) or anything a torch optimizer
     accepts (an iterable of tensors or of param-group dicts).
     """
-    return _lookup(name)(params_of(model_or_params), **kwargs)
+    target = _lookup(name)
+    if getattr(target, "_accepts_module", False) and isinstance(model_or_params, torch.nn.Module):
+        return target(model_or_params, **kwargs)  # e.g. Muon: splits the model into Muon and Adam groups
+    return target(params_of(model_or_params), **kwargs)

@@ -1,0 +1,246 @@
+"""Lookahead (Zhang et al. 2019, arXiv 1907.08610): k fast steps forward, one interpolation back.
+
+SPEC §5. `Lookahead(optimizer, k=5, alpha=0.5)` wraps any optimizer, ours or torch's. Its
+`param_groups` and `state` *are* the inner optimizer's (the same objects), so LR schedulers, `zero_grad`
+and code that reads `optimizer.state[p]` work through the wrapper. Every k inner steps:
+``p.mul_(alpha).add_(slow, alpha=1 - alpha)``, then ``slow.copy_(p)``. Slow weights are captured at the
+start of a param's first step (not at construction), so a checkpoint loaded in between is not lost.
+
+The sync is a functional step with the project's impl pattern (`_forloop_lookahead_sync`,
+`_foreach_lookahead_sync`, one signature, registered in `_sync_impls`), so Triton/native kernels can be
+added later in one line.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .optimizer import FusedOptimizer, _check_range
+
+__all__ = ["Lookahead"]
+
+
+def _forloop_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
+    """SPEC §5, one tensor at a time: ``p = alpha*p + (1-alpha)*slow`` then ``slow = p``."""
+    for p, slow in zip(params, slows):
+        p.mul_(alpha).add_(slow, alpha=1 - alpha)
+        slow.copy_(p)
+
+
+def _foreach_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
+    """The same op order over whole lists: one multi-tensor op per list and op."""
+    torch._foreach_mul_(params, alpha)
+    torch._foreach_add_(params, slows, alpha=1 - alpha)
+    torch._foreach_copy_(slows, params)
+
+
+_sync_impls: dict[str, Callable[..., None]] = {
+    "forloop": _forloop_lookahead_sync,
+    "foreach": _foreach_lookahead_sync,
+}
+
+
+def _split(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        splits[(t.device, t.dtype)].append(i)
+    return splits
+
+
+def _impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict, requested: str | None) -> str:
+    """The impl a wrapper's own fused part uses on `device`.
+
+    An explicit request wins; otherwise it follows the wrapped optimizer: ours resolves per device
+    (`impl_for`), torch's `foreach=False` means the for-loop; anything the wrapper has no kernel for
+    yet runs the `foreach` form (same op order, so the same numbers on CPU)."""
+    impl = requested
+    if impl is None:
+        if isinstance(optimizer, FusedOptimizer):
+            impl = optimizer.impl_for(device)
+        elif isinstance(optimizer, _WrappedOptimizer):
+            return _impl_of(optimizer._inner, device, impls, None)
+        else:
+            impl = "forloop" if optimizer.defaults.get("foreach") is False else "foreach"
+    if impl not in impls:
+        if requested is not None:
+            raise RuntimeError(f"no {requested!r} implementation of this composite's fused part yet; "
+                               f"available: {sorted(impls)}")
+        impl = "foreach"
+    return impl
+
+
+def lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float,
+                   impl_for: Callable[[torch.device], str]) -> None:
+    """Run the sync once per (device, dtype) split of `params` (`slows` match `params` one to one)."""
+    for (device, _), idx in _split(params).items():
+        impl = impl_for(device)
+        fn = _sync_impls.get(impl, _foreach_lookahead_sync)
+        fn([_real(params[i]) for i in idx], [_real(slows[i]) for i in idx], alpha=alpha)
+
+
+def _real(t: Tensor) -> Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+class _WrappedOptimizer(torch.optim.Optimizer):
+    """A `torch.optim.Optimizer` whose `param_groups` and `state` are those of `self._inner`.
+
+    torch's `Optimizer.__init__` would copy the groups into a new list (and `load_state_dict` of the
+    inner optimizer replaces its list), so the wrapper reads them through properties instead: an LR
+    scheduler's `group["lr"] = ...` lands in the inner optimizer's groups, always. Only the hook tables
+    and the step patching of torch's base are set up (through `Optimizer.__setstate__`, which is what
+    torch itself uses to rebuild them after unpickling).
+    """
+
+    _inner: torch.optim.Optimizer
+
+    def _bind(self, inner: torch.optim.Optimizer, defaults: dict[str, Any]) -> None:
+        self.__dict__["_inner"] = inner
+        torch.optim.Optimizer.__setstate__(self, {"defaults": dict(defaults)})
+        self._warned_capturable_if_run_uncaptured = True
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        return self._inner.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict[str, Any]]) -> None:
+        self._inner.param_groups = value
+
+    @property
+    def state(self):  # type: ignore[override]
+        return self._inner.state
+
+    @state.setter
+    def state(self, value) -> None:
+        self._inner.state = value
+
+    def add_param_group(self, param_group: dict) -> None:
+        self._inner.add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        torch.optim.Optimizer.__setstate__(self, {})
+
+    def _param_list(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]
+
+    def _inner_state_dict(self) -> dict[str, Any]:
+        return self._inner.state_dict()
+
+    def _load_inner(self, state_dict: dict[str, Any]) -> list[Tensor]:
+        """Load the inner part; return the current params in the saved ids' order (torch's rule:
+        ids are positions in the groups' param lists, group after group)."""
+        self._inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
+        return self._param_list()
+
+
+class Lookahead(_WrappedOptimizer):
+    r"""Lookahead around any optimizer: every ``k`` inner steps, ``p ← α·p + (1 − α)·slow``, ``slow ← p``.
+
+    Args:
+        optimizer: the inner ("fast") optimizer, ours or torch's. Its ``param_groups`` and ``state`` are
+            shared with this wrapper (schedulers built on the wrapper drive the inner optimizer).
+        k (int): inner steps per synchronization, ``>= 1`` (default: 5).
+        alpha (float): slow-weight step size, in [0, 1] (default: 0.5).
+        impl (str, optional): the sync's impl, "forloop" or "foreach"; None follows the inner optimizer
+            (its fused impls use the multi-tensor ``foreach`` form until a fused kernel is registered).
+
+    ``step(closure)`` passes the closure to the inner optimizer and returns its loss. ``state_dict()``
+    is the inner optimizer's (``state``, ``param_groups``, so it also loads into the bare inner
+    optimizer) plus ``"lookahead"``: ``k``, ``alpha``, the step counter and every slow weight; a round
+    trip resumes bit-exactly.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5, *,
+                 impl: str | None = None):
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        _check_k(k)
+        _check_range("alpha", alpha, lo=0.0, hi=1.0, label="Lookahead alpha")
+        if impl is not None and impl not in _sync_impls:
+            raise ValueError(f"Invalid impl for Lookahead's sync: {impl!r} (expected one of "
+                             f"{sorted(_sync_impls)} or None to follow the inner optimizer)")
+        self._bind(optimizer, dict(optimizer.defaults, lookahead_k=k, lookahead_alpha=alpha))
+        self.k = int(k)
+        self.alpha = float(alpha)
+        self.lookahead_step = 0
+        self._impl_request = impl
+        self._slow: dict[Tensor, Tensor] = {}
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The wrapped optimizer (the name timm and lookahead_pytorch use)."""
+        return self._inner
+
+    @classmethod
+    def from_params(cls, params, base_optimizer: str | type | Callable[..., torch.optim.Optimizer],
+                    k: int = 5, alpha: float = 0.5, **base_kwargs) -> Lookahead:
+        """``Lookahead(base_optimizer(params, **base_kwargs), k, alpha)``; `base_optimizer` may be a name
+        known to :func:`fused_optim.create_optimizer` (what ``create_optimizer(model, "lookahead", ...)``
+        calls)."""
+        from .registry import _resolve_optimizer
+
+        return cls(_resolve_optimizer(base_optimizer)(params, **base_kwargs), k=k, alpha=alpha)
+
+    def _impl_for(self, device: torch.device) -> str:
+        return _impl_of(self._inner, device, _sync_impls, self._impl_request)
+
+    @torch.no_grad()
+    def _capture_slow(self) -> None:
+        for p in self._param_list():
+            if p not in self._slow:
+                self._slow[p] = p.detach().clone(memory_format=torch.preserve_format)
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One inner step (with `closure`, if given); every k-th also synchronizes the slow weights."""
+        self._capture_slow()
+        loss = self._inner.step() if closure is None else self._inner.step(closure)
+        self.lookahead_step += 1
+        if self.lookahead_step % self.k == 0:
+            self.sync()
+        return loss
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Pull every param toward its slow weight and store the result as the new slow weight."""
+        params = [p for p in self._param_list() if p in self._slow]
+        lookahead_sync(params, [self._slow[p] for p in params], alpha=self.alpha, impl_for=self._impl_for)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self._inner_state_dict()
+        ids = {p: i for i, p in enumerate(self._param_list())}
+        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        slow = {saved_ids[ids[p]]: s for p, s in self._slow.items() if p in ids}
+        return {**sd, "lookahead": {"k": self.k, "alpha": self.alpha, "step": self.lookahead_step,
+                                    "slow": slow}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        params = self._load_inner(state_dict)
+        la = state_dict.get("lookahead")
+        if la is None:  # a checkpoint of the bare inner optimizer: slow weights start at the next step
+            self._slow = {}
+            self.lookahead_step = 0
+            return
+        _check_k(la["k"])
+        self.k, self.alpha, self.lookahead_step = int(la["k"]), float(la["alpha"]), int(la["step"])
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        by_id = dict(zip(saved_ids, params))
+        # copies, never views of the loaded dict: two live optimizers must not share a buffer
+        self._slow = {by_id[pid]: s.to(device=by_id[pid].device, dtype=by_id[pid].dtype, copy=True)
+                      for pid, s in la["slow"].items()}
+
+    def __repr__(self) -> str:
+        return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self._inner!r})"
+
+
+def _check_k(k: Any) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"Invalid Lookahead k: {k!r} (expected an int >= 1)")

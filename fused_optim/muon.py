@@ -1,0 +1,315 @@
+"""Muon (Keller Jordan 2024, KellerJordan/Muon `muon.py`): momentum orthogonalized by Newton–Schulz.
+
+SPEC §8. For ≥2-D hidden weights; embeddings, output heads and 1-D params (gains, biases) belong to an
+Adam side, as upstream's `MuonWithAuxAdam`: groups carry ``use_muon`` and `Muon` runs upstream's Adam
+update for ``use_muon=False`` groups. :func:`muon_param_groups` builds both groups from a model.
+
+Muon update per ≥2-D param (upstream's op order; ``p.grad`` is never mutated, upstream lerps into it)::
+
+    momentum.lerp_(g, 1 - beta)
+    u = g.lerp(momentum, beta) if nesterov else momentum
+    u = u.reshape(len(u), -1) if u.ndim == 4
+    X = NS5(u)  in bf16: transpose if rows > cols, X /= ||X||_F + 1e-7,
+                ns_steps × (A = X Xᵀ; B = b·A + c·A @ A; X = a·X + B @ X), transpose back
+    u = X · max(1, g.size(-2) / g.size(-1)) ** 0.5          # of the original grad, as upstream
+    p.mul_(1 - lr·wd); p.add_(u.reshape(p.shape), alpha=-lr)
+
+(a, b, c) = (3.4445, −4.7750, 2.0315); upstream writes ``c * A @ A``, which Python evaluates as
+``(c·A) @ A``, and so do we. Newton–Schulz runs on torch matmuls (cuBLAS on GPU); the multi-tensor
+impl batches same-shape matrices into one batched matmul per iteration. The elementwise parts (momentum,
+Nesterov, scale, decay, update) are one multi-tensor op each.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+
+__all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
+
+_NS_COEFFS = (3.4445, -4.7750, 2.0315)
+
+
+def zeropower_via_newtonschulz5(G: Tensor, steps: int) -> Tensor:
+    """Approximate ``U Vᵀ`` of ``G = U S Vᵀ`` (batched over leading dims) in bf16: upstream's quintic
+    iteration, whose singular values land in roughly [0.7, 1.2] rather than exactly 1."""
+    if G.ndim < 2:
+        raise ValueError(f"Newton-Schulz orthogonalizes matrices; got a {G.ndim}-D tensor")
+    a, b, c = _NS_COEFFS
+    X = G.bfloat16()
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        A = X @ X.mT
+        B = b * A + c * A @ A
+        X = a * X + B @ X
+    if G.size(-2) > G.size(-1):
+        X = X.mT
+    return X
+
+
+def _as_matrix(u: Tensor) -> Tensor:
+    # conv filters (out, in, kh, kw) -> (out, in*kh*kw); reshape, not upstream's view, so a
+    # channels-last momentum buffer works too (same values)
+    return u.reshape(len(u), -1) if u.ndim == 4 else u
+
+
+def _scale(g: Tensor) -> float:
+    return max(1, g.size(-2) / g.size(-1)) ** 0.5
+
+
+# ------------------------------------------------------------------------------------- Muon impls
+def _forloop_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+                  momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+    """Upstream's `muon_update` + step, one tensor at a time (the reference)."""
+    for p, g, buf in zip(params, grads, momentum_buffers):
+        if p.numel() == 0:
+            continue
+        if maximize:
+            g = -g
+        buf.lerp_(g, 1 - momentum)
+        u = g.lerp(buf, momentum) if nesterov else buf
+        u = zeropower_via_newtonschulz5(_as_matrix(u), steps=ns_steps)
+        u *= _scale(g)
+        p.mul_(1 - lr * weight_decay)
+        p.add_(u.reshape(p.shape), alpha=-lr)
+
+
+def _batched_newton_schulz(us: list[Tensor], steps: int) -> list[Tensor]:
+    """Newton–Schulz for a list: matrices of one shape share one batched matmul per iteration."""
+    out: list[Tensor | None] = [None] * len(us)
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, u in enumerate(us):
+        by_shape[tuple(u.shape)].append(i)
+    for shape, idx in by_shape.items():
+        if len(idx) == 1 or len(shape) != 2:
+            for i in idx:
+                out[i] = zeropower_via_newtonschulz5(us[i], steps)
+            continue
+        X = zeropower_via_newtonschulz5(torch.stack([us[i] for i in idx]), steps)
+        for j, i in enumerate(idx):
+            out[i] = X[j]
+    return out  # type: ignore[return-value]
+
+
+def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+                  momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+    """One multi-tensor op per elementwise stage; Newton–Schulz batched by shape."""
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    params = [params[i] for i in keep]
+    grads = [grads[i] for i in keep]
+    momentum_buffers = [momentum_buffers[i] for i in keep]
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
+    us = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
+    us = _batched_newton_schulz([_as_matrix(u) for u in us], ns_steps)
+    torch._foreach_mul_(us, [_scale(g) for g in grads])
+    if weight_decay != 0:  # upstream multiplies by 1.0 otherwise: exact, so skipping it changes nothing
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, [u.reshape(p.shape) for u, p in zip(us, params)], alpha=-lr)
+
+
+# ------------------------------------------------------------------------------------- Adam side
+def _forloop_muon_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                       bias_correction1: float, bias_correction2: float, eps: float, weight_decay: float,
+                       maximize: bool) -> None:
+    """Upstream's `adam_update` + step (lerp form, bias corrections as Python doubles)."""
+    for p, g, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs):
+        if maximize:
+            g = -g
+        exp_avg.lerp_(g, 1 - beta1)
+        exp_avg_sq.lerp_(g.square(), 1 - beta2)
+        update = (exp_avg / bias_correction1) / ((exp_avg_sq / bias_correction2).sqrt() + eps)
+        p.mul_(1 - lr * weight_decay)
+        p.add_(update, alpha=-lr)
+
+
+def _foreach_muon_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                       bias_correction1: float, bias_correction2: float, eps: float, weight_decay: float,
+                       maximize: bool) -> None:
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_lerp_(exp_avg_sqs, torch._foreach_mul(grads, grads), 1 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_div(exp_avgs, bias_correction1)
+    torch._foreach_div_(update, denom)
+    if weight_decay != 0:
+        torch._foreach_mul_(params, 1 - lr * weight_decay)
+    torch._foreach_add_(params, update, alpha=-lr)
+
+
+_adam_impls = {"forloop": _forloop_muon_adam, "foreach": _foreach_muon_adam}
+
+
+# ------------------------------------------------------------------------------------- grouping
+_HEAD_NAMES = frozenset({"head", "lm_head", "classifier", "output", "out_head", "fc_out", "wte", "wpe"})
+
+
+def muon_param_groups(model: nn.Module, *, lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                      adam_lr: float = 3e-4, adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-10,
+                      adam_weight_decay: float = 0.0, adam_params: Iterable[Tensor] = ()) -> list[dict[str, Any]]:
+    """Split `model`'s trainable params into a Muon group and an Adam group (upstream's recipe).
+
+    Adam side: params with ``ndim < 2``; params of ``nn.Embedding``/``nn.EmbeddingBag`` modules; params
+    whose dotted name has a component containing "embed" or equal to one of ``head, lm_head,
+    classifier, output, out_head, fc_out, wte, wpe``; anything in `adam_params` (pass your output layer
+    here when it has another name). Everything else (hidden ≥2-D weights) goes to Muon. Empty groups
+    are left out.
+    """
+    forced = {id(p) for p in adam_params}
+    embedding_params = {id(p) for m in model.modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))
+                        for p in m.parameters(recurse=False)}
+    muon, adam = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        parts = name.lower().split(".")[:-1]
+        to_adam = (p.ndim < 2 or id(p) in forced or id(p) in embedding_params
+                   or any("embed" in c or c in _HEAD_NAMES for c in parts))
+        (adam if to_adam else muon).append(p)
+    groups = []
+    if muon:
+        groups.append(dict(params=muon, lr=lr, momentum=momentum, weight_decay=weight_decay, use_muon=True))
+    if adam:
+        groups.append(dict(params=adam, lr=adam_lr, betas=adam_betas, eps=adam_eps,
+                           weight_decay=adam_weight_decay, use_muon=False))
+    return groups
+
+
+# ------------------------------------------------------------------------------------- the class
+class Muon(FusedOptimizer):
+    r"""Muon for ≥2-D hidden weights, with upstream's auxiliary Adam for ``use_muon=False`` groups.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups, or an ``nn.Module`` (split
+            with :func:`muon_param_groups`). Groups default to ``use_muon=True``, whose params must be
+            ≥2-D (3-D params are a batch of matrices, 4-D conv filters are flattened to 2-D).
+        lr (float or 0-d Tensor): Muon's learning rate, in units of spectral norm per update
+            (default: 0.02).
+        momentum (float): in [0, 1) (default: 0.95).
+        weight_decay (float): decoupled (AdamW-style) decay, ``>= 0`` (default: 0).
+        nesterov (bool): Nesterov momentum (default: True).
+        ns_steps (int): Newton–Schulz iterations, ``>= 0`` (default: 5).
+        adam_lr, adam_betas, adam_eps (keyword-only): defaults of ``use_muon=False`` groups (upstream's
+            3e-4, (0.9, 0.95), 1e-10); their ``weight_decay`` defaults to `weight_decay`.
+        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+
+    State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and an int ``step`` (Adam
+    params), upstream's layout. Params without a grad are skipped (upstream fills them with zero grads,
+    i.e. decays and moves them; we never touch ``.grad``).
+    """
+
+    _display_name = "Muon"
+    _supports_complex = False
+    _complex_reason = "Newton-Schulz orthogonalization is defined here for real matrices"
+    _accepts_module = True  # create_optimizer(model, "muon") passes the model, to split it
+    _impls = {"forloop": _forloop_muon, "foreach": _foreach_muon}
+
+    def __init__(self, params, lr: float | Tensor = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
+                 nesterov: bool = True, ns_steps: int = 5, *, adam_lr: float = 3e-4,
+                 adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-10, maximize: bool = False,
+                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None):
+        if isinstance(params, nn.Module):
+            params = muon_param_groups(params, lr=_as_float(lr), momentum=momentum, weight_decay=weight_decay,
+                                       adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
+                                       adam_weight_decay=weight_decay)
+        self._adam_defaults = dict(lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps)
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                        ns_steps=ns_steps, use_muon=True, betas=tuple(adam_betas), eps=adam_eps)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group = dict(param_group)
+        if not param_group.get("use_muon", True):
+            for key, value in self._adam_defaults.items():
+                param_group.setdefault(key, value)
+        else:
+            params = param_group["params"]
+            params = [params] if isinstance(params, Tensor) else list(params)
+            for p in params:
+                if isinstance(p, Tensor) and p.ndim < 2:
+                    raise ValueError(f"Muon orthogonalizes matrices, but a use_muon=True group has a {p.ndim}-D "
+                                     f"parameter of shape {tuple(p.shape)}; put embeddings, heads and 1-D params "
+                                     "in a use_muon=False (Adam) group, e.g. Muon(muon_param_groups(model))")
+            param_group["params"] = params
+        super().add_param_group(param_group)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
+        _check_range("weight_decay", group["weight_decay"], lo=0.0)
+        if group["use_muon"]:
+            _check_range("momentum", group["momentum"], lo=0.0, hi=1.0, hi_open=True)
+            steps = group["ns_steps"]
+            if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+                raise ValueError(f"Invalid ns_steps: {steps!r} (expected an int >= 0)")
+        else:
+            _check_betas(group["betas"], 2)
+            _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
+
+    def _step_group(self, group, params, grads) -> None:
+        if group["use_muon"]:
+            bufs = []
+            for p in params:
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = self._zeros_state(p)
+                bufs.append(state["momentum_buffer"])
+            self._dispatch(params, grads, [bufs], lr=_as_float(group["lr"]), momentum=float(group["momentum"]),
+                           weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                           ns_steps=int(group["ns_steps"]), maximize=group["maximize"])
+            return
+        # Adam side: upstream counts steps per param; params that share a count share one call
+        by_step: dict[int, list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            state = self.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = self._zeros_state(p)
+                state["exp_avg_sq"] = self._zeros_state(p)
+                state["step"] = 0
+            state["step"] += 1
+            by_step[state["step"]].append(i)
+        beta1, beta2 = group["betas"]
+        for step, idx in by_step.items():
+            ps = [params[i] for i in idx]
+            self._dispatch_adam(ps, [grads[i] for i in idx], [self.state[p]["exp_avg"] for p in ps],
+                                [self.state[p]["exp_avg_sq"] for p in ps], lr=_as_float(group["lr"]),
+                                beta1=float(beta1), beta2=float(beta2), bias_correction1=1 - beta1 ** step,
+                                bias_correction2=1 - beta2 ** step, eps=float(group["eps"]),
+                                weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+
+    def _dispatch_adam(self, params, grads, exp_avgs, exp_avg_sqs, **scalars) -> None:
+        splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+        for i, p in enumerate(params):
+            splits[(p.device, p.dtype)].append(i)
+        for (device, _), idx in splits.items():
+            fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
+            fn([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+               [exp_avg_sqs[i] for i in idx], **scalars)
+
+
+class MuonWithAuxAdam(Muon):
+    """Upstream's ``MuonWithAuxAdam(param_groups)``: every group must say ``use_muon``; Muon groups default
+    to lr=0.02, momentum=0.95, weight_decay=0 and Adam groups to lr=3e-4, betas=(0.9, 0.95), eps=1e-10,
+    weight_decay=0, as upstream."""
+
+    def __init__(self, param_groups: Iterable[dict[str, Any]], **kwargs):
+        param_groups = list(param_groups)
+        for group in param_groups:
+            if not isinstance(group, dict) or "use_muon" not in group:
+                raise ValueError("MuonWithAuxAdam needs param groups that each set use_muon=True or False "
+                                 "(see fused_optim.muon_param_groups)")
+        super().__init__(param_groups, **kwargs)

@@ -1,0 +1,184 @@
+"""NeuroOptima (seed `003_f15a17b62b033e5a.txt`): SAM + Adan-style momentum + Lion sign step + Lookahead.
+
+SPEC §7. The seed's README usage runs verbatim. The only published code (NeuroGhostOutput/NeuroOptima
+`neurooptima.py`) calls ``loss.backward()`` on the closure's already-backpropagated loss (it crashes on
+the README's own closure) and its "SAM" adds ``rho·g/||g||`` to p after every update and never takes
+it back (a permanent gradient ascent). Ours is the true composition: real SAM (perturb by `sam_rho`,
+re-evaluate the closure, restore exactly), then the per-tensor core below with the sharpness-aware
+gradient, then Lookahead every `lookahead_k` steps with `lookahead_alpha`.
+
+Core (upstream's per-tensor op order; ``b1, b2 = betas``; the second beta serves both the difference and
+the squared moments, as upstream)::
+
+    g = g + wd·p                          # coupled L2
+    d = g − prev_grad                     # = g at the first step
+    exp_avg      = b1·exp_avg      + (1−b1)·g
+    exp_avg_diff = b2·exp_avg_diff + (1−b2)·d
+    exp_avg_sq   = b2·exp_avg_sq   + (1−b2)·g²
+    p -= lr·sign((exp_avg + b2·exp_avg_diff) / (sqrt(exp_avg_sq) + eps))
+    prev_grad = g
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .lookahead import _check_k, lookahead_sync
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .sam import _has_grads, sam_first_step, sam_second_step
+
+__all__ = ["NeuroOptima"]
+
+
+def _forloop_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                          exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
+                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                          maximize: bool) -> None:
+    """Upstream's per-tensor core, literally (the reference)."""
+    for p, g, exp_avg, exp_avg_sq, exp_avg_diff, prev_grad in zip(params, grads, exp_avgs, exp_avg_sqs,
+                                                                  exp_avg_diffs, prev_grads):
+        if maximize:
+            g = -g
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        grad_diff = g - prev_grad
+        exp_avg.mul_(beta1).add_(g, alpha=1 - beta1)
+        exp_avg_diff.mul_(beta2).add_(grad_diff, alpha=1 - beta2)
+        exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = exp_avg_sq.sqrt().add_(eps)
+        update = (exp_avg + beta2 * exp_avg_diff) / denom
+        p.add_(update.sign(), alpha=-lr)
+        prev_grad.copy_(g)
+
+
+def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                          exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
+                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                          maximize: bool) -> None:
+    """The same op order over whole lists (`b2·diff` then `+ exp_avg`, never a fused add-with-alpha,
+    which would round differently)."""
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    grad_diffs = torch._foreach_sub(grads, prev_grads)
+    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_add_(exp_avg_diffs, grad_diffs, alpha=1 - beta2)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(denom, eps)
+    update = torch._foreach_mul(exp_avg_diffs, beta2)
+    torch._foreach_add_(update, exp_avgs)
+    torch._foreach_div_(update, denom)
+    torch._foreach_sign_(update)
+    torch._foreach_add_(params, update, alpha=-lr)
+    torch._foreach_copy_(prev_grads, grads)
+
+
+class NeuroOptima(FusedOptimizer):
+    r"""SAM → Adan-momentum/Lion-sign core → Lookahead, with the seed's constructor.
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        lr (float or 0-d Tensor): sign-step size, ``>= 0`` (default: 1e-3).
+        weight_decay (float): coupled L2 added to the gradient, ``>= 0`` (default: 0).
+        sam_rho (float): SAM radius, ``>= 0``; 0 disables SAM (one closure call per step) (default: 0.05).
+        lookahead_k (int): core steps per Lookahead sync, ``>= 1`` (default: 5).
+        lookahead_alpha (float): Lookahead's slow step, in [0, 1] (default: 0.5).
+        betas (tuple[float, float]): ``b1`` for the gradient moment, ``b2`` for the difference and the
+            squared moments, each in [0, 1) (default: (0.9, 0.999)).
+        eps (float): added to ``sqrt(exp_avg_sq)``, ``>= 0`` (default: 1e-8).
+        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`. ``impl`` picks the core update's
+            implementation; SAM's perturb/restore and the Lookahead sync use the same one where it
+            exists, else their multi-tensor form.
+
+    ``step(closure)``: the closure (with or without ``zero_grad``) computes the loss, calls
+    ``backward`` and returns the loss; it runs under ``torch.enable_grad()``. With ``sam_rho > 0`` a
+    closure is required: ``step`` calls it at ``p`` (unless the params already have grads, which are
+    then used), perturbs ``p`` along the global gradient direction by ``sam_rho``, calls it again, restores
+    ``p`` exactly, applies the core update with the sharpness-aware grads, and sets the grads to None.
+    Returns the loss at ``p`` (None if ``step`` did not compute it).
+
+    State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``prev_grad`` and Lookahead's ``slow_param``
+    per param (captured before its first core update); ``step`` per group. All of it is in
+    ``state_dict()``, so a round trip resumes bit-exactly.
+    """
+
+    _display_name = "NeuroOptima"
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
+                 lookahead_k: int = 5, lookahead_alpha: float = 0.5,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, maximize: bool = False,
+                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None):
+        defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho, lookahead_k=lookahead_k,
+                        lookahead_alpha=lookahead_alpha, betas=tuple(betas) if isinstance(betas, list) else betas,
+                        eps=eps, step=0)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+
+    def _validate_group(self, group: dict) -> None:
+        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
+        _check_range("weight_decay", group["weight_decay"], lo=0.0)
+        _check_range("sam_rho", group["sam_rho"], lo=0.0)
+        _check_k(group["lookahead_k"])
+        _check_range("lookahead_alpha", group["lookahead_alpha"], lo=0.0, hi=1.0)
+        _check_betas(group["betas"], 2)
+        _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One SAM + core + (every k-th step) Lookahead step; see the class docstring."""
+        sam = any(float(g["sam_rho"]) > 0 for g in self.param_groups)
+        loss = None
+        if sam:
+            if closure is None:
+                raise RuntimeError("NeuroOptima with sam_rho > 0 needs a closure (it re-evaluates the loss "
+                                   "at the perturbed point): optimizer.step(closure); or pass sam_rho=0")
+            if not _has_grads(self.param_groups):
+                with torch.enable_grad():
+                    loss = closure()
+            for group in self.param_groups:
+                self._collect(group)  # refuse bad grads before SAM moves anything
+            saved = sam_first_step(self.param_groups, rho_of=lambda g: g["sam_rho"], adaptive_of=lambda g: False,
+                                   impl_for=self.impl_for)
+            self.zero_grad(set_to_none=True)
+            with torch.enable_grad():
+                closure()
+            sam_second_step(saved)
+        elif closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update([(group, *self._collect(group)) for group in self.param_groups])
+        if sam:
+            self.zero_grad(set_to_none=True)
+        return loss
+
+    def _step_group(self, group, params, grads) -> None:
+        group["step"] += 1
+        exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads = [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if "exp_avg" not in state:
+                for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad"):
+                    state[key] = self._zeros_state(p)
+            if "slow_param" not in state:  # Lookahead's slow weight: p before its first update
+                state["slow_param"] = p.detach().to(self._state_dtype(p), copy=True)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            exp_avg_diffs.append(state["exp_avg_diff"])
+            prev_grads.append(state["prev_grad"])
+        beta1, beta2 = group["betas"]
+        self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads],
+                       lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
+                       weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
+        if group["step"] % group["lookahead_k"] == 0:
+            synced = [p for p in group["params"] if "slow_param" in self.state.get(p, ())]
+            lookahead_sync(synced, [self.state[p]["slow_param"] for p in synced],
+                           alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for)
+
+    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima}

@@ -1,0 +1,260 @@
+"""SAM, sharpness-aware minimization (Foret et al. 2021, arXiv 2010.01412), adaptive variant (ASAM).
+
+SPEC §6; reference: davda54 `sam.py`. ``step(closure)``: global gradient norm (on the device, never
+read on the host), perturb ``p += (p² if adaptive else 1)·g·rho/(norm + 1e-12)``, re-evaluate the closure
+at the perturbed point, restore the exact old params (a copy, not ``p.data = old`` as upstream, which
+swaps storage under anything holding a reference), then the base optimizer's step.
+
+The three parts (per-tensor norms, perturb, restore) are functional steps with one signature per part
+and impls side by side (`_forloop_sam_*` is davda54's op order, `_foreach_sam_*` the multi-tensor form),
+registered in `_impls`; `sam_first_step` / `sam_second_step` drive them and are shared with
+`NeuroOptima`.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
+from .optimizer import _check_range
+
+__all__ = ["SAM"]
+
+
+# ---------------------------------------------------------------------------------------- functional
+def _forloop_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> list[Tensor]:
+    """davda54: ``((|p| if adaptive else 1.0) * g).norm(p=2)`` per tensor, 0-d, on the tensor's device."""
+    return [((torch.abs(p) if adaptive else 1.0) * g).norm(p=2) for p, g in zip(params, grads)]
+
+
+def _foreach_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> list[Tensor]:
+    if adaptive:
+        grads = torch._foreach_mul(torch._foreach_abs(params), grads)
+    return list(torch._foreach_norm(grads, 2))
+
+
+def _forloop_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *,
+                         scale: Tensor, adaptive: bool) -> None:
+    """Save ``p`` into `old_params`, then davda54's ``p.add_((p**2 if adaptive else 1.0) * g * scale)``.
+    `scale` is a 0-d tensor on the params' device (``±rho / (norm + 1e-12)``)."""
+    for p, g, old in zip(params, grads, old_params):
+        old.copy_(p)
+        e_w = (torch.pow(p, 2) if adaptive else 1.0) * g * scale.to(p)
+        p.add_(e_w)
+
+
+def _foreach_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *,
+                         scale: Tensor, adaptive: bool) -> None:
+    torch._foreach_copy_(old_params, params)
+    s = scale.to(params[0]) if params else scale
+    e_w = torch._foreach_mul(torch._foreach_pow(params, 2), grads) if adaptive else grads
+    e_w = torch._foreach_mul(e_w, s)  # 1.0 * g is g exactly, so the non-adaptive product matches davda54
+    torch._foreach_add_(params, e_w)
+
+
+def _forloop_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
+    for p, old in zip(params, old_params):
+        p.copy_(old)
+
+
+def _foreach_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
+    torch._foreach_copy_(params, old_params)
+
+
+class _SamImpl(NamedTuple):
+    norms: Callable[..., list[Tensor]]
+    perturb: Callable[..., None]
+    restore: Callable[..., None]
+
+
+_impls: dict[str, _SamImpl] = {
+    "forloop": _SamImpl(_forloop_sam_norms, _forloop_sam_perturb, _forloop_sam_restore),
+    "foreach": _SamImpl(_foreach_sam_norms, _foreach_sam_perturb, _foreach_sam_restore),
+}
+
+
+class _Saved(NamedTuple):
+    impl: str
+    params: list[Tensor]
+    old_params: list[Tensor]
+
+
+def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adaptive_of: Callable[[dict], bool],
+                   impl_for: Callable[[torch.device], str]) -> list[_Saved]:
+    """Perturb every param with a grad; return what `sam_second_step` needs to restore them.
+
+    The norm is davda54's: per-tensor norms in group and param order, stacked on the first param's
+    device, ``torch.norm(·, p=2)``; it never leaves the device. A group whose params have ``maximize``
+    set moves against the gradient (the sharpness-aware point of a maximization)."""
+    batches = []
+    for group in groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            batches.append((group, params, [p.grad for p in params]))
+    if not batches:
+        return []
+    shared_device = batches[0][1][0].device
+    norms: list[Tensor] = []
+    for group, params, grads in batches:
+        adaptive = bool(adaptive_of(group))
+        per_tensor: list[Tensor | None] = [None] * len(params)
+        for (device, _), idx in _split(params).items():
+            fn = _impls[_sam_impl(impl_for(device))].norms
+            for i, n in zip(idx, fn([_real(params[i]) for i in idx], [_real(grads[i]) for i in idx],
+                                    adaptive=adaptive)):
+                per_tensor[i] = n
+        norms.extend(n.to(shared_device) for n in per_tensor)
+    grad_norm = torch.norm(torch.stack(norms), p=2)
+    saved: list[_Saved] = []
+    for group, params, grads in batches:
+        rho = float(rho_of(group))
+        if rho == 0:
+            continue
+        scale = (-rho if group.get("maximize", False) else rho) / (grad_norm + 1e-12)
+        adaptive = bool(adaptive_of(group))
+        for (device, _), idx in _split(params).items():
+            impl = _sam_impl(impl_for(device))
+            ps = [params[i] for i in idx]
+            olds = [torch.empty_like(p) for p in ps]
+            _impls[impl].perturb([_real(p) for p in ps], [_real(grads[i]) for i in idx],
+                                 [_real(o) for o in olds], scale=scale.to(device), adaptive=adaptive)
+            saved.append(_Saved(impl, ps, olds))
+    return saved
+
+
+def _sam_impl(impl: str) -> str:
+    # an optimizer's fused impl without a SAM kernel yet runs the multi-tensor form (same op order)
+    return impl if impl in _impls else "foreach"
+
+
+def sam_second_step(saved: list[_Saved]) -> None:
+    """Put every perturbed param back exactly."""
+    for impl, params, old_params in saved:
+        _impls[impl].restore([_real(p) for p in params], [_real(o) for o in old_params])
+
+
+def _has_grads(groups: list[dict]) -> bool:
+    return any(p.grad is not None for g in groups for p in g["params"])
+
+
+# ---------------------------------------------------------------------------------------- the class
+class SAM(_WrappedOptimizer):
+    r"""Sharpness-aware minimization around a base optimizer (davda54's API).
+
+    Args:
+        params: iterable of parameters or dicts defining parameter groups.
+        base_optimizer: the base optimizer's class (or any callable ``(param_groups, **kw) -> Optimizer``,
+            or a name known to :func:`fused_optim.create_optimizer`), built on SAM's groups.
+        rho (float): neighbourhood radius, ``>= 0`` (default: 0.05); per group as ``group["rho"]``.
+        adaptive (bool): ASAM's scale-invariant neighbourhood (``|p|`` in the norm, ``p²`` in the
+            perturbation) (default: False); per group as ``group["adaptive"]``.
+        **base_kwargs: passed to `base_optimizer` (``lr``, ``momentum``, ``impl``...).
+
+    ``step(closure)``: the closure zeroes the grads, computes the loss, calls ``backward`` and returns
+    the loss; it runs under ``torch.enable_grad()``. If no param has a grad, ``step`` first calls the
+    closure; if they have (the caller ran forward/backward, davda54's contract) those grads are used.
+    Returns the loss at the unperturbed point when ``step`` computed it, else None (the caller has it).
+    The grads are set to None at the end, so a later ``step(closure)`` never mistakes the perturbed
+    gradients for fresh ones. ``first_step()`` / ``second_step()`` are davda54's two halves.
+
+    ``param_groups`` and ``state`` are the base optimizer's. ``state_dict()`` is the base optimizer's
+    plus ``"sam"``: the saved params when taken between ``first_step`` and ``second_step``.
+    The perturbation and restore follow the base optimizer's impl (``forloop`` for our forloop and
+    torch's ``foreach=False``, the multi-tensor form otherwise).
+    """
+
+    def __init__(self, params, base_optimizer: str | type | Callable[..., torch.optim.Optimizer],
+                 rho: float = 0.05, adaptive: bool = False, **base_kwargs):
+        from .registry import _resolve_optimizer
+
+        _check_range("rho", rho, lo=0.0, label="SAM rho")
+        if isinstance(params, Tensor):
+            raise TypeError("params argument given to SAM should be an iterable of Tensors or dicts, but got "
+                            + torch.typename(params))
+        groups = list(params)
+        if not groups:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(groups[0], dict):
+            groups = [{"params": groups}]
+        groups = [dict(g) for g in groups]
+        for g in groups:
+            self._fill_group(g, rho, adaptive)
+        inner = _resolve_optimizer(base_optimizer)(groups, **base_kwargs)
+        self._bind(inner, dict(inner.defaults, rho=rho, adaptive=adaptive))
+        self._saved: list[_Saved] = []
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        return self._inner
+
+    def _fill_group(self, group: dict, rho: float, adaptive: bool) -> None:
+        group.setdefault("rho", rho)
+        group.setdefault("adaptive", adaptive)
+        _check_range("rho", group["rho"], lo=0.0, label="SAM rho")
+
+    def add_param_group(self, param_group: dict) -> None:
+        param_group = dict(param_group)
+        self._fill_group(param_group, self.defaults["rho"], self.defaults["adaptive"])
+        self._inner.add_param_group(param_group)
+
+    def _impl_for(self, device: torch.device) -> str:
+        return _impl_of(self._inner, device, _impls, None)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Move to the sharpness-aware point ``p + e(p)`` (and remember ``p``)."""
+        if self._saved:
+            raise RuntimeError("SAM.first_step() called twice without second_step() in between")
+        self._saved = sam_first_step(self.param_groups, rho_of=lambda g: g["rho"],
+                                     adaptive_of=lambda g: g["adaptive"], impl_for=self._impl_for)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``p`` exactly and take the base optimizer's step with the current (perturbed) grads."""
+        sam_second_step(self._saved)
+        self._saved = []
+        self._inner.step()
+        if zero_grad:
+            self.zero_grad()
+
+    def step(self, closure: Callable[[], Any] | None = None):
+        if closure is None:
+            raise RuntimeError("SAM requires a closure that zeroes the grads, computes the loss, calls "
+                               "backward and returns the loss: optimizer.step(closure); or call "
+                               "first_step() and second_step() around your own second forward/backward")
+        loss = None
+        if not _has_grads(self.param_groups):
+            with torch.enable_grad():
+                loss = closure()
+        self.first_step(zero_grad=True)
+        with torch.enable_grad():
+            closure()
+        self.second_step()
+        self.zero_grad(set_to_none=True)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self._inner_state_dict()
+        ids = {p: i for i, p in enumerate(self._param_list())}
+        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        old = {saved_ids[ids[p]]: o for _, params, olds in self._saved for p, o in zip(params, olds)}
+        return {**sd, "sam": {"old_params": old}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        params = self._load_inner(state_dict)
+        self._saved = []
+        old = (state_dict.get("sam") or {}).get("old_params") or {}
+        if old:
+            saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+            by_id = dict(zip(saved_ids, params))
+            ps = [by_id[pid] for pid in old]
+            olds = [old[pid].to(device=p.device, dtype=p.dtype, copy=True) for pid, p in zip(old, ps)]
+            self._saved = [_Saved("forloop", ps, olds)]
+
+    def __repr__(self) -> str:
+        return f"SAM(base_optimizer={self._inner!r})"
