@@ -10,6 +10,7 @@ import math
 import torch
 from torch import Tensor
 
+from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Adan"]
@@ -200,7 +201,7 @@ class Adan(FusedOptimizer):
                        weight_decay=float(group["weight_decay"]), no_prox=bool(group["no_prox"]), clip=clip,
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan}
+    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan}
 
 
 def _real_flat(t: Tensor) -> Tensor:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on the first triton step
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
@@ -75,7 +76,8 @@ class GradientEquilibrium(FusedOptimizer):
         self._dispatch(params, grads, [], lr=_as_float(group["lr"]),
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium}
+    _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium,
+              "triton": _triton_gradient_equilibrium}
 
 
 class GradientEquilibrum(GradientEquilibrium):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -107,4 +108,4 @@ class Gravity(FusedOptimizer):
         self._dispatch(params, grads, [vs], lr=_as_float(group["lr"]), beta_hat=beta_hat,
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity}
+    _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity, "triton": _triton_gravity}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .kernels import _triton_lion  # lazy: triton is imported on the first triton step
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Lion"]
@@ -81,4 +82,4 @@ class Lion(FusedOptimizer):
                        beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion}
+    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion, "triton": _triton_lion}

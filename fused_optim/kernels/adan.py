@@ -1,0 +1,114 @@
+"""Adan as one Triton launch per (device, dtype) group (SPEC §3; sail-sg `adan.py` op order).
+
+The global clip factor stays on the device: the kernel reads the 0-d fp32 tensor the class computed
+(no `.item()`), and ``neg_pre_grad`` (``-clip·g`` of this step, for the next one) is written by the same
+kernel, so nothing else touches the grads. Bytes per element (fp32): read p, g, exp_avg, exp_avg_sq,
+exp_avg_diff, neg_pre_grad (24 B), write all but g (20 B): 44 B.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import _chunk_coords, _load_f32, _store_f32, device_guard, get_table, kernel_for, prepare
+
+BLOCK = 1024
+CLIP_NONE, CLIP_VALUE, CLIP_TENSOR = 0, 1, 2
+
+
+@triton.jit
+def _adan_kernel(
+    meta_ptr,          # int64 [n, ROW]: numel, (reduction slots), addresses of p, exp_avg, exp_avg_sq,
+                       # exp_avg_diff, neg_pre_grad
+    grad_ptrs_ptr,     # int64 [n]: grad addresses, refreshed every step
+    chunks_ptr,        # int32 [n_chunks, 2]: (tensor, chunk) of each program
+    clip_ptr,          # fp32 0-d: the global clip factor on the device (read when CLIP == 2)
+    clip_value,        # fp32: the clip factor as a number (used when CLIP == 1)
+    beta1, one_minus_beta1,            # fp32 runtime args: no recompile when they change
+    beta2, one_minus_beta2,
+    beta3, one_minus_beta3,
+    bias_correction3_sqrt,
+    eps,
+    neg_step_size,                     # -lr / bias_correction1
+    neg_step_size_diff,                # -lr * beta2 / bias_correction2
+    decay,                             # no_prox: 1 - lr*wd (multiply first); else 1 + lr*wd (divide last)
+    MAXIMIZE: tl.constexpr,
+    NO_PROX: tl.constexpr,
+    DECAY: tl.constexpr,               # weight_decay != 0
+    CLIP: tl.constexpr,                # 0: no clip, 1: clip_value, 2: clip_ptr
+    P_KIND: tl.constexpr,              # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
+    S_KIND: tl.constexpr,              # dtype code of the four state tensors
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    p_addr = tl.load(row + 4)
+    ea_addr = tl.load(row + 5)
+    es_addr = tl.load(row + 6)
+    ed_addr = tl.load(row + 7)
+    npg_addr = tl.load(row + 8)
+    g_addr = tl.load(grad_ptrs_ptr + t)
+    p = _load_f32(p_addr, offs, mask, P_KIND)
+    g = _load_f32(g_addr, offs, mask, P_KIND)
+    exp_avg = _load_f32(ea_addr, offs, mask, S_KIND)
+    exp_avg_sq = _load_f32(es_addr, offs, mask, S_KIND)
+    exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND)
+    npg = _load_f32(npg_addr, offs, mask, S_KIND)
+    if MAXIMIZE:
+        g = -g
+    if CLIP == 2:
+        g = g * tl.load(clip_ptr)
+    elif CLIP == 1:
+        g = g * clip_value
+    d = npg + g                                   # g_k - g_{k-1}
+    exp_avg = exp_avg * beta1 + one_minus_beta1 * g
+    exp_avg_diff = exp_avg_diff * beta2 + one_minus_beta2 * d
+    n = d * beta2 + g
+    exp_avg_sq = exp_avg_sq * beta3 + (one_minus_beta3 * n) * n
+    denom = tl.math.div_rn(tl.math.sqrt_rn(exp_avg_sq), bias_correction3_sqrt + tl.full([BLOCK], 0.0, tl.float32))
+    denom = denom + eps
+    if NO_PROX:
+        if DECAY:
+            p = p * decay
+    p = p + tl.math.div_rn(neg_step_size * exp_avg, denom)          # addcdiv: (value*t1)/t2, in order
+    p = p + tl.math.div_rn(neg_step_size_diff * exp_avg_diff, denom)
+    if not NO_PROX:
+        if DECAY:
+            p = tl.math.div_rn(p, decay + tl.full([BLOCK], 0.0, tl.float32))
+    _store_f32(p_addr, offs, p, mask, P_KIND)
+    _store_f32(ea_addr, offs, exp_avg, mask, S_KIND)
+    _store_f32(es_addr, offs, exp_avg_sq, mask, S_KIND)
+    _store_f32(ed_addr, offs, exp_avg_diff, mask, S_KIND)
+    _store_f32(npg_addr, offs, -g, mask, S_KIND)
+
+
+def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float,
+                 beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
+                 bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
+                 clip: float | Tensor, maximize: bool) -> None:
+    """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor."""
+    prep = prepare(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
+    if prep is None:
+        return
+    table = get_table(prep.static, prep.grads, BLOCK)
+    kernel = kernel_for(_adan_kernel, table.device)
+    lr = float(lr)
+    if isinstance(clip, Tensor):
+        clip_mode, clip_value = CLIP_TENSOR, 1.0
+        clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
+    else:
+        clip_mode = CLIP_NONE if clip == 1.0 else CLIP_VALUE
+        clip_value, clip_tensor = float(clip), table.partials  # any fp32 pointer; never read
+    decay = 1 - lr * weight_decay if no_prox else 1 + lr * weight_decay
+    with device_guard(table.device):
+        kernel[(table.n_chunks,)](
+            table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
+            float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
+            float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
+            -lr * beta2 / bias_correction2, decay,
+            MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
+            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+    prep.finish()

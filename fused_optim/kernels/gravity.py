@@ -1,0 +1,73 @@
+"""Gravity in two Triton launches per (device, dtype) group (SPEC §1): per-tensor max|g| into slots,
+then the update, which finishes each tensor's max from its slots (no `.item()`, no host sync).
+
+Per element, in the seed's op order: ``m = 1/max|g|``, ``ζ = g / (1 + (g/m)²)``, ``v·β̂ + (1−β̂)·ζ``,
+``p − lr·v``. Divisions are IEEE-rounded (`div_rn`) as in torch. Bytes per element (fp32): reduction
+reads g (4 B), update reads p, g, v and writes p, v (20 B): 24 B.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import (MAX_PARTS, _chunk_coords, _load_f32, _load_partials, _store_f32, _vmax, _vsum, device_guard,
+                           get_table, kernel_for, prepare)
+from .reduce import OP_ABSMAX, launch_partials
+
+BLOCK = 2048
+
+
+@triton.jit
+def _gravity_kernel(
+    meta_ptr,         # int64 [n, ROW]: numel, first slot, slot count, span, param address, v address
+    grad_ptrs_ptr,    # int64 [n]: grad addresses, refreshed every step
+    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
+    partials_ptr,     # fp32 [n_parts]: max|g| per slot, from _partials_kernel
+    lr,               # fp32 runtime args (no recompile when they change)
+    beta_hat,
+    one_minus_beta_hat,
+    MAXIMIZE: tl.constexpr,
+    P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
+    S_KIND: tl.constexpr,     # dtype code of v
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MAX_PARTS: tl.constexpr,
+):
+    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    amax = _vmax(_load_partials(row, partials_ptr, MAX_PARTS))
+    p_addr = tl.load(row + 4)
+    v_addr = tl.load(row + 5)
+    g_addr = tl.load(grad_ptrs_ptr + t)
+    p = _load_f32(p_addr, offs, mask, P_KIND)
+    g = _load_f32(g_addr, offs, mask, P_KIND)
+    v = _load_f32(v_addr, offs, mask, S_KIND)
+    if MAXIMIZE:
+        g = -g
+    # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
+    m = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), amax + tl.full([BLOCK], 0.0, tl.float32))
+    r = tl.math.div_rn(g, m)
+    r = r * r
+    r = 1.0 + r
+    zeta = tl.math.div_rn(g, r)
+    v = v * beta_hat + one_minus_beta_hat * zeta
+    p = p - lr * v
+    _store_f32(p_addr, offs, p, mask, P_KIND)
+    _store_f32(v_addr, offs, v, mask, S_KIND)
+
+
+def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
+                    beta_hat: float, maximize: bool) -> None:
+    """Gravity over a (device, dtype) group: reduce, then update; zero-size tensors are skipped."""
+    prep = prepare(params, grads, [vs])
+    if prep is None:
+        return
+    table = get_table(prep.static, prep.grads, BLOCK)
+    launch_partials(table, OP_ABSMAX, prep.p_kind)
+    kernel = kernel_for(_gravity_kernel, table.device)
+    with device_guard(table.device):
+        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
+                                  float(beta_hat), 1 - beta_hat, MAXIMIZE=bool(maximize), P_KIND=prep.p_kind,
+                                  S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=MAX_PARTS,
+                                  num_warps=4)
+    prep.finish()

@@ -1,0 +1,68 @@
+"""Lion as one Triton launch per (device, dtype) group (SPEC §2; google/automl `lion_pytorch.py`).
+
+Per element, in the reference's op order: ``p·(1 − lr·wd)``, ``c = m·β1 + g·(1 − β1)``,
+``p − lr·sign(c)``, ``m·β2 + g·(1 − β2)``. Bytes per element (fp32): read p, g, m, write p, m = 20 B.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import _chunk_coords, _load_f32, _store_f32, device_guard, get_table, kernel_for, prepare
+
+BLOCK = 2048
+
+
+@triton.jit
+def _lion_kernel(
+    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address, exp_avg address
+    grad_ptrs_ptr,    # int64 [n]: grad addresses, refreshed every step
+    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
+    lr,               # fp32 runtime args: a scheduler changing them never recompiles
+    decay,            # 1 - lr*wd, computed on the host in double like the reference
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    MAXIMIZE: tl.constexpr,
+    DECAY: tl.constexpr,      # weight_decay != 0 (skips a multiply by exactly 1 otherwise)
+    P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
+    S_KIND: tl.constexpr,     # dtype code of exp_avg
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    p_addr = tl.load(row + 4)
+    m_addr = tl.load(row + 5)
+    g_addr = tl.load(grad_ptrs_ptr + t)
+    p = _load_f32(p_addr, offs, mask, P_KIND)
+    g = _load_f32(g_addr, offs, mask, P_KIND)
+    m = _load_f32(m_addr, offs, mask, S_KIND)
+    if MAXIMIZE:
+        g = -g
+    if DECAY:
+        p = p * decay
+    c = m * beta1 + g * one_minus_beta1
+    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(0) = 0, like torch.sign
+    p = p - lr * sign
+    m = m * beta2 + g * one_minus_beta2
+    _store_f32(p_addr, offs, p, mask, P_KIND)
+    _store_f32(m_addr, offs, m, mask, S_KIND)
+
+
+def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+                 beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+    """Lion over a (device, dtype) group in one launch; zero-size tensors are skipped."""
+    prep = prepare(params, grads, [exp_avgs])
+    if prep is None:
+        return
+    table = get_table(prep.static, prep.grads, BLOCK)
+    kernel = kernel_for(_lion_kernel, table.device)
+    lr = float(lr)
+    with device_guard(table.device):
+        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
+                                  float(beta1), 1 - beta1, float(beta2), 1 - beta2,
+                                  MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
+                                  S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+    prep.finish()

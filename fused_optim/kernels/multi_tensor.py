@@ -1,0 +1,320 @@
+"""Multi-tensor plumbing shared by every Triton kernel: cached device tables, dtype-exact loads/stores,
+and the choice between compiled (CUDA) and interpreted (CPU) kernels.
+
+One launch updates a whole (device, dtype) group. Instead of packing tensor addresses into kernel
+arguments (torch's MultiTensorApply, ~110 tensors per launch), the addresses live in device tables
+built on the host once per tensor list and cached:
+
+- ``meta``  int64 ``[n, META + n_lists]``: per tensor its numel, the first partial-reduction slot, the
+  number of slots and the elements per slot, then the base address of the param and of each state
+  tensor. One row per tensor, so a program reads one cache line.
+- ``chunks`` int32 ``[n_chunks, 2]``: (tensor, chunk) per program of the update kernel; element offsets
+  are computed in int64, so tensors above 2^31 elements are fine.
+- ``rchunks`` int32 ``[n_parts, 2]``: (tensor, slot) per program of the partial-reduction kernel.
+- ``grad_ptrs`` int64 ``[n]``: grad addresses change between steps (``zero_grad(set_to_none=True)``),
+  so they are a separate table refreshed with one pinned host-to-device copy, no sync, and only when
+  the addresses actually changed.
+
+The cache key is the tuple of every address and size, so a table is never stale: a tensor that moved
+(``p.data = ...``, ``load_state_dict``) simply misses the cache.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+import types
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+#: int64 columns before the addresses in a ``meta`` row
+META = 4
+#: partial-reduction slots per tensor at most: the update kernel reduces them in one vector load
+MAX_PARTS = 256
+#: elements per vector step of the reduction kernel (a slot is a multiple of it)
+RBLOCK = 2048
+_CACHE_SIZE = 64
+
+#: dtype codes of the ``*_KIND`` constexprs
+KIND_FP32, KIND_FP16, KIND_BF16 = 0, 1, 2
+_KINDS = {torch.float32: KIND_FP32, torch.float16: KIND_FP16, torch.bfloat16: KIND_BF16}
+
+
+def dtype_kind(dtype: torch.dtype) -> int:
+    try:
+        return _KINDS[dtype]
+    except KeyError:
+        raise TypeError(f"the Triton kernels handle float32, float16 and bfloat16 tensors, got {dtype}; "
+                        "use impl='foreach' for other dtypes") from None
+
+
+# ---------------------------------------------------------------------------------------------- jit helpers
+# Kernels call only builtins and the jit functions of this package, never triton's own @jit library
+# functions (tl.zeros, tl.max, tl.sum): those are decorated once, when triton is imported, so they have
+# the wrong flavour in one of the two copies of this package (see `kernel_for`). Reductions go through
+# the builtin tl.reduce with a combine function picked per flavour: in the interpreter triton's own
+# combiners, which it recognises and runs as one numpy call; compiled, plain jit functions of ours.
+def _decorating_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if _decorating_interpreted():
+    _max_combine = tl.standard._elementwise_max
+    _sum_combine = tl.standard._sum_combine
+else:
+    @triton.jit
+    def _max_combine(a, b):
+        return tl.maximum(a, b)
+
+    @triton.jit
+    def _sum_combine(a, b):
+        return a + b
+
+
+@triton.jit
+def _vmax(x):
+    """max of a 1-D block (a builtin reduction; see above)."""
+    return tl.reduce(x, 0, _max_combine)
+
+
+@triton.jit
+def _vsum(x):
+    """sum of a 1-D block (a builtin reduction; see above)."""
+    return tl.reduce(x, 0, _sum_combine)
+
+
+@triton.jit
+def _chunk_coords(meta_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """(row pointer, int64 offsets, mask) of this program's (tensor, chunk)."""
+    pid = tl.program_id(0)
+    t = tl.load(chunks_ptr + 2 * pid).to(tl.int64)
+    c = tl.load(chunks_ptr + 2 * pid + 1).to(tl.int64)
+    row = meta_ptr + t * ROW
+    numel = tl.load(row)
+    offs = c * BLOCK + tl.arange(0, BLOCK)
+    return t, row, offs, offs < numel
+
+
+@triton.jit
+def _load_f32(addr, offs, mask, KIND: tl.constexpr):
+    """Load as fp32 from a raw address. bf16 is read as raw bits and widened with a shift: exact, and the
+    same on the GPU and in the interpreter (which has no native bf16)."""
+    if KIND == 2:
+        bits = tl.load(addr.to(tl.pointer_type(tl.uint16)) + offs, mask=mask, other=0)
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == 1:
+        x = tl.load(addr.to(tl.pointer_type(tl.float16)) + offs, mask=mask, other=0.0).to(tl.float32)
+    else:
+        x = tl.load(addr.to(tl.pointer_type(tl.float32)) + offs, mask=mask, other=0.0)
+    return x
+
+
+@triton.jit
+def _store_f32(addr, offs, x, mask, KIND: tl.constexpr):
+    """Store fp32 ``x`` in the tensor's dtype, rounding to nearest even. bf16 rounds with integer ops:
+    the interpreter's fp32->bf16 cast truncates (FACTS.md), the GPU's rounds to nearest even, and the
+    integer form gives torch's bits on both."""
+    if KIND == 2:
+        bits = x.to(tl.uint32, bitcast=True)
+        lsb = (bits >> 16) & 1
+        rounded = (bits + 0x7FFF + lsb) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = tl.where(is_nan, (bits >> 16) | 0x40, rounded)  # NaN stays a (quiet) NaN
+        tl.store(addr.to(tl.pointer_type(tl.uint16)) + offs, out.to(tl.uint16), mask=mask)
+    elif KIND == 1:
+        tl.store(addr.to(tl.pointer_type(tl.float16)) + offs, x.to(tl.float16), mask=mask)
+    else:
+        tl.store(addr.to(tl.pointer_type(tl.float32)) + offs, x, mask=mask)
+
+
+@triton.jit
+def _load_partials(row, partials_ptr, MAX_PARTS: tl.constexpr):
+    """This tensor's partial reductions (zero-padded) as one vector; the caller reduces it."""
+    first = tl.load(row + 1)
+    count = tl.load(row + 2)
+    j = tl.arange(0, MAX_PARTS)
+    return tl.load(partials_ptr + first + j, mask=j < count, other=0.0)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+class Table:
+    """Device tables of one tensor list (see the module docstring); built by `get_table`."""
+
+    __slots__ = ("n", "row", "meta", "chunks", "n_chunks", "rchunks", "n_parts", "partials",
+                 "grad_ptrs", "grad_key", "device")
+
+    def __init__(self, static: Sequence[Sequence[Tensor]], block: int, device: torch.device):
+        n = len(static[0])
+        self.n, self.row, self.device = n, META + len(static), device
+        meta, chunks, rchunks = [], [], []
+        n_parts_total = 0
+        for i in range(n):
+            numel = static[0][i].numel()
+            parts = min(MAX_PARTS, -(-numel // RBLOCK))
+            span = -(-(-(-numel // parts)) // RBLOCK) * RBLOCK  # elements per slot, a multiple of RBLOCK
+            parts = -(-numel // span)
+            meta.append([numel, n_parts_total, parts, span] + [lst[i].data_ptr() for lst in static])
+            chunks.extend((i, c) for c in range(-(-numel // block)))
+            rchunks.extend((i, j) for j in range(parts))
+            n_parts_total += parts
+        self.meta = _upload(torch.tensor(meta, dtype=torch.int64), device)
+        self.chunks = _upload(torch.tensor(chunks, dtype=torch.int32), device)
+        self.n_chunks = len(chunks)
+        self.rchunks = _upload(torch.tensor(rchunks, dtype=torch.int32), device)
+        self.n_parts = len(rchunks)
+        self.partials = torch.empty(self.n_parts, dtype=torch.float32, device=device)
+        self.grad_ptrs = torch.empty(n, dtype=torch.int64, device=device)
+        self.grad_key: tuple | None = None
+
+    def set_grads(self, grads: Sequence[Tensor]) -> None:
+        """Point the grad table at this step's grads: one small async copy, and none if they did not move."""
+        key = tuple(g.data_ptr() for g in grads)
+        if key == self.grad_key:
+            return
+        host = torch.tensor(key, dtype=torch.int64)
+        if self.device.type == "cuda":
+            # Pinned + non_blocking: no host sync. The caching host allocator keeps the pinned block alive
+            # until the copy has run, and the copy is stream-ordered after the previous step's kernels.
+            self.grad_ptrs.copy_(host.pin_memory(), non_blocking=True)
+        else:
+            self.grad_ptrs.copy_(host)
+        self.grad_key = key
+
+
+def _upload(host: Tensor, device: torch.device) -> Tensor:
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)  # a pageable copy would sync the host
+    return host.to(device)
+
+
+_TABLES: OrderedDict[tuple, Table] = OrderedDict()
+
+
+def get_table(static: Sequence[Sequence[Tensor]], grads: Sequence[Tensor], block: int) -> Table:
+    """The cached table of ``static`` (params first, then each state list; non-empty, contiguous tensors of
+    one device) with its grad table pointed at ``grads``."""
+    device = static[0][0].device
+    key = (device, block, tuple(t.numel() for t in static[0]),
+           tuple(t.data_ptr() for lst in static for t in lst))
+    table = _TABLES.get(key)
+    if table is None:
+        table = Table(static, block, device)
+        _TABLES[key] = table
+        if len(_TABLES) > _CACHE_SIZE:
+            _TABLES.popitem(last=False)
+    else:
+        _TABLES.move_to_end(key)
+    table.set_grads(grads)
+    return table
+
+
+def clear_cache() -> None:
+    _TABLES.clear()
+
+
+# ---------------------------------------------------------------------------------------------- lists
+class Prepared:
+    """The non-empty tensors of a group, made contiguous where needed, and how to write results back."""
+
+    __slots__ = ("static", "grads", "writeback", "p_kind", "s_kind")
+
+    def __init__(self, static, grads, writeback, p_kind, s_kind):
+        self.static, self.grads, self.writeback = static, grads, writeback
+        self.p_kind, self.s_kind = p_kind, s_kind
+
+    def finish(self) -> None:
+        """Copy results of non-contiguous tensors back to their original storage."""
+        for dst, src in self.writeback:
+            dst.copy_(src)
+
+
+def prepare(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]]) -> Prepared | None:
+    """Drop zero-size tensors; give non-contiguous ones (rare: a strided view as a param) a contiguous
+    stand-in that `Prepared.finish` copies back. None when nothing is left to update."""
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return None
+    p_kind = dtype_kind(params[keep[0]].dtype)
+    s_dtypes = {s[i].dtype for s in states for i in keep}
+    if len(s_dtypes) > 1:
+        raise TypeError(f"the Triton kernels need one state dtype per group, got {sorted(map(str, s_dtypes))}")
+    s_kind = dtype_kind(s_dtypes.pop()) if s_dtypes else KIND_FP32
+    writeback = []
+    static: list[list[Tensor]] = [[] for _ in range(1 + len(states))]
+    out_grads = []
+    for i in keep:
+        for k, t in enumerate([params[i], *(s[i] for s in states)]):
+            if not t.is_contiguous():
+                c = t.contiguous()
+                writeback.append((t, c))
+                t = c
+            static[k].append(t)
+        out_grads.append(grads[i].contiguous())
+    return Prepared(static, out_grads, writeback, p_kind, s_kind)
+
+
+def device_guard(device: torch.device):
+    """Triton launches on the current CUDA device; make it the tensors' one."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------- variants
+def _interpret_scope(on: bool):
+    """Temporarily set how `triton.jit` decorates (it reads TRITON_INTERPRET when decorating)."""
+    @contextlib.contextmanager
+    def scope():
+        saved_env = os.environ.get("TRITON_INTERPRET")
+        knobs = getattr(triton, "knobs", None)
+        runtime = getattr(knobs, "runtime", None)
+        saved_knob = runtime.__dict__.pop("interpret", None) if runtime is not None else None
+        os.environ["TRITON_INTERPRET"] = "1" if on else "0"
+        try:
+            yield
+        finally:
+            if saved_env is None:
+                os.environ.pop("TRITON_INTERPRET", None)
+            else:
+                os.environ["TRITON_INTERPRET"] = saved_env
+            if saved_knob is not None:
+                runtime.__dict__["interpret"] = saved_knob
+    return scope()
+
+
+_PKG = __name__.rsplit(".", 1)[0]  # fused_optim.kernels
+
+
+def _is_interpreted(fn) -> bool:
+    return not isinstance(fn, triton.runtime.JITFunction)
+
+
+def kernel_for(fn, device: torch.device):
+    """`fn` (a kernel of this package) compiled for CUDA tensors, interpreted for CPU tensors.
+
+    Which one `@triton.jit` makes is fixed by TRITON_INTERPRET at decoration time, process-wide. The
+    tests need both in one process (CPU tensors interpreted, CUDA tensors compiled), and setting the
+    variable globally would also turn torch.compile's Triton kernels into interpreted ones. So the
+    other flavour is made by importing this package's source a second time under a private name
+    with the variable set as needed; relative imports keep the copy self-contained.
+    """
+    want_interp = device.type != "cuda"
+    if _is_interpreted(fn) == want_interp:
+        return fn
+    flavour = "_interpreted" if want_interp else "_compiled"
+    pkg_name = f"{_PKG}.{flavour}"
+    if pkg_name not in sys.modules:
+        pkg = types.ModuleType(pkg_name)
+        pkg.__path__ = list(sys.modules[_PKG].__path__)
+        pkg.__package__ = pkg_name
+        sys.modules[pkg_name] = pkg
+    inner = fn.fn
+    mod_name = f"{pkg_name}.{inner.__module__.rsplit('.', 1)[1]}"
+    if mod_name not in sys.modules:
+        with _interpret_scope(want_interp):
+            importlib.import_module(mod_name)
+    return getattr(sys.modules[mod_name], inner.__name__)

@@ -1,0 +1,70 @@
+"""Per-tensor reductions for every tensor of a group in one launch, deterministic and without atomics.
+
+Each program reduces one slot (a contiguous span of one tensor, at most `MAX_PARTS` slots per tensor)
+into ``table.partials``; the update kernel then loads its tensor's slots as one vector and finishes
+the reduction itself. That gives two launches per step (reduce, update) with no buffer to zero and
+the same bits every run, which float atomics would not give for sums. The cost is each update program
+re-reading at most 256 floats of its tensor (1 KiB, L2-resident), against >= 8 KiB of its own traffic.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .multi_tensor import RBLOCK, Table, _load_f32, _vmax, _vsum, device_guard, kernel_for
+
+OP_ABSMAX, OP_SUM = 0, 1
+
+
+@triton.jit
+def _partials_kernel(
+    meta_ptr,        # int64 [n, ROW]: numel, first slot, slot count, slot span, param address, ...
+    grad_ptrs_ptr,   # int64 [n]: grad addresses
+    rchunks_ptr,     # int32 [n_parts, 2]: (tensor, slot) of each program
+    partials_ptr,    # fp32 [n_parts]: one partial result per slot (output)
+    coeff,           # fp32: weight of the param in the summand g + coeff*p (OP_SUM with ADD_PARAM)
+    OP: tl.constexpr,          # 0: max |g|, 1: sum of (+/-g [+ coeff*p])
+    NEGATE: tl.constexpr,      # sum -g instead of g (maximize)
+    ADD_PARAM: tl.constexpr,   # add coeff*p to every element first (GradientEquilibrium's L2 term)
+    P_KIND: tl.constexpr,      # dtype code of params and grads
+    ROW: tl.constexpr,
+    RBLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(rchunks_ptr + 2 * pid).to(tl.int64)
+    j = tl.load(rchunks_ptr + 2 * pid + 1).to(tl.int64)
+    row = meta_ptr + t * ROW
+    numel = tl.load(row)
+    span = tl.load(row + 3)
+    g_addr = tl.load(grad_ptrs_ptr + t)
+    p_addr = tl.load(row + 4)
+    start = j * span
+    end = tl.minimum(start + span, numel)
+    acc = tl.full([RBLOCK], 0.0, tl.float32)
+    for k in range(0, span, RBLOCK):
+        offs = start + k + tl.arange(0, RBLOCK)
+        mask = offs < end
+        g = _load_f32(g_addr, offs, mask, P_KIND)
+        if OP == 0:
+            acc = tl.maximum(acc, tl.abs(g))
+        else:
+            if NEGATE:
+                g = -g
+            if ADD_PARAM:
+                g = g + coeff * _load_f32(p_addr, offs, mask, P_KIND)
+            acc += tl.where(mask, g, 0.0)
+    if OP == 0:
+        res = _vmax(acc)
+    else:
+        res = _vsum(acc)
+    tl.store(partials_ptr + pid, res)
+
+
+def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False, add_param: bool = False,
+                    coeff: float = 0.0) -> None:
+    """Fill ``table.partials`` (the grads must already be in ``table.grad_ptrs``)."""
+    kernel = kernel_for(_partials_kernel, table.device)
+    with device_guard(table.device):
+        kernel[(table.n_parts,)](table.meta, table.grad_ptrs, table.rchunks, table.partials, float(coeff),
+                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind,
+                                 ROW=table.row, RBLOCK=RBLOCK, num_warps=8)

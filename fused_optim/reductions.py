@@ -1,0 +1,76 @@
+"""Per-tensor reductions of a tensor list into one device fp32 buffer, with no host sync.
+
+Fused paths need one number per tensor before their update (Gravity's max|g|, GradientEquilibrium's
+sum, Adan's and SAM's sums of squares for a global norm) and must not call `.item()`. This module is
+the one place that computes them outside a kernel; the Triton impls fuse their own reduction into
+their tables (`fused_optim/kernels/reduce.py`) and do not come through here.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["OPS", "per_tensor_reduce"]
+
+OPS = ("absmax", "sum", "sumsq")
+
+
+def _native_op():
+    """The compiled reduction op, or None while the extension is not built or lacks it."""
+    ops = getattr(torch.ops, "fused_optim", None)
+    if ops is None:
+        return None
+    try:
+        return getattr(ops, "multi_tensor_reduce")
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def per_tensor_reduce(tensors: Sequence[Tensor], op: str) -> Tensor:
+    """``out[i] = op(tensors[i])`` for every tensor, as one fp32 tensor of shape ``[len(tensors)]`` on the
+    tensors' device (all on one device; any float dtype, computed in fp32 or better).
+
+    ``op``: ``"absmax"`` (max |x|), ``"sum"`` (sum x) or ``"sumsq"`` (sum x²). Zero-size tensors give 0
+    (so Gravity's ``1/absmax`` is inf there, as for an all-zero grad). Empty list: a 0-element tensor.
+    No `.item()`, no host sync; nothing is modified.
+
+    NATIVE HOOK — contract for the extension in ``csrc/``: when ``torch.ops.fused_optim.multi_tensor_reduce``
+    is registered with the schema ``multi_tensor_reduce(Tensor[] tensors, str op) -> Tensor`` and the
+    semantics above (one launch for the whole list, zero-size tensors -> 0, fp32 out of shape [n]), it is
+    used for every call; otherwise the torch fallback below runs. The fallback costs: absmax one
+    ``_foreach_norm(inf)`` + a stack; sumsq one ``_foreach_norm(2)`` (squared afterwards, so within a
+    rounding of the exact sum of squares) + a stack; sum one kernel per tensor, since torch has no
+    multi-tensor sum.
+    """
+    if op not in OPS:
+        raise ValueError(f"Invalid op: {op!r} (expected one of {OPS})")
+    tensors = list(tensors)
+    if not tensors:
+        device = torch.device("cpu")
+        return torch.empty(0, dtype=torch.float32, device=device)
+    device = tensors[0].device
+    native = _native_op()
+    if native is not None:
+        return native(tensors, op)
+    return _torch_reduce(tensors, op, device)
+
+
+def _torch_reduce(tensors: list[Tensor], op: str, device: torch.device) -> Tensor:
+    flat = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+    nonempty = [t for t in flat if t.numel() > 0]  # _foreach_norm(inf) raises on an empty tensor
+    if op == "sum":
+        vals = [t.sum(dtype=torch.float32) for t in nonempty]
+    elif nonempty:
+        ord_ = float("inf") if op == "absmax" else 2.0
+        vals = list(torch._foreach_norm(nonempty, ord_, dtype=torch.float32))
+    else:
+        vals = []
+    if len(nonempty) == len(flat):
+        out = torch.stack(vals)
+    else:
+        zero = torch.zeros((), dtype=torch.float32, device=device)  # made on the device: no copy, no sync
+        it = iter(vals)
+        out = torch.stack([next(it) if t.numel() > 0 else zero for t in flat])
+    return out.square_() if op == "sumsq" else out
