@@ -133,6 +133,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._impl_request = _resolve_request(impl, foreach, fused)
         self._impl_cache: dict[str, str] = {}
         defaults = dict(defaults, maximize=bool(maximize))
+        self._group_defaults = dict(defaults)  # torch later adds keys of its own (differentiable) to defaults
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ impl resolution
@@ -329,7 +330,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # checkpoints of upstream optimizers lack our keys (maximize, ...)
-            for key, value in self.defaults.items():
+            for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
