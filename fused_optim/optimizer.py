@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import ops as _ops
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
 
 __all__ = ["FusedOptimizer", "supports_amp"]
@@ -307,16 +308,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         for i, p in enumerate(params):
             splits[(p.device, p.dtype)].append(i)
         for (device, _dtype), idx in splits.items():
-            fn = self._impls[self.impl_for(device)]
+            impl = self.impl_for(device)
+            fn = self._impls[impl]
             sub_p = [_real(params[i]) for i in idx]
             sub_g = [_real(grads[i]) for i in idx]
             sub_s = [[_real(s[i]) for i in idx] for s in states]
+            amp = {}
             if self._amp_kwargs is not None and getattr(fn, "supports_amp", False):
                 amp = {k: None if v is None else v.to(device, non_blocking=True)
                        for k, v in self._amp_kwargs.items()}
-                fn(sub_p, sub_g, *sub_s, **scalars, **amp)
-            else:
-                fn(sub_p, sub_g, *sub_s, **scalars)
+            # Under torch.compile a compiled kernel runs as one opaque custom op (fused_optim/ops.py):
+            # Dynamo cannot trace a Triton launcher or an extension call without a fake kernel.
+            if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
+                    and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, scalars, amp)):
+                continue
+            fn(sub_p, sub_g, *sub_s, **scalars, **amp)
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
