@@ -186,7 +186,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         merged.update({k: v for k, v in param_group.items() if k != "params"})
         self._validate_group(merged)
         params = param_group["params"]
+        if isinstance(params, set):  # torch's rule and message: a set's order changes between runs
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                            "ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, Tensor) else list(params)
+        param_group["params"] = params  # a generator is consumed above; torch must see the same list
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"{self._display_name} can only optimize Tensors, but one of the params is "
@@ -198,6 +202,21 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._display_name} does not support complex parameters: "
                                  f"{self._complex_reason}. Optimize torch.view_as_real(p) as a real "
                                  "parameter instead if a per-component update is what you want")
+        # torch only warns on a duplicate inside a group (and its cross-group message names no tensor);
+        # a tensor listed twice would be updated twice per step, so both are refused here, by position.
+        seen: dict[int, int] = {}
+        for i, p in enumerate(params):
+            seen.setdefault(id(p), i)
+        for i, p in enumerate(params):
+            if seen[id(p)] != i:
+                raise ValueError(f"{self._display_name}: parameter {i} (shape {tuple(p.shape)}) of a param group "
+                                 f"is the same tensor as parameter {seen[id(p)]}; list each parameter once")
+        for gi, group in enumerate(getattr(self, "param_groups", [])):
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise ValueError(f"some parameters appear in more than one parameter group: parameter "
+                                     f"{seen[id(p)]} (shape {tuple(p.shape)}) of the new group is already in "
+                                     f"group {gi}")
         super().add_param_group(param_group)
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
@@ -223,7 +242,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                                    "dtype and device")
             params.append(p)
             grads.append(g)
+        if params:
+            self._check_group(group, params)
         return params, grads
+
+    def _check_group(self, group: dict, params: list[Tensor]) -> None:
+        """What could otherwise fail mid-step, checked while collecting (every group is collected before
+        any tensor changes, so no step is half-applied): hyperparameters edited into `param_groups` after
+        construction are re-validated, and the impl of each device is resolved (an explicit impl that
+        cannot run on one device must not raise after another device's params moved). A group holding
+        an accelerator tensor hyperparameter (a capturable lr) is not re-read: that would sync the host."""
+        if not any(isinstance(v, Tensor) and v.device.type != "cpu" for k, v in group.items() if k != "params"):
+            self._validate_group(group)
+        for device in {p.device for p in params}:
+            self.impl_for(device)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, grad_scale: Tensor | None = None,

@@ -1,0 +1,213 @@
+"""Checkpoints: save mid-run, load in a FRESH PROCESS, continue — nothing lost.
+
+- same impl: the resumed run is bit-identical to the uninterrupted one (every impl on CPU);
+- across impls (a checkpoint of impl A loaded by impl B): the fresh-process continuation is
+  bit-identical to an in-process continuation of B from the same checkpoint, so the state layout and
+  dtype policy (fp32 state of fused impls) round-trip through `torch.save`;
+- torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` (which call
+  `step()` with lr=0 and zero grads on a fresh optimizer) save and restore the same trajectory;
+- CPU <-> GPU (marked gpu).
+
+One subprocess resumes every case (a fresh interpreter per case would cost seconds each).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_optim
+from reliability_util import (SLOW_IMPLS, assert_identical, build_case, cpu_impls, exported_optimizers,
+                              load_checkpoint, make_optimizer, make_params, run_steps, save_checkpoint, snapshot)
+
+IMPLS = cpu_impls()
+OPTIMIZERS = exported_optimizers()
+N_BEFORE, N_AFTER = 7, 6
+HERE = Path(__file__).resolve().parent
+
+
+def _cases() -> list[dict]:
+    cases = []
+    for cls in OPTIMIZERS:
+        for i, impl in enumerate(IMPLS):
+            cases.append(dict(kind="same", cls=cls.__name__, impl_save=impl, impl_load=impl, dcp=False))
+            cases.append(dict(kind="dcp", cls=cls.__name__, impl_save=impl, impl_load=impl, dcp=True))
+            if len(IMPLS) > 1:  # a ring over the impls: every impl saves for one and loads from another
+                other = IMPLS[(i + 1) % len(IMPLS)]
+                cases.append(dict(kind="cross", cls=cls.__name__, impl_save=impl, impl_load=other, dcp=False))
+    for n, case in enumerate(cases):
+        case["seed"] = 1000 + n
+        case["id"] = f"{case['kind']}-{case['cls']}-{case['impl_save']}-to-{case['impl_load']}"
+    return cases
+
+
+CASES = _cases()
+
+# Gaps these tests found in code this file does not own, reported to its owner; strict, so the mark must
+# go when the gap is fixed.
+_NO_CLOSURE = ("torch.distributed.checkpoint initialises an empty optimizer with step(closure=None), "
+               "which {0} refuses ({1})")
+KNOWN_GAPS = {
+    ("dcp", "Lookahead"): ("get_optimizer_state_dict keeps only 'state' and 'param_groups': Lookahead's slow "
+                           "weights and counter live under a separate 'lookahead' key and are lost (lookahead.py)"),
+    ("dcp", "SAM"): _NO_CLOSURE.format("SAM", "sam.py"),
+    ("dcp", "NeuroOptima"): _NO_CLOSURE.format("NeuroOptima", "neuro_optima.py"),
+    ("init", "SAM"): _NO_CLOSURE.format("SAM", "sam.py"),
+    ("init", "NeuroOptima"): _NO_CLOSURE.format("NeuroOptima", "neuro_optima.py"),
+}
+
+
+def _known_gap(request, kind: str, cls_name: str) -> None:
+    reason = KNOWN_GAPS.get((kind, cls_name))
+    if reason:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    root = str(HERE.parent)
+    env["PYTHONPATH"] = os.pathsep.join([root, str(HERE), env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture(scope="module")
+def resumed(tmp_path_factory):
+    """Runs the first half of every case here, the second half in one fresh process, and the in-process
+    expectation; returns {case id: (expected snapshot | Exception, fresh-process result | error str)}."""
+    tmp = tmp_path_factory.mktemp("ckpt")
+    expected, manifest = {}, []
+    for case in CASES:
+        cid = case["id"]
+        ckpt, out = str(tmp / f"{cid}.pt"), str(tmp / f"{cid}.out.pt")
+        try:
+            params, model, opt, problem = build_case(case["cls"], case["impl_save"], case["seed"], case["dcp"])
+            run_steps(opt, problem, N_BEFORE)
+            save_checkpoint(ckpt, params, model, opt, problem, case["dcp"])
+            if case["kind"] == "cross":
+                # the expectation: impl_load continuing from the same file in this process
+                params, model, opt, problem = build_case(case["cls"], case["impl_load"], case["seed"], case["dcp"],
+                                                         init_seed=case["seed"] + 7)
+                load_checkpoint(ckpt, params, model, opt, problem, case["dcp"])
+            run_steps(opt, problem, N_AFTER)  # same: the uninterrupted run
+            expected[cid] = {"params": [p.detach().clone() for p in params], "state": snapshot(opt, params)["state"]}
+        except Exception as exc:  # reported by the case's test
+            expected[cid] = exc
+            continue
+        manifest.append(dict(case, ckpt=ckpt, out=out, steps=N_AFTER))
+    manifest_path = tmp / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, str(HERE / "reliability_util.py"), str(manifest_path)],
+                          env=_child_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the resuming process failed:\n{proc.stdout}\n{proc.stderr}"
+    results = {}
+    for case in manifest:
+        err = Path(case["out"] + ".err")
+        if err.exists():
+            results[case["id"]] = err.read_text()
+        else:
+            results[case["id"]] = torch.load(case["out"], weights_only=True)
+    return expected, results
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_resume_in_fresh_process_is_bit_identical(resumed, case, request):
+    _known_gap(request, case["kind"], case["cls"])
+    expected, results = resumed
+    exp = expected[case["id"]]
+    if isinstance(exp, Exception):
+        raise exp
+    got = results[case["id"]]
+    assert not isinstance(got, str), f"fresh process failed to resume: {got}"
+    assert_identical(exp["params"], got["params"], "params")
+    assert_identical(exp["state"], got["state"], "state_dict")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_dcp_init_step_changes_nothing(cls, impl, request):
+    """torch.distributed.checkpoint initialises an optimizer by calling step() with lr=0 and zero grads
+    (`_init_optim_state`): that step must not raise (Gravity: no division by lr), must leave every param
+    bit-identical and every state tensor finite. Done by hand here, for every class, because the helper
+    itself skips optimizers whose state already exists (Gravity draws its velocity at construction)."""
+    _known_gap(request, "init", cls.__name__)
+    params = make_params(cls, 5)
+    torch.manual_seed(5)
+    opt = make_optimizer(cls, params, impl)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    lrs = [g["lr"] for g in opt.param_groups]
+    for g in opt.param_groups:
+        g["lr"] = 0.0
+    opt.step(closure=None)
+    for g, lr in zip(opt.param_groups, lrs):
+        g["lr"] = lr
+    assert_identical(before, [p.detach() for p in params], "params")
+    for st in opt.state_dict()["state"].values():
+        for key, value in st.items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                assert torch.isfinite(value).all(), f"state {key!r} is not finite after the lr=0 init step"
+
+
+@pytest.mark.parametrize("impl", [i for i in IMPLS if i not in SLOW_IMPLS])
+def test_load_state_dict_recasts_to_the_impl_state_dtype(impl):
+    """A bf16 checkpoint of the reference (bf16 state) loads into every impl and back with the impl's
+    state dtype (fused impls keep fp32 state; SPEC §9), and the values survive exactly."""
+    params = make_params(fused_optim.Adan, 3, dtype=torch.bfloat16)
+    opt = make_optimizer(fused_optim.Adan, params, "forloop")
+    from reliability_util import Problem
+
+    run_steps(opt, Problem(params, seed=4), 3)
+    import io
+
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    other = make_optimizer(fused_optim.Adan, params, impl)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    saved = opt.state_dict()["state"]
+    for pid, st in other.state_dict()["state"].items():
+        for key, value in st.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            p = params[pid]
+            want_dtype = torch.float32 if impl in ("native", "triton") and p.dtype == torch.bfloat16 else p.dtype
+            assert value.dtype == want_dtype, (key, value.dtype, want_dtype)
+            assert torch.equal(value.float(), saved[pid][key].float()), key
+            assert value.numel() == 0 or value.data_ptr() != saved[pid][key].data_ptr()  # never shared
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("direction", ["cuda-to-cpu", "cpu-to-cuda"])
+@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+def test_resume_across_devices_in_fresh_process(tmp_path, cls, direction):
+    """A checkpoint saved on one device continues on the other in a fresh process; the continuation
+    equals an in-process continuation on the target device from the same file (bit-identical), with
+    the auto impl on each device."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    src, dst = direction.split("-to-")
+    seed = 77
+    params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=src)
+    run_steps(opt, problem, N_BEFORE)
+    ckpt = str(tmp_path / "ckpt.pt")
+    save_checkpoint(ckpt, params, model, opt, problem, False)
+    params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=dst, init_seed=seed + 1)
+    load_checkpoint(ckpt, params, model, opt, problem, False, device=dst)
+    run_steps(opt, problem, N_AFTER)
+    out = str(tmp_path / "out.pt")
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([dict(cls=cls.__name__, impl_load=None, seed=seed, dcp=False, ckpt=ckpt,
+                                         out=out, steps=N_AFTER, device=dst)]))
+    proc = subprocess.run([sys.executable, str(HERE / "reliability_util.py"), str(manifest)], env=_child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert not Path(out + ".err").exists(), Path(out + ".err").read_text()
+    got = torch.load(out, weights_only=True, map_location="cpu")
+    assert_identical([p.detach().cpu() for p in params], got["params"], "params")
+    assert_identical(snapshot(opt, params)["state"], got["state"], "state_dict")
