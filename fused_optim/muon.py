@@ -17,7 +17,7 @@ Muon update per ≥2-D param (upstream's op order; ``p.grad`` is never mutated, 
 (a, b, c) = (3.4445, −4.7750, 2.0315); upstream writes ``c * A @ A``, which Python evaluates as
 ``(c·A) @ A``, and so do we. Newton–Schulz runs on torch matmuls (cuBLAS on GPU); the multi-tensor
 impl batches same-shape matrices into one batched matmul per iteration. The elementwise parts (momentum,
-Nesterov, scale, decay, update) are one multi-tensor op each.
+Nesterov, decay, update) are one multi-tensor op each; the scale is one multiply per batch.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .lookahead import _mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
@@ -81,18 +82,28 @@ def _forloop_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
         p.add_(u.reshape(p.shape), alpha=-lr)
 
 
-def _batched_newton_schulz(us: list[Tensor], steps: int) -> list[Tensor]:
-    """Newton–Schulz for a list: matrices of one shape share one batched matmul per iteration."""
+def _batched_newton_schulz(us: list[Tensor], steps: int, scales: list[float]) -> list[Tensor]:
+    """Newton–Schulz then ``*= scale`` for a list: matrices of one shape and scale share one batched
+    matmul per iteration and one multiply.
+
+    The scale is applied per batch with ``Tensor.mul_`` on purpose: on CPU, ``torch._foreach_mul_`` of
+    a bf16 list rounds the scalar to bf16 first (measured: it differs from ``mul_`` by one bf16 ulp),
+    while upstream's ``update *= scale`` multiplies by the fp32 scalar."""
     out: list[Tensor | None] = [None] * len(us)
-    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, u in enumerate(us):
-        by_shape[tuple(u.shape)].append(i)
-    for shape, idx in by_shape.items():
+    by_key: dict[tuple[tuple[int, ...], float], list[int]] = defaultdict(list)
+    for i, (u, scale) in enumerate(zip(us, scales)):
+        by_key[(tuple(u.shape), scale)].append(i)
+    for (shape, scale), idx in by_key.items():
         if len(idx) == 1 or len(shape) != 2:
             for i in idx:
-                out[i] = zeropower_via_newtonschulz5(us[i], steps)
+                X = zeropower_via_newtonschulz5(us[i], steps)
+                if scale != 1:  # x * 1.0 is x exactly
+                    X *= scale
+                out[i] = X
             continue
         X = zeropower_via_newtonschulz5(torch.stack([us[i] for i in idx]), steps)
+        if scale != 1:
+            X *= scale
         for j, i in enumerate(idx):
             out[i] = X[j]
     return out  # type: ignore[return-value]
@@ -111,10 +122,9 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
         grads = torch._foreach_neg(grads)
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     us = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
-    us = _batched_newton_schulz([_as_matrix(u) for u in us], ns_steps)
-    torch._foreach_mul_(us, [_scale(g) for g in grads])
+    us = _batched_newton_schulz([_as_matrix(u) for u in us], ns_steps, [_scale(g) for g in grads])
     if weight_decay != 0:  # upstream multiplies by 1.0 otherwise: exact, so skipping it changes nothing
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, _mul_operand(params, 1 - lr * weight_decay))
     torch._foreach_add_(params, [u.reshape(p.shape) for u, p in zip(us, params)], alpha=-lr)
 
 
@@ -148,7 +158,7 @@ def _foreach_muon_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     update = torch._foreach_div(exp_avgs, bias_correction1)
     torch._foreach_div_(update, denom)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, _mul_operand(params, 1 - lr * weight_decay))
     torch._foreach_add_(params, update, alpha=-lr)
 
 

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lookahead import _check_k, lookahead_sync
+from .lookahead import _check_k, _mul_operand, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 from .sam import _has_grads, sam_first_step, sam_second_step
 
@@ -65,15 +65,16 @@ def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     grad_diffs = torch._foreach_sub(grads, prev_grads)
-    torch._foreach_mul_(exp_avgs, beta1)
+    beta1_, beta2_ = _mul_operand(params, beta1), _mul_operand(params, beta2)  # bf16: see _mul_operand
+    torch._foreach_mul_(exp_avgs, beta1_)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_mul_(exp_avg_diffs, beta2_)
     torch._foreach_add_(exp_avg_diffs, grad_diffs, alpha=1 - beta2)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_mul_(exp_avg_sqs, beta2_)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_add_(denom, eps)
-    update = torch._foreach_mul(exp_avg_diffs, beta2)
+    update = torch._foreach_mul(exp_avg_diffs, beta2_)
     torch._foreach_add_(update, exp_avgs)
     torch._foreach_div_(update, denom)
     torch._foreach_sign_(update)

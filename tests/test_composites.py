@@ -468,9 +468,9 @@ class TinyNet(nn.Module):
         self.embed = nn.Embedding(10, 8)
         self.conv = nn.Conv2d(1, 4, 3, padding=1)
         self.hidden = nn.Linear(8 * 3 + 4 * 9, 16)
-        self.hidden2 = nn.Linear(16, 16, bias=False)
-        self.norm = nn.LayerNorm(16)
-        self.head = nn.Linear(16, 3)
+        self.hidden2 = nn.Linear(16, 24, bias=False)  # tall: Muon's max(1, rows/cols)**0.5 scale is > 1
+        self.norm = nn.LayerNorm(24)
+        self.head = nn.Linear(24, 3)
 
     def forward(self, tokens, img):
         e = self.embed(tokens).flatten(1)
@@ -651,3 +651,65 @@ def test_create_optimizer_knows_composites():
     assert isinstance(create_optimizer(nn.Linear(4, 4, bias=False), "muon"), Muon)
     buf = io.BytesIO()
     torch.save(la.state_dict(), buf)
+
+
+# ----------------------------------------------------------------------------------------- bf16 (SPEC §9)
+def _lowp_lockstep(step_fn, n_states: int, shapes, steps: int = 8, name: str = ""):
+    """Run `step_fn(params, grads, states, step)` in float64, bf16 via forloop and bf16 via foreach on
+    the same fresh draws; check SPEC §9's low-precision rule on params and every state tensor."""
+    base = [p.detach() for p in make_params(11, shapes=shapes)]
+    runs = {}
+    for key, dtype in (("hi", torch.float64), ("lo", torch.bfloat16), ("fe", torch.bfloat16)):
+        ps = [p.to(dtype) for p in base]
+        runs[key] = (ps, [[torch.zeros_like(p) for p in ps] for _ in range(n_states)])
+    g = torch.Generator().manual_seed(12)
+    for step in range(steps):
+        grads = [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in base]
+        for key, (ps, states) in runs.items():
+            step_fn("foreach" if key == "fe" else "forloop", ps, [gr.to(ps[0].dtype) for gr in grads], states, step)
+        (hp, hs), (lp, ls), (fp, fs) = runs["hi"], runs["lo"], runs["fe"]
+        for i, (a, lo, hi) in enumerate(zip(fp + sum(fs, []), lp + sum(ls, []), hp + sum(hs, []))):
+            from spec_checks import assert_lowp_close
+            assert_lowp_close(a, lo, hi, f"{name} tensor{i}@{step}")
+
+
+def test_bf16_foreach_parts_follow_spec9_rule():
+    from fused_optim.lookahead import _sync_impls
+    from fused_optim.neuro_optima import NeuroOptima as NO
+    from fused_optim.sam import _impls as sam_impls
+
+    shapes = [(0,), (1,), (7,), (13, 17), (129,)]
+
+    def neuro(impl, ps, grads, states, step):
+        NO._impls[impl](ps, grads, *states, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01,
+                        maximize=False)
+
+    _lowp_lockstep(neuro, 4, shapes, name="neuro_optima")
+
+    def lookahead(impl, ps, grads, states, step):
+        slows = states[0]
+        if step == 0:
+            for s, p in zip(slows, ps):
+                s.copy_(p)
+        for p, gr in zip(ps, grads):
+            p.sub_(0.1 * gr)
+        if step % 2 == 1:
+            _sync_impls[impl](ps, slows, alpha=0.3)
+
+    _lowp_lockstep(lookahead, 1, shapes, name="lookahead")
+
+    def sam(impl, ps, grads, states, step):
+        norms = sam_impls[impl].norms(ps, grads, adaptive=step % 2 == 1)
+        scale = 0.05 / (torch.norm(torch.stack(norms), p=2) + 1e-12)
+        sam_impls[impl].perturb(ps, grads, states[0], scale=scale, adaptive=step % 2 == 1)
+        if step % 3 == 2:
+            sam_impls[impl].restore(ps, states[0])
+
+    _lowp_lockstep(sam, 1, shapes, name="sam")
+
+    def muon(impl, ps, grads, states, step):
+        mats = [i for i, p in enumerate(ps) if p.ndim == 2]
+        Muon._impls[impl]([ps[i] for i in mats], [grads[i] for i in mats], [states[0][i] for i in mats],
+                          lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=5, maximize=False)
+
+    _lowp_lockstep(muon, 1, [(13, 17), (17, 13), (13, 17), (1, 5)], name="muon")
