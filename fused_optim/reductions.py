@@ -23,7 +23,7 @@ def _native_op():
     if ops is None:
         return None
     try:
-        return getattr(ops, "multi_tensor_reduce")
+        return ops.multi_tensor_reduce
     except (AttributeError, RuntimeError):
         return None
 

@@ -12,10 +12,62 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import _chunk_coords, _load_f32, _store_f32, device_guard, get_table, kernel_for, prepare
+from .multi_tensor import (
+    _chunk_coords,
+    _div_rn,
+    _div_rn_scalar,
+    _load_f32,
+    _store_f32,
+    device_fn,
+    device_guard,
+    get_table,
+    kernel_for,
+    prepare,
+)
 
 BLOCK = 1024
 CLIP_NONE, CLIP_VALUE, CLIP_TENSOR = 0, 1, 2
+
+
+@device_fn
+def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
+                 one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                 MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr, DECAY: tl.constexpr, CLIP: tl.constexpr,
+                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """sail-sg's per-element op order on one block; ``neg_pre_grad`` is rewritten as ``-clip·g``."""
+    p_addr = tl.load(row + 4)
+    ea_addr = tl.load(row + 5)
+    es_addr = tl.load(row + 6)
+    ed_addr = tl.load(row + 7)
+    npg_addr = tl.load(row + 8)
+    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    exp_avg = _load_f32(ea_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    exp_avg_sq = _load_f32(es_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    npg = _load_f32(npg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    if CLIP:
+        g = g * clip
+    d = npg + g                                   # g_k - g_{k-1}
+    exp_avg = exp_avg * beta1 + one_minus_beta1 * g
+    exp_avg_diff = exp_avg_diff * beta2 + one_minus_beta2 * d
+    n = d * beta2 + g
+    exp_avg_sq = exp_avg_sq * beta3 + (one_minus_beta3 * n) * n
+    denom = _div_rn_scalar(tl.math.sqrt_rn(exp_avg_sq), bias_correction3_sqrt)
+    denom = denom + eps
+    if NO_PROX and DECAY:
+        p = p * decay
+    p = p + _div_rn(neg_step_size * exp_avg, denom)          # addcdiv: (value*t1)/t2, in order
+    p = p + _div_rn(neg_step_size_diff * exp_avg_diff, denom)
+    if DECAY and not NO_PROX:
+        p = _div_rn_scalar(p, decay)
+    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+    _store_f32(ea_addr, offs, exp_avg, mask, S_KIND, ALIGNED, MASKED)
+    _store_f32(es_addr, offs, exp_avg_sq, mask, S_KIND, ALIGNED, MASKED)
+    _store_f32(ed_addr, offs, exp_avg_diff, mask, S_KIND, ALIGNED, MASKED)
+    _store_f32(npg_addr, offs, -g, mask, S_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
@@ -40,48 +92,24 @@ def _adan_kernel(
     CLIP: tl.constexpr,                # 0: no clip, 1: clip_value, 2: clip_ptr
     P_KIND: tl.constexpr,              # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
     S_KIND: tl.constexpr,              # dtype code of the four state tensors
+    ALIGNED: tl.constexpr,             # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
-    p_addr = tl.load(row + 4)
-    ea_addr = tl.load(row + 5)
-    es_addr = tl.load(row + 6)
-    ed_addr = tl.load(row + 7)
-    npg_addr = tl.load(row + 8)
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     g_addr = tl.load(grad_ptrs_ptr + t)
-    p = _load_f32(p_addr, offs, mask, P_KIND)
-    g = _load_f32(g_addr, offs, mask, P_KIND)
-    exp_avg = _load_f32(ea_addr, offs, mask, S_KIND)
-    exp_avg_sq = _load_f32(es_addr, offs, mask, S_KIND)
-    exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND)
-    npg = _load_f32(npg_addr, offs, mask, S_KIND)
-    if MAXIMIZE:
-        g = -g
     if CLIP == 2:
-        g = g * tl.load(clip_ptr)
-    elif CLIP == 1:
-        g = g * clip_value
-    d = npg + g                                   # g_k - g_{k-1}
-    exp_avg = exp_avg * beta1 + one_minus_beta1 * g
-    exp_avg_diff = exp_avg_diff * beta2 + one_minus_beta2 * d
-    n = d * beta2 + g
-    exp_avg_sq = exp_avg_sq * beta3 + (one_minus_beta3 * n) * n
-    denom = tl.math.div_rn(tl.math.sqrt_rn(exp_avg_sq), bias_correction3_sqrt + tl.full([BLOCK], 0.0, tl.float32))
-    denom = denom + eps
-    if NO_PROX:
-        if DECAY:
-            p = p * decay
-    p = p + tl.math.div_rn(neg_step_size * exp_avg, denom)          # addcdiv: (value*t1)/t2, in order
-    p = p + tl.math.div_rn(neg_step_size_diff * exp_avg_diff, denom)
-    if not NO_PROX:
-        if DECAY:
-            p = tl.math.div_rn(p, decay + tl.full([BLOCK], 0.0, tl.float32))
-    _store_f32(p_addr, offs, p, mask, P_KIND)
-    _store_f32(ea_addr, offs, exp_avg, mask, S_KIND)
-    _store_f32(es_addr, offs, exp_avg_sq, mask, S_KIND)
-    _store_f32(ed_addr, offs, exp_avg_diff, mask, S_KIND)
-    _store_f32(npg_addr, offs, -g, mask, S_KIND)
+        clip = tl.load(clip_ptr)
+    else:
+        clip = clip_value
+    if full:
+        _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
+                     one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                     MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, False)
+    else:
+        _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
+                     one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                     MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, True)
 
 
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
@@ -110,5 +138,5 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
             float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
             -lr * beta2 / bias_correction2, decay,
             MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
-            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, num_warps=4)
     prep.finish()

@@ -9,11 +9,37 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import (MAX_PARTS, _chunk_coords, _load_f32, _load_partials, _store_f32, _vmax, _vsum, device_guard,
-                           get_table, kernel_for, prepare)
+from .multi_tensor import (
+    _chunk_coords,
+    _div_rn,
+    _load_f32,
+    _load_partials,
+    _store_f32,
+    _vsum,
+    device_fn,
+    device_guard,
+    get_table,
+    kernel_for,
+    prepare,
+)
 from .reduce import OP_SUM, launch_partials
 
 BLOCK = 2048
+
+
+@device_fn
+def _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE: tl.constexpr,
+                                 DECAY: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                                 MASKED: tl.constexpr):
+    """``p - lr*(g - mean)`` on one block, ``g`` with the L2 term; ``mean`` of the tensor's ``g``."""
+    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    if DECAY:
+        g = g + weight_decay * p
+    p = p - lr * (g - mean)
+    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
@@ -27,24 +53,23 @@ def _gradient_equilibrium_kernel(
     MAXIMIZE: tl.constexpr,
     DECAY: tl.constexpr,      # weight_decay != 0: L2 term g + wd*p (SPEC §4 decision)
     P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
+    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_PARTS: tl.constexpr,
 ):
-    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     total = _vsum(_load_partials(row, partials_ptr, MAX_PARTS))
     numel = tl.load(row).to(tl.float32)
-    mean = tl.math.div_rn(total + tl.full([BLOCK], 0.0, tl.float32), numel + tl.full([BLOCK], 0.0, tl.float32))
+    mean = _div_rn(tl.full([BLOCK], 0.0, tl.float32) + total, numel)
     p_addr = tl.load(row + 4)
     g_addr = tl.load(grad_ptrs_ptr + t)
-    p = _load_f32(p_addr, offs, mask, P_KIND)
-    g = _load_f32(g_addr, offs, mask, P_KIND)
-    if MAXIMIZE:
-        g = -g
-    if DECAY:
-        g = g + weight_decay * p
-    p = p - lr * (g - mean)
-    _store_f32(p_addr, offs, p, mask, P_KIND)
+    if full:
+        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY, P_KIND,
+                                     ALIGNED, False)
+    else:
+        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY, P_KIND,
+                                     ALIGNED, True)
 
 
 def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
@@ -60,6 +85,6 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     with device_guard(table.device):
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
                                   float(weight_decay), MAXIMIZE=bool(maximize), DECAY=decay,
-                                  P_KIND=prep.p_kind, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=MAX_PARTS,
+                                  P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts,
                                   num_warps=4)
     prep.finish()

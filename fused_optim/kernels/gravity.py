@@ -11,11 +11,42 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import (MAX_PARTS, _chunk_coords, _load_f32, _load_partials, _store_f32, _vmax, _vsum, device_guard,
-                           get_table, kernel_for, prepare)
+from .multi_tensor import (
+    _chunk_coords,
+    _div_rn,
+    _load_f32,
+    _load_partials,
+    _store_f32,
+    _vmax,
+    device_fn,
+    device_guard,
+    get_table,
+    kernel_for,
+    prepare,
+)
 from .reduce import OP_ABSMAX, launch_partials
 
 BLOCK = 2048
+
+
+@device_fn
+def _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_minus_beta_hat,
+                    MAXIMIZE: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                    MASKED: tl.constexpr):
+    """The per-element rule, in the seed's op order, on one block; ``m = 1/max|g|`` of the tensor."""
+    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    v = _load_f32(v_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    r = _div_rn(g, m)
+    r = r * r
+    r = 1.0 + r
+    zeta = _div_rn(g, r)
+    v = v * beta_hat + one_minus_beta_hat * zeta
+    p = p - lr * v
+    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+    _store_f32(v_addr, offs, v, mask, S_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
@@ -30,30 +61,24 @@ def _gravity_kernel(
     MAXIMIZE: tl.constexpr,
     P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
     S_KIND: tl.constexpr,     # dtype code of v
+    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
     MAX_PARTS: tl.constexpr,
 ):
-    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     amax = _vmax(_load_partials(row, partials_ptr, MAX_PARTS))
+    # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
+    m = _div_rn(tl.full([BLOCK], 1.0, tl.float32), amax)
     p_addr = tl.load(row + 4)
     v_addr = tl.load(row + 5)
     g_addr = tl.load(grad_ptrs_ptr + t)
-    p = _load_f32(p_addr, offs, mask, P_KIND)
-    g = _load_f32(g_addr, offs, mask, P_KIND)
-    v = _load_f32(v_addr, offs, mask, S_KIND)
-    if MAXIMIZE:
-        g = -g
-    # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
-    m = tl.math.div_rn(tl.full([BLOCK], 1.0, tl.float32), amax + tl.full([BLOCK], 0.0, tl.float32))
-    r = tl.math.div_rn(g, m)
-    r = r * r
-    r = 1.0 + r
-    zeta = tl.math.div_rn(g, r)
-    v = v * beta_hat + one_minus_beta_hat * zeta
-    p = p - lr * v
-    _store_f32(p_addr, offs, p, mask, P_KIND)
-    _store_f32(v_addr, offs, v, mask, S_KIND)
+    if full:
+        _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_minus_beta_hat, MAXIMIZE,
+                        P_KIND, S_KIND, ALIGNED, False)
+    else:
+        _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_minus_beta_hat, MAXIMIZE,
+                        P_KIND, S_KIND, ALIGNED, True)
 
 
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
@@ -68,6 +93,6 @@ def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
     with device_guard(table.device):
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
                                   float(beta_hat), 1 - beta_hat, MAXIMIZE=bool(maximize), P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=MAX_PARTS,
+                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts,
                                   num_warps=4)
     prep.finish()

@@ -9,9 +9,38 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import _chunk_coords, _load_f32, _store_f32, device_guard, get_table, kernel_for, prepare
+from .multi_tensor import (
+    _chunk_coords,
+    _load_f32,
+    _store_f32,
+    device_fn,
+    device_guard,
+    get_table,
+    kernel_for,
+    prepare,
+)
 
 BLOCK = 2048
+
+
+@device_fn
+def _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                 MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr,
+                 ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The per-element rule, in the reference's op order, on one block."""
+    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    m = _load_f32(m_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    if DECAY:
+        p = p * decay
+    c = m * beta1 + g * one_minus_beta1
+    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(0) = 0, like torch.sign
+    p = p - lr * sign
+    m = m * beta2 + g * one_minus_beta2
+    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+    _store_f32(m_addr, offs, m, mask, S_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
@@ -29,26 +58,20 @@ def _lion_kernel(
     DECAY: tl.constexpr,      # weight_decay != 0 (skips a multiply by exactly 1 otherwise)
     P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
     S_KIND: tl.constexpr,     # dtype code of exp_avg
+    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    t, row, offs, mask = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     p_addr = tl.load(row + 4)
     m_addr = tl.load(row + 5)
     g_addr = tl.load(grad_ptrs_ptr + t)
-    p = _load_f32(p_addr, offs, mask, P_KIND)
-    g = _load_f32(g_addr, offs, mask, P_KIND)
-    m = _load_f32(m_addr, offs, mask, S_KIND)
-    if MAXIMIZE:
-        g = -g
-    if DECAY:
-        p = p * decay
-    c = m * beta1 + g * one_minus_beta1
-    sign = tl.where(c > 0, 1.0, tl.where(c < 0, -1.0, 0.0))  # sign(0) = 0, like torch.sign
-    p = p - lr * sign
-    m = m * beta2 + g * one_minus_beta2
-    _store_f32(p_addr, offs, p, mask, P_KIND)
-    _store_f32(m_addr, offs, m, mask, S_KIND)
+    if full:
+        _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus_beta1, beta2,
+                     one_minus_beta2, MAXIMIZE, DECAY, P_KIND, S_KIND, ALIGNED, False)
+    else:
+        _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus_beta1, beta2,
+                     one_minus_beta2, MAXIMIZE, DECAY, P_KIND, S_KIND, ALIGNED, True)
 
 
 def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
@@ -64,5 +87,5 @@ def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
                                   float(beta1), 1 - beta1, float(beta2), 1 - beta2,
                                   MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, num_warps=4)
     prep.finish()

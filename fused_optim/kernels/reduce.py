@@ -11,9 +11,27 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .multi_tensor import RBLOCK, Table, _load_f32, _vmax, _vsum, device_guard, kernel_for
+from .multi_tensor import Table, _load_f32, _vmax, _vsum, device_fn, device_guard, kernel_for
 
 OP_ABSMAX, OP_SUM = 0, 1
+
+
+@device_fn
+def _summand(g_addr, p_addr, offs, mask, coeff, OP: tl.constexpr, NEGATE: tl.constexpr,
+             ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """|g| (OP 0) or ±g [+ coeff*p] (OP 1) of one block, 0 where masked (neutral for both)."""
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    if OP == 0:
+        x = tl.abs(g)
+    else:
+        if NEGATE:
+            g = -g
+        if ADD_PARAM:
+            g = g + coeff * _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+        x = g
+    if MASKED:
+        x = tl.where(mask, x, 0.0)
+    return x
 
 
 @triton.jit
@@ -27,6 +45,7 @@ def _partials_kernel(
     NEGATE: tl.constexpr,      # sum -g instead of g (maximize)
     ADD_PARAM: tl.constexpr,   # add coeff*p to every element first (GradientEquilibrium's L2 term)
     P_KIND: tl.constexpr,      # dtype code of params and grads
+    ALIGNED: tl.constexpr,     # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     RBLOCK: tl.constexpr,
 ):
@@ -39,20 +58,25 @@ def _partials_kernel(
     g_addr = tl.load(grad_ptrs_ptr + t)
     p_addr = tl.load(row + 4)
     start = j * span
-    end = tl.minimum(start + span, numel)
+    count = tl.minimum(span, numel - start)
+    n_full = count // RBLOCK
     acc = tl.full([RBLOCK], 0.0, tl.float32)
-    for k in range(0, span, RBLOCK):
-        offs = start + k + tl.arange(0, RBLOCK)
-        mask = offs < end
-        g = _load_f32(g_addr, offs, mask, P_KIND)
+    # full blocks unmasked (vector loads), then the slot's tail, if any, masked
+    for k in range(n_full):
+        offs = start + k * RBLOCK + tl.arange(0, RBLOCK)
+        x = _summand(g_addr, p_addr, offs, offs < numel, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED, False)
         if OP == 0:
-            acc = tl.maximum(acc, tl.abs(g))
+            acc = tl.maximum(acc, x)
         else:
-            if NEGATE:
-                g = -g
-            if ADD_PARAM:
-                g = g + coeff * _load_f32(p_addr, offs, mask, P_KIND)
-            acc += tl.where(mask, g, 0.0)
+            acc += x
+    offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
+    if n_full * RBLOCK < count:
+        x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED,
+                     True)
+        if OP == 0:
+            acc = tl.maximum(acc, x)
+        else:
+            acc += x
     if OP == 0:
         res = _vmax(acc)
     else:
@@ -66,5 +90,5 @@ def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False,
     kernel = kernel_for(_partials_kernel, table.device)
     with device_guard(table.device):
         kernel[(table.n_parts,)](table.meta, table.grad_ptrs, table.rchunks, table.partials, float(coeff),
-                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind,
-                                 ROW=table.row, RBLOCK=RBLOCK, num_warps=8)
+                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind, ALIGNED=table.aligned,
+                                 ROW=table.row, RBLOCK=table.rblock, num_warps=8)
