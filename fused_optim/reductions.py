@@ -36,10 +36,11 @@ def per_tensor_reduce(tensors: Sequence[Tensor], op: str) -> Tensor:
     (so Gravity's ``1/absmax`` is inf there, as for an all-zero grad). Empty list: a 0-element tensor.
     No `.item()`, no host sync; nothing is modified.
 
-    NATIVE HOOK — contract for the extension in ``csrc/``: when ``torch.ops.fused_optim.multi_tensor_reduce``
-    is registered with the schema ``multi_tensor_reduce(Tensor[] tensors, str op) -> Tensor`` and the
-    semantics above (one launch for the whole list, zero-size tensors -> 0, fp32 out of shape [n]), it is
-    used for every call; otherwise the torch fallback below runs. The fallback costs: absmax one
+    NATIVE HOOK — contract for the extension in ``csrc/``: when
+    ``torch.ops.fused_optim.multi_tensor_reduce`` is registered with the schema
+    ``multi_tensor_reduce(Tensor[] tensors, str op) -> Tensor`` and the semantics above (one launch for
+    the whole list, zero-size tensors -> 0, fp32 out of shape [n]), it is used for every call;
+    otherwise the torch fallback below runs. The fallback costs: absmax one
     ``_foreach_norm(inf)`` + a stack; sumsq one ``_foreach_norm(2)`` (squared afterwards, so within a
     rounding of the exact sum of squares) + a stack; sum one kernel per tensor, since torch has no
     multi-tensor sum.

@@ -32,7 +32,8 @@ from fused_optim.lion import _forloop_lion
 from fused_optim.reductions import per_tensor_reduce
 
 _HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")])]
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                             pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")])]
 STEPS = 7
 MISSING_STEP = 3  # one tensor has no grad on this step
 GUARD = 64        # NaN guard band around every tensor: unwritten / out-of-bounds writes show
@@ -42,7 +43,7 @@ SIZES = [0, 1, 2, 7, 31, 1023, 1024, 1025, 2047, 2048, 2049, 4099]
 EPS32 = torch.finfo(torch.float32).eps
 
 
-# ---------------------------------------------------------------------------------------------- fixtures
+# ------------------------------------------------------------------------------------------ fixtures
 class Buffers:
     """Tensors carved from storages filled with a finite sentinel, so every write outside a tensor shows
     (a NaN sentinel would not: an update that reads NaN writes NaN back)."""
@@ -67,7 +68,7 @@ class Buffers:
         return t
 
     def make_strided(self, values: torch.Tensor) -> torch.Tensor:
-        """A (rows, cols) non-contiguous view: every other column of a sentinel-filled (rows, 2*cols) storage."""
+        """A (rows, cols) non-contiguous view: every other column of a sentinel-filled storage."""
         rows, cols = values.shape
         base = torch.full((rows, 2 * cols), self.SENTINEL, dtype=values.dtype, device=self.device)
         mask = torch.zeros(rows, 2 * cols, dtype=torch.bool, device=self.device)
@@ -115,14 +116,16 @@ def _spec(name):
 
 def _scalars(name, opts, step):
     if name == "lion":
-        return dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=opts.get("wd", 0.0), maximize=opts["maximize"])
+        return dict(lr=0.01, beta1=0.9, beta2=0.99, weight_decay=opts.get("wd", 0.0),
+                    maximize=opts["maximize"])
     if name == "gravity":
         beta = 0.9
         return dict(lr=0.05, beta_hat=(beta * step + 1) / (step + 2), maximize=opts["maximize"])
     if name == "adan":
         b1, b2, b3 = 0.98, 0.92, 0.99
         return dict(lr=0.01, beta1=b1, beta2=b2, beta3=b3, bias_correction1=1 - b1 ** step,
-                    bias_correction2=1 - b2 ** step, bias_correction3_sqrt=math.sqrt(1 - b3 ** step), eps=1e-8,
+                    bias_correction2=1 - b2 ** step, bias_correction3_sqrt=math.sqrt(1 - b3 ** step),
+                    eps=1e-8,
                     weight_decay=opts.get("wd", 0.0), no_prox=opts.get("no_prox", False),
                     maximize=opts["maximize"])
     return dict(lr=0.05, weight_decay=opts.get("wd", 0.0), maximize=opts["maximize"])
@@ -130,15 +133,15 @@ def _scalars(name, opts, step):
 
 def _run_pair(name, opts, device, sizes=SIZES, steps=STEPS, strided=True, check_every_step=True):
     """Run the triton impl on guarded tensors and forloop on copies for `steps` steps; compare."""
-    tri_fn, ref_fn, n_states = _spec(name)
+    tri_fn, ref_fn, _ = _spec(name)
     gen = torch.Generator().manual_seed(1234)
     buf = Buffers(device)
     params = _make_group(device, torch.float32, buf, sizes, strided, gen)
     ref_params = [p.clone() for p in params]
     states = []
     if name == "gravity" or name == "lion":
-        states = [[buf.make(torch.randn(p.shape, generator=gen).to(device) * 0.1) if p.is_contiguous()
-                   else buf.make_strided(torch.randn(p.shape, generator=gen).to(device) * 0.1) for p in params]]
+        init = [torch.randn(p.shape, generator=gen).to(device) * 0.1 for p in params]
+        states = [[buf.make(x) if p.is_contiguous() else buf.make_strided(x) for p, x in zip(params, init)]]
     elif name == "adan":
         # moments start at zero, like the class; neg_pre_grad is set from the first grad below
         states = [[buf.make(torch.zeros(p.shape, device=device)) for p in params] for _ in range(3)]
@@ -173,7 +176,7 @@ def _run_pair(name, opts, device, sizes=SIZES, steps=STEPS, strided=True, check_
     return params, ref_params
 
 
-# ---------------------------------------------------------------------------------------------- fp32 vs forloop
+# ------------------------------------------------------------------------------------------ fp32 vs forloop
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("opts", [dict(maximize=False), dict(maximize=True, wd=0.1)], ids=["plain", "max-wd"])
 def test_lion_matches_forloop(device, opts):
@@ -233,7 +236,7 @@ def test_adan_neg_pre_grad_is_written_in_kernel():
     assert torch.equal(npg, -(g2 * clip))
 
 
-# ---------------------------------------------------------------------------------------------- tables
+# ------------------------------------------------------------------------------------------ tables
 def test_many_tensors_one_group_and_multi_slot_reductions(monkeypatch):
     """>= 200 tensors of mixed odd sizes in one launch (the tables and chunking), with reductions split
     into several slots per tensor (shrunk so that small tensors exercise it)."""
@@ -242,7 +245,8 @@ def test_many_tensors_one_group_and_multi_slot_reductions(monkeypatch):
     gen = torch.Generator().manual_seed(7)
     sizes = [int(x) | 1 for x in torch.randint(1, 400, (200,), generator=gen)] + [0, 2049, 5001]
     for name in ("gravity", "ge", "lion"):
-        _run_pair(name, dict(maximize=False), "cpu", sizes=sizes, steps=2, strided=False, check_every_step=False)
+        _run_pair(name, dict(maximize=False), "cpu", sizes=sizes, steps=2, strided=False,
+                  check_every_step=False)
     _run_pair("adan", dict(maximize=False, clip=0.5), "cpu", sizes=sizes, steps=2, strided=False,
               check_every_step=False)
 
@@ -281,10 +285,10 @@ def test_int64_offsets_in_chunk_math():
     assert t.chunks.tolist() == [[0, 0], [0, 1], [0, 2]]
 
 
-# ---------------------------------------------------------------------------------------------- low precision
+# ------------------------------------------------------------------------------------------ low precision
 def _lowp_run(name, dtype, device, steps=STEPS):
     """SPEC §9: |triton(lowp, fp32 state) - forloop(fp64)| <= 2·|forloop(lowp) - forloop(fp64)| + atol."""
-    tri_fn, ref_fn, n_states = _spec(name)
+    tri_fn, ref_fn, _ = _spec(name)
     gen = torch.Generator().manual_seed(99)
     sizes = [1, 7, 1025, 2049]
     p0 = [torch.randn(n, generator=gen).to(dtype).to(device) for n in sizes]
@@ -344,13 +348,14 @@ def test_bf16_store_rounds_to_nearest_even():
     lr, wd, b1 = 3e-3, 0.37, 0.9
     c = m * b1 + g.float() * (1 - b1)
     expected = (p.float() * (1 - lr * wd) - lr * torch.sign(c)).to(torch.bfloat16)
-    truncated = ((p.float() * (1 - lr * wd) - lr * torch.sign(c)).view(torch.int32) >> 16 << 16).view(torch.float32)
+    exact = p.float() * (1 - lr * wd) - lr * torch.sign(c)
+    truncated = (exact.view(torch.int32) >> 16 << 16).view(torch.float32)
     assert not torch.equal(truncated.to(torch.bfloat16), expected)  # the data can tell the two apart
     _triton_lion([p], [g], [m], lr=lr, beta1=b1, beta2=0.99, weight_decay=wd, maximize=False)
     assert torch.equal(p, expected)
 
 
-# ---------------------------------------------------------------------------------------------- classes
+# ------------------------------------------------------------------------------------------ classes
 @pytest.fixture
 def interpret(monkeypatch):
     """impl='triton' on CPU is available only under TRITON_INTERPRET=1 (`_backends.triton_status`)."""
@@ -420,7 +425,7 @@ def test_auto_never_picks_interpreted_triton(interpret):
     assert fo.Lion([torch.nn.Parameter(torch.randn(3))]).impl_for("cpu") != "triton"
 
 
-# ---------------------------------------------------------------------------------------------- reductions API
+# ------------------------------------------------------------------------------------------ reductions API
 @pytest.mark.parametrize("op", ["absmax", "sum", "sumsq"])
 def test_per_tensor_reduce(op):
     ts = [torch.randn(5), torch.empty(0), torch.randn(3, 4).to(torch.bfloat16), torch.randn(1)]
@@ -433,12 +438,13 @@ def test_per_tensor_reduce(op):
         per_tensor_reduce(ts, "mean")
 
 
-# ---------------------------------------------------------------------------------------------- GPU only
+# ------------------------------------------------------------------------------------------ GPU only
 def _gpu_optimizers():
     out = []
     for name in ("lion", "gravity", "adan", "ge"):
         cls, kw = _class_case(name)
-        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(257, 129), (3,), (4099,), (0,)]]
+        shapes = [(257, 129), (3,), (4099,), (0,)]
+        params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in shapes]
         out.append((name, cls(params, impl="triton", **kw), params))
     return out
 

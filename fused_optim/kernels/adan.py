@@ -138,5 +138,6 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
             float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
             -lr * beta2 / bias_correction2, decay,
             MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
-            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+            num_warps=4)
     prep.finish()

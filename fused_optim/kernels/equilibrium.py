@@ -65,11 +65,11 @@ def _gradient_equilibrium_kernel(
     p_addr = tl.load(row + 4)
     g_addr = tl.load(grad_ptrs_ptr + t)
     if full:
-        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY, P_KIND,
-                                     ALIGNED, False)
+        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY,
+                                     P_KIND, ALIGNED, False)
     else:
-        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY, P_KIND,
-                                     ALIGNED, True)
+        _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_decay, MAXIMIZE, DECAY,
+                                     P_KIND, ALIGNED, True)
 
 
 def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
@@ -85,6 +85,7 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     with device_guard(table.device):
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
                                   float(weight_decay), MAXIMIZE=bool(maximize), DECAY=decay,
-                                  P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts,
+                                  P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                  MAX_PARTS=table.max_parts,
                                   num_warps=4)
     prep.finish()

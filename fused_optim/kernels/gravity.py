@@ -1,9 +1,9 @@
 """Gravity in two Triton launches per (device, dtype) group (SPEC §1): per-tensor max|g| into slots,
 then the update, which finishes each tensor's max from its slots (no `.item()`, no host sync).
 
-Per element, in the seed's op order: ``m = 1/max|g|``, ``ζ = g / (1 + (g/m)²)``, ``v·β̂ + (1−β̂)·ζ``,
-``p − lr·v``. Divisions are IEEE-rounded (`div_rn`) as in torch. Bytes per element (fp32): reduction
-reads g (4 B), update reads p, g, v and writes p, v (20 B): 24 B.
+Per element, in the seed's op order: ``m = 1/max|g|``, ``ζ = g / (1 + (g/m)²)``,
+``v·β̂ + (1−β̂)·ζ``, ``p − lr·v``. Divisions are IEEE-rounded (`div_rn`) as in torch. Bytes per
+element (fp32): reduction reads g (4 B), update reads p, g, v and writes p, v (20 B): 24 B.
 """
 from __future__ import annotations
 
@@ -93,6 +93,7 @@ def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
     with device_guard(table.device):
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
                                   float(beta_hat), 1 - beta_hat, MAXIMIZE=bool(maximize), P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts,
+                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                  MAX_PARTS=table.max_parts,
                                   num_warps=4)
     prep.finish()

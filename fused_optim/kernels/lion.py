@@ -24,7 +24,8 @@ BLOCK = 2048
 
 
 @device_fn
-def _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus_beta1, beta2, one_minus_beta2,
+def _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus_beta1, beta2,
+                 one_minus_beta2,
                  MAXIMIZE: tl.constexpr, DECAY: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr,
                  ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """The per-element rule, in the reference's op order, on one block."""
@@ -87,5 +88,6 @@ def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
                                   float(beta1), 1 - beta1, float(beta2), 1 - beta2,
                                   MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, num_warps=4)
+                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                  num_warps=4)
     prep.finish()

@@ -54,7 +54,7 @@ def dtype_kind(dtype: torch.dtype) -> int:
                         "use impl='foreach' for other dtypes") from None
 
 
-# ---------------------------------------------------------------------------------------------- jit helpers
+# ------------------------------------------------------------------------------------------ jit helpers
 # Kernels call only builtins and the jit functions of this package, never triton's own @jit library
 # functions (tl.zeros, tl.max, tl.sum): those are decorated once, when triton is imported, so they have
 # the wrong flavour in one of the two copies of this package (see `kernel_for`). Reductions go through
@@ -215,7 +215,7 @@ def _load_partials(row, partials_ptr, MAX_PARTS: tl.constexpr):
     return tl.load(partials_ptr + first + j, mask=j < count, other=0.0)
 
 
-# ---------------------------------------------------------------------------------------------- tables
+# ------------------------------------------------------------------------------------------ tables
 class Table:
     """Device tables of one tensor list (see the module docstring); built by `get_table`."""
 
@@ -320,7 +320,7 @@ def clear_cache() -> None:
     _TABLES.clear()
 
 
-# ---------------------------------------------------------------------------------------------- lists
+# ------------------------------------------------------------------------------------------ lists
 class Prepared:
     """The non-empty tensors of a group, made contiguous where needed, and how to write results back."""
 
@@ -336,7 +336,8 @@ class Prepared:
             dst.copy_(src)
 
 
-def prepare(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]]) -> Prepared | None:
+def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
+            states: Sequence[Sequence[Tensor]]) -> Prepared | None:
     """Drop zero-size tensors; give non-contiguous ones (rare: a strided view as a param) a contiguous
     stand-in that `Prepared.finish` copies back. None when nothing is left to update."""
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
@@ -345,7 +346,8 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[
     p_kind = dtype_kind(params[keep[0]].dtype)
     s_dtypes = {s[i].dtype for s in states for i in keep}
     if len(s_dtypes) > 1:
-        raise TypeError(f"the Triton kernels need one state dtype per group, got {sorted(map(str, s_dtypes))}")
+        raise TypeError("the Triton kernels need one state dtype per group, got "
+                        f"{sorted(map(str, s_dtypes))}")
     s_kind = dtype_kind(s_dtypes.pop()) if s_dtypes else KIND_FP32
     writeback = []
     static: list[list[Tensor]] = [[] for _ in range(1 + len(states))]
@@ -366,7 +368,7 @@ def device_guard(device: torch.device):
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-# ---------------------------------------------------------------------------------------------- variants
+# ------------------------------------------------------------------------------------------ variants
 def _interpret_scope(on: bool):
     """Temporarily set how `triton.jit` decorates (it reads TRITON_INTERPRET when decorating)."""
     @contextlib.contextmanager

@@ -71,8 +71,8 @@ def _partials_kernel(
             acc += x
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
     if n_full * RBLOCK < count:
-        x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED,
-                     True)
+        x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND,
+                     ALIGNED, True)
         if OP == 0:
             acc = tl.maximum(acc, x)
         else:
@@ -90,5 +90,6 @@ def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False,
     kernel = kernel_for(_partials_kernel, table.device)
     with device_guard(table.device):
         kernel[(table.n_parts,)](table.meta, table.grad_ptrs, table.rchunks, table.partials, float(coeff),
-                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind, ALIGNED=table.aligned,
+                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind,
+                                 ALIGNED=table.aligned,
                                  ROW=table.row, RBLOCK=table.rblock, num_warps=8)
