@@ -54,7 +54,7 @@ def _partials_kernel(
     j = tl.load(rchunks_ptr + 2 * pid + 1).to(tl.int64)
     row = meta_ptr + t * ROW
     numel = tl.load(row)
-    span = tl.load(row + 3)
+    span = tl.multiple_of(tl.load(row + 3), RBLOCK)  # a multiple of RBLOCK by construction (Table)
     g_addr = tl.load(grad_ptrs_ptr + t)
     p_addr = tl.load(row + 4)
     start = j * span
