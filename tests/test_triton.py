@@ -214,6 +214,20 @@ def test_gravity_zero_grad_tensor_moves_without_nan():
     assert torch.isfinite(p).all() and torch.equal(v, v_ref) and torch.equal(p, p_ref)
 
 
+def test_gravity_nan_grad_poisons_its_tensor_like_torch():
+    """torch's max|g| is NaN when g holds a NaN, so the whole tensor becomes NaN; other tensors do not."""
+    g = torch.randn(5000)
+    g[4097] = float("nan")
+    params = [torch.randn(5000), torch.randn(7)]
+    grads = [g, torch.randn(7)]
+    vs = [torch.randn(5000), torch.randn(7)]
+    ref_p, ref_v = [p.clone() for p in params], [v.clone() for v in vs]
+    _triton_gravity(params, grads, vs, lr=0.1, beta_hat=0.6, maximize=False)
+    _forloop_gravity(ref_p, grads, ref_v, lr=0.1, beta_hat=0.6, maximize=False)
+    assert params[0].isnan().all() and ref_p[0].isnan().all()
+    assert torch.equal(params[1], ref_p[1])
+
+
 def test_gravity_update_is_exact():
     """Gravity's kernel follows torch's op order with IEEE divisions and no contractible products on
     the interpreter: bit-identical to forloop."""

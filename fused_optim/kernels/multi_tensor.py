@@ -104,8 +104,9 @@ else:
 
 @device_fn
 def _vmax(x):
-    """max of a 1-D block (a builtin reduction; see above)."""
-    return tl.reduce(x, 0, _max_combine)
+    """max of a 1-D block, NaN if any element is NaN (torch's max; the combiners may drop NaNs)."""
+    nan_or_zero = tl.reduce(tl.where(x != x, x, 0.0), 0, _sum_combine)
+    return tl.reduce(x, 0, _max_combine) + nan_or_zero
 
 
 @device_fn

@@ -66,7 +66,7 @@ def _partials_kernel(
         offs = start + k * RBLOCK + tl.arange(0, RBLOCK)
         x = _summand(g_addr, p_addr, offs, offs < numel, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED, False)
         if OP == 0:
-            acc = tl.maximum(acc, x)
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
         else:
             acc += x
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
@@ -74,7 +74,7 @@ def _partials_kernel(
         x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND,
                      ALIGNED, True)
         if OP == 0:
-            acc = tl.maximum(acc, x)
+            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
         else:
             acc += x
     if OP == 0:
