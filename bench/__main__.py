@@ -1,0 +1,273 @@
+"""`python -m bench`: what one optimizer step costs here, against peers and against the hardware.
+
+Runs on CUDA if present, else CPU. For each parameter set and dtype it times one `step()` of every
+fused_optim optimizer under every impl that can run here (discovered through
+`fused_optim.available_impls`), torch's AdamW (fused and foreach: the yardstick), the installed peers
+(pytorch_optimizer, lion-pytorch, timm, torch-optimi; missing ones are skipped with a note) and,
+with --compile (default on CUDA), a `torch.compile`d foreach step. Then each reduction and update
+kernel alone across tensor counts. Writes bench/results/<date>-<device>.csv (+ -kernels.csv, .png,
+.md, .json) and prints the table. Method and columns: bench/NOTES.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+          "fp16": "float16", "float16": "float16"}
+
+
+def _csv_list(s: str | None) -> list[str] | None:
+    if s is None:
+        return None
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .candidates import OPTIMIZERS
+    from .params import PARAM_SETS
+
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run (about a minute on 2 CPU cores): small sets, few repetitions, no compile")
+    p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
+    p.add_argument("--optimizers", default=None,
+                   help=f"comma-separated subset of {','.join(OPTIMIZERS)} (default: all; adamw is always the yardstick)")
+    p.add_argument("--impls", default=None,
+                   help="our impls to time, e.g. foreach,native (default: every impl that runs here, "
+                        "interpreted Triton excluded)")
+    p.add_argument("--peers", default=None,
+                   help="peers to time: labels or package names (pytorch_optimizer, lion_pytorch, timm, optimi), "
+                        "'none', or 'all' (default: all installed)")
+    p.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: fp32)")
+    p.add_argument("--sets", default=None,
+                   help=f"parameter sets: {','.join(PARAM_SETS)} (default: the device's; see --list)")
+    p.add_argument("--reps", type=int, default=None, help="timed samples per candidate (default 15; quick 6)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed steps per candidate (default 3; quick 2)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="also time torch.compile'd foreach steps (default on CUDA; on CPU the compile takes minutes)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--no-steps", action="store_true", help="skip the step benchmarks")
+    p.add_argument("--no-kernels", action="store_true", help="skip the kernel microbenchmarks")
+    p.add_argument("--threads", default="auto",
+                   help="torch CPU threads: a number, or 'auto' (default): torch's default, but 1 when the "
+                        "machine is already busy (load average above half its cores) or with --quick")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
+    p.add_argument("--tag", default="", help="suffix for the output file names")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--list", action="store_true", help="list parameter sets, optimizers, impls and peers, then exit")
+    p.add_argument("--convergence", action="store_true",
+                   help="run the convergence benchmark instead (python -m bench.convergence; other args go to it)")
+    return p
+
+
+def _list(device) -> None:
+    import fused_optim
+
+    from .candidates import OPTIMIZERS, PEERS, _importable
+    from .params import PARAM_SETS
+
+    print("parameter sets:")
+    for s in PARAM_SETS.values():
+        print(f"  {s.name:16s} {s.n_tensors:5d} tensors {s.numel / 1e6:9.2f}M  {s.description}"
+              + ("  [cuda only]" if s.cuda_only else ""))
+    print("optimizers:", ", ".join(OPTIMIZERS))
+    print(f"impls on {device}:")
+    for impl, st in fused_optim.available_impls(device).items():
+        print(f"  {impl:8s} {'yes' if st.available else 'no '} {st.reason}")
+    print("peers:")
+    for peer in PEERS:
+        ok, why = _importable(peer.module)
+        print(f"  {peer.optimizer}/{peer.impl:22s} {'installed' if ok else why}"
+              + ("" if device.type in peer.devices else f" (runs on {'/'.join(peer.devices)} only)"))
+
+
+def _pick_threads(arg: str, quick: bool, notes: list[str]) -> int | None:
+    """Threads for a CPU run. On an oversubscribed machine every OpenMP barrier waits for a descheduled
+    sibling thread: measured here (2 cores, load 7), torch's fused AdamW on 0.9M params took 484 ms per
+    step with 2 threads and 5.6 ms with 1. One thread then measures the code, not the scheduler."""
+    if arg != "auto":
+        return int(arg)
+    if quick:
+        return 1
+    cores = os.cpu_count() or 1
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if cores > 1 and load > 0.5 * cores:
+        notes.append(f"threads: 1 (load average {load:.1f} on {cores} cores: other processes are running; "
+                     "pass --threads N to override)")
+        return 1
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--convergence" in argv:
+        argv.remove("--convergence")
+        try:
+            from . import convergence
+        except ImportError as exc:
+            print(f"python -m bench --convergence: bench/convergence.py is not available ({exc})", file=sys.stderr)
+            return 2
+        return convergence.main(argv)
+    args = build_parser().parse_args(argv)
+
+    import torch
+
+    from . import env, report
+    from .candidates import OPTIMIZERS
+    from .kernels import KERNEL_GRIDS, run_kernels
+    from .params import PARAM_SETS, default_sets, quick_sets
+    from .steps import replicas_for, run_step_group
+    from .timing import copy_bandwidth
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("--device cuda: no CUDA device is available", file=sys.stderr)
+        return 2
+    if args.list:
+        _list(device)
+        return 0
+    notes: list[str] = []
+    if device.type == "cpu":
+        threads = _pick_threads(args.threads, args.quick, notes)
+        if threads:
+            torch.set_num_threads(threads)
+
+    optimizers = _csv_list(args.optimizers) or list(OPTIMIZERS)
+    bad = [o for o in optimizers if o not in OPTIMIZERS]
+    if bad:
+        print(f"unknown optimizer(s) {bad}; choose from {list(OPTIMIZERS)}", file=sys.stderr)
+        return 2
+    if "adamw" not in optimizers:
+        optimizers = ["adamw"] + optimizers
+    set_names = _csv_list(args.sets) or (quick_sets if args.quick else default_sets)(device.type)
+    bad = [s for s in set_names if s not in PARAM_SETS]
+    if bad:
+        print(f"unknown parameter set(s) {bad}; choose from {list(PARAM_SETS)}", file=sys.stderr)
+        return 2
+    sets = []
+    for s in set_names:
+        if PARAM_SETS[s].cuda_only and device.type != "cuda":
+            notes.append(f"set {s}: skipped, GPU only (use its CPU variant)")
+        else:
+            sets.append(PARAM_SETS[s])
+    try:
+        dtypes = [getattr(torch, DTYPES[d.lower()]) for d in (_csv_list(args.dtypes) or ["fp32"])]
+    except KeyError as exc:
+        print(f"unknown dtype {exc}; choose from fp32, bf16, fp16", file=sys.stderr)
+        return 2
+    impls = _csv_list(args.impls)
+    peers = _csv_list(args.peers)
+    if peers == ["all"]:
+        peers = None
+    elif peers == ["none"]:
+        peers = ["torch"]  # the yardstick stays
+    reps = args.reps or (6 if args.quick else 15)
+    warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
+    # --quick is a smoke test: two replicas only (its sets partly sit in cache; the full run rotates up to 8)
+    max_replicas = 2 if args.quick else 8
+    compile_step = args.compile if args.compile is not None else (device.type == "cuda" and not args.quick)
+
+    meta = env.run_metadata(device)
+    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
+    base = f"{stamp}-{env.device_slug(device)}{('-' + args.tag) if args.tag else ''}"
+    args.out.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+
+    # the floor: copy bandwidth of a buffer several times the last-level cache, before and after
+    copy_bytes = max(8 * env.cache_bytes(device), (1 << 30) if device.type == "cuda" else 256 << 20)
+    if args.quick:
+        copy_bytes = min(copy_bytes, 256 << 20)
+    bw_before, _ = copy_bandwidth(device, copy_bytes)
+    print(f"{meta['hardware']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
+          f"threads {meta['threads']} | copy {bw_before / 1e9:.1f} GB/s", flush=True)
+
+    try:
+        from tqdm import tqdm
+    except ImportError:  # the bar is a convenience; the run does not need it
+        tqdm = None
+    kernel_grid = KERNEL_GRIDS["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
+    total = (0 if args.no_steps else len(sets) * len(dtypes) * reps) + \
+        (0 if args.no_kernels else len(dtypes) * len(kernel_grid[1]) * (3 + len(optimizers)))
+    bar = tqdm(total=total, desc="bench", unit="round", dynamic_ncols=True, leave=False) if tqdm else None
+
+    def progress(n: float) -> None:
+        if bar is not None:
+            bar.update(n)
+
+    step_results, modes = [], {}
+    if not args.no_steps:
+        for pset in sets:
+            for dtype in dtypes:
+                if bar is not None:
+                    bar.set_postfix_str(f"{pset.name} {str(dtype).removeprefix('torch.')}")
+                mode: dict = {}
+                res = run_step_group(pset, dtype, device, optimizers, impls=impls, peers=peers,
+                                     compile_step=compile_step, warmup=warmup, reps=reps, seed=args.seed,
+                                     notes=notes, progress=progress, mode_out=mode,
+                                     max_replicas=max_replicas)
+                modes[(pset.name, dtype)] = (mode.get("mode", ""), replicas_for(pset, dtype, device, max_replicas))
+                step_results += res
+    kernel_rows = []
+    if not args.no_kernels:
+        for dtype in dtypes:
+            if bar is not None:
+                bar.set_postfix_str(f"kernels {str(dtype).removeprefix('torch.')}")
+            kernel_rows += run_kernels(device, dtype, kernel_grid, optimizers, impls, warmup, reps, notes,
+                                       seed=args.seed, progress=progress, max_replicas=max_replicas)
+    if bar is not None:
+        bar.close()
+    bw_after, _ = copy_bandwidth(device, copy_bytes)
+    copy_gbps = max(bw_before, bw_after) / 1e9  # the hardware's limit is the best copy seen in this run
+    elapsed = time.perf_counter() - t_start
+
+    rows = report.step_rows(step_results, meta, copy_gbps, modes)
+    title = (f"{meta['hardware']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
+             f"{meta['run_date']} | copy {copy_gbps:.1f} GB/s")
+    written = []
+    if rows:
+        path = args.out / f"{base}.csv"
+        report.write_csv(path, rows, report.STEP_COLUMNS)
+        written.append(path)
+        md = report.markdown_table(rows)
+        (args.out / f"{base}.md").write_text(f"{title}\n\n{md}")
+        written.append(args.out / f"{base}.md")
+        print(md)
+        if not args.no_plot:
+            report.plot_steps(rows, args.out / f"{base}.png", title)
+            written.append(args.out / f"{base}.png")
+    if kernel_rows:
+        for r in kernel_rows:
+            r.update(meta, copy_gbps=round(copy_gbps, 2),
+                     pct_of_floor=round(100 * r["achieved_gbps"] / copy_gbps, 2))
+        path = args.out / f"{base}-kernels.csv"
+        report.write_csv(path, kernel_rows, report.KERNEL_COLUMNS)
+        written.append(path)
+        if not args.no_plot:
+            report.plot_kernels(kernel_rows, args.out / f"{base}-kernels.png", title)
+            written.append(args.out / f"{base}-kernels.png")
+    run_info = {**meta, "copy_gbps_before": round(bw_before / 1e9, 2), "copy_gbps_after": round(bw_after / 1e9, 2),
+                "copy_bytes": copy_bytes, "elapsed_s": round(elapsed, 1), "argv": argv,
+                "sets": [s.name for s in sets], "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+                "reps": reps, "warmup": warmup, "compile": compile_step, "notes": notes}
+    (args.out / f"{base}.json").write_text(json.dumps(run_info, indent=2) + "\n")
+    written.append(args.out / f"{base}.json")
+    if notes:
+        print("notes:")
+        for line in notes:
+            print("  " + line)
+    print(f"copy floor {copy_gbps:.1f} GB/s (before {bw_before / 1e9:.1f}, after {bw_after / 1e9:.1f}); "
+          f"{elapsed:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

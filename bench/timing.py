@@ -1,0 +1,133 @@
+"""Timing: median and spread of single steps, warm-up excluded.
+
+CPU: every candidate of a group is alive at once and the candidates take turns, one timed sample
+each per round in a shuffled order, so load from other processes (this project's CI machine is
+shared) lands on all of them alike instead of on whoever ran during a burst. Medians, not means.
+CUDA: one candidate at a time (a 1B-parameter set leaves room for one optimizer's state), each
+sample bracketed by CUDA events, so the host's launch timing does not enter except where the
+device waits for it (which is exactly the launch-overhead cost we want to see).
+"""
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Stats", "stats_of", "time_interleaved", "time_one", "copy_bandwidth"]
+
+
+@dataclass(frozen=True)
+class Stats:
+    median_s: float
+    p20_s: float
+    p80_s: float
+    min_s: float
+    n: int
+
+
+def _quantile(sorted_xs: list[float], q: float) -> float:
+    if len(sorted_xs) == 1:
+        return sorted_xs[0]
+    pos = q * (len(sorted_xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (pos - lo)
+
+
+def stats_of(samples: list[float]) -> Stats:
+    xs = sorted(samples)
+    return Stats(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), xs[0], len(xs))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _inner_count(est_s: float, min_sample_s: float, cap: int = 64) -> int:
+    """Steps per sample, so that a sample is long enough for the timer (sub-ms steps on a busy host)."""
+    if est_s <= 0:
+        return cap
+    return max(1, min(cap, math.ceil(min_sample_s / est_s)))
+
+
+def time_interleaved(fns: dict[str, Callable[[], None]], *, device: torch.device, warmup: int, reps: int,
+                     min_sample_s: float = 2e-3, seed: int = 0,
+                     on_round: Callable[[], None] | None = None) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Time every fn in `fns` in shuffled rounds; returns (per-step samples, total warm-up seconds)."""
+    rng = random.Random(seed)
+    keys = list(fns)
+    warm_s = {k: 0.0 for k in keys}
+    last = {k: 0.0 for k in keys}
+    for _ in range(warmup):
+        for k in keys:
+            t0 = time.perf_counter()
+            fns[k]()
+            _sync(device)
+            last[k] = time.perf_counter() - t0
+            warm_s[k] += last[k]
+    inner = {k: _inner_count(last[k], min_sample_s) for k in keys}
+    samples: dict[str, list[float]] = {k: [] for k in keys}
+    for _ in range(reps):
+        rng.shuffle(keys)
+        for k in keys:
+            fn, n = fns[k], inner[k]
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            _sync(device)
+            samples[k].append((time.perf_counter() - t0) / n)
+        if on_round is not None:
+            on_round()
+    return samples, warm_s
+
+
+def time_one(fn: Callable[[], None], *, device: torch.device, warmup: int, reps: int,
+             min_sample_s: float = 1e-3) -> tuple[list[float], float]:
+    """Time one fn alone; CUDA events on a GPU. Returns (per-step samples, total warm-up seconds)."""
+    warm_s, last = 0.0, 0.0
+    for _ in range(warmup):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        last = time.perf_counter() - t0
+        warm_s += last
+    n = _inner_count(last, min_sample_s)
+    samples = []
+    if device.type == "cuda":
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for start, end in events:
+            start.record()
+            for _ in range(n):
+                fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        samples = [start.elapsed_time(end) / 1e3 / n for start, end in events]
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for _ in range(n):
+                fn()
+            samples.append((time.perf_counter() - t0) / n)
+    return samples, warm_s
+
+
+def copy_bandwidth(device: torch.device, nbytes: int, *, reps: int = 15) -> tuple[float, Stats]:
+    """The device's copy bandwidth in bytes/s (read + write counted: 2·nbytes per copy), median of reps.
+
+    `nbytes` should be several times the last-level cache so the copy streams from memory. This is
+    the floor every step is compared against: an optimizer step is a streaming kernel over its
+    params, grads and state, and cannot beat a copy of the same bytes.
+    """
+    n = max(1, nbytes // 4)
+    src = torch.rand(n, device=device)
+    dst = torch.empty_like(src)
+    samples, _ = time_one(lambda: dst.copy_(src), device=device, warmup=3, reps=reps, min_sample_s=0.0)
+    st = stats_of(samples)
+    return 2 * n * 4 / st.median_s, st

@@ -1,0 +1,177 @@
+"""The benchmark harness (`python -m bench`): end to end on CPU, impl discovery, peers, the floor."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fused_optim
+from bench import candidates as bc
+from bench.candidates import OPTIMIZERS, PEERS, candidates_for
+from bench.params import PARAM_SETS, make_params
+from bench.report import KERNEL_COLUMNS, STEP_COLUMNS
+from bench.timing import stats_of
+
+REPO = Path(__file__).resolve().parent.parent
+OURS = ["lion", "gravity", "adan", "gradient_equilibrium"]
+
+
+def _read(path: Path) -> tuple[list[str], list[dict]]:
+    with open(path, newline="") as f:
+        r = csv.DictReader(f)
+        return list(r.fieldnames or []), list(r)
+
+
+def test_quick_end_to_end(tmp_path):
+    """`python -m bench --quick` as a user runs it: CSVs with the documented columns, PNGs, metadata."""
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    csvs = sorted(tmp_path.glob("*-cpu.csv"))
+    assert len(csvs) == 1
+    cols, rows = _read(csvs[0])
+    assert cols == STEP_COLUMNS
+    got = {(r["param_set"], r["optimizer"], r["impl"]) for r in rows}
+    for pset in ("gpt2-tiny", "many-small-tiny"):
+        assert (pset, "adamw", "torch-fused") in got
+        for opt in OURS:
+            for impl in ("forloop", "foreach"):  # today's impls; others join when available_impls says so
+                assert (pset, opt, impl) in got, (pset, opt, impl)
+    for r in rows:
+        assert r["hardware"] and r["torch"] == torch.__version__ and r["commit"] and r["triton"]
+        med, p20, p80 = float(r["median_ms"]), float(r["p20_ms"]), float(r["p80_ms"])
+        assert 0 < p20 <= med <= p80 and math.isfinite(p80)
+        assert int(r["bytes_per_param"]) == OPTIMIZERS[r["optimizer"]].bytes_per_param(4, 4)
+        gbps = float(r["achieved_gbps"])
+        expected = int(r["bytes_per_param"]) * int(r["numel"]) / (med * 1e-3) / 1e9
+        assert gbps == pytest.approx(expected, rel=1e-2)
+        assert float(r["pct_of_floor"]) == pytest.approx(100 * gbps / float(r["copy_gbps"]), rel=2e-2)
+        assert float(r["vs_adamw_fused"]) > 0
+    kcols, krows = _read(next(tmp_path.glob("*-cpu-kernels.csv")))
+    assert kcols == KERNEL_COLUMNS
+    kinds = {(r["kind"], r["kernel"], r["impl"]) for r in krows}
+    assert {("reduce", "absmax", "torch._foreach_norm"), ("update", "lion", "foreach"),
+            ("update", "adamw", "torch-fused")} <= kinds
+    for png in ("*-cpu.png", "*-cpu-kernels.png"):
+        path = next(tmp_path.glob(png))
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
+    meta = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
+    assert meta["copy_gbps_before"] > 0 and meta["threads"] == "1"
+    assert "| optimizer | impl |" in proc.stdout
+    for peer in PEERS:  # every peer is either timed or skipped with a note saying why
+        if "cpu" not in peer.devices:
+            continue
+        timed = (peer.optimizer, peer.impl) in {(r["optimizer"], r["impl"]) for r in rows}
+        assert timed or any(n.startswith(f"{peer.optimizer}/{peer.impl}: skipped") for n in meta["notes"]), peer
+
+
+def test_missing_peers_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
+    """A peer that is not installed is a note in the output, never a crash."""
+    real = importlib.util.find_spec
+    hidden = {"pytorch_optimizer", "lion_pytorch", "timm", "optimi"}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, **k: None if name.split(".")[0] in hidden else real(name, *a, **k))
+    from bench.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--sets", "many-small-tiny", "--optimizers", "lion,adan", "--no-kernels", "--reps", "2",
+                   "--no-plot", "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "lion/pytorch_optimizer: skipped, not installed (pip install pytorch_optimizer)" in out
+    assert "adan/timm: skipped, not installed (pip install timm)" in out
+    _, rows = _read(next(tmp_path.glob("*.csv")))
+    assert {r["source"] for r in rows} == {"fused_optim", "torch"}
+    assert {(r["optimizer"], r["impl"]) for r in rows} >= {("lion", "foreach"), ("adan", "forloop")}
+
+
+def test_impls_are_discovered_from_available_impls(monkeypatch):
+    """A new impl shows up in the harness as soon as available_impls says it runs and the class has it."""
+    calls = []
+
+    def fake_native(params, grads, exp_avgs, **kw):
+        calls.append(len(params))
+        fused_optim.lion._foreach_lion(params, grads, exp_avgs, **kw)
+
+    monkeypatch.setitem(fused_optim.Lion._impls, "native", fake_native)
+    real = fused_optim.available_impls
+
+    def fake_available(device=None):
+        st = dict(real(device))
+        st["native"] = fused_optim.ImplStatus(True, "")
+        return st
+    monkeypatch.setattr(fused_optim, "available_impls", fake_available)
+    monkeypatch.setattr(fused_optim._backends, "available_impls", fake_available)
+    monkeypatch.setattr(fused_optim._backends, "native_status", lambda dt: fused_optim.ImplStatus(True, ""))
+    cands, notes = candidates_for("lion", torch.device("cpu"), impls=None, peers=["torch"], compile_step=False)
+    assert [c.impl for c in cands if c.source == "fused_optim"] == ["forloop", "foreach", "native"]
+    opt = next(c for c in cands if c.impl == "native").make(make_params(PARAM_SETS["many-small-tiny"], "cpu",
+                                                                        torch.float32))
+    opt.step()
+    assert calls == [200]
+    # Adan has no 'native' entry: it is reported, not timed
+    cands, notes = candidates_for("adan", torch.device("cpu"), impls=None, peers=["torch"], compile_step=False)
+    assert "native" not in [c.impl for c in cands]
+    assert any(n.startswith("adan/native: skipped, Adan has no 'native' impl") for n in notes)
+
+
+def test_bytes_per_param_is_the_spec_floor():
+    fp32 = {name: spec.bytes_per_param(4, 4) for name, spec in OPTIMIZERS.items()}
+    assert fp32 == {"adamw": 28, "lion": 20, "gravity": 24, "adan": 44, "gradient_equilibrium": 16}
+    # bf16 params with the fused impls' fp32 state: p read+write 2+2, grad(s) 2 each, state 4+4 each
+    assert OPTIMIZERS["lion"].bytes_per_param(2, 4) == 14
+    assert OPTIMIZERS["adan"].bytes_per_param(2, 4) == 38
+    p = torch.zeros(4, dtype=torch.bfloat16)
+    p.grad = torch.ones(4, dtype=torch.bfloat16)
+    opt = fused_optim.Lion([p], impl="foreach")
+    opt.step()
+    assert bc.state_elem_size(opt, p) == 2  # references keep bf16 state: the bytes follow the real state
+
+
+def test_param_sets_have_the_shapes_users_train():
+    gpt2 = PARAM_SETS["gpt2-124m"]
+    assert gpt2.n_tensors == 148 and gpt2.numel == 124_439_808  # HF GPT-2 small
+    llama = PARAM_SETS["llama-1b"]
+    assert llama.cuda_only and 1.2e9 < llama.numel < 1.3e9
+    small = PARAM_SETS["many-small"]
+    sizes = [math.prod(s) for s in small.shapes]
+    assert small.n_tensors == 2000 and min(sizes) >= 1 and max(sizes) <= 65536 and len(set(sizes)) > 500
+    assert PARAM_SETS["huge"].numel >= 1 << 28 and PARAM_SETS["huge"].cuda_only
+    mini = PARAM_SETS["gpt2-mini"]
+    assert mini.n_tensors == 148 and not mini.cuda_only
+    ps = make_params(PARAM_SETS["gpt2-tiny"], "cpu", torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and p.grad is not None and p.grad.abs().sum() > 0 for p in ps)
+
+
+def test_stats_median_and_spread():
+    st = stats_of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (st.median_s, st.min_s, st.n) == (3.0, 1.0, 5)
+    assert st.p20_s == pytest.approx(1.8) and st.p80_s == pytest.approx(4.2)
+
+
+@pytest.mark.parametrize("peer", [p for p in PEERS if "cpu" in p.devices], ids=lambda p: f"{p.optimizer}/{p.impl}")
+def test_installed_peer_adapters_step(peer):
+    """Each peer adapter builds and steps with our hyperparameters (skipped where the peer is absent)."""
+    ok, why = bc._importable(peer.module)
+    if not ok:
+        pytest.skip(f"{peer.module}: {why}")
+    ps = make_params(PARAM_SETS["many-small-tiny"], "cpu", torch.float32)
+    before = [p.clone() for p in ps]
+    opt = peer.factory(ps, dict(OPTIMIZERS[peer.optimizer].kwargs))
+    for _ in range(2):
+        opt.step()
+    assert all(torch.isfinite(p).all() for p in ps)
+    assert any(not torch.equal(a, b) for a, b in zip(before, ps))
