@@ -306,6 +306,7 @@ def _compile_for_sm90(kernel, types: dict, consts: dict, num_warps: int = 4) -> 
 
     k = multi_tensor.kernel_for(kernel, torch.device("cuda"))
     sig = {n: ("constexpr" if n in consts else types[n]) for n in k.arg_names}
+    consts = {(k.arg_names.index(n),): v for n, v in consts.items()}  # index keys: every triton 3.x
     return triton.compile(ASTSource(k, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps}).asm["ptx"]
 

@@ -61,14 +61,17 @@ def _partials_kernel(
     count = tl.minimum(span, numel - start)
     n_full = count // RBLOCK
     acc = tl.full([RBLOCK], 0.0, tl.float32)
-    # full blocks unmasked (vector loads), then the slot's tail, if any, masked
-    for k in range(n_full):
+    # full blocks unmasked (vector loads), then the slot's tail, if any, masked. A while loop: triton
+    # 3.6's interpreter cannot take a loaded scalar as a range() bound.
+    k = 0
+    while k < n_full:
         offs = start + k * RBLOCK + tl.arange(0, RBLOCK)
         x = _summand(g_addr, p_addr, offs, offs < numel, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED, False)
         if OP == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
         else:
             acc += x
+        k += 1
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
     if n_full * RBLOCK < count:
         x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND,
