@@ -121,7 +121,7 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     prep = prepare(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
     if prep is None:
         return
-    table = get_table(prep.static, prep.grads, BLOCK)
+    table = get_table(prep, BLOCK)
     kernel = kernel_for(_adan_kernel, table.device)
     lr = float(lr)
     if isinstance(clip, Tensor):

@@ -78,7 +78,7 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     prep = prepare(params, grads, [])
     if prep is None:
         return
-    table = get_table(prep.static, prep.grads, BLOCK)
+    table = get_table(prep, BLOCK)
     decay = weight_decay != 0
     launch_partials(table, OP_SUM, prep.p_kind, negate=maximize, add_param=decay, coeff=weight_decay)
     kernel = kernel_for(_gradient_equilibrium_kernel, table.device)

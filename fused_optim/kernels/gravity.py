@@ -87,7 +87,7 @@ def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
     prep = prepare(params, grads, [vs])
     if prep is None:
         return
-    table = get_table(prep.static, prep.grads, BLOCK)
+    table = get_table(prep, BLOCK)
     launch_partials(table, OP_ABSMAX, prep.p_kind)
     kernel = kernel_for(_gravity_kernel, table.device)
     with device_guard(table.device):

@@ -81,7 +81,7 @@ def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     prep = prepare(params, grads, [exp_avgs])
     if prep is None:
         return
-    table = get_table(prep.static, prep.grads, BLOCK)
+    table = get_table(prep, BLOCK)
     kernel = kernel_for(_lion_kernel, table.device)
     lr = float(lr)
     with device_guard(table.device):

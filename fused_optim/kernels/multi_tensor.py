@@ -270,9 +270,9 @@ class Table:
         """Every address of the launch is 16-byte aligned (the ALIGNED constexpr of the kernels)."""
         return self.static_aligned and self.grads_aligned
 
-    def set_grads(self, grads: Sequence[Tensor]) -> None:
-        """Point the grad table at this step's grads: one small async copy, and none if they did not move."""
-        key = tuple(g.data_ptr() for g in grads)
+    def set_grads(self, key: tuple[int, ...]) -> None:
+        """Point the grad table at this step's grad addresses: one small async copy, and none if they did
+        not move."""
         if key == self.grad_key:
             return
         host = torch.tensor(key, dtype=torch.int64)
@@ -299,21 +299,19 @@ def _upload(host: Tensor, device: torch.device) -> Tensor:
 _TABLES: OrderedDict[tuple, Table] = OrderedDict()
 
 
-def get_table(static: Sequence[Sequence[Tensor]], grads: Sequence[Tensor], block: int) -> Table:
-    """The cached table of ``static`` (params first, then each state list; non-empty, contiguous tensors of
-    one device) with its grad table pointed at ``grads``."""
-    device = static[0][0].device
-    key = (device, block, MAX_PARTS, RBLOCK, tuple(t.numel() for t in static[0]),
-           tuple(t.data_ptr() for lst in static for t in lst))
+def get_table(prep: Prepared, block: int) -> Table:
+    """The cached table of ``prep.static`` (params first, then each state list) with its grad table
+    pointed at ``prep.grads``."""
+    key = (block, MAX_PARTS, RBLOCK, *prep.key)
     table = _TABLES.get(key)
     if table is None:
-        table = Table(static, block, device)
+        table = Table(prep.static, block, prep.key[0])
         _TABLES[key] = table
         if len(_TABLES) > _CACHE_SIZE:
             _TABLES.popitem(last=False)
     else:
         _TABLES.move_to_end(key)
-    table.set_grads(grads)
+    table.set_grads(prep.grad_addrs)
     return table
 
 
@@ -323,13 +321,14 @@ def clear_cache() -> None:
 
 # ------------------------------------------------------------------------------------------ lists
 class Prepared:
-    """The non-empty tensors of a group, made contiguous where needed, and how to write results back."""
+    """The non-empty tensors of a group, made contiguous where needed, their addresses (the cache key),
+    and how to write results back."""
 
-    __slots__ = ("grads", "p_kind", "s_kind", "static", "writeback")
+    __slots__ = ("grad_addrs", "grads", "key", "p_kind", "s_kind", "static", "writeback")
 
-    def __init__(self, static, grads, writeback, p_kind, s_kind):
+    def __init__(self, static, grads, writeback, p_kind, s_kind, key, grad_addrs):
         self.static, self.grads, self.writeback = static, grads, writeback
-        self.p_kind, self.s_kind = p_kind, s_kind
+        self.p_kind, self.s_kind, self.key, self.grad_addrs = p_kind, s_kind, key, grad_addrs
 
     def finish(self) -> None:
         """Copy results of non-contiguous tensors back to their original storage."""
@@ -337,31 +336,50 @@ class Prepared:
             dst.copy_(src)
 
 
+def _contiguous(col: list[Tensor], writeback: list | None) -> list[Tensor]:
+    """``col`` itself when all contiguous (the usual case, one check per tensor), else with contiguous
+    stand-ins, recorded in ``writeback`` when results must be copied back."""
+    if all(t.is_contiguous() for t in col):
+        return col
+    out = []
+    for t in col:
+        if not t.is_contiguous():
+            c = t.contiguous()
+            if writeback is not None:
+                writeback.append((t, c))
+            t = c
+        out.append(t)
+    return out
+
+
 def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
             states: Sequence[Sequence[Tensor]]) -> Prepared | None:
     """Drop zero-size tensors; give non-contiguous ones (rare: a strided view as a param) a contiguous
-    stand-in that `Prepared.finish` copies back. None when nothing is left to update."""
-    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    stand-in that `Prepared.finish` copies back. None when nothing is left to update.
+
+    This runs every step on the host, so it touches each tensor as few times as it can (~0.3 µs per
+    tensor attribute read): numel once, contiguity and address once per list.
+    """
+    numels = [p.numel() for p in params]
+    keep = [i for i, n in enumerate(numels) if n > 0]
     if not keep:
         return None
-    p_kind = dtype_kind(params[keep[0]].dtype)
-    s_dtypes = {s[i].dtype for s in states for i in keep}
+    if len(keep) != len(numels):
+        numels = [numels[i] for i in keep]
+        params = [params[i] for i in keep]
+        grads = [grads[i] for i in keep]
+        states = [[s[i] for i in keep] for s in states]
+    p_kind = dtype_kind(params[0].dtype)
+    s_dtypes = {t.dtype for s in states for t in s}
     if len(s_dtypes) > 1:
         raise TypeError("the Triton kernels need one state dtype per group, got "
                         f"{sorted(map(str, s_dtypes))}")
     s_kind = dtype_kind(s_dtypes.pop()) if s_dtypes else KIND_FP32
-    writeback = []
-    static: list[list[Tensor]] = [[] for _ in range(1 + len(states))]
-    out_grads = []
-    for i in keep:
-        for k, t in enumerate([params[i], *(s[i] for s in states)]):
-            if not t.is_contiguous():
-                c = t.contiguous()
-                writeback.append((t, c))
-                t = c
-            static[k].append(t)
-        out_grads.append(grads[i].contiguous())
-    return Prepared(static, out_grads, writeback, p_kind, s_kind)
+    writeback: list = []
+    static = [_contiguous(list(lst), writeback) for lst in (params, *states)]
+    grads = _contiguous(list(grads), None)
+    key = (params[0].device, tuple(numels), tuple(t.data_ptr() for lst in static for t in lst))
+    return Prepared(static, grads, writeback, p_kind, s_kind, key, tuple(g.data_ptr() for g in grads))
 
 
 def device_guard(device: torch.device):
