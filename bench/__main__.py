@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output directory (default {DEFAULT_OUT})")
     p.add_argument("--tag", default="", help="suffix for the output file names")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--update-readme", action="store_true",
+                   help="put this run's summary table into README.md (between its bench-table markers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list parameter sets, optimizers, impls and peers, then exit")
     p.add_argument("--convergence", action="store_true",
@@ -238,9 +240,20 @@ def main(argv: list[str] | None = None) -> int:
         report.write_csv(path, rows, report.STEP_COLUMNS)
         written.append(path)
         md = report.markdown_table(rows)
-        (args.out / f"{base}.md").write_text(f"{title}\n\n{md}")
+        summary = report.summary_table(rows)
+        (args.out / f"{base}.md").write_text(f"{title}\n\n{summary}\n\n{md}")
         written.append(args.out / f"{base}.md")
         print(md)
+        print(summary + "\n")
+        if args.update_readme:
+            readme = Path(__file__).resolve().parent.parent / "README.md"
+            rel = path.relative_to(readme.parent) if path.is_relative_to(readme.parent) else path
+            block = (f"{meta['hardware']}, torch {meta['torch']}, {meta['threads']} thread(s), commit "
+                     f"{meta['commit']}, {meta['run_date'][:10]}; copy floor {copy_gbps:.1f} GB/s. "
+                     f"Time per step (median) and its ratio to AdamW(fused) in the same run; every impl, peer "
+                     f"and spread in [{rel.name}]({rel}).\n\n{summary}")
+            if not report.update_readme(readme, device.type, block):
+                notes.append(f"--update-readme: no bench-table:{device.type} markers in {readme}")
         if not args.no_plot:
             report.plot_steps(rows, args.out / f"{base}.png", title)
             written.append(args.out / f"{base}.png")

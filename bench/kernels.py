@@ -170,15 +170,17 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
         per = max(1, total // n)
         # replicas so every timed call streams from memory, not from the last-level cache
         n_rep = max(1, min(max_replicas, math.ceil(2 * cache_bytes(device) / (n * per * es * 3))))
-        # reductions: one interleaved group per op
+        # reductions: one interleaved group per op; they read only the grads, so more replicas
+        r_rep = max(1, min(max_replicas, math.ceil(2 * cache_bytes(device) / (n * per * es))))
         for op in ("absmax", "sum", "sumsq"):
-            grads_r = [[(torch.randn(per, device=device) * 1e-2).to(dtype) for _ in range(n)] for _ in range(n_rep)]
+            grads_r = [[(torch.randn(per, device=device) * 1e-2).to(dtype) for _ in range(n)] for _ in range(r_rep)]
             fns = {}
             for impl, make in red_makers.items():
                 made = [make(gs, op) for gs in grads_r]
                 if any(m is None for m in made):
                     continue
-                fns[impl] = _rot(made)
+                # torch has no multi-tensor sum: its "sum" is a per-tensor loop, labelled as such
+                fns["torch.sum loop" if (impl == "torch._foreach_norm" and op == "sum") else impl] = _rot(made)
             for impl, s in measure(fns).items():
                 add("reduce", op, impl, n, per, s, n * per * es)
             del grads_r

@@ -5,7 +5,7 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["STEP_COLUMNS", "KERNEL_COLUMNS", "META_COLUMNS", "step_rows", "write_csv", "markdown_table",
+__all__ = ["STEP_COLUMNS", "KERNEL_COLUMNS", "META_COLUMNS", "step_rows", "write_csv", "markdown_table", "summary_table", "update_readme",
            "plot_steps", "plot_kernels"]
 
 #: in every row of both CSVs: where and on what the row was measured
@@ -87,6 +87,50 @@ def markdown_table(rows: list[dict]) -> str:
                        f"{_fmt(r['pct_of_floor'], 2)} | {_fmt(r['vs_adamw_fused'])} |")
         out.append("")
     return "\n".join(out)
+
+
+def summary_table(rows: list[dict]) -> str:
+    """Per (set, dtype) and optimizer: our fastest impl, the fastest peer, both against AdamW(fused)."""
+    best: dict = {}
+    adamw: dict = {}
+    for r in rows:
+        key = (r["param_set"], r["dtype"])
+        if r["optimizer"] == "adamw":
+            if r["impl"] == "torch-fused":
+                adamw[key] = r
+            continue
+        slot = best.setdefault((key, r["optimizer"]), {})
+        side = "ours" if r["source"] == "fused_optim" else "peer"
+        if side not in slot or r["median_ms"] < slot[side]["median_ms"]:
+            slot[side] = r
+    out = ["| set | optimizer | ours: fastest impl | ms | × AdamW fused | fastest peer | ms | × AdamW fused |",
+           "|---|---|---|---|---|---|---|---|"]
+    for ((pset, dtype), opt), slot in best.items():
+        ref = adamw.get((pset, dtype))
+        cells = []
+        for side in ("ours", "peer"):
+            r = slot.get(side)
+            cells += ([r["impl"], _fmt(r["median_ms"]), _fmt(r["vs_adamw_fused"])] if r else ["—", "", ""])
+        name = f"{pset}" + ("" if dtype == "float32" else f" {dtype}")
+        out.append(f"| {name} | {opt} | " + " | ".join(cells) + " |")
+    sets = {}
+    for key, r in adamw.items():
+        sets[key] = f"{key[0]}: {_fmt(r['median_ms'])} ms"
+    if sets:
+        out.append("")
+        out.append("AdamW(fused) per step: " + "; ".join(sets.values()) + ".")
+    return "\n".join(out)
+
+
+def update_readme(readme: Path, device_type: str, text: str) -> bool:
+    """Replace the README block between `<!-- bench-table:<device>:start/end -->`; False if absent."""
+    start, end = f"<!-- bench-table:{device_type}:start -->", f"<!-- bench-table:{device_type}:end -->"
+    s = readme.read_text()
+    i, j = s.find(start), s.find(end)
+    if i < 0 or j < i:
+        return False
+    readme.write_text(s[:i + len(start)] + "\n" + text.strip() + "\n" + s[j:])
+    return True
 
 
 _COLORS = {"fused_optim": "#1f77b4", "torch": "#7f7f7f", "peer": "#ff7f0e"}
