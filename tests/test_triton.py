@@ -292,6 +292,25 @@ def test_table_is_cached_and_grad_table_refreshed():
     assert len(multi_tensor._TABLES) == 2
 
 
+def test_strided_params_do_not_evict_the_cached_table():
+    """A strided param runs in its own launch over contiguous stand-ins, so the main table stays cached
+    (a stand-in has a new address every step) and the strided one is written back."""
+    multi_tensor.clear_cache()
+    base = torch.randn(6, 20)
+    params = [torch.randn(3000), base[:, ::2], torch.randn(5)]
+    m = [torch.zeros(3000), torch.zeros(6, 10), torch.zeros(5)]
+    ref_p, ref_m = [p.clone() for p in params], [x.clone() for x in m]
+    kw = dict(lr=0.1, beta1=0.9, beta2=0.99, weight_decay=0.0, maximize=False)
+    for step in (1, 2):
+        grads = [torch.randn_like(p) for p in params]
+        _triton_lion(params, grads, m, **kw)
+        _forloop_lion(ref_p, grads, ref_m, **kw)
+        assert len(multi_tensor._TABLES) == 1
+        _assert_close_steps(params, ref_p, step, "param")
+    single = multi_tensor.prepare(params, grads, [m])
+    assert len(single.static[0]) == 3 and len(single.writeback) == 1 and not single.cacheable
+
+
 def test_int64_offsets_in_chunk_math():
     """The chunk table holds chunk indices, offsets are int64 products: no int32 overflow for >2^31."""
     t = multi_tensor.Table([[torch.empty(5000)]], 2048, torch.device("cpu"))

@@ -22,7 +22,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    prepare,
+    prepare_launches,
 )
 
 BLOCK = 1024
@@ -118,26 +118,24 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
                  clip: float | Tensor, maximize: bool) -> None:
     """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor."""
-    prep = prepare(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
-    if prep is None:
-        return
-    table = get_table(prep, BLOCK)
-    kernel = kernel_for(_adan_kernel, table.device)
     lr = float(lr)
-    if isinstance(clip, Tensor):
-        clip_mode, clip_value = CLIP_TENSOR, 1.0
-        clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
-    else:
-        clip_mode = CLIP_NONE if clip == 1.0 else CLIP_VALUE
-        clip_value, clip_tensor = float(clip), table.partials  # any fp32 pointer; never read
-    decay = 1 - lr * weight_decay if no_prox else 1 + lr * weight_decay
-    with device_guard(table.device):
-        kernel[(table.n_chunks,)](
-            table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
-            float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
-            float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
-            -lr * beta2 / bias_correction2, decay,
-            MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
-            P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-            num_warps=4)
-    prep.finish()
+    for prep in prepare_launches(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads]):
+        table = get_table(prep, BLOCK)
+        kernel = kernel_for(_adan_kernel, table.device)
+        if isinstance(clip, Tensor):
+            clip_mode, clip_value = CLIP_TENSOR, 1.0
+            clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
+        else:
+            clip_mode = CLIP_NONE if clip == 1.0 else CLIP_VALUE
+            clip_value, clip_tensor = float(clip), table.partials  # any fp32 pointer; never read
+        decay = 1 - lr * weight_decay if no_prox else 1 + lr * weight_decay
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](
+                table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
+                float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
+                float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
+                -lr * beta2 / bias_correction2, decay,
+                MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
+                P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                num_warps=4)
+        prep.finish()

@@ -20,7 +20,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    prepare,
+    prepare_launches,
 )
 from .reduce import OP_SUM, launch_partials
 
@@ -75,17 +75,15 @@ def _gradient_equilibrium_kernel(
 def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
                                  maximize: bool) -> None:
     """GradientEquilibrium over a (device, dtype) group: reduce, then update; zero-size tensors skipped."""
-    prep = prepare(params, grads, [])
-    if prep is None:
-        return
-    table = get_table(prep, BLOCK)
-    decay = weight_decay != 0
-    launch_partials(table, OP_SUM, prep.p_kind, negate=maximize, add_param=decay, coeff=weight_decay)
-    kernel = kernel_for(_gradient_equilibrium_kernel, table.device)
-    with device_guard(table.device):
-        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
-                                  float(weight_decay), MAXIMIZE=bool(maximize), DECAY=decay,
-                                  P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                  MAX_PARTS=table.max_parts,
-                                  num_warps=4)
-    prep.finish()
+    for prep in prepare_launches(params, grads, []):
+        table = get_table(prep, BLOCK)
+        decay = weight_decay != 0
+        launch_partials(table, OP_SUM, prep.p_kind, negate=maximize, add_param=decay, coeff=weight_decay)
+        kernel = kernel_for(_gradient_equilibrium_kernel, table.device)
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
+                                      float(weight_decay), MAXIMIZE=bool(maximize), DECAY=decay,
+                                      P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                      MAX_PARTS=table.max_parts,
+                                      num_warps=4)
+        prep.finish()

@@ -22,7 +22,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    prepare,
+    prepare_launches,
 )
 from .reduce import OP_ABSMAX, launch_partials
 
@@ -84,16 +84,13 @@ def _gravity_kernel(
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
                     beta_hat: float, maximize: bool) -> None:
     """Gravity over a (device, dtype) group: reduce, then update; zero-size tensors are skipped."""
-    prep = prepare(params, grads, [vs])
-    if prep is None:
-        return
-    table = get_table(prep, BLOCK)
-    launch_partials(table, OP_ABSMAX, prep.p_kind)
-    kernel = kernel_for(_gravity_kernel, table.device)
-    with device_guard(table.device):
-        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
-                                  float(beta_hat), 1 - beta_hat, MAXIMIZE=bool(maximize), P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                  MAX_PARTS=table.max_parts,
-                                  num_warps=4)
-    prep.finish()
+    for prep in prepare_launches(params, grads, [vs]):
+        table = get_table(prep, BLOCK)
+        launch_partials(table, OP_ABSMAX, prep.p_kind)
+        kernel = kernel_for(_gravity_kernel, table.device)
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
+                                      float(beta_hat), 1 - beta_hat, MAXIMIZE=bool(maximize),
+                                      P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned,
+                                      ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts, num_warps=4)
+        prep.finish()

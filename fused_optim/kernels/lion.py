@@ -17,7 +17,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    prepare,
+    prepare_launches,
 )
 
 BLOCK = 2048
@@ -77,17 +77,16 @@ def _lion_kernel(
 
 def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
                  beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
-    """Lion over a (device, dtype) group in one launch; zero-size tensors are skipped."""
-    prep = prepare(params, grads, [exp_avgs])
-    if prep is None:
-        return
-    table = get_table(prep, BLOCK)
-    kernel = kernel_for(_lion_kernel, table.device)
+    """Lion over a (device, dtype) group in one launch (a second one only for strided params, see
+    `prepare_launches`); zero-size tensors are skipped."""
     lr = float(lr)
-    with device_guard(table.device):
-        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
-                                  float(beta1), 1 - beta1, float(beta2), 1 - beta2,
-                                  MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                  num_warps=4)
-    prep.finish()
+    for prep in prepare_launches(params, grads, [exp_avgs]):
+        table = get_table(prep, BLOCK)
+        kernel = kernel_for(_lion_kernel, table.device)
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
+                                      float(beta1), 1 - beta1, float(beta2), 1 - beta2,
+                                      MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
+                                      S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                      num_warps=4)
+        prep.finish()
