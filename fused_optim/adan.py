@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
+from .distributed import all_reduce_sum_, local
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Adan"]
@@ -155,8 +156,8 @@ class Adan(FusedOptimizer):
         if self.impl_for(device) == "forloop":
             total = torch.zeros(1, device=device)
             for g in grads:
-                total.add_(_real_flat(g).pow(2).sum().to(device))
-            norm = torch.sqrt(total)
+                total.add_(_real_flat(local(g)).pow(2).sum().to(device))
+            norm = torch.sqrt(all_reduce_sum_(total, grads))  # FSDP2: sum of the shards' partial sums
             return torch.clamp(torch.tensor(max_grad_norm, device=device) / (norm + eps), max=1.0).item()
         return self._device_clip(grads, max_grad_norm, eps)
 
@@ -164,10 +165,10 @@ class Adan(FusedOptimizer):
         device = grads[0].device
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in grads:
-            by_device.setdefault(g.device, []).append(_real_flat(g))
+            by_device.setdefault(g.device, []).append(_real_flat(local(g)))
         sq = [torch.stack(torch._foreach_norm(gs, 2)).float().square().sum().to(device)
               for gs in by_device.values()]
-        norm = torch.stack(sq).sum().sqrt()
+        norm = all_reduce_sum_(torch.stack(sq).sum(), grads).sqrt()  # FSDP2: one all-reduce of the partials
         return torch.clamp(max_grad_norm / (norm + eps), max=1.0)
 
     def _update(self, batches) -> None:

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on the first triton step
+from .distributed import global_numels, reduce_per_tensor
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
@@ -31,19 +32,30 @@ def _forloop_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, 
 def _foreach_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float,
                                   weight_decay: float, maximize: bool) -> None:
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
-    if not keep:
-        return
     params = [params[i] for i in keep]
     grads = [grads[i] for i in keep]
-    if maximize:
+    if maximize and keep:  # foreach ops refuse an empty list (a rank with only empty shards)
         grads = torch._foreach_neg(grads)
-    if weight_decay != 0:
+    if weight_decay != 0 and keep:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
-    # torch has no foreach mean; per-tensor means are tiny kernels (one each), the update is multi-tensor
-    means = [g.mean() for g in grads]
+    numels = global_numels(keep)
+    if numels is None:
+        # torch has no foreach mean; per-tensor means are tiny kernels (one each), the update is multi-tensor
+        means = [g.mean() for g in grads]
+    else:
+        # FSDP2 shards: local sums, one all-reduce SUM for all tensors (joined even with no local
+        # elements), divided by the global sizes (fused_optim/distributed.py)
+        sums = reduce_per_tensor([g.sum(dtype=torch.float32 if g.dtype in (torch.bfloat16, torch.float16)
+                                        else g.dtype) for g in grads], keep, "sum")
+        means = [(s / n).to(g.dtype) for s, n, g in zip(sums, numels, grads)]
+    if not keep:
+        return
     eq = torch._foreach_sub(grads, means)
     torch._foreach_mul_(eq, lr)
     torch._foreach_sub_(params, eq)
+
+
+_foreach_gradient_equilibrium.shard_aware = True  # finishes its per-tensor reduction with reduce_per_tensor
 
 
 class GradientEquilibrium(FusedOptimizer):
@@ -59,6 +71,7 @@ class GradientEquilibrium(FusedOptimizer):
     """
 
     _display_name = "GradientEquilibrium"
+    _per_tensor_reduction = True
     _supports_complex = False
     _complex_reason = "the mean over a torch.view_as_real view would mix real and imaginary parts"
 

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
+from .distributed import reduce_per_tensor
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -33,6 +34,10 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
                      beta_hat: float, maximize: bool) -> None:
     """Per-tensor maxima in one `_foreach_norm(ord=inf)`, then the same op order over the lists."""
     keep = [i for i, p in enumerate(params) if p.numel() > 0]  # _foreach_norm(inf) raises on empty
+    maxima = torch._foreach_norm([grads[i] for i in keep], ord=float("inf")) if keep else []
+    # On FSDP2 shards: one all-reduce MAX for all tensors, joined even with no local elements
+    # (fused_optim/distributed.py); without DTensors this returns `maxima` unchanged.
+    maxima = reduce_per_tensor(maxima, keep, "max")
     if not keep:
         return
     params = [params[i] for i in keep]
@@ -40,7 +45,7 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
     vs = [vs[i] for i in keep]
     if maximize:
         grads = torch._foreach_neg(grads)
-    m = torch._foreach_reciprocal(torch._foreach_norm(grads, ord=float("inf")))
+    m = torch._foreach_reciprocal(maxima)
     r = torch._foreach_div(grads, m)
     torch._foreach_pow_(r, 2)
     torch._foreach_add_(r, 1)
@@ -49,6 +54,9 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
     torch._foreach_mul_(vs, beta_hat)
     torch._foreach_add_(vs, zeta)
     torch._foreach_add_(params, torch._foreach_mul(vs, lr), alpha=-1)
+
+
+_foreach_gravity.shard_aware = True  # finishes its per-tensor reduction with reduce_per_tensor
 
 
 class Gravity(FusedOptimizer):
@@ -68,6 +76,7 @@ class Gravity(FusedOptimizer):
     """
 
     _display_name = "Gravity"
+    _per_tensor_reduction = True
     _group_counters = ("t",)  # beta_hat depends on t: an AMP found_inf skip must not advance it
     _supports_complex = False
     _complex_reason = "its per-tensor max|g| and g/(1+(g/m)^2) are defined for real values only"

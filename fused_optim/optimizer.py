@@ -8,6 +8,7 @@ keyword-only signature and live next to the class, in its module.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
 from . import ops as _ops
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
 
@@ -121,6 +123,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     #: param-group keys that count steps; a found_inf skip leaves them unchanged (see "AMP" above)
     _group_counters: tuple[str, ...] = ()
+    #: the update reads a reduction over each whole tensor (Gravity's max|g|, GradientEquilibrium's mean):
+    #: on DTensor shards only impls marked ``fn.shard_aware = True`` (they finish it with
+    #: `fused_optim.distributed.reduce_per_tensor`) may run; see `_shard_impl`
+    _per_tensor_reduction = False
 
     _impls: dict[str, Callable[..., None]] = {}
     #: human name used in error messages
@@ -313,7 +319,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if grad_scale is not None and not in_kernel:
             by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
             for g in grads:
-                by_device[g.device].append(_real(g))
+                by_device[g.device].append(_real(_dist.local(g)))
             for device, gs in by_device.items():
                 # GradScaler's scales are powers of two, so dividing is exact (as in torch's fused Adam)
                 torch._foreach_div_(gs, grad_scale.to(device, non_blocking=True))
@@ -333,6 +339,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Split by (device, dtype), resolve the impl per device and run one functional step per split.
 
         Complex tensors are passed as `torch.view_as_real` views, so every impl sees real tensors.
+        DTensor (FSDP2) tensors are passed as their local shards, inside a `distributed.shard_context`
+        that lets the impl finish its per-tensor reductions over the shard group.
         """
         if not params:
             return
@@ -342,9 +350,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         for (device, _dtype), idx in splits.items():
             impl = self.impl_for(device)
             fn = self._impls[impl]
-            sub_p = [_real(params[i]) for i in idx]
-            sub_g = [_real(grads[i]) for i in idx]
-            sub_s = [[_real(s[i]) for i in idx] for s in states]
+            shard_ctx = contextlib.nullcontext()
+            if _dist.is_dtensor(params[idx[0]]):
+                impl, fn = self._shard_impl(impl, fn)
+                numels = [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx]
+                shard_ctx = _dist.shard_context(_dist.shard_groups(params[idx[0]]), device, numels)
+                device = _dist.local(params[idx[0]]).device
+            sub_p = [_real(_dist.local(params[i])) for i in idx]
+            sub_g = [_real(_dist.local(grads[i])) for i in idx]
+            sub_s = [[_real(_dist.local(s[i])) for i in idx] for s in states]
             amp = {}
             if self._amp_kwargs is not None and getattr(fn, "supports_amp", False):
                 amp = {k: None if v is None else v.to(device, non_blocking=True)
@@ -354,7 +368,19 @@ class FusedOptimizer(torch.optim.Optimizer):
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
                     and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, scalars, amp)):
                 continue
-            fn(sub_p, sub_g, *sub_s, **scalars, **amp)
+            with shard_ctx:
+                fn(sub_p, sub_g, *sub_s, **scalars, **amp)
+
+    def _shard_impl(self, impl: str, fn: Callable[..., None]) -> tuple[str, Callable[..., None]]:
+        """The impl that runs on DTensor local shards: every impl of an elementwise update; for a
+        per-tensor reduction only shard-aware ones (auto mode falls back to foreach, which is)."""
+        if not self._per_tensor_reduction or getattr(fn, "shard_aware", False):
+            return impl, fn
+        if self._impl_request is None and getattr(self._impls.get("foreach"), "shard_aware", False):
+            return "foreach", self._impls["foreach"]
+        raise RuntimeError(f"{self._display_name}: impl={impl!r} cannot run on sharded (DTensor, FSDP2) "
+                           "parameters: its per-tensor reduction would see only this rank's shard. Use "
+                           "impl='foreach' (its reduction is all-reduced over the shard group).")
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
