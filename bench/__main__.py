@@ -212,8 +212,14 @@ def main(argv: list[str] | None = None) -> int:
                 if bar is not None:
                     bar.set_postfix_str(f"{pset.name} {str(dtype).removeprefix('torch.')}")
                 mode: dict = {}
+                # auto: compile on CUDA, where a set has at most 256 tensors (2,000 take many minutes)
+                compile_here = compile_step if args.compile is not None else (compile_step and pset.n_tensors <= 256)
+                if compile_step and not compile_here:
+                    line = f"set {pset.name}: compiled steps skipped ({pset.n_tensors} tensors; --compile forces them)"
+                    if line not in notes:
+                        notes.append(line)
                 res = run_step_group(pset, dtype, device, optimizers, impls=impls, peers=peers,
-                                     compile_step=compile_step, warmup=warmup, reps=reps, seed=args.seed,
+                                     compile_step=compile_here, warmup=warmup, reps=reps, seed=args.seed,
                                      notes=notes, progress=progress, mode_out=mode,
                                      max_replicas=max_replicas)
                 modes[(pset.name, dtype)] = (mode.get("mode", ""), replicas_for(pset, dtype, device, max_replicas))

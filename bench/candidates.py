@@ -17,7 +17,7 @@ import torch
 
 import fused_optim
 
-__all__ = ["OptSpec", "OPTIMIZERS", "Candidate", "PEERS", "ours_impls", "candidates_for", "state_elem_size"]
+__all__ = ["OPTIMIZERS", "PEERS", "Candidate", "OptSpec", "candidates_for", "ours_impls", "state_elem_size"]
 
 
 @dataclass(frozen=True)
@@ -175,10 +175,10 @@ def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | N
     for peer in PEERS:
         if peer.optimizer != optimizer:
             continue
-        if peers is not None and not (peer.impl in peers or peer.module.split(".")[0] in peers
-                                      or (peer.module == "torch" and "torch" in peers)):
-            if not (peer.module == "torch" and peers is None):
-                continue
+        # torch's AdamW, the yardstick, is always timed; peers by label, module or pip name
+        if not (peers is None or peer.module == "torch" or peer.impl in peers
+                or peer.module.split(".")[0] in peers or peer.pip.split(" ")[0] in peers):
+            continue
         if device.type not in peer.devices:
             notes.append(f"{optimizer}/{peer.impl}: skipped, runs on {'/'.join(peer.devices)} only")
             continue

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_metadata", "cache_bytes", "available_memory_bytes", "device_slug"]
+__all__ = ["available_memory_bytes", "cache_bytes", "device_slug", "run_metadata"]
 
 _REPO = Path(__file__).resolve().parent.parent
 
@@ -31,12 +31,12 @@ def _cpu_name() -> str:
 def _git_commit() -> str:
     try:
         out = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                             text=True, timeout=10)
+                             text=True, timeout=10, check=False)
         commit = out.stdout.strip()
         if not commit:
             return "unknown"
         dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+                               capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return commit + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -46,14 +46,14 @@ def _triton_version() -> str:
     try:
         import importlib.metadata as md
         return md.version("triton")
-    except Exception:  # not installed: the column says so instead of failing the run
+    except Exception:  # noqa: BLE001 - not installed: the column says so instead of failing the run
         return "not installed"
 
 
 def _nvidia_driver() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+                             capture_output=True, text=True, timeout=20, check=False)
         return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
     except (OSError, subprocess.SubprocessError, IndexError):
         return "unknown"

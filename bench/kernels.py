@@ -23,9 +23,9 @@ from fused_optim import registry
 
 from .candidates import OPTIMIZERS, ours_impls
 from .env import cache_bytes
-from .timing import stats_of, time_interleaved, time_one
+from .timing import rotating, stats_of, time_interleaved, time_one
 
-__all__ = ["KERNEL_GRIDS", "run_kernels", "reduction_impls", "update_impls"]
+__all__ = ["KERNEL_GRIDS", "reduction_impls", "run_kernels", "update_impls"]
 
 #: (total elements, tensor counts) per mode
 KERNEL_GRIDS = {
@@ -113,12 +113,17 @@ def reduction_impls(device: torch.device, wanted: list[str] | None) -> tuple[dic
             from fused_optim.kernels.multi_tensor import get_table, prepare
 
             def triton_make(grads, op):
+                """The partials kernel alone, as the Triton Gravity/GE launchers call it (internal API:
+                any change there makes this a note, not a crash)."""
                 if op == "sumsq":
                     return None  # the Triton tables reduce |g| and sums; Adan's norm goes through per_tensor_reduce
-                prep = prepare(grads, grads, [])
-                table = get_table(prep.static, prep.grads, 1024)
                 code = kr.OP_ABSMAX if op == "absmax" else kr.OP_SUM
-                return lambda: kr.launch_partials(table, code, prep.p_kind)
+                launches = [(get_table(prep, 2048), prep.p_kind) for prep in prepare(grads, grads, [])]
+
+                def run():
+                    for table, kind in launches:
+                        kr.launch_partials(table, code, kind)
+                return run
             makers["triton"] = triton_make
         except Exception as exc:  # noqa: BLE001 - internal API moved: report, do not crash
             notes.append(f"reduce/triton: skipped, {type(exc).__name__}: {exc}")
@@ -176,11 +181,18 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
             grads_r = [[(torch.randn(per, device=device) * 1e-2).to(dtype) for _ in range(n)] for _ in range(r_rep)]
             fns = {}
             for impl, make in red_makers.items():
-                made = [make(gs, op) for gs in grads_r]
-                if any(m is None for m in made):
+                try:
+                    made = [make(gs, op) for gs in grads_r]
+                    if any(m is None for m in made):
+                        continue
+                    made[0]()
+                except Exception as exc:  # noqa: BLE001 - one impl failing is a note, the run goes on
+                    line = f"reduce/{impl}: failed: {type(exc).__name__}: {str(exc)[:160]}"
+                    if line not in notes:
+                        notes.append(line)
                     continue
                 # torch has no multi-tensor sum: its "sum" is a per-tensor loop, labelled as such
-                fns["torch.sum loop" if (impl == "torch._foreach_norm" and op == "sum") else impl] = _rot(made)
+                fns["torch.sum loop" if (impl == "torch._foreach_norm" and op == "sum") else impl] = rotating(made)
             for impl, s in measure(fns).items():
                 add("reduce", op, impl, n, per, s, n * per * es)
             del grads_r
@@ -201,19 +213,10 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
                 except Exception as exc:  # noqa: BLE001
                     notes.append(f"{name}/{impl} kernel: failed: {type(exc).__name__}: {str(exc)[:160]}")
                     continue
-                fns[impl] = _rot(reps_fns)
+                fns[impl] = rotating(reps_fns)
                 bpp[impl] = spec.bytes_per_param(es, torch.finfo(sdt).bits // 8)
             for impl, s in measure(fns).items():
                 add("update", name, impl, n, per, s, n * per * bpp[impl])
             if progress:
                 progress(1)
     return rows
-
-
-def _rot(fns: list[Callable]) -> Callable[[], None]:
-    i = [0]
-
-    def call():
-        fns[i[0] % len(fns)]()
-        i[0] += 1
-    return call

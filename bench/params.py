@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ParamSet", "PARAM_SETS", "default_sets", "quick_sets", "make_params"]
+__all__ = ["PARAM_SETS", "ParamSet", "default_sets", "make_params", "quick_sets"]
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def many_small_shapes(n: int, max_numel: int, seed: int = 0) -> list[tuple[int, 
     regime where per-tensor launch and Python overhead dominate the bytes."""
     g = torch.Generator().manual_seed(seed)
     logs = torch.rand(n, generator=g, dtype=torch.float64) * math.log(max_numel)
-    return [(max(1, min(max_numel, int(round(math.exp(x))))),) for x in logs.tolist()]
+    return [(max(1, min(max_numel, round(math.exp(x)))),) for x in logs.tolist()]
 
 
 PARAM_SETS: dict[str, ParamSet] = {s.name: s for s in [

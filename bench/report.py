@@ -5,8 +5,18 @@ import csv
 from collections import defaultdict
 from pathlib import Path
 
-__all__ = ["STEP_COLUMNS", "KERNEL_COLUMNS", "META_COLUMNS", "step_rows", "write_csv", "markdown_table", "summary_table", "update_readme",
-           "plot_steps", "plot_kernels"]
+__all__ = [
+    "KERNEL_COLUMNS",
+    "META_COLUMNS",
+    "STEP_COLUMNS",
+    "markdown_table",
+    "plot_kernels",
+    "plot_steps",
+    "step_rows",
+    "summary_table",
+    "update_readme",
+    "write_csv",
+]
 
 #: in every row of both CSVs: where and on what the row was measured
 META_COLUMNS = ["run_date", "device", "hardware", "driver", "torch", "cuda", "triton", "python", "commit",
@@ -45,7 +55,8 @@ def step_rows(results, meta: dict[str, str], copy_gbps: float, modes: dict) -> l
         gbps = moved / med / 1e9
         floor_s = moved / (copy_gbps * 1e9)
         adamw = ref.get((r.pset.name, r.dtype))
-        mode, n_rep = modes.get((r.pset.name, r.dtype), ("", ""))
+        mode = modes.get((r.pset.name, r.dtype), ("", ""))[0]
+        n_rep = r.replicas
         rows.append({**meta, "copy_gbps": round(copy_gbps, 2),
                      "param_set": r.pset.name, "n_tensors": r.pset.n_tensors, "numel": r.pset.numel,
                      "dtype": str(r.dtype).removeprefix("torch."), "optimizer": r.cand.optimizer,
@@ -70,9 +81,7 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
 
 def markdown_table(rows: list[dict]) -> str:
     """One table per (set, dtype): ms/step with spread, GB/s, % of copy floor, ratio to AdamW(fused)."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["param_set"], r["dtype"], r["n_tensors"], r["numel"])].append(r)
+    groups = _grouped(rows, "param_set", "dtype", "n_tensors", "numel")
     out = []
     for (pset, dtype, n, numel), rs in groups.items():
         out.append(f"**{pset}** ({n} tensors, {numel / 1e6:.1f}M params), {dtype}, "
@@ -106,7 +115,6 @@ def summary_table(rows: list[dict]) -> str:
     out = ["| set | optimizer | ours: fastest impl | ms | × AdamW fused | fastest peer | ms | × AdamW fused |",
            "|---|---|---|---|---|---|---|---|"]
     for ((pset, dtype), opt), slot in best.items():
-        ref = adamw.get((pset, dtype))
         cells = []
         for side in ("ours", "peer"):
             r = slot.get(side)
@@ -133,20 +141,30 @@ def update_readme(readme: Path, device_type: str, text: str) -> bool:
     return True
 
 
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on CI machines
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _grouped(rows: list[dict], *keys: str) -> dict[tuple, list[dict]]:
+    groups = defaultdict(list)
+    for r in rows:
+        groups[tuple(r[k] for k in keys)].append(r)
+    return groups
+
+
 _COLORS = {"fused_optim": "#1f77b4", "torch": "#7f7f7f", "peer": "#ff7f0e"}
 
 
 def plot_steps(rows: list[dict], path: Path, title: str) -> None:
     """Per (set, dtype): time per step (log) and % of the copy floor, one bar per optimizer × impl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["param_set"], r["dtype"])].append(r)
+    plt = _pyplot()
+    groups = _grouped(rows, "param_set", "dtype")
     n = max(1, len(groups))
     width = max(8.0, 0.45 * max((len(v) for v in groups.values()), default=1) * 2)
     fig, axes = plt.subplots(n, 2, figsize=(width, 3.6 * n), squeeze=False)
@@ -179,24 +197,15 @@ def plot_steps(rows: list[dict], path: Path, title: str) -> None:
 
 def plot_kernels(rows: list[dict], path: Path, title: str) -> None:
     """GB/s against tensor count (total elements fixed) for each kernel, one line per impl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["kernel"], r["dtype"])].append(r)
+    plt = _pyplot()
+    groups = _grouped(rows, "kernel", "dtype")
     n = max(1, len(groups))
     cols = min(3, n)
     nrows = (n + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.3 * nrows), squeeze=False)
     for i, ((kernel, dtype), rs) in enumerate(groups.items()):
         ax = axes[i // cols][i % cols]
-        by_impl = defaultdict(list)
-        for r in rs:
-            by_impl[r["impl"]].append(r)
-        for impl, pts in by_impl.items():
+        for (impl,), pts in _grouped(rs, "impl").items():
             pts.sort(key=lambda r: r["n_tensors"])
             ax.plot([r["n_tensors"] for r in pts], [r["achieved_gbps"] for r in pts], marker="o", label=impl)
         ax.set_xscale("log")

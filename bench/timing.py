@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stats", "stats_of", "time_interleaved", "time_one", "copy_bandwidth"]
+__all__ = ["Stats", "copy_bandwidth", "rotating", "stats_of", "time_interleaved", "time_one"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,16 @@ def _quantile(sorted_xs: list[float], q: float) -> float:
 def stats_of(samples: list[float]) -> Stats:
     xs = sorted(samples)
     return Stats(statistics.median(xs), _quantile(xs, 0.2), _quantile(xs, 0.8), xs[0], len(xs))
+
+
+def rotating(fns: list[Callable[[], object]]) -> Callable[[], None]:
+    """One call of the next fn in turn: steps over replicas of a set that would sit in cache."""
+    i = [0]
+
+    def call() -> None:
+        fns[i[0] % len(fns)]()
+        i[0] += 1
+    return call
 
 
 def _sync(device: torch.device) -> None:
