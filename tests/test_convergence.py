@@ -86,6 +86,9 @@ def test_quick_end_to_end(tmp_path):
         assert float(r["lr"]) in conv.OPTIMIZERS[r["optimizer"]].quick_grid
         assert math.isfinite(float(r["best_val_mean"]))
     assert "| optimizer | lr |" in (out / "summary.md").read_text()
+    claims = (out / "claims.md").read_text()  # one seed: the claims are tabulated but get no verdict
+    assert "no verdict (one seed)" in claims
+    assert "| **held** |" not in claims and "**did not hold**" not in claims
     for png in ["convergence.png"] + [f"{t.name}.png" for t in cpu_tasks]:
         data = (out / png).read_bytes()
         assert data[:8] == PNG_MAGIC and len(data) > 10_000, png
