@@ -148,14 +148,44 @@ class _WrappedOptimizer(torch.optim.Optimizer):
     def _param_list(self) -> list[Tensor]:
         return [p for g in self.param_groups for p in g["params"]]
 
-    def _inner_state_dict(self) -> dict[str, Any]:
-        return self._inner.state_dict()
+    def _pack_extra(self, per_param: dict[Tensor, dict[str, Tensor]], per_group: dict[str, Any]) -> dict[str, Any]:
+        """The inner optimizer's state_dict with the wrapper's tensors added to each param's entry and its
+        scalars to each group (copies of the inner dicts: torch's state_dict shares the live ones)."""
+        sd = self._inner.state_dict()
+        ids = {p: i for i, p in enumerate(self._param_list())}
+        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
+        state = dict(sd["state"])
+        for p, extra in per_param.items():
+            if p in ids:
+                pid = saved_ids[ids[p]]
+                state[pid] = {**state.get(pid, {}), **extra}
+        return {"state": state, "param_groups": [{**g, **per_group} for g in sd["param_groups"]]}
 
-    def _load_inner(self, state_dict: dict[str, Any]) -> list[Tensor]:
-        """Load the inner part; return the current params in the saved ids' order (torch's rule:
-        ids are positions in the groups' param lists, group after group)."""
-        self._inner.load_state_dict({"state": state_dict["state"], "param_groups": state_dict["param_groups"]})
-        return self._param_list()
+    def _load_with_extra(self, state_dict: dict[str, Any], param_keys: tuple[str, ...],
+                         group_keys: tuple[str, ...]) -> tuple[dict[Tensor, dict[str, Tensor]], dict[str, Any]]:
+        """Load the inner optimizer from `state_dict` minus the wrapper's keys; return those keys per
+        current param (copied onto the param's device and dtype: two live optimizers must never share
+        a buffer) and the first group's wrapper scalars. torch's rule maps saved ids to params: ids are
+        positions in the groups' param lists, group after group."""
+        inner_state, extra = {}, {}
+        for pid, st in state_dict["state"].items():
+            st = dict(st)
+            found = {k: st.pop(k) for k in param_keys if k in st}
+            if found:
+                extra[pid] = found
+            if st:
+                inner_state[pid] = st
+        groups = [{k: v for k, v in g.items() if k not in group_keys} for g in state_dict["param_groups"]]
+        group_extra = {k: v for k, v in state_dict["param_groups"][0].items() if k in group_keys} \
+            if state_dict["param_groups"] else {}
+        self._inner.load_state_dict({"state": inner_state, "param_groups": groups})
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        by_id = dict(zip(saved_ids, self._param_list()))
+        out = {}
+        for pid, found in extra.items():
+            p = by_id[pid]
+            out[p] = {k: v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in found.items()}
+        return out, group_extra
 
 
 class Lookahead(_WrappedOptimizer):
@@ -170,9 +200,10 @@ class Lookahead(_WrappedOptimizer):
             (its fused impls use the multi-tensor ``foreach`` form until a fused kernel is registered).
 
     ``step(closure)`` passes the closure to the inner optimizer and returns its loss. ``state_dict()``
-    is the inner optimizer's (``state``, ``param_groups``, so it also loads into the bare inner
-    optimizer) plus ``"lookahead"``: ``k``, ``alpha``, the step counter and every slow weight; a round
-    trip resumes bit-exactly.
+    is the inner optimizer's in torch's layout, with each param's slow weight (``lookahead_slow``) in its
+    state entry and ``lookahead_k``, ``lookahead_alpha``, ``lookahead_step`` in every group, so it
+    survives torch.distributed.checkpoint's helpers; a round trip resumes bit-exactly. A checkpoint of
+    the bare inner optimizer also loads (the slow weights are then captured at the next step).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, k: int = 5, alpha: float = 0.5, *,
@@ -231,30 +262,30 @@ class Lookahead(_WrappedOptimizer):
         lookahead_sync(params, [self._slow[p] for p in params], alpha=self.alpha, impl_for=self._impl_for)
 
     def state_dict(self) -> dict[str, Any]:
-        sd = self._inner_state_dict()
-        ids = {p: i for i, p in enumerate(self._param_list())}
-        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
-        slow = {saved_ids[ids[p]]: s for p, s in self._slow.items() if p in ids}
-        return {**sd, "lookahead": {"k": self.k, "alpha": self.alpha, "step": self.lookahead_step,
-                                    "slow": slow}}
+        """torch's layout, so torch.distributed.checkpoint's helpers (which keep only ``state`` and
+        ``param_groups``) carry everything: each param's inner state plus ``lookahead_slow``; each group
+        plus ``lookahead_k``, ``lookahead_alpha`` and ``lookahead_step`` (one counter, repeated)."""
+        return self._pack_extra({p: {"lookahead_slow": s} for p, s in self._slow.items()},
+                                {"lookahead_k": self.k, "lookahead_alpha": self.alpha,
+                                 "lookahead_step": self.lookahead_step})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        params = self._load_inner(state_dict)
-        la = state_dict.get("lookahead")
-        if la is None:  # a checkpoint of the bare inner optimizer: slow weights start at the next step
-            self._slow = {}
+        extra, group_extra = self._load_with_extra(state_dict, ("lookahead_slow",), _GROUP_KEYS)
+        if "lookahead_step" not in group_extra:  # the bare inner optimizer's checkpoint: slow weights
+            self._slow = {}                      # are captured again at the next step
             self.lookahead_step = 0
             return
-        _check_k(la["k"])
-        self.k, self.alpha, self.lookahead_step = int(la["k"]), float(la["alpha"]), int(la["step"])
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        by_id = dict(zip(saved_ids, params))
-        # copies, never views of the loaded dict: two live optimizers must not share a buffer
-        self._slow = {by_id[pid]: s.to(device=by_id[pid].device, dtype=by_id[pid].dtype, copy=True)
-                      for pid, s in la["slow"].items()}
+        _check_k(group_extra["lookahead_k"])
+        self.k = int(group_extra["lookahead_k"])
+        self.alpha = float(group_extra["lookahead_alpha"])
+        self.lookahead_step = int(group_extra["lookahead_step"])
+        self._slow = {p: e["lookahead_slow"] for p, e in extra.items()}
 
     def __repr__(self) -> str:
         return f"Lookahead(k={self.k}, alpha={self.alpha}, optimizer={self._inner!r})"
+
+
+_GROUP_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
 
 
 def _check_k(k: Any) -> None:

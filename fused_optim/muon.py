@@ -249,6 +249,9 @@ class Muon(FusedOptimizer):
                 param_group.setdefault(key, value)
         else:
             params = param_group["params"]
+            if isinstance(params, set):  # torch's rule and message, before a set is listed
+                raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                                "ordering of tensors in sets will change between runs. Please use a list instead.")
             params = [params] if isinstance(params, Tensor) else list(params)
             for p in params:
                 if isinstance(p, Tensor) and p.ndim < 2:

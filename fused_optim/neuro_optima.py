@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .lookahead import _check_k, _mul_operand, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
-from .sam import _has_grads, sam_first_step, sam_second_step
+from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
 
@@ -82,6 +82,17 @@ def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     torch._foreach_copy_(prev_grads, grads)
 
 
+def _triton_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
+                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                         maximize: bool) -> None:
+    """One Triton launch (fused_optim/kernels/neuro_optima.py); triton is imported on the first call."""
+    from .kernels.neuro_optima import _triton_neuro_optima as fn
+
+    fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+       weight_decay=weight_decay, maximize=maximize)
+
+
 class NeuroOptima(FusedOptimizer):
     r"""SAM → Adan-momentum/Lion-sign core → Lookahead, with the seed's constructor.
 
@@ -104,7 +115,8 @@ class NeuroOptima(FusedOptimizer):
     closure is required: ``step`` calls it at ``p`` (unless the params already have grads, which are
     then used), perturbs ``p`` along the global gradient direction by ``sam_rho``, calls it again, restores
     ``p`` exactly, applies the core update with the sharpness-aware grads, and sets the grads to None.
-    Returns the loss at ``p`` (None if ``step`` did not compute it).
+    Returns the loss at ``p`` (None if ``step`` did not compute it). ``step()`` without a closure at
+    lr=0 in every group (how torch.distributed.checkpoint materialises state) runs the core alone.
 
     State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``prev_grad`` and Lookahead's ``slow_param``
     per param (captured before its first core update); ``step`` per group. All of it is in
@@ -112,6 +124,10 @@ class NeuroOptima(FusedOptimizer):
     """
 
     _display_name = "NeuroOptima"
+    # GradScaler cannot drive a closure-based step (it refuses closures), and the SAM evaluation needs
+    # one: let the scaler unscale and check the grads itself (the sam_rho=0 path) instead of handing
+    # grad_scale/found_inf to a step that would have to apply them twice.
+    _step_supports_amp_scaling = False
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
@@ -135,6 +151,8 @@ class NeuroOptima(FusedOptimizer):
     def step(self, closure: Callable[[], Any] | None = None):
         """One SAM + core + (every k-th step) Lookahead step; see the class docstring."""
         sam = any(float(g["sam_rho"]) > 0 for g in self.param_groups)
+        if closure is None and _all_lr_zero(self.param_groups):
+            sam = False  # a state-initialising call at lr=0 (torch.distributed.checkpoint): see SAM.step
         loss = None
         if sam:
             if closure is None:
@@ -182,4 +200,4 @@ class NeuroOptima(FusedOptimizer):
             lookahead_sync(synced, [self.state[p]["slow_param"] for p in synced],
                            alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for)
 
-    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima}
+    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima}

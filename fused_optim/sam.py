@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
-from .optimizer import _check_range
+from .optimizer import FusedOptimizer, _check_range
 
 __all__ = ["SAM"]
 
@@ -136,6 +136,10 @@ def sam_second_step(saved: list[_Saved]) -> None:
         _impls[impl].restore([_real(p) for p in params], [_real(o) for o in old_params])
 
 
+def _all_lr_zero(groups: list[dict]) -> bool:
+    return all("lr" in g and float(g["lr"]) == 0 for g in groups)
+
+
 def _has_grads(groups: list[dict]) -> bool:
     return any(p.grad is not None for g in groups for p in g["params"])
 
@@ -158,10 +162,11 @@ class SAM(_WrappedOptimizer):
     closure; if they have (the caller ran forward/backward, davda54's contract) those grads are used.
     Returns the loss at the unperturbed point when ``step`` computed it, else None (the caller has it).
     The grads are set to None at the end, so a later ``step(closure)`` never mistakes the perturbed
-    gradients for fresh ones. ``first_step()`` / ``second_step()`` are davda54's two halves.
+    gradients for fresh ones. Without a closure ``step`` raises, except at lr=0 in every group (how
+    torch.distributed.checkpoint materialises state): then it is the base step alone. ``first_step()`` / ``second_step()`` are davda54's two halves.
 
     ``param_groups`` and ``state`` are the base optimizer's. ``state_dict()`` is the base optimizer's
-    plus ``"sam"``: the saved params when taken between ``first_step`` and ``second_step``.
+    (plus each param's ``sam_old_param`` when taken between ``first_step`` and ``second_step``).
     The perturbation and restore follow the base optimizer's impl (``forloop`` for our forloop and
     torch's ``foreach=False``, the multi-tensor form otherwise).
     """
@@ -203,11 +208,35 @@ class SAM(_WrappedOptimizer):
     def _impl_for(self, device: torch.device) -> str:
         return _impl_of(self._inner, device, _impls, None)
 
+    def _check_before_perturbing(self) -> None:
+        """Everything that could refuse the step, checked before any param moves: SAM's own group
+        values (they may have been edited into the groups), and the grads as the base optimizer will
+        see them (ours: its own collection, which also re-validates its hyperparameters)."""
+        for group in self.param_groups:
+            _check_range("rho", group["rho"], lo=0.0, label="SAM rho")
+            if not isinstance(group["adaptive"], bool):
+                raise TypeError(f"SAM adaptive must be a bool, got {group['adaptive']!r}")
+        if isinstance(self._inner, FusedOptimizer):
+            for group in self.param_groups:
+                self._inner._collect(group)
+            return
+        for group in self.param_groups:
+            for p in group["params"]:
+                g = p.grad
+                if g is None:
+                    continue
+                if g.is_sparse or g.layout != torch.strided:
+                    raise RuntimeError("SAM does not support sparse gradients (its perturbation is dense)")
+                if g.shape != p.shape or g.dtype != p.dtype or g.device != p.device:
+                    raise RuntimeError(f"SAM: a gradient ({tuple(g.shape)}, {g.dtype}, {g.device}) does not match "
+                                       f"its parameter ({tuple(p.shape)}, {p.dtype}, {p.device})")
+
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to the sharpness-aware point ``p + e(p)`` (and remember ``p``)."""
         if self._saved:
             raise RuntimeError("SAM.first_step() called twice without second_step() in between")
+        self._check_before_perturbing()
         self._saved = sam_first_step(self.param_groups, rho_of=lambda g: g["rho"],
                                      adaptive_of=lambda g: g["adaptive"], impl_for=self._impl_for)
         if zero_grad:
@@ -224,6 +253,11 @@ class SAM(_WrappedOptimizer):
 
     def step(self, closure: Callable[[], Any] | None = None):
         if closure is None:
+            if _all_lr_zero(self.param_groups):
+                # torch.distributed.checkpoint (and loaders like it) materialise an empty optimizer's
+                # state with step(closure=None) at lr=0: nothing moves and nothing needs evaluating, so
+                # the base step alone does what is asked
+                return self._inner.step()
             raise RuntimeError("SAM requires a closure that zeroes the grads, computes the loss, calls "
                                "backward and returns the loss: optimizer.step(closure); or call "
                                "first_step() and second_step() around your own second forward/backward")
@@ -239,22 +273,14 @@ class SAM(_WrappedOptimizer):
         return loss
 
     def state_dict(self) -> dict[str, Any]:
-        sd = self._inner_state_dict()
-        ids = {p: i for i, p in enumerate(self._param_list())}
-        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
-        old = {saved_ids[ids[p]]: o for _, params, olds in self._saved for p, o in zip(params, olds)}
-        return {**sd, "sam": {"old_params": old}}
+        """The base optimizer's, in torch's layout; between ``first_step`` and ``second_step`` each
+        perturbed param's entry also holds ``sam_old_param`` (the point ``second_step`` restores)."""
+        return self._pack_extra({p: {"sam_old_param": o} for _, ps, olds in self._saved for p, o in zip(ps, olds)},
+                                {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        params = self._load_inner(state_dict)
-        self._saved = []
-        old = (state_dict.get("sam") or {}).get("old_params") or {}
-        if old:
-            saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-            by_id = dict(zip(saved_ids, params))
-            ps = [by_id[pid] for pid in old]
-            olds = [old[pid].to(device=p.device, dtype=p.dtype, copy=True) for pid, p in zip(old, ps)]
-            self._saved = [_Saved("forloop", ps, olds)]
+        extra, _ = self._load_with_extra(state_dict, ("sam_old_param",), ())
+        self._saved = [_Saved("forloop", list(extra), [e["sam_old_param"] for e in extra.values()])] if extra else []
 
     def __repr__(self) -> str:
         return f"SAM(base_optimizer={self._inner!r})"

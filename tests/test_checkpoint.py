@@ -50,16 +50,7 @@ CASES = _cases()
 
 # Gaps these tests found in code this file does not own, reported to its owner; strict, so the mark must
 # go when the gap is fixed.
-_NO_CLOSURE = ("torch.distributed.checkpoint initialises an empty optimizer with step(closure=None), "
-               "which {0} refuses ({1})")
-KNOWN_GAPS = {
-    ("dcp", "Lookahead"): ("get_optimizer_state_dict keeps only 'state' and 'param_groups': Lookahead's slow "
-                           "weights and counter live under a separate 'lookahead' key and are lost (lookahead.py)"),
-    ("dcp", "SAM"): _NO_CLOSURE.format("SAM", "sam.py"),
-    ("dcp", "NeuroOptima"): _NO_CLOSURE.format("NeuroOptima", "neuro_optima.py"),
-    ("init", "SAM"): _NO_CLOSURE.format("SAM", "sam.py"),
-    ("init", "NeuroOptima"): _NO_CLOSURE.format("NeuroOptima", "neuro_optima.py"),
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _known_gap(request, kind: str, cls_name: str) -> None:

@@ -45,11 +45,13 @@ def _neuro_optima_update(row, g_addr, offs, mask, lr, beta1, one_minus_beta1, be
     prev_grad = _load_f32(pg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
+    # torch's add(x, alpha=a) is one fused multiply-add on CPU (at::vec::fmadd) and in CUDA builds; an
+    # explicit fma gives the same rounding here
     if DECAY:
-        g = g + weight_decay * p                  # coupled L2: g.add(p, alpha=wd)
+        g = tl.fma(p, weight_decay, g)            # coupled L2: g.add(p, alpha=wd)
     d = g - prev_grad
-    exp_avg = exp_avg * beta1 + one_minus_beta1 * g
-    exp_avg_diff = exp_avg_diff * beta2 + one_minus_beta2 * d
+    exp_avg = tl.fma(g, one_minus_beta1, exp_avg * beta1)
+    exp_avg_diff = tl.fma(d, one_minus_beta2, exp_avg_diff * beta2)
     exp_avg_sq = exp_avg_sq * beta2 + (one_minus_beta2 * g) * g
     denom = tl.math.sqrt_rn(exp_avg_sq) + eps
     u = _div_rn(exp_avg + exp_avg_diff * beta2, denom)
@@ -97,16 +99,18 @@ def _triton_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: li
                          exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                          maximize: bool) -> None:
-    """NeuroOptima's core over a (device, dtype) group in one launch; zero-size tensors are skipped."""
-    prep = prepare(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads])
-    if prep is None:
-        return
-    table = get_table(prep, BLOCK)
-    kernel = kernel_for(_neuro_optima_kernel, table.device)
-    with device_guard(table.device):
-        kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(lr), float(beta1), 1 - beta1,
-                                  float(beta2), 1 - beta2, float(eps), float(weight_decay),
-                                  MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
-                                  S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                  num_warps=4)
-    prep.finish()
+    """NeuroOptima's core over a (device, dtype) group in one launch (a second one only for strided
+    tensors, see `prepare`); zero-size tensors are skipped."""
+    preps = prepare(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads])
+    # `prepare` returns the launches of the group (a list); earlier versions returned one or None
+    preps = [] if preps is None else preps if isinstance(preps, list) else [preps]
+    for prep in preps:
+        table = get_table(prep, BLOCK)
+        kernel = kernel_for(_neuro_optima_kernel, table.device)
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(lr), float(beta1),
+                                      1 - beta1, float(beta2), 1 - beta2, float(eps), float(weight_decay),
+                                      MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
+                                      S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                      num_warps=4)
+        prep.finish()
