@@ -54,9 +54,19 @@ def _nvidia_driver() -> str:
     try:
         out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20, check=False)
-        return out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "unknown"
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    try:  # no nvidia-smi (containers): the driver's CUDA API version at least, e.g. 13000 -> "CUDA 13.0 driver"
+        import ctypes
+
+        version = ctypes.c_int()
+        if ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version)) == 0:
+            return f"CUDA {version.value // 1000}.{version.value % 1000 // 10} driver"
+    except (OSError, AttributeError):
+        pass
+    return "unknown"
 
 
 def device_slug(device: torch.device) -> str:

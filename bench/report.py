@@ -208,6 +208,8 @@ def plot_kernels(rows: list[dict], path: Path, title: str) -> None:
         for (impl,), pts in _grouped(rs, "impl").items():
             pts.sort(key=lambda r: r["n_tensors"])
             ax.plot([r["n_tensors"] for r in pts], [r["achieved_gbps"] for r in pts], marker="o", label=impl)
+        if rs and rs[0].get("copy_gbps"):
+            ax.axhline(float(rs[0]["copy_gbps"]), color="k", lw=0.8, ls="--", label="copy floor")
         ax.set_xscale("log")
         ax.set_xlabel("tensors (same total elements)")
         ax.set_ylabel("GB/s")

@@ -175,3 +175,22 @@ def test_installed_peer_adapters_step(peer):
         opt.step()
     assert all(torch.isfinite(p).all() for p in ps)
     assert any(not torch.equal(a, b) for a, b in zip(before, ps))
+
+
+def test_update_readme_replaces_only_its_block(tmp_path):
+    from bench.report import update_readme
+
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench-table:cpu:start -->\nold table\n<!-- bench-table:cpu:end -->\nrest\n")
+    assert update_readme(readme, "cpu", "| new | table |")
+    assert readme.read_text() == ("intro\n<!-- bench-table:cpu:start -->\n| new | table |\n"
+                                  "<!-- bench-table:cpu:end -->\nrest\n")
+    assert not update_readme(readme, "cuda", "x")  # no markers: nothing written, the caller notes it
+
+
+def test_list_names_sets_impls_and_peers(capsys):
+    from bench.__main__ import main
+
+    assert main(["--list", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "gpt2-124m" in out and "[cuda only]" in out and "foreach" in out and "adamw/torch-fused" in out
