@@ -71,11 +71,12 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
     if compile_step:
         import torch._dynamo as dynamo
 
-        # each replica's optimizer is its own compiled frame (3 variants each: first step, second,
-        # dynamic step count); past the limit dynamo would silently run eager and time the wrong thing
+        # every compiled optimizer adds ~3 entries per frame (first step, second, dynamic step count)
+        # to the cache of the shared `step` code; past the limit dynamo would silently run eager and
+        # the row would time the wrong thing
         for knob in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit"):
             if hasattr(dynamo.config, knob):
-                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 64 * n_rep))
+                setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
     replicas = [make_params(pset, device, dtype, seed=seed + r) for r in range(n_rep)]
 
     def build(c: Candidate) -> tuple[Callable[[], None], torch.optim.Optimizer, float] | None:
@@ -107,6 +108,25 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
             compile_s = max(0.0, probe_s + warm_s - (1 + warmup) * st.median_s)
         return StepResult(pset, dtype, c, st, bpp, compile_s, 1 if c.compiled else n_rep)
 
+    failed: dict[str, Exception] = {}
+
+    def guarded(key: str, fn: Callable[[], None]) -> Callable[[], None]:
+        """A step that fails later than its probe (a peer's bug at step n) drops only that candidate."""
+        def call() -> None:
+            if key not in failed:
+                try:
+                    fn()
+                except Exception as exc:  # noqa: BLE001
+                    failed[key] = exc
+        return call
+
+    def keep(c: Candidate) -> bool:
+        if c.key in failed:
+            exc = failed[c.key]
+            notes.append(f"{c.key}: failed on {tag} while timed: {type(exc).__name__}: {str(exc)[:200]}")
+            return False
+        return True
+
     results: list[StepResult] = []
     if interleave:
         built = {}
@@ -114,18 +134,20 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
             b = build(c)
             if b is not None:
                 built[c.key] = (c, *b)
-        samples, warm = time_interleaved({k: v[1] for k, v in built.items()}, device=device,
+        samples, warm = time_interleaved({k: guarded(k, v[1]) for k, v in built.items()}, device=device,
                                          warmup=warmup, reps=reps, seed=seed,
                                          on_round=(lambda: progress(1)) if progress else None)
         for k, (c, _fn, opt, probe_s) in built.items():
-            results.append(result(c, samples[k], opt, probe_s, warm[k]))
+            if keep(c):
+                results.append(result(c, samples[k], opt, probe_s, warm[k]))
     else:
         for c in cands:
             b = build(c)
             if b is not None:
                 fn, opt, probe_s = b
-                samples, warm_s = time_one(fn, device=device, warmup=warmup, reps=reps)
-                results.append(result(c, samples, opt, probe_s, warm_s))
+                samples, warm_s = time_one(guarded(c.key, fn), device=device, warmup=warmup, reps=reps)
+                if keep(c):
+                    results.append(result(c, samples, opt, probe_s, warm_s))
                 del fn, opt, b
             if c.compiled:  # dynamo's caches hold the compiled frames and, through them, the state
                 import torch._dynamo as dynamo

@@ -194,3 +194,33 @@ def test_list_names_sets_impls_and_peers(capsys):
     assert main(["--list", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "gpt2-124m" in out and "[cuda only]" in out and "foreach" in out and "adamw/torch-fused" in out
+
+
+def test_a_candidate_failing_mid_run_is_dropped_with_a_note(monkeypatch):
+    """A peer that breaks at its 3rd step must not take the group (or the run) down with it."""
+    from bench import steps
+    from bench.candidates import Candidate
+
+    class Flaky(torch.optim.SGD):
+        calls = 0
+
+        def step(self, closure=None):
+            Flaky.calls += 1
+            if Flaky.calls == 3:
+                raise RuntimeError("boom at step 3")
+            return super().step(closure)
+
+    real = steps.candidates_for
+
+    def with_flaky(name, device, **kw):
+        cands, notes = real(name, device, **kw)
+        if name == "lion":
+            cands.append(Candidate("lion", "flaky", "peer", lambda ps: Flaky(ps, lr=1e-3)))
+        return cands, notes
+    monkeypatch.setattr(steps, "candidates_for", with_flaky)
+    notes: list[str] = []
+    res = steps.run_step_group(PARAM_SETS["many-small-tiny"], torch.float32, torch.device("cpu"), ["adamw", "lion"],
+                               impls=["foreach"], peers=["torch"], compile_step=False, warmup=1, reps=2, seed=0,
+                               notes=notes, max_replicas=1)
+    assert {r.cand.key for r in res} == {"adamw/torch-fused", "adamw/torch-foreach", "lion/foreach"}
+    assert any(n.startswith("lion/flaky: failed on many-small-tiny/float32 while timed: RuntimeError: boom") for n in notes)
