@@ -5,7 +5,6 @@ its answer is cached, so `import fused_optim` stays cheap and never fails.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -21,8 +20,18 @@ class ImplStatus(NamedTuple):
     reason: str
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON_IMPORT: list[ImplStatus] = []  # the probe's answer, once known
+
+
 def _triton_import() -> ImplStatus:
+    # A plain module-level cache rather than functools.lru_cache: Dynamo traces through lru_cache into
+    # import_module (a graph break in torch.compile(opt.step)); a filled list is a constant to it.
+    if not _TRITON_IMPORT:
+        _TRITON_IMPORT.append(_probe_triton_import())
+    return _TRITON_IMPORT[0]
+
+
+def _probe_triton_import() -> ImplStatus:
     if importlib.util.find_spec("triton") is None:
         return ImplStatus(False, "triton is not installed (pip install triton)")
     try:

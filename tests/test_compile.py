@@ -124,6 +124,18 @@ def test_compiled_foreach_step_with_inductor():
     _compare_compiled("lion", "foreach", "inductor", steps=3, exact=False)
 
 
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_compiled_triton_step_through_the_custom_op(name, monkeypatch):
+    """The Triton launchers (interpreted on CPU tensors) are opaque to Dynamo: under fullgraph compile
+    they run inside their op, equal to the eager Triton step bit for bit."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="triton" is available on CPU only then
+    if not impl_status("triton", "cpu").available:
+        pytest.skip(impl_status("triton", "cpu").reason)
+    torch._dynamo.reset()
+    _compare_compiled(name, "triton", "aot_eager", steps=4)
+
+
 @pytest.mark.skipif(not impl_status("native", "cpu").available,
                     reason="the native extension is not built here: " + impl_status("native", "cpu").reason)
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
