@@ -12,6 +12,7 @@ from torch import Tensor
 
 from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
 from .distributed import all_reduce_sum_, local
+from ._native import _native_adan
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Adan"]
@@ -202,7 +203,8 @@ class Adan(FusedOptimizer):
                        weight_decay=float(group["weight_decay"]), no_prox=bool(group["no_prox"]), clip=clip,
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan}
+    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan,
+              "native": _native_adan}
 
 
 def _real_flat(t: Tensor) -> Tensor:

@@ -10,6 +10,7 @@ from torch import Tensor
 
 from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on the first triton step
 from .distributed import global_numels, reduce_per_tensor
+from ._native import _native_gradient_equilibrium
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
@@ -90,7 +91,8 @@ class GradientEquilibrium(FusedOptimizer):
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
 
     _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium,
-              "triton": _triton_gradient_equilibrium}
+              "triton": _triton_gradient_equilibrium,
+              "native": _native_gradient_equilibrium}
 
 
 class GradientEquilibrum(GradientEquilibrium):

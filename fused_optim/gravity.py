@@ -11,6 +11,7 @@ from torch import Tensor
 
 from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
 from .distributed import reduce_per_tensor
+from ._native import _native_gravity
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -117,4 +118,5 @@ class Gravity(FusedOptimizer):
         self._dispatch(params, grads, [vs], lr=_as_float(group["lr"]), beta_hat=beta_hat,
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity, "triton": _triton_gravity}
+    _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity, "triton": _triton_gravity,
+              "native": _native_gravity}

@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _triton_lion  # lazy: triton is imported on the first triton step
+from ._native import _native_lion
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Lion"]
@@ -82,4 +83,5 @@ class Lion(FusedOptimizer):
                        beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                        maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion, "triton": _triton_lion}
+    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion, "triton": _triton_lion,
+              "native": _native_lion}

@@ -17,15 +17,31 @@ __all__ = ["OPS", "per_tensor_reduce"]
 OPS = ("absmax", "sum", "sumsq")
 
 
+_COLUMN = {"absmax": 0, "sum": 1, "sumsq": 2}
+_NATIVE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
 def _native_op():
-    """The compiled reduction op, or None while the extension is not built or lacks it."""
-    ops = getattr(torch.ops, "fused_optim", None)
-    if ops is None:
+    """The compiled reduction, or None while the extension is not loaded (this never builds it).
+
+    `torch.ops.fused_optim.multi_tensor_stats` (csrc/fused_optim.cpp) computes all three statistics
+    of every tensor in one pass (CPU: parallel over tensors and chunks; CUDA: one launch plus a small
+    cleanup) into an [n, 3] buffer; this returns the requested column as fp32."""
+    from . import _ext
+
+    if not _ext.loaded():
         return None
-    try:
-        return ops.multi_tensor_reduce
-    except (AttributeError, RuntimeError):
-        return None
+
+    def reduce(tensors: list[Tensor], op: str) -> Tensor:
+        flat = [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+        device = flat[0].device
+        if (not _ext.status(device.type).available or len({(t.device, t.dtype) for t in flat}) != 1
+                or flat[0].dtype not in _NATIVE_DTYPES):
+            return _torch_reduce(tensors, op, device)
+        stats = torch.ops.fused_optim.multi_tensor_stats(flat)
+        return stats[:, _COLUMN[op]].to(torch.float32, copy=True)
+
+    return reduce
 
 
 def per_tensor_reduce(tensors: Sequence[Tensor], op: str) -> Tensor:
@@ -36,11 +52,9 @@ def per_tensor_reduce(tensors: Sequence[Tensor], op: str) -> Tensor:
     (so Gravity's ``1/absmax`` is inf there, as for an all-zero grad). Empty list: a 0-element tensor.
     No `.item()`, no host sync; nothing is modified.
 
-    NATIVE HOOK — contract for the extension in ``csrc/``: when
-    ``torch.ops.fused_optim.multi_tensor_reduce`` is registered with the schema
-    ``multi_tensor_reduce(Tensor[] tensors, str op) -> Tensor`` and the semantics above (one launch for
-    the whole list, zero-size tensors -> 0, fp32 out of shape [n]), it is used for every call;
-    otherwise the torch fallback below runs. The fallback costs: absmax one
+    NATIVE HOOK: once the extension in ``csrc/`` is loaded, its ``multi_tensor_stats`` op (one pass
+    over the whole list, zero-size tensors -> 0) serves every call on a device it has kernels for, for
+    lists of one float dtype; otherwise the torch fallback below runs. The fallback costs: absmax one
     ``_foreach_norm(inf)`` + a stack; sumsq one ``_foreach_norm(2)`` (squared afterwards, so within a
     rounding of the exact sum of squares) + a stack; sum one kernel per tensor, since torch has no
     multi-tensor sum.

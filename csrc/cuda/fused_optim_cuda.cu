@@ -1,0 +1,364 @@
+// CUDA kernels of every fused_optim op, in one translation unit (nvcc with torch's headers is the
+// slowest part of the build: one .cu keeps a cold build near a minute per architecture).
+//
+// multi_tensor_stats: one launch of multi_tensor_apply writes a [max|x|, sum, sumsq] partial per
+// chunk, then a small cleanup launch (one block per tensor) combines each tensor's partials in
+// chunk order: deterministic, no atomics. The update ops are one multi_tensor_apply launch each,
+// with the per-element rules of csrc/math/ in fp32 (fp64 for fp64) registers. grad_scale,
+// found_inf, the Adan clip factor and the stats are read from device memory: no host sync.
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "../math/adan.h"
+#include "../math/common.h"
+#include "../math/equilibrium.h"
+#include "../math/gravity.h"
+#include "../math/lion.h"
+#include "multi_tensor_apply.cuh"
+
+namespace fused_optim {
+namespace cuda {
+namespace {
+
+// Per-row values an update reads once: the AMP scale and one optimizer-specific scalar
+// (Gravity's m, GradientEquilibrium's mean, Adan's clip).
+template <typename M>
+struct RowCtx {
+  M scale;
+  M aux;
+};
+
+template <typename M>
+__device__ inline M read_scale(const float* grad_scale) {
+  return grad_scale != nullptr ? static_cast<M>(*grad_scale) : M(1);
+}
+
+// ---- updates ---------------------------------------------------------------------------------
+
+template <typename M>
+struct LionOp {
+  static constexpr unsigned kWrites = 0b101;  // params, exp_avgs
+  math::LionCoeffs<M> c;
+  M sign;
+  bool unscale;
+  __device__ RowCtx<M> context(const TensorRow<3>&, const float* grad_scale) const {
+    return {read_scale<M>(grad_scale), M(0)};
+  }
+  __device__ void operator()(M (&v)[3], const RowCtx<M>& x) const {
+    math::lion_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], c);
+  }
+};
+
+template <typename M>
+struct GravityOp {
+  static constexpr unsigned kWrites = 0b101;  // params, vs
+  math::GravityCoeffs<M> c;
+  M sign;
+  bool unscale;
+  const M* stats;
+  __device__ RowCtx<M> context(const TensorRow<3>& row, const float* grad_scale) const {
+    return {read_scale<M>(grad_scale), math::gravity_m(stats[row.row * 3])};
+  }
+  __device__ void operator()(M (&v)[3], const RowCtx<M>& x) const {
+    math::gravity_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], x.aux, c);
+  }
+};
+
+template <typename M>
+struct AdanOp {
+  static constexpr unsigned kWrites = 0b111101;  // all but the grads
+  math::AdanCoeffs<M> c;
+  M sign;
+  bool unscale;
+  const float* clip;
+  __device__ RowCtx<M> context(const TensorRow<6>&, const float* grad_scale) const {
+    return {read_scale<M>(grad_scale), clip != nullptr ? static_cast<M>(*clip) : M(1)};
+  }
+  __device__ void operator()(M (&v)[6], const RowCtx<M>& x) const {
+    math::adan_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], v[3], v[4], v[5], x.aux, c);
+  }
+};
+
+template <typename M>
+struct EquilibriumOp {
+  static constexpr unsigned kWrites = 0b1;  // params
+  math::EquilibriumCoeffs<M> c;
+  M sign;
+  bool unscale;
+  const M* stats;
+  __device__ RowCtx<M> context(const TensorRow<2>& row, const float* grad_scale) const {
+    return {read_scale<M>(grad_scale), stats[row.row * 3 + 1] / static_cast<M>(row.numel)};
+  }
+  __device__ void operator()(M (&v)[2], const RowCtx<M>& x) const {
+    const M val = math::equilibrium_value(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), c);
+    math::equilibrium_update(v[0], val, x.aux, c);
+  }
+};
+
+// Lists 0 and 1 (params, grads) are stored as P, the rest as S.
+template <int D, typename P, typename S, typename M, typename Op>
+struct UpdateFunctor {
+  Op op;
+  const float* grad_scale;
+  __device__ void operator()(const TensorRow<D>& row, int64_t, int64_t begin, int64_t end) const {
+    elementwise<D, 2, P, S, M>(row, begin, end, op, op.context(row, grad_scale));
+  }
+};
+
+const float* opt_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+// The host side every update op shares: device guard, list checks, the table, one launch.
+template <int D, template <typename> class OpT, typename MakeOp>
+void launch_update(const char* op_name, const std::vector<at::TensorList>& lists, const std::vector<bool>& mutated,
+                   const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                   const MakeOp& make_op) {
+  PreparedLists pl = prepare_lists(op_name, lists, mutated);
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op_name, pl, 2);
+  const at::Device device = pl.lists[0][0].device();
+  TORCH_CHECK(device.is_cuda(), op_name, ": CUDA kernel called with tensors on ", device);
+  check_scalar_tensor(op_name, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op_name, "found_inf", found_inf, device);
+  c10::cuda::CUDAGuard guard(device);
+  const LaunchTable<D> table = make_table<D>(pl);
+  const auto sdt = D > 2 ? pl.lists[2][0].scalar_type() : pl.lists[0][0].scalar_type();
+  dispatch_param_state(op_name, pl.lists[0][0].scalar_type(), sdt, [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    using S = typename decltype(st)::type;
+    using M = opmath_t<P>;
+    UpdateFunctor<D, P, S, M, OpT<M>> f{make_op(M{}), opt_ptr(grad_scale)};
+    multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
+  });
+  pl.finish();
+}
+
+template <typename M>
+const M* stats_ptr(const char* op, const at::Tensor& stats, int64_t rows, const at::Device& device) {
+  check_stats(op, stats, rows, device);
+  TORCH_CHECK(stats.scalar_type() == c10::CppTypeToScalarType<M>::value, op,
+              ": stats dtype does not match the math type; pass the output of multi_tensor_stats");
+  return stats.data_ptr<M>();
+}
+
+void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
+               double beta2, double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+               const c10::optional<at::Tensor>& found_inf) {
+  launch_update<3, LionOp>("fused_optim::lion_", {params, grads, exp_avgs}, {true, false, true}, grad_scale,
+                           found_inf, [&](auto m) {
+                             using M = decltype(m);
+                             return LionOp<M>{math::LionCoeffs<M>(lr, beta1, beta2, weight_decay),
+                                              maximize ? M(-1) : M(1), grad_scale.has_value()};
+                           });
+}
+
+void gravity_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
+                  double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                  const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "fused_optim::gravity_";
+  launch_update<3, GravityOp>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf, [&](auto m) {
+    using M = decltype(m);
+    return GravityOp<M>{math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), grad_scale.has_value(),
+                        stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
+  });
+}
+
+void adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+               at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
+               double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
+               double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "fused_optim::adan_";
+  if (!params.empty()) {
+    check_scalar_tensor(op, "clip", clip, params[0].device());
+  }
+  launch_update<6, AdanOp>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads},
+                           {true, false, true, true, true, true}, grad_scale, found_inf, [&](auto m) {
+                             using M = decltype(m);
+                             return AdanOp<M>{math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1,
+                                                                  bias_correction2, bias_correction3_sqrt, eps,
+                                                                  weight_decay, no_prox),
+                                              maximize ? M(-1) : M(1), grad_scale.has_value(), opt_ptr(clip)};
+                           });
+}
+
+void gradient_equilibrium_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
+                               double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                               const c10::optional<at::Tensor>& found_inf) {
+  const char* op = "fused_optim::gradient_equilibrium_";
+  launch_update<2, EquilibriumOp>(op, {params, grads}, {true, false}, grad_scale, found_inf, [&](auto m) {
+    using M = decltype(m);
+    return EquilibriumOp<M>{math::EquilibriumCoeffs<M>(lr, weight_decay), maximize ? M(-1) : M(1),
+                            grad_scale.has_value(),
+                            stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
+  });
+}
+
+// ---- multi_tensor_stats ----------------------------------------------------------------------
+
+// Block-wide reduction of one value; every thread gets the result. `scratch` holds one slot per warp.
+// combine must have 0 as identity (sums, and maxima of non-negative values).
+template <typename T, typename F>
+__device__ inline T block_reduce(T v, T* scratch, const F& combine) {
+  for (int offset = 16; offset > 0; offset /= 2) {
+    v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, nwarps = (blockDim.x + 31) / 32;
+  __syncthreads();  // scratch may still be read by a previous call
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    v = lane < nwarps ? scratch[lane] : T(0);  // 0: the identity of + and of max over |x| >= 0
+    for (int offset = 16; offset > 0; offset /= 2) {
+      v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
+    }
+    if (lane == 0) scratch[0] = v;
+  }
+  __syncthreads();
+  return scratch[0];
+}
+
+struct MaxNan {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return math::fo_max_nan(a, b); }
+};
+struct Add {
+  template <typename T>
+  __device__ T operator()(T a, T b) const { return a + b; }
+};
+
+template <typename P, typename M>
+struct StatsFunctor {
+  M* partials;  // [nchunks, 3]
+  M sign;
+  bool has_addend;
+  M alpha;
+  const float* grad_scale;
+
+  __device__ void accumulate(M t, M a, M scale, M& amax, M& sum, M& sq) const {
+    M x = math::prepare_grad(t, sign, grad_scale != nullptr, scale);
+    if (has_addend) {
+      x = math::fo_fma(a, alpha, x);
+    }
+    amax = math::fo_max_nan(amax, math::fo_abs(x));
+    sum += x;
+    sq = math::fo_fma(x, x, sq);
+  }
+
+  __device__ void operator()(const TensorRow<2>& row, int64_t chunk, int64_t begin, int64_t end) const {
+    __shared__ M scratch[kThreads / 32];
+    const P* t = static_cast<const P*>(row.ptrs[0]);
+    const P* a = static_cast<const P*>(row.ptrs[1]);  // nullptr without addends
+    const M scale = read_scale<M>(grad_scale);
+    M amax = 0, sum = 0, sq = 0;
+    int64_t i0 = begin;
+    if (is_aligned<P>(t) && (a == nullptr || is_aligned<P>(a))) {
+      const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+           i += static_cast<int64_t>(blockDim.x) * kVec) {
+        const auto tv = *reinterpret_cast<const AlignedVec<P, kVec>*>(t + i);
+        AlignedVec<P, kVec> av{};
+        if (a != nullptr) av = *reinterpret_cast<const AlignedVec<P, kVec>*>(a + i);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          accumulate(static_cast<M>(tv.val[j]), static_cast<M>(av.val[j]), scale, amax, sum, sq);
+        }
+      }
+      i0 = vec_end;
+    }
+    for (int64_t i = i0 + threadIdx.x; i < end; i += blockDim.x) {
+      accumulate(static_cast<M>(t[i]), a != nullptr ? static_cast<M>(a[i]) : M(0), scale, amax, sum, sq);
+    }
+    amax = block_reduce(amax, scratch, MaxNan{});
+    sum = block_reduce(sum, scratch, Add{});
+    sq = block_reduce(sq, scratch, Add{});
+    if (threadIdx.x == 0) {
+      partials[chunk * 3 + 0] = amax;
+      partials[chunk * 3 + 1] = sum;
+      partials[chunk * 3 + 2] = sq;
+    }
+  }
+};
+
+// One block per non-empty tensor: its chunks' partials, in order; sums in fp64.
+template <typename M>
+__global__ void stats_cleanup_kernel(const TensorRow<2>* rows, const M* partials, M* out) {
+  __shared__ double dscratch[32];
+  __shared__ M mscratch[32];
+  const TensorRow<2>& row = rows[blockIdx.x];
+  const int64_t nch = (row.numel + kChunk - 1) / kChunk;
+  M amax = 0;
+  double sum = 0, sq = 0;
+  for (int64_t c = threadIdx.x; c < nch; c += blockDim.x) {
+    const M* p = partials + (row.chunk_begin + c) * 3;
+    amax = math::fo_max_nan(amax, p[0]);
+    sum += static_cast<double>(p[1]);
+    sq += static_cast<double>(p[2]);
+  }
+  amax = block_reduce(amax, mscratch, MaxNan{});
+  sum = block_reduce(sum, dscratch, Add{});
+  sq = block_reduce(sq, dscratch, Add{});
+  if (threadIdx.x == 0) {
+    out[row.row * 3 + 0] = amax;
+    out[row.row * 3 + 1] = static_cast<M>(sum);
+    out[row.row * 3 + 2] = static_cast<M>(sq);
+  }
+}
+
+at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
+                                   bool negate, const c10::optional<at::Tensor>& grad_scale) {
+  const char* op = "fused_optim::multi_tensor_stats";
+  std::vector<at::TensorList> in{tensors};
+  if (addends.has_value()) {
+    in.push_back(*addends);
+  }
+  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
+  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  const at::Device device = tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device();
+  check_dtypes(op, pl, in.size());
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({pl.rows(), 3}, at::TensorOptions().dtype(out_dtype).device(device));
+  if (pl.rows() == 0) {
+    return out;
+  }
+  if (!addends.has_value()) {  // the table always has two columns; without addends the second is null
+    pl.lists.push_back(std::vector<at::Tensor>(pl.lists[0].size(), at::Tensor()));
+  }
+  c10::cuda::CUDAGuard guard(device);
+  const LaunchTable<2> table = make_table<2>(pl);
+  if (table.nchunks == 0) {
+    return out;
+  }
+  dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    at::Tensor partials = at::empty({table.nchunks * 3}, out.options());
+    StatsFunctor<P, M> f{partials.data_ptr<M>(), negate ? M(-1) : M(1), addends.has_value(), static_cast<M>(alpha),
+                         opt_ptr(grad_scale)};
+    multi_tensor_apply<2>(table, nullptr, f);
+    stats_cleanup_kernel<M><<<static_cast<unsigned>(table.nrows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace fused_optim
+
+TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("multi_tensor_stats", &fused_optim::cuda::multi_tensor_stats_cuda);
+  m.impl("gravity_", &fused_optim::cuda::gravity_cuda);
+  m.impl("lion_", &fused_optim::cuda::lion_cuda);
+  m.impl("adan_", &fused_optim::cuda::adan_cuda);
+  m.impl("gradient_equilibrium_", &fused_optim::cuda::gradient_equilibrium_cuda);
+}

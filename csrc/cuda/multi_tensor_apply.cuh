@@ -1,0 +1,204 @@
+// A small multi-tensor launcher: one kernel launch walks every chunk of every tensor of a list.
+//
+// Like torch's MultiTensorApply.cuh and apex, tensors are cut into fixed chunks and each CUDA block
+// takes one chunk. Unlike them, the per-tensor metadata (pointers, numel, first chunk) lives in a
+// small device table copied from pinned memory with the launch, not in kernel arguments: any
+// number of tensors runs in ONE launch, and every offset is int64 (apex's int32 offsets crash above
+// 2^31 elements). Zero-size tensors never enter the table. A block finds its tensor by binary
+// search over the rows' first-chunk indices.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include <cstring>
+#include <vector>
+
+#include "../multi_tensor_lists.h"
+
+namespace fused_optim {
+namespace cuda {
+
+constexpr int64_t kChunk = 65536;  // elements per block
+constexpr int kThreads = 512;      // threads per block
+constexpr int kVec = 4;            // elements per thread per iteration (one 16-byte fp32 load)
+
+template <int D>
+struct TensorRow {
+  int64_t row;          // index into the op's lists (and into per-tensor buffers such as stats)
+  int64_t numel;
+  int64_t chunk_begin;  // global index of this tensor's first chunk
+  void* ptrs[D];        // list k's tensor of this row
+};
+
+template <int D>
+struct LaunchTable {
+  at::Tensor table;  // device copy of the rows (kept alive until the kernels are queued)
+  const TensorRow<D>* rows = nullptr;
+  int64_t nrows = 0;
+  int64_t nchunks = 0;
+};
+
+template <int D>
+LaunchTable<D> make_table(const PreparedLists& pl) {
+  TORCH_CHECK(static_cast<int>(pl.lists.size()) == D, "multi_tensor_apply: expected ", D, " lists");
+  std::vector<TensorRow<D>> rows;
+  int64_t chunks = 0;
+  for (int64_t i = 0; i < pl.rows(); ++i) {
+    const int64_t n = pl.lists[0][i].numel();
+    if (n == 0) {
+      continue;
+    }
+    TensorRow<D> r{};
+    r.row = i;
+    r.numel = n;
+    r.chunk_begin = chunks;
+    for (int k = 0; k < D; ++k) {
+      r.ptrs[k] = pl.lists[k][i].defined() ? pl.lists[k][i].data_ptr() : nullptr;  // null: optional list
+    }
+    rows.push_back(r);
+    chunks += (n + kChunk - 1) / kChunk;
+  }
+  LaunchTable<D> out;
+  out.nrows = static_cast<int64_t>(rows.size());
+  out.nchunks = chunks;
+  if (rows.empty()) {
+    return out;
+  }
+  const int64_t bytes = out.nrows * static_cast<int64_t>(sizeof(TensorRow<D>));
+  // Pinned staging + non_blocking copy: the caching host allocator keeps the staging buffer until
+  // the copy on the current stream has run, so nothing waits for the GPU here.
+  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  std::memcpy(host.data_ptr(), rows.data(), bytes);
+  out.table = host.to(pl.lists[0][rows[0].row].device(), /*non_blocking=*/true);
+  out.rows = reinterpret_cast<const TensorRow<D>*>(out.table.data_ptr());
+  return out;
+}
+
+template <int D>
+__device__ inline const TensorRow<D>& find_row(const TensorRow<D>* rows, int64_t nrows, int64_t chunk) {
+  int64_t lo = 0, hi = nrows - 1;  // the last row whose first chunk is <= chunk
+  while (lo < hi) {
+    const int64_t mid = (lo + hi + 1) / 2;
+    if (rows[mid].chunk_begin <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  return rows[lo];
+}
+
+// Calls f(row, chunk, begin, end) for this block's chunk; the whole launch is skipped when
+// found_inf (optional, device memory) is non-zero.
+template <int D, typename F>
+__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(const TensorRow<D>* rows, int64_t nrows,
+                                                                      const float* found_inf, F f) {
+  if (found_inf != nullptr && *found_inf != 0.0f) {
+    return;
+  }
+  const int64_t chunk = blockIdx.x;
+  const TensorRow<D>& row = find_row(rows, nrows, chunk);
+  const int64_t begin = (chunk - row.chunk_begin) * kChunk;
+  const int64_t end = begin + kChunk < row.numel ? begin + kChunk : row.numel;
+  f(row, chunk, begin, end);
+}
+
+template <int D, typename F>
+void multi_tensor_apply(const LaunchTable<D>& t, const float* found_inf, const F& f) {
+  if (t.nchunks == 0) {
+    return;
+  }
+  TORCH_CHECK(t.nchunks < (int64_t(1) << 31), "multi_tensor_apply: too many chunks");
+  multi_tensor_apply_kernel<D, F><<<static_cast<unsigned>(t.nchunks), kThreads, 0,
+                                    c10::cuda::getCurrentCUDAStream()>>>(t.rows, t.nrows, found_inf, f);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// ---- element loops ---------------------------------------------------------------------------
+
+template <typename T, int N>
+struct alignas(sizeof(T) * N) AlignedVec {
+  T val[N];
+};
+
+template <typename T>
+__device__ inline bool is_aligned(const void* p) {
+  return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec) == 0;
+}
+
+// Runs op(vals, ctx) on every element of [begin, end) of a row whose first NP lists hold P
+// (params, grads) and the rest S (state). vals[k] is list k's element in the math type M; lists
+// whose bit is set in Op::kWrites are stored back. 16-byte loads when every pointer allows them.
+template <int D, int NP, typename P, typename S, typename M, typename Op, typename Ctx>
+__device__ inline void elementwise(const TensorRow<D>& row, int64_t begin, int64_t end, const Op& op,
+                                   const Ctx& ctx) {
+  bool aligned = true;
+#pragma unroll
+  for (int k = 0; k < D; ++k) {
+    aligned = aligned && (k < NP ? is_aligned<P>(row.ptrs[k]) : is_aligned<S>(row.ptrs[k]));
+  }
+  int64_t scalar_begin = begin;
+  if (aligned) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+         i += static_cast<int64_t>(blockDim.x) * kVec) {
+      M v[kVec][D];
+#pragma unroll
+      for (int k = 0; k < D; ++k) {
+        if (k < NP) {
+          const auto x = *reinterpret_cast<const AlignedVec<P, kVec>*>(static_cast<const P*>(row.ptrs[k]) + i);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) v[j][k] = static_cast<M>(x.val[j]);
+        } else {
+          const auto x = *reinterpret_cast<const AlignedVec<S, kVec>*>(static_cast<const S*>(row.ptrs[k]) + i);
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) v[j][k] = static_cast<M>(x.val[j]);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        op(v[j], ctx);
+      }
+#pragma unroll
+      for (int k = 0; k < D; ++k) {
+        if (!((Op::kWrites >> k) & 1u)) continue;
+        if (k < NP) {
+          AlignedVec<P, kVec> x;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) x.val[j] = static_cast<P>(v[j][k]);
+          *reinterpret_cast<AlignedVec<P, kVec>*>(static_cast<P*>(row.ptrs[k]) + i) = x;
+        } else {
+          AlignedVec<S, kVec> x;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) x.val[j] = static_cast<S>(v[j][k]);
+          *reinterpret_cast<AlignedVec<S, kVec>*>(static_cast<S*>(row.ptrs[k]) + i) = x;
+        }
+      }
+    }
+    scalar_begin = vec_end;
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
+    M v[D];
+#pragma unroll
+    for (int k = 0; k < D; ++k) {
+      v[k] = k < NP ? static_cast<M>(static_cast<const P*>(row.ptrs[k])[i])
+                    : static_cast<M>(static_cast<const S*>(row.ptrs[k])[i]);
+    }
+    op(v, ctx);
+#pragma unroll
+    for (int k = 0; k < D; ++k) {
+      if (!((Op::kWrites >> k) & 1u)) continue;
+      if (k < NP) {
+        static_cast<P*>(row.ptrs[k])[i] = static_cast<P>(v[k]);
+      } else {
+        static_cast<S*>(row.ptrs[k])[i] = static_cast<S>(v[k]);
+      }
+    }
+  }
+}
+
+}  // namespace cuda
+}  // namespace fused_optim

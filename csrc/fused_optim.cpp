@@ -1,0 +1,68 @@
+// The op schemas of the fused_optim extension: every op the Python package calls, in one place.
+//
+// Kernels are registered per backend next to their code (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu
+// for CUDA); Python reaches them as torch.ops.fused_optim.<name>. Mutation annotations (a!) name
+// every list written in place, so torch.compile / functionalization know what changes.
+//
+// Conventions shared by the update ops (`*_`):
+// - row i of every list belongs to one parameter; all tensors of one call share a device and the
+//   param dtype (fp32, fp64, bf16, fp16); state is the param's dtype or fp32 for bf16/fp16 params;
+//   math runs in fp32 (fp64 for fp64 params). Zero-size rows are skipped. Any strides work (rows
+//   whose tensors do not share one dense layout go through contiguous copies).
+// - the Python doubles (lr, betas, bias corrections...) are computed by the optimizer class and
+//   rounded once to the math type, never recomputed here (SPEC).
+// - AMP hooks, for torch.amp.GradScaler: `grad_scale` (1 float32 element) makes the kernels use
+//   grad / grad_scale; `found_inf` (1 float32 element) != 0 skips the whole update, leaving
+//   params and state untouched. On CUDA both are read from device memory: no host sync.
+// - `maximize` negates the gradient before anything else (grad itself is never written).
+// - `stats` is the [n, 3] output of multi_tensor_stats over the same rows, computed on the same
+//   prepared gradient (same `maximize` as `negate`, same `grad_scale`): column 0 is max|x|,
+//   column 1 sum(x), column 2 sum(x^2). Gravity reads column 0, GradientEquilibrium column 1.
+//   Between the two calls a caller may all-reduce it (sharded tensors, FSDP2).
+
+#include <torch/library.h>
+
+TORCH_LIBRARY(fused_optim, m) {
+  // Per-tensor [max|x|, sum(x), sum(x^2)] of x = (negate ? -t : t) / grad_scale (+ alpha * addend),
+  // for every t in `tensors` (a non-empty list: the dispatcher picks the kernel from it), in one pass: an [n, 3] tensor on their device, float32 (float64 for
+  // float64 input). An empty tensor gives [0, 0, 0]. `addends` (same shapes, e.g. the params) is
+  // how GradientEquilibrium's L2 term g + wd*p enters the mean; the combination is fma(a, alpha, x),
+  // the rounding of torch's add(alpha=).
+  m.def("multi_tensor_stats(Tensor[] tensors, Tensor[]? addends=None, float alpha=0., bool negate=False, "
+        "Tensor? grad_scale=None) -> Tensor");
+
+  // Gravity (SPEC §1): per tensor m = 1/stats[i,0]; zeta = g / (1 + (g/m)^2);
+  // v = beta_hat*v + (1-beta_hat)*zeta; p -= lr*v.
+  m.def("gravity_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor stats, float lr, "
+        "float beta_hat, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Lion (SPEC §2): p *= 1-lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
+  m.def("lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float beta1, "
+        "float beta2, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Adan (SPEC §3), sail-sg op order. `clip` is the global clip factor as a 1-element float32
+  // tensor on the kernels' device (read there, no host sync), or None for no clipping.
+  // neg_pre_grads holds -clip*g of the previous step and is rewritten with this step's.
+  m.def("adan_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] neg_pre_grads, float lr, float beta1, float beta2, "
+        "float beta3, float bias_correction1, float bias_correction2, float bias_correction3_sqrt, "
+        "float eps, float weight_decay, bool no_prox, Tensor? clip, bool maximize, "
+        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // GradientEquilibrium (SPEC §4): x = g (+ wd*p); p -= lr*(x - mean(x)), mean = stats[i,1]/numel
+  // with stats = multi_tensor_stats(grads, params if wd else None, wd, maximize, grad_scale).
+  m.def("gradient_equilibrium_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, float lr, "
+        "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+#ifdef FUSED_OPTIM_PYTHON_MODULE
+// The ahead-of-time build (setup.py) is imported as the Python module fused_optim._C; importing it
+// runs the registrations above. The JIT build is loaded with torch.ops.load_library and skips this.
+#include <Python.h>
+
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fused_optim native ops (torch.ops.fused_optim)", -1,
+                               nullptr};
+  return PyModule_Create(&module);
+}
+#endif

@@ -1,0 +1,67 @@
+// Shared per-element helpers for the update rules in this folder.
+//
+// Every rule is a template over T, the math type: `float`/`double` (CUDA threads, CPU tails) or
+// `at::vec::Vectorized<float/double>` (CPU main loops). The rules use only + - * / on T and the
+// helpers below, so one source serves both backends; the Vectorized overloads live in
+// csrc/cpu/vec_ops.h, which the CPU kernels include before these headers.
+//
+// The op order mirrors the reference (SPEC, fused_optim/*.py `_forloop_x`) one torch op at a time:
+// torch's CPU kernels compute `add_(x, alpha=a)` as fma(x, a, self), `addcmul_` as fma(v*t1, t2, self)
+// and `addcdiv_` as self + (v*t1)/t2 (measured against torch 2.14), so the same roundings here give bit-equal fp32 results on the
+// CPU (the CPU build uses -ffp-contract=off so the compiler adds no fma of its own).
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+
+namespace fused_optim {
+namespace math {
+
+C10_HOST_DEVICE inline float fo_fma(float a, float b, float c) {
+#if defined(__CUDA_ARCH__)
+  return __fmaf_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+C10_HOST_DEVICE inline double fo_fma(double a, double b, double c) {
+#if defined(__CUDA_ARCH__)
+  return __fma_rn(a, b, c);
+#else
+  return std::fma(a, b, c);
+#endif
+}
+
+// torch.sign: +1, -1, or 0 for 0 and NaN (torch's CPU kernel maps NaN to 0 too)
+template <typename T>
+C10_HOST_DEVICE inline T fo_sign(T x) {
+  return static_cast<T>((T(0) < x) - (x < T(0)));
+}
+
+C10_HOST_DEVICE inline float fo_sqrt(float x) { return ::sqrtf(x); }
+C10_HOST_DEVICE inline double fo_sqrt(double x) { return ::sqrt(x); }
+
+C10_HOST_DEVICE inline float fo_abs(float x) { return ::fabsf(x); }
+C10_HOST_DEVICE inline double fo_abs(double x) { return ::fabs(x); }
+
+// max that propagates NaN, like torch.amax (fmax would drop it and hide a diverged gradient)
+template <typename T>
+C10_HOST_DEVICE inline T fo_max_nan(T a, T b) {
+  return (a != a || a > b) ? a : b;
+}
+
+// The gradient an update sees: the maximize sign (exact) and the AMP unscale (grad / grad_scale,
+// as torch's fused Adam does) applied before anything else.
+template <typename T, typename M>
+C10_HOST_DEVICE inline T prepare_grad(T g, M grad_sign, bool unscale, M grad_scale) {
+  g = g * T(grad_sign);
+  if (unscale) {
+    g = g / T(grad_scale);
+  }
+  return g;
+}
+
+}  // namespace math
+}  // namespace fused_optim

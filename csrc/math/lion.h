@@ -1,0 +1,34 @@
+// Lion (Chen et al. 2023; google/automl lion_pytorch.py), SPEC §2, one element.
+#pragma once
+
+#include "common.h"
+
+namespace fused_optim {
+namespace math {
+
+// Python doubles from the optimizer, rounded once to the math type M (as torch rounds a Python
+// scalar operand to the tensor's opmath type).
+template <typename M>
+struct LionCoeffs {
+  M decay;            // 1 - lr * weight_decay
+  M neg_lr;           // -lr
+  M beta1;
+  M one_minus_beta1;  // 1 - beta1
+  M beta2;
+  M one_minus_beta2;  // 1 - beta2
+  LionCoeffs(double lr, double beta1_, double beta2_, double weight_decay)
+      : decay(static_cast<M>(1.0 - lr * weight_decay)), neg_lr(static_cast<M>(-lr)),
+        beta1(static_cast<M>(beta1_)), one_minus_beta1(static_cast<M>(1.0 - beta1_)),
+        beta2(static_cast<M>(beta2_)), one_minus_beta2(static_cast<M>(1.0 - beta2_)) {}
+};
+
+template <typename T, typename M>
+C10_HOST_DEVICE inline void lion_update(T& p, const T& g, T& exp_avg, const LionCoeffs<M>& c) {
+  p = p * T(c.decay);                                           // p.mul_(1 - lr*wd), with the old p
+  T u = exp_avg * T(c.beta1) + g * T(c.one_minus_beta1);        // two muls and an add
+  p = fo_fma(fo_sign(u), T(c.neg_lr), p);                       // p.add_(sign(u), alpha=-lr)
+  exp_avg = fo_fma(g, T(c.one_minus_beta2), exp_avg * T(c.beta2));  // mul_(b2).add_(g, alpha=1-b2)
+}
+
+}  // namespace math
+}  // namespace fused_optim

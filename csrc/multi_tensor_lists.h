@@ -1,0 +1,166 @@
+// Host-side preparation of the tensor lists every op receives, shared by the CPU and CUDA backends.
+//
+// A kernel walks row i of the lists (params[i], grads[i], state[i]...) as flat arrays of numel
+// elements, which is only valid when every tensor of the row lays its elements out in the same
+// order. Rows where that fails (a sliced parameter with a contiguous grad, mixed strides) run on
+// contiguous copies that are copied back after the kernel: slower, but never wrong.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+namespace fused_optim {
+
+struct PreparedLists {
+  // lists[k][i]: list k, row i; same row count as the op's input (zero-size rows included, so
+  // indices into per-tensor buffers such as the reduction output stay aligned)
+  std::vector<std::vector<at::Tensor>> lists;
+  std::vector<std::pair<at::Tensor, at::Tensor>> writeback;  // (original, contiguous copy)
+
+  int64_t rows() const { return lists.empty() ? 0 : static_cast<int64_t>(lists[0].size()); }
+
+  template <typename T>
+  T* ptr(size_t list, int64_t row) const {
+    return static_cast<T*>(lists[list][row].data_ptr());
+  }
+
+  // Copy the results computed in contiguous temporaries back into the caller's tensors.
+  void finish() {
+    for (auto& pr : writeback) {
+      pr.first.copy_(pr.second);
+    }
+  }
+};
+
+inline bool same_layout(const at::Tensor& a, const at::Tensor& b) {
+  return a.sizes() == b.sizes() && a.strides() == b.strides();
+}
+
+// lists: the op's tensor lists, lists[0] the params (or the tensors of a reduction);
+// mutated[k]: whether list k is written (only those need a write-back).
+inline PreparedLists prepare_lists(const char* op, const std::vector<at::TensorList>& lists,
+                                   const std::vector<bool>& mutated) {
+  TORCH_CHECK(!lists.empty(), op, ": no tensor lists");
+  const auto n = lists[0].size();
+  for (size_t k = 1; k < lists.size(); ++k) {
+    TORCH_CHECK(lists[k].size() == n, op, ": tensor list ", k, " has ", lists[k].size(),
+                " tensors, expected ", n, " (one per parameter)");
+  }
+  PreparedLists out;
+  out.lists.resize(lists.size());
+  for (auto& l : out.lists) {
+    l.reserve(n);
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& ref = lists[0][i];
+    bool flat = ref.is_non_overlapping_and_dense();
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const at::Tensor& t = lists[k][i];
+      TORCH_CHECK(t.layout() == at::kStrided, op, ": sparse tensors are not supported");
+      TORCH_CHECK(t.device() == ref.device(), op, ": tensor ", i, " of list ", k, " is on ", t.device(),
+                  ", expected ", ref.device(), " (one device per call)");
+      TORCH_CHECK(t.numel() == ref.numel(), op, ": tensor ", i, " of list ", k, " has ", t.numel(),
+                  " elements, expected ", ref.numel());
+      flat = flat && same_layout(t, ref) && t.is_non_overlapping_and_dense();
+    }
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const at::Tensor& t = lists[k][i];
+      if (flat || t.numel() == 0) {
+        out.lists[k].push_back(t);
+      } else {
+        at::Tensor c = t.contiguous();
+        if (mutated[k] && !c.is_same(t)) {
+          out.writeback.emplace_back(t, c);
+        }
+        out.lists[k].push_back(std::move(c));
+      }
+    }
+  }
+  return out;
+}
+
+inline void check_dtypes(const char* op, const PreparedLists& pl, size_t first_state) {
+  for (int64_t i = 0; i < pl.rows(); ++i) {
+    const auto pdt = pl.lists[0][i].scalar_type();
+    TORCH_CHECK(pdt == at::kFloat || pdt == at::kDouble || pdt == at::kBFloat16 || pdt == at::kHalf, op,
+                ": unsupported dtype ", pdt, " (float32, float64, bfloat16 and float16 are supported)");
+    TORCH_CHECK(pdt == pl.lists[0][0].scalar_type(), op, ": one parameter dtype per call, got ",
+                pl.lists[0][0].scalar_type(), " and ", pdt);
+    for (size_t k = 1; k < first_state && k < pl.lists.size(); ++k) {
+      TORCH_CHECK(pl.lists[k][i].scalar_type() == pdt, op, ": gradient ", i, " has dtype ",
+                  pl.lists[k][i].scalar_type(), ", its parameter ", pdt);
+    }
+    for (size_t k = first_state; k < pl.lists.size(); ++k) {
+      const auto sdt = pl.lists[k][i].scalar_type();
+      TORCH_CHECK(sdt == pl.lists[first_state][0].scalar_type(), op, ": one state dtype per call");
+      TORCH_CHECK(sdt == pdt || (sdt == at::kFloat && pdt != at::kDouble), op, ": state ", i,
+                  " has dtype ", sdt, " for a ", pdt, " parameter (expected the parameter's dtype or float32)");
+    }
+  }
+}
+
+// The per-tensor [absmax, sum, sumsq] buffer that the update ops read.
+inline void check_stats(const char* op, const at::Tensor& stats, int64_t rows, const at::Device& device) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3 && stats.is_contiguous(), op,
+              ": stats must be the contiguous [n, 3] output of multi_tensor_stats, got shape ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == at::kFloat || stats.scalar_type() == at::kDouble, op,
+              ": stats must be float32 or float64");
+  TORCH_CHECK(stats.device() == device || rows == 0, op, ": stats is on ", stats.device(), ", expected ", device);
+}
+
+// Optional 1-element AMP tensors / clip factor: on the kernels' device (CUDA kernels read them
+// there, no host sync) or on the CPU for CPU kernels.
+inline void check_scalar_tensor(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                                const at::Device& device) {
+  if (!t.has_value()) {
+    return;
+  }
+  TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got ", t->numel());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", expected ", device);
+}
+
+}  // namespace fused_optim
+
+namespace fused_optim {
+
+// Math type of a storage type: fp32 registers for fp32/bf16/fp16 storage, fp64 for fp64.
+template <typename P>
+using opmath_t = std::conditional_t<std::is_same<P, double>::value, double, float>;
+
+template <typename T>
+struct TypeTag {
+  using type = T;
+};
+
+// Calls f(TypeTag<param type>, TypeTag<state type>) for the supported pairs: state in the param's
+// dtype, or fp32 state for bf16/fp16 params (what FusedOptimizer gives the fused impls).
+template <typename F>
+void dispatch_param_state(const char* op, at::ScalarType p, at::ScalarType s, F&& f) {
+  switch (p) {
+    case at::kFloat:
+      return f(TypeTag<float>{}, TypeTag<float>{});
+    case at::kDouble:
+      return f(TypeTag<double>{}, TypeTag<double>{});
+    case at::kBFloat16:
+      if (s == at::kFloat) return f(TypeTag<c10::BFloat16>{}, TypeTag<float>{});
+      return f(TypeTag<c10::BFloat16>{}, TypeTag<c10::BFloat16>{});
+    case at::kHalf:
+      if (s == at::kFloat) return f(TypeTag<c10::Half>{}, TypeTag<float>{});
+      return f(TypeTag<c10::Half>{}, TypeTag<c10::Half>{});
+    default:
+      TORCH_CHECK(false, op, ": unsupported dtype ", p);
+  }
+}
+
+// found_inf / grad_scale read on the host: only for CPU kernels (CUDA kernels read device memory).
+inline bool host_found_inf(const c10::optional<at::Tensor>& found_inf) {
+  return found_inf.has_value() && found_inf->item<float>() != 0.0f;
+}
+
+}  // namespace fused_optim

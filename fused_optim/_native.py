@@ -1,0 +1,72 @@
+"""The `impl="native"` functional steps: thin launchers of the compiled ops in csrc/.
+
+Each has exactly its reference's signature (`_forloop_x` in the optimizer's module) and calls one op
+(two for the optimizers with a per-tensor reduction: `multi_tensor_stats`, then the update, which
+reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
+csrc/fused_optim.cpp. The extra keyword-only `grad_scale` / `found_inf` (1-element fp32 tensors on
+the params' device) are the AMP hooks: the kernels divide the grads by `grad_scale` and skip the
+whole update when `found_inf != 0`; `.grad` is never written.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium"]
+
+
+def _ops():
+    from . import _ext  # imported on the first native step: `import fused_optim` stays cheap
+
+    return _ext.ops()
+
+
+def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float, beta_hat: float,
+                    maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    if not params:  # the dispatcher needs a tensor to pick the backend
+        return
+    ops = _ops()
+    with torch.no_grad():
+        stats = ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale)
+        ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf)
+
+
+def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float, beta1: float,
+                 beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None) -> None:
+    if not params:
+        return
+    with torch.no_grad():
+        _ops().lion_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf)
+
+
+def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float, beta2: float,
+                 beta3: float, bias_correction1: float, bias_correction2: float, bias_correction3_sqrt: float,
+                 eps: float, weight_decay: float, no_prox: bool, clip: float | Tensor, maximize: bool,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    if not params:
+        return
+    if isinstance(clip, Tensor):
+        clip_t = clip.reshape(1).to(device=params[0].device, dtype=torch.float32)  # no copy when it is already so
+    elif clip == 1.0:
+        clip_t = None  # clipping off: the kernel multiplies by 1, exactly like the reference
+    else:
+        clip_t = torch.full((1,), clip, dtype=torch.float32, device=params[0].device)
+    with torch.no_grad():
+        _ops().adan_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr, beta1, beta2, beta3,
+                         bias_correction1, bias_correction2, bias_correction3_sqrt, eps, weight_decay, no_prox,
+                         clip_t, maximize, grad_scale, found_inf)
+
+
+def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
+                                 maximize: bool, grad_scale: Tensor | None = None,
+                                 found_inf: Tensor | None = None) -> None:
+    if not params:
+        return
+    ops = _ops()
+    with torch.no_grad():
+        # the mean is of g + wd*p (L2 decay), so the reduction sees the params as addends
+        stats = ops.multi_tensor_stats(grads, params if weight_decay != 0 else None, weight_decay, maximize,
+                                       grad_scale)
+        ops.gradient_equilibrium_(params, grads, stats, lr, weight_decay, maximize, grad_scale, found_inf)

@@ -1,0 +1,428 @@
+"""The native extension (csrc/) against the forloop reference (SPEC §9) and torch's reductions.
+
+CPU kernels always run (CI builds the extension; a build failure fails this file with the compiler's
+output). CUDA kernels: the same checks, marked ``gpu``.
+
+Exactness (fp32, CPU): Lion and Gravity follow the reference op for op, and so do Adan's four state
+tensors: those are asserted bit-equal. Adan's params differ by the rounding of sqrt (torch's CPU
+sqrt goes through MKL and is not correctly rounded; ours is) and GradientEquilibrium's by the
+rounding of the per-tensor sum: for those, after step k, ``|native - ref| <= 4·k·eps·(|ref| +
+mean|ref|)`` per element (4 ulp per element per step at the tensor's scale). CUDA: the tolerance
+everywhere (nvcc contracts a*b+c into fma where torch's CPU kernels round twice).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import fused_optim as fo
+from fused_optim import _ext
+from fused_optim._native import (_native_adan, _native_gradient_equilibrium, _native_gravity,
+                                 _native_lion)
+from fused_optim.adan import _forloop_adan
+from fused_optim.equilibrium import _forloop_gradient_equilibrium
+from fused_optim.gravity import _forloop_gravity
+from fused_optim.lion import _forloop_lion
+
+from spec_checks import assert_lowp_close
+
+_HAS_CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
+                                             pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA device")])]
+STEPS = 7
+MISSING_STEP = 3  # row 2 has no grad on this step (the class drops it from the lists)
+GUARD = 16        # NaN guard band around every tensor: an out-of-bounds write shows
+# 0, 1, primes, vector width ± 1, the CPU chunk (16384) ± 1 and the CUDA chunk (65536) + 1
+SIZES = [0, 1, 7, 9, 31, 1025, 16383, 16385, 65537]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _built():
+    st = _ext.status("cpu")
+    assert st.available, f"the native extension did not build: {st.reason}"
+
+
+def _need(device):
+    if device == "cuda":
+        st = _ext.status("cuda")
+        if not st.available:
+            pytest.skip(st.reason)
+
+
+# ---------------------------------------------------------------------------------------------- fixtures
+class Buffers:
+    """Tensors carved out of NaN-filled storages; `check_guards` fails if anything wrote outside them."""
+
+    def __init__(self, device):
+        self.device = device
+        self.storages = []
+
+    def make(self, values):
+        n = values.numel()
+        base = torch.full((n + 2 * GUARD,), float("nan"), dtype=values.dtype, device=self.device)
+        t = base[GUARD:GUARD + n].view(values.shape)
+        t.copy_(values)
+        self.storages.append((base, slice(GUARD, GUARD + n)))
+        return t
+
+    def make_strided(self, values):
+        """A non-contiguous (rows, cols) view, every other column of a NaN storage."""
+        rows, cols = values.shape
+        base = torch.full((rows, 2 * cols), float("nan"), dtype=values.dtype, device=self.device)
+        t = base[:, ::2]
+        t.copy_(values)
+        self.storages.append((base, None))
+        return t
+
+    def check_guards(self):
+        for base, inside in self.storages:
+            if inside is None:
+                outside = base[:, 1::2]
+            else:
+                outside = torch.cat([base[:inside.start], base[inside.stop:]])
+            assert torch.isnan(outside).all(), "a kernel wrote outside its tensor"
+
+
+def _values(n_lists, dtype, seed, sizes=SIZES, strided=((5, 7), (6, 4))):
+    """n_lists lists of fresh random tensors (never zeros): SIZES, then non-contiguous views."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(n,) for n in sizes] + list(strided)
+    return [[torch.randn(s, generator=g, dtype=torch.float64).to(dtype) for s in shapes] for _ in range(n_lists)]
+
+
+def _place(buffers, lists, n_strided=2):
+    out = []
+    for lst in lists:
+        k = len(lst) - n_strided
+        out.append([buffers.make(v) for v in lst[:k]] + [buffers.make_strided(v) for v in lst[k:]])
+    return out
+
+
+def _grads(step, like, dtype, device, seed=99):
+    g = torch.Generator().manual_seed(seed * 100 + step)
+    return [torch.randn(t.shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for t in like]
+
+
+def _rows(lists, keep):
+    return [[lst[i] for i in keep] for lst in lists]
+
+
+def _assert_close(actual, expected, step, what, exact=False):
+    """Exact, or SPEC §9's 4 ulp per element per step at the tensor's scale."""
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if a.numel() == 0:
+            continue
+        a = a.detach().cpu()
+        e = e.detach().cpu()
+        if exact:
+            assert torch.equal(a, e), f"{what}[{i}] differs after step {step}: max |d| {(a - e).abs().max():.3g}"
+            continue
+        eps = torch.finfo(e.dtype).eps
+        bound = 4 * step * eps * (e.abs() + e.abs().mean())
+        bad = (a - e).abs() > bound
+        assert not bad.any(), (f"{what}[{i}] after step {step}: {int(bad.sum())} elements beyond 4 ulp/step, "
+                               f"max |d| {(a - e).abs().max():.3g}")
+
+
+# ------------------------------------------------------------------------------- optimizer definitions
+# name -> (number of state lists, state init(values, grads), forloop, native, kwargs(step), exactness)
+def _adan_kwargs(step, no_prox=False, wd=0.02, maximize=False):
+    b1, b2, b3 = 0.98, 0.92, 0.99
+    return dict(lr=1e-2, beta1=b1, beta2=b2, beta3=b3, bias_correction1=1 - b1 ** step,
+                bias_correction2=1 - b2 ** step, bias_correction3_sqrt=math.sqrt(1 - b3 ** step), eps=1e-8,
+                weight_decay=wd, no_prox=no_prox, maximize=maximize)
+
+
+CASES = {
+    # Lion: all exact (sign steps included: same op order, same roundings)
+    "lion": dict(n_state=1, forloop=_forloop_lion, native=_native_lion,
+                 kwargs=lambda k: dict(lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False),
+                 exact_params=True, exact_state=True),
+    "lion_maximize_nowd": dict(n_state=1, forloop=_forloop_lion, native=_native_lion,
+                               kwargs=lambda k: dict(lr=3e-3, beta1=0.5, beta2=0.9, weight_decay=0.0, maximize=True),
+                               exact_params=True, exact_state=True),
+    "gravity": dict(n_state=1, forloop=_forloop_gravity, native=_native_gravity,
+                    kwargs=lambda k: dict(lr=0.1, beta_hat=(0.9 * k + 1) / (k + 2), maximize=False),
+                    exact_params=True, exact_state=True),
+    "gravity_maximize": dict(n_state=1, forloop=_forloop_gravity, native=_native_gravity,
+                             kwargs=lambda k: dict(lr=0.05, beta_hat=(0.5 * k + 1) / (k + 2), maximize=True),
+                             exact_params=True, exact_state=True),
+    "adan": dict(n_state=4, forloop=_forloop_adan, native=_native_adan,
+                 kwargs=lambda k: dict(_adan_kwargs(k), clip=1.0), exact_params=False, exact_state=True),
+    "adan_no_prox_clip_max": dict(n_state=4, forloop=_forloop_adan, native=_native_adan,
+                                  kwargs=lambda k: dict(_adan_kwargs(k, no_prox=True, maximize=True),
+                                                        clip=torch.tensor(0.37)),
+                                  exact_params=False, exact_state=True),
+    "equilibrium": dict(n_state=0, forloop=_forloop_gradient_equilibrium, native=_native_gradient_equilibrium,
+                        kwargs=lambda k: dict(lr=0.05, weight_decay=0.0, maximize=False),
+                        exact_params=False, exact_state=True),
+    "equilibrium_wd_max": dict(n_state=0, forloop=_forloop_gradient_equilibrium,
+                               native=_native_gradient_equilibrium,
+                               kwargs=lambda k: dict(lr=0.05, weight_decay=0.1, maximize=True),
+                               exact_params=False, exact_state=True),
+}
+
+
+def _init_state(name, values_state, grads, maximize, clip):
+    if name.startswith("adan"):
+        m, s, d = values_state[:3]
+        # the class's first-step init: neg_pre_grad = -clip * g (of the maximized g)
+        npg = [(g if maximize else -g) * (clip if isinstance(clip, float) else clip.item()) for g in grads]
+        return [m, [x.abs() for x in s], d, npg]
+    return values_state
+
+
+def _run_case(name, device, dtype, state_dtype, *, steps=STEPS):
+    case = CASES[name]
+    buffers = Buffers(device)
+    vals = _values(1 + case["n_state"], dtype, seed=hash(name) % 1000)
+    params_v = vals[0]
+    grads1 = _grads(1, params_v, dtype, "cpu")
+    kw1 = case["kwargs"](1)
+    state_v = _init_state(name, [[t.to(state_dtype) for t in lst] for lst in vals[1:]],
+                          [g.to(state_dtype) for g in grads1], kw1.get("maximize", False), kw1.get("clip", 1.0))
+    ref_p = [t.clone().to(device) for t in params_v]
+    ref_s = [[t.clone().to(device) for t in lst] for lst in state_v]
+    nat = _place(buffers, [params_v] + state_v)
+    nat_p, nat_s = nat[0], nat[1:]
+    for k in range(1, steps + 1):
+        grads = _grads(k, params_v, dtype, device)
+        keep = [i for i in range(len(params_v)) if not (k == MISSING_STEP and i == 2)]
+        kw = case["kwargs"](k)
+        if isinstance(kw.get("clip"), torch.Tensor):
+            kw["clip"] = kw["clip"].to(device)
+        sub = _rows([ref_p, grads, *ref_s], keep)
+        case["forloop"](*sub, **kw)
+        sub = _rows([nat_p, grads, *nat_s], keep)
+        case["native"](*sub, **kw)
+        yield k, (ref_p, ref_s), (nat_p, nat_s), case
+    buffers.check_guards()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fp32_matches_forloop(name, device):
+    _need(device)
+    cpu = device == "cpu"
+    for k, (ref_p, ref_s), (nat_p, nat_s), case in _run_case(name, device, torch.float32, torch.float32):
+        _assert_close(nat_p, ref_p, k, f"{name} params", exact=cpu and case["exact_params"])
+        for j, (a, e) in enumerate(zip(nat_s, ref_s)):
+            _assert_close(a, e, k, f"{name} state{j}", exact=cpu and case["exact_state"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["lion", "gravity", "adan_no_prox_clip_max", "equilibrium_wd_max"])
+def test_fp64_matches_forloop(name, device):
+    _need(device)
+    for k, (ref_p, ref_s), (nat_p, nat_s), _ in _run_case(name, device, torch.float64, torch.float64, steps=4):
+        _assert_close(nat_p, ref_p, k, f"{name} params")
+        for j, (a, e) in enumerate(zip(nat_s, ref_s)):
+            _assert_close(a, e, k, f"{name} state{j}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["lion", "gravity", "adan", "equilibrium_wd_max"])
+def test_low_precision_spec9(name, dtype, device):
+    """bf16/fp16 params with fp32 state: error vs a float64 forloop run <= 2x the error of the forloop
+    run in the same low precision + atol (SPEC §9)."""
+    _need(device)
+    case = CASES[name]
+    vals = _values(1 + case["n_state"], torch.float64, seed=7, sizes=[1, 7, 33, 1000, 16385])
+    kw1 = case["kwargs"](1)
+    grads1 = [g.to(dtype) for g in _grads(1, vals[0], torch.float64, "cpu")]
+    init = lambda st_dtype: _init_state(name, [[t.to(dtype).to(st_dtype) for t in lst] for lst in vals[1:]],  # noqa: E731
+                                        [g.to(st_dtype) for g in grads1], kw1.get("maximize", False), 1.0)
+    runs = {}
+    for label, p_dtype, s_dtype, fn in (("hi", torch.float64, torch.float64, case["forloop"]),
+                                        ("lowp", dtype, dtype, case["forloop"]),
+                                        ("native", dtype, torch.float32, case["native"])):
+        p = [t.to(dtype).to(device=device, dtype=p_dtype) for t in vals[0]]
+        s = [[t.to(device) for t in lst] for lst in init(s_dtype)]
+        for k in range(1, STEPS + 1):
+            g = [x.to(dtype).to(device=device, dtype=p_dtype) for x in _grads(k, vals[0], torch.float64, "cpu")]
+            fn(p, g, *s, **case["kwargs"](k))
+        runs[label] = (p, s)
+    for i in range(len(vals[0])):
+        assert_lowp_close(runs["native"][0][i], runs["lowp"][0][i], runs["hi"][0][i], f"{name} param{i}")
+        for j in range(case["n_state"]):
+            assert runs["native"][1][j][i].dtype == torch.float32
+            assert_lowp_close(runs["native"][1][j][i].to(dtype), runs["lowp"][1][j][i], runs["hi"][1][j][i],
+                              f"{name} state{j}[{i}]")
+
+
+# --------------------------------------------------------------------------------------------- AMP hooks
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", ["lion", "gravity", "adan_no_prox_clip_max", "equilibrium_wd_max"])
+def test_amp_hooks(name, device):
+    """grad_scale: scaled grads with the scale give the unscaled result (power-of-two scale: exact
+    on the CPU); found_inf != 0: nothing changes at all."""
+    _need(device)
+    case = CASES[name]
+    vals = _values(1 + case["n_state"], torch.float32, seed=3, sizes=[0, 1, 31, 16385])
+    kw = case["kwargs"](1)
+    if isinstance(kw.get("clip"), torch.Tensor):
+        kw["clip"] = kw["clip"].to(device)
+    grads = [g.to(device) for g in _grads(1, vals[0], torch.float32, "cpu")]
+    state = _init_state(name, vals[1:], [g.cpu() for g in grads], kw.get("maximize", False), 1.0)
+    scale = torch.full((1,), 1024.0, device=device)
+    base = [[t.to(device) for t in lst] for lst in [vals[0], *state]]
+    ref = [[t.clone() for t in lst] for lst in base]
+    case["native"](ref[0], grads, *ref[1:], **kw)
+    scaled = [[t.clone() for t in lst] for lst in base]
+    case["native"](scaled[0], [g * 1024 for g in grads], *scaled[1:], **kw, grad_scale=scale,
+                   found_inf=torch.zeros(1, device=device))
+    for a_l, e_l in zip(scaled, ref):
+        _assert_close(a_l, e_l, 1, f"{name} grad_scale", exact=device == "cpu")
+    skipped = [[t.clone() for t in lst] for lst in base]
+    case["native"](skipped[0], grads, *skipped[1:], **kw, grad_scale=scale, found_inf=torch.ones(1, device=device))
+    for a_l, e_l in zip(skipped, base):
+        _assert_close(a_l, e_l, 1, f"{name} found_inf", exact=True)
+
+
+# ------------------------------------------------------------------------------------------ reductions
+def _stats_ref(tensors, addends=None, alpha=0.0, negate=False, scale=None):
+    rows = []
+    for i, t in enumerate(tensors):
+        x = t.double()
+        if negate:
+            x = -x
+        if scale is not None:
+            x = x / scale
+        if addends is not None:
+            x = x + alpha * addends[i].double()
+        if x.numel() == 0:
+            rows.append([0.0, 0.0, 0.0])
+        else:
+            rows.append([x.abs().amax().item(), x.sum().item(), x.square().sum().item()])
+    return torch.tensor(rows, dtype=torch.float64).reshape(len(tensors), 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_stats_match_torch(dtype, device):
+    _need(device)
+    g = torch.Generator().manual_seed(5)
+    shapes = [(0,), (1,), (7,), (16385,), (65537,), (3, 5, 7)]
+    ts = [(torch.randn(s, generator=g) * 3).to(device=device, dtype=dtype) for s in shapes]
+    ts.append(torch.randn(40, 30, generator=g).to(device=device, dtype=dtype)[:, ::3])  # non-contiguous
+    ts.append(torch.tensor([-5.5], device=device).to(dtype))  # one element, negative: absmax != max
+    out = _ext.ops().multi_tensor_stats(ts)
+    assert out.shape == (len(ts), 3)
+    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert out.device.type == device
+    # torch's own reductions (amax, sum, square().sum()), one tensor at a time, in fp64
+    for i, t in enumerate(ts):
+        if t.numel() == 0:
+            assert out[i].tolist() == [0.0, 0.0, 0.0]
+            continue
+        x = t.double()
+        assert out[i, 0].item() == x.abs().amax().item()  # max is exact in any order
+        rtol = 1e-12 if dtype == torch.float64 else 1e-5
+        scale = x.abs().sum().item()
+        assert abs(out[i, 1].item() - x.sum().item()) <= rtol * scale
+        assert abs(out[i, 2].item() - x.square().sum().item()) <= rtol * x.square().sum().item()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_stats_options(device):
+    """negate, addends with alpha (GradientEquilibrium's g + wd*p), grad_scale."""
+    _need(device)
+    g = torch.Generator().manual_seed(6)
+    ts = [torch.randn(n, generator=g).to(device) for n in (0, 1, 5, 20000)]
+    ps = [torch.randn(n, generator=g).to(device) for n in (0, 1, 5, 20000)]
+    scale = torch.full((1,), 8.0, device=device)
+    out = _ext.ops().multi_tensor_stats(ts, ps, 0.25, True, scale).cpu().double()
+    ref = _stats_ref([t.cpu() for t in ts], [p.cpu() for p in ps], 0.25, True, 8.0)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert out[1, 0] == abs(out[1, 1])  # one element: |x| == |sum|
+
+
+def test_stats_nan_propagates():
+    t = torch.tensor([1.0, float("nan"), -3.0] * 20)
+    out = _ext.ops().multi_tensor_stats([t, torch.ones(3)])
+    assert torch.isnan(out[0]).all() and out[1].tolist() == [1.0, 3.0, 3.0]
+
+
+def test_reductions_hook_uses_native():
+    from fused_optim import reductions
+
+    ts = [torch.randn(n) for n in (0, 1, 9, 1000)]
+    for op, fn in (("absmax", lambda x: x.abs().amax()), ("sum", torch.sum), ("sumsq", lambda x: x.square().sum())):
+        out = reductions.per_tensor_reduce(ts, op)
+        assert out.dtype == torch.float32 and out.shape == (4,)
+        exp = torch.stack([fn(t) if t.numel() else torch.tensor(0.0) for t in ts])
+        torch.testing.assert_close(out, exp, rtol=1e-5, atol=1e-6)
+    assert reductions._native_op() is not None
+
+
+# ------------------------------------------------------------------------------------ class and errors
+@pytest.mark.parametrize("cls,kw", [(fo.Lion, dict(lr=1e-3, weight_decay=0.1)), (fo.Gravity, dict(lr=0.1)),
+                                    (fo.Adan, dict(lr=1e-2, max_grad_norm=0.5, weight_decay=0.02)),
+                                    (fo.GradientEquilibrium, dict(lr=0.01, weight_decay=0.1))])
+def test_optimizer_class_native_cpu(cls, kw):
+    """The classes resolve impl='native' on the CPU (and auto picks it) and track forloop."""
+    assert fo.available_impls("cpu")["native"].available
+    torch.manual_seed(0)
+    shapes = [(0,), (3,), (17, 5), (1,)]
+    p_nat = [torch.randn(s, requires_grad=True) for s in shapes]
+    p_ref = [p.detach().clone().requires_grad_() for p in p_nat]
+    torch.manual_seed(1)
+    opt_nat = cls(p_nat, **kw, impl="native")
+    torch.manual_seed(1)
+    opt_ref = cls(p_ref, **kw, impl="forloop")
+    assert cls(p_nat, **kw).impl_for("cpu") == "native"
+    for k in range(1, 5):
+        g = torch.Generator().manual_seed(k)
+        for a, b in zip(p_nat, p_ref):
+            a.grad = torch.randn(a.shape, generator=g)
+            b.grad = a.grad.clone()
+        opt_nat.step()
+        opt_ref.step()
+        _assert_close(p_nat, p_ref, k, f"{cls.__name__} params")
+
+
+def test_op_errors_are_clear():
+    ops = _ext.ops()
+    p = [torch.zeros(3)]
+    with pytest.raises(RuntimeError, match="expected 1"):
+        ops.lion_(p, [torch.zeros(3)], [], 0.1, 0.9, 0.99, 0.0, False)
+    with pytest.raises(RuntimeError, match="elements"):
+        ops.lion_(p, [torch.zeros(4)], [torch.zeros(3)], 0.1, 0.9, 0.99, 0.0, False)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops.lion_(p, [torch.zeros(3, dtype=torch.float64)], [torch.zeros(3)], 0.1, 0.9, 0.99, 0.0, False)
+    with pytest.raises(RuntimeError, match="stats"):
+        ops.gravity_(p, [torch.zeros(3)], [torch.zeros(3)], torch.zeros(2, 3), 0.1, 0.5, False)
+
+
+def test_build_failure_auto_falls_back_with_one_warning_and_native_raises(monkeypatch):
+    """A failed build: status says why (with the compiler's tail), auto mode falls back to foreach
+    with ONE warning, impl='native' raises with the compiler output."""
+    import subprocess
+
+    def fail(with_cuda):
+        raise subprocess.CalledProcessError(1, ["ninja"], output=b"csrc/x.cpp:1:1: error: the compiler said no")
+
+    monkeypatch.setattr(_ext, "_loaded", None)
+    monkeypatch.setattr(_ext, "_error", None)
+    monkeypatch.setattr(_ext, "_warned", False)
+    monkeypatch.setattr(_ext, "_jit_build", fail)
+    monkeypatch.setitem(__import__("sys").modules, "fused_optim._C", None)  # no AOT build either
+    p = [torch.randn(3, requires_grad=True)]
+    p[0].grad = torch.randn(3)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        opt = fo.Lion(p, lr=0.1)
+        opt.step()
+        assert opt.impl_for("cpu") == "foreach"
+        fo.Lion(p, lr=0.1).step()
+        fo.available_impls("cpu")
+    msgs = [str(w.message) for w in rec if "native extension" in str(w.message)]
+    assert len(msgs) == 1 and "the compiler said no" in msgs[0]
+    st = fo.available_impls("cpu")["native"]
+    assert not st.available and "the compiler said no" in st.reason
+    with pytest.raises(RuntimeError, match="the compiler said no"):
+        fo.Lion(p, lr=0.1, impl="native").step()
