@@ -5,8 +5,8 @@ both regimes: few big tensors (bandwidth-bound) and many small ones (launch- and
 
 - reductions (absmax for Gravity, sum for GradientEquilibrium, sumsq for Adan's clip and SAM):
   `torch._foreach_norm` (+ stack; torch has no multi-tensor sum, so sum is a per-tensor loop), the
-  native `torch.ops.fused_optim.multi_tensor_reduce` when the extension is built, and the Triton
-  partials kernel (`fused_optim.kernels.reduce`) where Triton compiles.
+  native `torch.ops.fused_optim.multi_tensor_stats` (all three in one pass) when the extension is
+  built, and the Triton partials kernel (`fused_optim.kernels.reduce`) where Triton compiles.
 - updates: each optimizer's functional step (`Optimizer._impls[impl]`) called directly with
   prepared lists, without the class's bookkeeping, for every impl that can run here; torch's
   `_fused_adamw_` is the yardstick.
@@ -99,10 +99,15 @@ def reduction_impls(device: torch.device, wanted: list[str] | None) -> tuple[dic
 
     st = fused_optim.available_impls(device)  # the native probe loads (or JIT-builds) the extension
     if st["native"].available:
-        try:
-            makers["native"] = _native_reduce_maker(torch.ops.fused_optim.multi_tensor_reduce)
-        except (AttributeError, RuntimeError) as exc:
-            notes.append(f"reduce/native: skipped, the extension has no multi_tensor_reduce op ({exc})")
+        ops = torch.ops.fused_optim
+        if hasattr(ops, "multi_tensor_stats"):
+            # csrc's op computes max|g|, sum and sum of squares together, in one pass over each tensor:
+            # the same call is timed under each of the three names
+            makers["native-stats"] = lambda grads, name: (lambda: ops.multi_tensor_stats(grads))
+        elif hasattr(ops, "multi_tensor_reduce"):
+            makers["native"] = lambda grads, name: (lambda: ops.multi_tensor_reduce(grads, name))
+        else:
+            notes.append("reduce/native: skipped, the extension registers no multi-tensor reduction op")
     else:
         notes.append(f"reduce/native: skipped, {st['native'].reason}")
 
@@ -130,12 +135,8 @@ def reduction_impls(device: torch.device, wanted: list[str] | None) -> tuple[dic
     else:
         notes.append(f"reduce/triton: skipped, {tri.reason}")
     if wanted is not None:
-        makers = {k: v for k, v in makers.items() if k == "torch._foreach_norm" or k in wanted}
+        makers = {k: v for k, v in makers.items() if k == "torch._foreach_norm" or k.split("-")[0] in wanted}
     return makers, notes
-
-
-def _native_reduce_maker(op):
-    return lambda grads, name: (lambda: op(grads, name))
 
 
 def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple[int, ...]], optimizers: list[str],
