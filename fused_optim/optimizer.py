@@ -309,8 +309,14 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         grads = [g for _, _, gs in batches for g in gs]
         devices = {g.device for g in grads}
+        sharded = any(_dist.is_dtensor(g) for g in grads)
+
+        def runs(device):  # the impl `_dispatch` will call there (DTensors may fall back to foreach)
+            impl = self.impl_for(device)
+            return self._shard_impl(impl, self._impls[impl])[1] if sharded else self._impls[impl]
+
         in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
-                     and all(getattr(self._impls[self.impl_for(d)], "supports_amp", False) for d in devices))
+                     and all(getattr(runs(d), "supports_amp", False) for d in devices))
         device_skip = in_kernel and not self._group_counters and all(d.type != "cpu" for d in devices)
         if found_inf is not None and not device_skip:
             if found_inf.item():  # host read; see the class docstring for when this is a sync

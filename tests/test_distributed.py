@@ -34,9 +34,15 @@ CASES = {
                   False),
     "equilibrium": (lambda groups, impl: GradientEquilibrium(groups, lr=0.1, weight_decay=0.01, maximize=True,
                                                           impl=impl), False),
+    # the Triton launchers (interpreted on CPU) on local shards: Lion's update is elementwise
+    "lion_triton": (lambda groups, impl: Lion(groups, lr=1e-2, weight_decay=0.1, impl=impl), True),
+    # AMP on shards: grads scaled by 2^10, unscaled by the optimizer (exact: a power of two)
+    "gravity_amp": (lambda groups, impl: Gravity(groups, lr=0.05, alpha=0.01, beta=0.9, impl=impl), True),
 }
+IMPL = {"lion_triton": "triton"}
 # collectives one step() issues on the shards: one per per-tensor reduction split, one for a global norm
-EXPECTED_ALL_REDUCES = {"gravity": 2, "lion": 0, "adan": 0, "adan_clip": 1, "equilibrium": 2}
+EXPECTED_ALL_REDUCES = {"gravity": 2, "lion": 0, "adan": 0, "adan_clip": 1, "equilibrium": 2, "lion_triton": 0,
+                        "gravity_amp": 2}
 
 
 def _model():
@@ -85,7 +91,9 @@ def _worker(rank, port, out_dir):
     from torch.distributed.tensor import distribute_tensor
     from torch.nn.parallel import DistributedDataParallel
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # impl="triton" is available on CPU tensors (interpreted) only with this set
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    from fused_optim._backends import impl_status
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
@@ -97,12 +105,16 @@ def _worker(rank, port, out_dir):
         return real_all_reduce(*args, **kwargs)
 
     for name, (make, _) in CASES.items():
+        impl = IMPL.get(name, "foreach")
+        if not impl_status(impl, "cpu").available:
+            results[name] = {"skip": f"{impl}: {impl_status(impl, 'cpu').reason}"}
+            continue
         try:
             ref_model = _model()
-            ref = make(_groups(ref_model), "foreach")
+            ref = make(_groups(ref_model), impl)
             model = _model()
             fully_shard(model, mesh=mesh)
-            opt = make(_groups(model), "foreach")
+            opt = make(_groups(model), impl)
             for p, q in zip(model.parameters(), ref_model.parameters()):
                 if "v" in ref.state[q]:  # Gravity's velocity draw: give the shards the same values
                     opt.state[p]["v"].to_local().copy_(distribute_tensor(ref.state[q]["v"], mesh,
@@ -113,10 +125,15 @@ def _worker(rank, port, out_dir):
                 x, y = _batch(step)
                 opt.zero_grad()
                 torch.nn.functional.mse_loss(model(x), y).backward()
+                amp = {}
+                if name.endswith("_amp"):
+                    for p in model.parameters():
+                        p.grad.to_local().mul_(1024.0)
+                    amp = dict(grad_scale=torch.tensor(1024.0), found_inf=torch.tensor(0.0))
                 calls.clear()
                 dist.all_reduce = counting_all_reduce
                 try:
-                    opt.step()
+                    opt.step(**amp)
                 finally:
                     dist.all_reduce = real_all_reduce
                 n_calls.append(len(calls))
@@ -186,6 +203,8 @@ def results(tmp_path_factory):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fsdp2_sharded_equals_unsharded(results, name):
     exact = CASES[name][1]
+    if "skip" in results[0][name]:
+        pytest.skip(results[0][name]["skip"])
     for rank, res in enumerate(results):
         r = res[name]
         assert "error" not in r, f"rank {rank}: {r.get('error')}"
