@@ -95,10 +95,13 @@ def test_quick_end_to_end(tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["quick"] is True and meta["skipped"] == skipped and meta["total_seconds"] > 0
 
-    # the summary is a pure function of the CSVs: --report-only reproduces it
+    # the summary is a pure function of the CSVs: --report-only reproduces it, also when reached
+    # through `python -m bench --convergence`
+    from bench.__main__ import main as bench_main
+
     before = (out / "summary.csv").read_text()
     (out / "summary.csv").unlink()
-    assert conv.main(["--report-only", "--out", str(out)]) == 0
+    assert bench_main(["--convergence", "--report-only", "--out", str(out)]) == 0
     assert (out / "summary.csv").read_text() == before
 
 
@@ -130,3 +133,16 @@ def test_same_init_and_data_order_for_every_optimizer():
         assert torch.equal(pa, pb)
     c = conv._initial_model(task, 4, torch.device("cpu"))
     assert not all(torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+
+
+def test_selection_seed_is_left_out_of_the_report():
+    """Seed 0 picks the lr (best validation of the grid), so it is biased upward; the reported runs are
+    seeds 1.. at that lr. With only the sweep (--quick), the chosen sweep run is reported."""
+    def row(lr, seed, phase, best, diverged="0"):
+        return dict(task="t", optimizer="o", lr=lr, seed=str(seed), phase=phase, best_val_metric=str(best),
+                    diverged=diverged, final_val_loss="0.1")
+
+    sweep = [row("0.1", 0, "sweep", 0.90), row("0.3", 0, "sweep", 0.95), row("1.0", 0, "sweep", 0.99, "1")]
+    assert [(r["lr"], r["seed"]) for r in conv.chosen_runs(sweep)[("t", "o")]] == [("0.3", "0")]
+    seeds = [row("0.3", 1, "seeds", 0.93), row("0.3", 2, "seeds", 0.94)]
+    assert [r["seed"] for r in conv.chosen_runs(sweep + seeds)[("t", "o")]] == ["1", "2"]
