@@ -109,7 +109,17 @@ class Adan(FusedOptimizer):
     _group_counters = ("step",)  # the bias corrections depend on it: an AMP found_inf skip must not advance it
 
     def _reads_grads_before_dispatch(self) -> bool:
-        return self.defaults["max_grad_norm"] > 0  # the global clip norm must see unscaled grads under AMP
+        # Under AMP these reads must see unscaled grads: the global clip norm, and a param's first step,
+        # which initialises neg_pre_grad = -clip*g from its grad (`_adan_group`).
+        if self.defaults["max_grad_norm"] > 0:
+            return True
+        for group in self.param_groups:
+            if group.get("step", 0) == 0:
+                return True
+            for p in group["params"]:
+                if p.grad is not None and "neg_pre_grad" not in self.state.get(p, ()):
+                    return True
+        return False
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,

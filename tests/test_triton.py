@@ -336,7 +336,7 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     from fused_optim.kernels import adan, equilibrium, gravity, lion, reduce
 
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
-            "rchunks_ptr": "*i32", "clip_ptr": "*fp32"}
+            "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
 
     def fp32(*names):
         return {n: "fp32" for n in names}
@@ -360,7 +360,8 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     if "nvidia" not in backends:
         pytest.skip("this triton install has no CUDA backend")
     for kernel, scalars, consts, warps in cases:
-        ptx = _compile_for_sm90(kernel, {**ptrs, **scalars}, {**consts, "ALIGNED": True}, warps)
+        amp_off = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)  # the AMP variants: tests/test_triton_amp.py
+        ptx = _compile_for_sm90(kernel, {**ptrs, **scalars}, {**amp_off, **consts, "ALIGNED": True}, warps)
         assert "ld.global.v4" in ptx, kernel.fn.__name__
         if kernel is not reduce._partials_kernel:
             assert "st.global.v4" in ptx, kernel.fn.__name__

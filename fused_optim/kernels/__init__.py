@@ -3,45 +3,58 @@
 Importing this package does not import triton: the optimizer modules register these launchers in
 their ``_impls`` at import, and triton is loaded on the first triton step. Each launcher has exactly
 the signature of the optimizer's reference (``_forloop_x``); the kernel and the real launcher live in
-one file per optimizer, the shared tables in `multi_tensor.py`.
+one file per optimizer, the shared tables in `multi_tensor.py`. All four are AMP-aware
+(`supports_amp`): the grad scale is divided out and the found_inf skip taken inside the kernels.
 """
 from __future__ import annotations
 
 from torch import Tensor
 
+from ..optimizer import supports_amp
 
+
+@supports_amp
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
-                    beta_hat: float, maximize: bool) -> None:
+                    beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> None:
     from .gravity import _triton_gravity as fn
 
-    fn(params, grads, vs, lr=lr, beta_hat=beta_hat, maximize=maximize)
+    fn(params, grads, vs, lr=lr, beta_hat=beta_hat, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
+@supports_amp
 def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
-                 beta1: float, beta2: float, weight_decay: float, maximize: bool) -> None:
+                 beta1: float, beta2: float, weight_decay: float, maximize: bool,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     from .lion import _triton_lion as fn
 
-    fn(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize)
+    fn(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
+       grad_scale=grad_scale, found_inf=found_inf)
 
 
+@supports_amp
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float,
                  beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
-                 clip: float | Tensor, maximize: bool) -> None:
+                 clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None) -> None:
     from .adan import _triton_adan as fn
 
     fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr=lr, beta1=beta1, beta2=beta2,
        beta3=beta3, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
        bias_correction3_sqrt=bias_correction3_sqrt, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
-       clip=clip, maximize=maximize)
+       clip=clip, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
 
 
+@supports_amp
 def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
-                                 maximize: bool) -> None:
+                                 maximize: bool, grad_scale: Tensor | None = None,
+                                 found_inf: Tensor | None = None) -> None:
     from .equilibrium import _triton_gradient_equilibrium as fn
 
-    fn(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize)
+    fn(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
+       found_inf=found_inf)
 
 
 __all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]

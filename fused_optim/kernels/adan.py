@@ -3,7 +3,15 @@
 The global clip factor stays on the device: the kernel reads the 0-d fp32 tensor the class computed
 (no `.item()`), and ``neg_pre_grad`` (``-clip·g`` of this step, for the next one) is written by the same
 kernel, so nothing else touches the grads. Bytes per element (fp32): read p, g, exp_avg, exp_avg_sq,
-exp_avg_diff, neg_pre_grad (24 B), write all but g (20 B): 44 B.
+exp_avg_diff, neg_pre_grad (24 B), write all but g (20 B): 44 B (+4 B under AMP: the unscaled grad is
+written back).
+
+AMP (`fused_optim.optimizer.supports_amp`): ``g / grad_scale`` (rounded to the grad's dtype, as torch's
+in-place unscale stores it) is the first thing done to g, stored back to ``.grad``, then maximize and
+the clip apply as without AMP; every program does nothing when ``found_inf != 0``. The clip factor is
+the caller's: with ``max_grad_norm > 0`` the class computes it from the grads before dispatch, so
+`FusedOptimizer` unscales them first (one foreach pass, `_reads_grads_before_dispatch`) and this
+kernel then gets no grad_scale: the same order, and the same bits, as the foreach path under AMP.
 """
 from __future__ import annotations
 
@@ -13,11 +21,14 @@ import triton.language as tl
 from torch import Tensor
 
 from .multi_tensor import (
+    _amp_go,
+    _amp_unscale,
     _chunk_coords,
     _div_rn,
     _div_rn_scalar,
     _load_f32,
     _store_f32,
+    amp_args,
     device_fn,
     device_guard,
     get_table,
@@ -32,8 +43,10 @@ CLIP_NONE, CLIP_VALUE, CLIP_TENSOR = 0, 1, 2
 @device_fn
 def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
                  one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                 grad_scale_ptr,
                  MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr, DECAY: tl.constexpr, CLIP: tl.constexpr,
-                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+                 P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+                 HAS_GRAD_SCALE: tl.constexpr):
     """sail-sg's per-element op order on one block; ``neg_pre_grad`` is rewritten as ``-clip·g``."""
     p_addr = tl.load(row + 4)
     ea_addr = tl.load(row + 5)
@@ -46,6 +59,9 @@ def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, o
     exp_avg_sq = _load_f32(es_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     npg = _load_f32(npg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
+        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
     if CLIP:
@@ -86,6 +102,8 @@ def _adan_kernel(
     neg_step_size,                     # -lr / bias_correction1
     neg_step_size_diff,                # -lr * beta2 / bias_correction2
     decay,                             # no_prox: 1 - lr*wd (multiply first); else 1 + lr*wd (divide last)
+    grad_scale_ptr,                    # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
+    found_inf_ptr,                     # fp32 0-d: AMP's inf flag; nonzero skips the step (HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
     NO_PROX: tl.constexpr,
     DECAY: tl.constexpr,               # weight_decay != 0
@@ -95,33 +113,42 @@ def _adan_kernel(
     ALIGNED: tl.constexpr,             # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     BLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
-    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
-    g_addr = tl.load(grad_ptrs_ptr + t)
-    if CLIP == 2:
-        clip = tl.load(clip_ptr)
-    else:
-        clip = clip_value
-    if full:
-        _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
-                     one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
-                     MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, False)
-    else:
-        _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
-                     one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
-                     MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, True)
+    if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+        g_addr = tl.load(grad_ptrs_ptr + t)
+        if CLIP == 2:
+            clip = tl.load(clip_ptr)
+        else:
+            clip = clip_value
+        if full:
+            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
+                         one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                         grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, False,
+                         HAS_GRAD_SCALE)
+        else:
+            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
+                         one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
+                         grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, True,
+                         HAS_GRAD_SCALE)
 
 
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float,
                  beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
-                 clip: float | Tensor, maximize: bool) -> None:
-    """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor."""
+                 clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None) -> None:
+    """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor. AMP:
+    see the module docstring."""
     lr = float(lr)
-    for prep in prepare_launches(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads]):
+    for prep in prepare_launches(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
+                                 write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         kernel = kernel_for(_adan_kernel, table.device)
+        gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
         if isinstance(clip, Tensor):
             clip_mode, clip_value = CLIP_TENSOR, 1.0
             clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
@@ -134,8 +161,8 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                 table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
                 float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
                 float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
-                -lr * beta2 / bias_correction2, decay,
+                -lr * beta2 / bias_correction2, decay, gs_ptr, fi_ptr,
                 MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
                 P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                num_warps=4)
+                HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=4)
         prep.finish()

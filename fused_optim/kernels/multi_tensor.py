@@ -208,6 +208,40 @@ def _store_f32(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, M
 
 
 @device_fn
+def _round_to_kind(x, KIND: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in the tensor dtype and widened back (exact for fp32): the value
+    a store then a load would give, without the memory round trip."""
+    if KIND == 2:
+        bits = x.to(tl.uint32, bitcast=True)
+        lsb = (bits >> 16) & 1
+        rounded = ((bits + 0x7FFF + lsb) >> 16) << 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        x = tl.where(is_nan, x, rounded.to(tl.float32, bitcast=True))
+    elif KIND == 1:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@device_fn
+def _amp_go(found_inf_ptr, HAS_FOUND_INF: tl.constexpr):
+    """Whether this program does its work: False when AMP's ``found_inf`` is nonzero (the whole step is
+    skipped, every tensor left as it was), read on the device; always True without the flag."""
+    if HAS_FOUND_INF:
+        go = tl.load(found_inf_ptr) == 0.0
+    else:
+        go = True
+    return go
+
+
+@device_fn
+def _amp_unscale(g, grad_scale_ptr, KIND: tl.constexpr):
+    """``g / grad_scale`` as torch's in-place unscale of a ``KIND`` grad computes it: an IEEE division in
+    fp32, rounded to the grad's dtype (the value written back to ``.grad`` and the one every later use,
+    reductions included, must see)."""
+    return _round_to_kind(_div_rn(g, tl.load(grad_scale_ptr)), KIND)
+
+
+@device_fn
 def _load_partials(row, partials_ptr, MAX_PARTS: tl.constexpr):
     """This tensor's partial reductions (zero-padded) as one vector; the caller reduces it."""
     first = tl.load(row + 1)
@@ -328,11 +362,15 @@ class Prepared:
     """Non-empty tensors of a group, all contiguous, their addresses (the cache key), and how to write
     results back when they are contiguous stand-ins for strided tensors."""
 
-    __slots__ = ("cacheable", "grad_addrs", "grads", "key", "p_kind", "s_kind", "static", "writeback")
+    __slots__ = ("cacheable", "grad_addrs", "grad_writeback", "grads", "key", "p_kind", "s_kind", "static",
+                 "writeback")
 
-    def __init__(self, static, grads, p_kind, s_kind, writeback=()):
+    def __init__(self, static, grads, p_kind, s_kind, writeback=(), grad_writeback=()):
         self.static, self.grads, self.p_kind, self.s_kind = static, grads, p_kind, s_kind
         self.writeback = writeback
+        # (grad, contiguous copy) pairs: only when the kernel writes grads (AMP's unscale); not part of
+        # the static table, so they do not affect caching
+        self.grad_writeback = grad_writeback
         # stand-ins get fresh addresses every step: caching their table would only evict useful ones
         self.cacheable = not writeback
         self.key = (static[0][0].device, tuple(t.numel() for t in static[0]),
@@ -341,22 +379,25 @@ class Prepared:
 
     def finish(self) -> None:
         """Copy results of non-contiguous tensors back to their original storage."""
-        for dst, src in self.writeback:
+        for dst, src in (*self.writeback, *self.grad_writeback):
             dst.copy_(src)
 
 
-def _contiguous_grads(grads: list[Tensor]) -> list[Tensor]:
+def _contiguous_grads(grads: list[Tensor], write: bool = False) -> tuple[list[Tensor], list]:
+    """Contiguous grads, and the (grad, copy) pairs to copy back when the kernel writes them (``write``)."""
     if all(g.is_contiguous() for g in grads):
-        return grads
-    return [g.contiguous() for g in grads]  # read only: no write-back; the grad table is refreshed anyway
+        return grads, []
+    out = [g.contiguous() for g in grads]  # the grad table is refreshed every step anyway
+    return out, [(g, c) for g, c in zip(grads, out) if c is not g] if write else []
 
 
 def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
-                     states: Sequence[Sequence[Tensor]]) -> list[Prepared]:
+                     states: Sequence[Sequence[Tensor]], *, write_grads: bool = False) -> list[Prepared]:
     """The launches of one group: none when every tensor is empty; one over the contiguous tensors
     (zero-size ones dropped); and, only if some param or state tensor is strided (rare: a strided view
     as a param), a second one over contiguous stand-ins that `Prepared.finish` copies back. Keeping
-    those apart keeps the main table cached: a stand-in has a new address every step.
+    those apart keeps the main table cached: a stand-in has a new address every step. ``write_grads``
+    (the kernel writes the grads: AMP's unscale) also copies non-contiguous grads back in `finish`.
 
     This runs every step on the host, so it reads each tensor as few times as it can (~0.1-0.2 µs per
     attribute read): numel once, then contiguity and address once per list.
@@ -378,13 +419,14 @@ def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
     lists = [list(params), *(list(s) for s in states)]
     grads = list(grads)
     if all(t.is_contiguous() for lst in lists for t in lst):
-        return [Prepared(lists, _contiguous_grads(grads), p_kind, s_kind)]
+        gs, gwb = _contiguous_grads(grads, write_grads)
+        return [Prepared(lists, gs, p_kind, s_kind, grad_writeback=gwb)]
     strided = [i for i in range(len(params)) if not all(lst[i].is_contiguous() for lst in lists)]
     plain = sorted(set(range(len(params))) - set(strided))
     out = []
     if plain:
-        out.append(Prepared([[lst[i] for i in plain] for lst in lists],
-                            _contiguous_grads([grads[i] for i in plain]), p_kind, s_kind))
+        gs, gwb = _contiguous_grads([grads[i] for i in plain], write_grads)
+        out.append(Prepared([[lst[i] for i in plain] for lst in lists], gs, p_kind, s_kind, grad_writeback=gwb))
     writeback = []
     stand_ins = []
     for lst in lists:
@@ -397,22 +439,37 @@ def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
                 t = c
             col.append(t)
         stand_ins.append(col)
-    out.append(Prepared(stand_ins, _contiguous_grads([grads[i] for i in strided]), p_kind, s_kind, writeback))
+    gs, gwb = _contiguous_grads([grads[i] for i in strided], write_grads)
+    out.append(Prepared(stand_ins, gs, p_kind, s_kind, writeback, gwb))
     return out
 
 
 def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
-            states: Sequence[Sequence[Tensor]]) -> Prepared | None:
+            states: Sequence[Sequence[Tensor]], *, write_grads: bool = False) -> Prepared | None:
     """All of a group in one `Prepared` (strided tensors as stand-ins in the same table, which is then
     rebuilt every step), or None when every tensor is empty. `prepare_launches` keeps the common case
     cached by splitting the strided tensors off; this single-launch form is kept for callers that
     need exactly one launch."""
-    launches = prepare_launches(params, grads, states)
+    launches = prepare_launches(params, grads, states, write_grads=write_grads)
     if len(launches) <= 1:
         return launches[0] if launches else None
     plain, strided = launches
     static = [a + b for a, b in zip(plain.static, strided.static)]
-    return Prepared(static, plain.grads + strided.grads, plain.p_kind, plain.s_kind, strided.writeback)
+    return Prepared(static, plain.grads + strided.grads, plain.p_kind, plain.s_kind, strided.writeback,
+                    [*plain.grad_writeback, *strided.grad_writeback])
+
+
+def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:
+    """``(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)`` of a launch.
+
+    The values stay on the device (kernels load them: no host sync, and a new scale never recompiles);
+    only whether each is present is a constexpr. An absent one is replaced by any fp32 buffer of the
+    device, which the kernel never reads."""
+    def arg(t):
+        if t is None:
+            return table.partials
+        return t.detach().to(device=table.device, dtype=torch.float32)  # a no-op for GradScaler's tensors
+    return arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None
 
 
 def device_guard(device: torch.device):

@@ -5,22 +5,44 @@ into ``table.partials``; the update kernel then loads its tensor's slots as one 
 the reduction itself. That gives two launches per step (reduce, update) with no buffer to zero and
 the same bits every run, which float atomics would not give for sums. The cost is each update program
 re-reading at most 256 floats of its tensor (1 KiB, L2-resident), against >= 8 KiB of its own traffic.
+
+AMP: with a grad scale each element is unscaled (and rounded to the grad's dtype) before it is reduced,
+so the result is the reduction of the grads the update then writes back: for max|g| that equals
+``max|g| / s`` (division by s > 0, correctly rounded, is monotonic), for sums it is not in general.
+With ``found_inf`` set every program returns at once; the update kernel skips too, so the stale
+partials are never read. The grads themselves are written back only by the update kernel.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+from torch import Tensor
 
-from .multi_tensor import Table, _load_f32, _vmax, _vsum, device_fn, device_guard, kernel_for
+from .multi_tensor import (
+    Table,
+    _amp_go,
+    _amp_unscale,
+    _load_f32,
+    _vmax,
+    _vsum,
+    amp_args,
+    device_fn,
+    device_guard,
+    kernel_for,
+)
 
 OP_ABSMAX, OP_SUM = 0, 1
 
 
 @device_fn
-def _summand(g_addr, p_addr, offs, mask, coeff, OP: tl.constexpr, NEGATE: tl.constexpr,
-             ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
-    """|g| (OP 0) or ±g [+ coeff*p] (OP 1) of one block, 0 where masked (neutral for both)."""
+def _summand(g_addr, p_addr, offs, mask, coeff, grad_scale_ptr, OP: tl.constexpr, NEGATE: tl.constexpr,
+             ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
+             HAS_GRAD_SCALE: tl.constexpr):
+    """|g| (OP 0) or ±g [+ coeff*p] (OP 1) of one block, 0 where masked (neutral for both); g unscaled
+    first under AMP."""
     g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
     if OP == 0:
         x = tl.abs(g)
     else:
@@ -41,6 +63,8 @@ def _partials_kernel(
     rchunks_ptr,     # int32 [n_parts, 2]: (tensor, slot) of each program
     partials_ptr,    # fp32 [n_parts]: one partial result per slot (output)
     coeff,           # fp32: weight of the param in the summand g + coeff*p (OP_SUM with ADD_PARAM)
+    grad_scale_ptr,  # fp32 0-d: AMP's loss scale, divided out of g first (read when HAS_GRAD_SCALE)
+    found_inf_ptr,   # fp32 0-d: AMP's inf flag; nonzero: nothing to do (read when HAS_FOUND_INF)
     OP: tl.constexpr,          # 0: max |g|, 1: sum of (+/-g [+ coeff*p])
     NEGATE: tl.constexpr,      # sum -g instead of g (maximize)
     ADD_PARAM: tl.constexpr,   # add coeff*p to every element first (GradientEquilibrium's L2 term)
@@ -48,7 +72,18 @@ def _partials_kernel(
     ALIGNED: tl.constexpr,     # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,
     RBLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
 ):
+    if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr, OP, NEGATE,
+                       ADD_PARAM, P_KIND, ALIGNED, ROW, RBLOCK, HAS_GRAD_SCALE)
+
+
+@device_fn
+def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr, OP: tl.constexpr,
+                   NEGATE: tl.constexpr, ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                   ROW: tl.constexpr, RBLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(rchunks_ptr + 2 * pid).to(tl.int64)
     j = tl.load(rchunks_ptr + 2 * pid + 1).to(tl.int64)
@@ -66,7 +101,8 @@ def _partials_kernel(
     k = 0
     while k < n_full:
         offs = start + k * RBLOCK + tl.arange(0, RBLOCK)
-        x = _summand(g_addr, p_addr, offs, offs < numel, coeff, OP, NEGATE, ADD_PARAM, P_KIND, ALIGNED, False)
+        x = _summand(g_addr, p_addr, offs, offs < numel, coeff, grad_scale_ptr, OP, NEGATE, ADD_PARAM, P_KIND,
+                     ALIGNED, False, HAS_GRAD_SCALE)
         if OP == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
         else:
@@ -74,8 +110,8 @@ def _partials_kernel(
         k += 1
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
     if n_full * RBLOCK < count:
-        x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, OP, NEGATE, ADD_PARAM, P_KIND,
-                     ALIGNED, True)
+        x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, grad_scale_ptr, OP, NEGATE, ADD_PARAM,
+                     P_KIND, ALIGNED, True, HAS_GRAD_SCALE)
         if OP == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
         else:
@@ -88,11 +124,12 @@ def _partials_kernel(
 
 
 def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False, add_param: bool = False,
-                    coeff: float = 0.0) -> None:
-    """Fill ``table.partials`` (the grads must already be in ``table.grad_ptrs``)."""
+                    coeff: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+    """Fill ``table.partials`` (the grads must already be in ``table.grad_ptrs``); AMP: module docstring."""
     kernel = kernel_for(_partials_kernel, table.device)
+    gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
     with device_guard(table.device):
         kernel[(table.n_parts,)](table.meta, table.grad_ptrs, table.rchunks, table.partials, float(coeff),
-                                 OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param), P_KIND=p_kind,
-                                 ALIGNED=table.aligned,
-                                 ROW=table.row, RBLOCK=table.rblock, num_warps=8)
+                                 gs_ptr, fi_ptr, OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param),
+                                 P_KIND=p_kind, ALIGNED=table.aligned, ROW=table.row, RBLOCK=table.rblock,
+                                 HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=8)
