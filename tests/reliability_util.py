@@ -23,7 +23,49 @@ SLOW_IMPLS = ("triton",)
 
 
 def cpu_impls() -> list[str]:
-    return [name for name, st in fused_optim.available_impls("cpu").items() if st.available]
+    """Impls that can run on CPU. Triton counts when its kernels are importable: the tests that take it
+    set TRITON_INTERPRET=1 themselves (`triton_interpreter`), never for the whole session."""
+    out = [name for name, st in fused_optim.available_impls("cpu").items() if st.available]
+    if "triton" not in out:
+        from fused_optim._backends import _triton_import
+
+        if _triton_import().available:
+            out.insert(min(2, len(out)), "triton")
+    return out
+
+
+def has_impl(cls: type, impl: str | None) -> bool:
+    """Whether `cls` implements `impl` (wrappers: their inner Lion does)."""
+    if impl is None or cls.__name__ in ("Lookahead", "SAM"):
+        cls = fused_optim.Lion if cls.__name__ in ("Lookahead", "SAM") else cls
+    impls = getattr(cls, "_impls", None)
+    return impl is None or impls is None or impl in impls
+
+
+def combos(optimizers: list[type], impls: list[str]) -> list:
+    """(class, impl) pairs where the class has the impl, as pytest params with readable ids."""
+    import pytest
+
+    return [pytest.param(cls, impl, id=f"{cls.__name__}-{impl}") for cls in optimizers for impl in impls
+            if has_impl(cls, impl)]
+
+
+def _triton_interpreter_fixture():
+    import pytest
+
+    @pytest.fixture(autouse=True)
+    def triton_interpreter(monkeypatch):
+        """impl='triton' on CPU tensors needs TRITON_INTERPRET=1 (`available_impls`); set per test, never
+        for the session. The kernels are imported first, outside the flag: `@triton.jit` fixes the
+        flavour of a kernel at decoration time, process-wide."""
+        if "triton" in cpu_impls():
+            import fused_optim.kernels  # noqa: F401
+            monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+    return triton_interpreter
+
+
+triton_interpreter = _triton_interpreter_fixture()
 
 
 def exported_optimizers() -> list[type]:

@@ -22,8 +22,9 @@ import pytest
 import torch
 
 import fused_optim
-from reliability_util import (SLOW_IMPLS, assert_identical, build_case, cpu_impls, exported_optimizers,
-                              load_checkpoint, make_optimizer, make_params, run_steps, save_checkpoint, snapshot)
+from reliability_util import (SLOW_IMPLS, assert_identical, build_case, combos, cpu_impls, exported_optimizers,
+                              has_impl, load_checkpoint, make_optimizer, make_params, run_steps, save_checkpoint,
+                              snapshot, triton_interpreter)  # noqa: F401 (autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()
@@ -34,11 +35,12 @@ HERE = Path(__file__).resolve().parent
 def _cases() -> list[dict]:
     cases = []
     for cls in OPTIMIZERS:
-        for i, impl in enumerate(IMPLS):
+        impls = [i for i in IMPLS if has_impl(cls, i)]
+        for i, impl in enumerate(impls):
             cases.append(dict(kind="same", cls=cls.__name__, impl_save=impl, impl_load=impl, dcp=False))
             cases.append(dict(kind="dcp", cls=cls.__name__, impl_save=impl, impl_load=impl, dcp=True))
-            if len(IMPLS) > 1:  # a ring over the impls: every impl saves for one and loads from another
-                other = IMPLS[(i + 1) % len(IMPLS)]
+            if len(impls) > 1:  # a ring over the impls: every impl saves for one and loads from another
+                other = impls[(i + 1) % len(impls)]
                 cases.append(dict(kind="cross", cls=cls.__name__, impl_save=impl, impl_load=other, dcp=False))
     for n, case in enumerate(cases):
         case["seed"] = 1000 + n
@@ -63,6 +65,8 @@ def _child_env() -> dict:
     env = dict(os.environ)
     root = str(HERE.parent)
     env["PYTHONPATH"] = os.pathsep.join([root, str(HERE), env.get("PYTHONPATH", "")])
+    if "triton" in IMPLS:
+        env["TRITON_INTERPRET"] = "1"  # impl='triton' on CPU tensors (a fresh process: set before import)
     return env
 
 
@@ -70,6 +74,15 @@ def _child_env() -> dict:
 def resumed(tmp_path_factory):
     """Runs the first half of every case here, the second half in one fresh process, and the in-process
     expectation; returns {case id: (expected snapshot | Exception, fresh-process result | error str)}."""
+    if "triton" in IMPLS:
+        import fused_optim.kernels  # noqa: F401  (decorated outside the interpreter flag, see triton_interpreter)
+    with pytest.MonkeyPatch.context() as mp:
+        if "triton" in IMPLS:
+            mp.setenv("TRITON_INTERPRET", "1")
+        return _resume_all(tmp_path_factory)
+
+
+def _resume_all(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ckpt")
     expected, manifest = {}, []
     for case in CASES:
@@ -118,8 +131,7 @@ def test_resume_in_fresh_process_is_bit_identical(resumed, case, request):
     assert_identical(exp["state"], got["state"], "state_dict")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls,impl", combos(OPTIMIZERS, IMPLS))
 def test_dcp_init_step_changes_nothing(cls, impl, request):
     """torch.distributed.checkpoint initialises an optimizer by calling step() with lr=0 and zero grads
     (`_init_optim_state`): that step must not raise (Gravity: no division by lr), must leave every param
@@ -145,7 +157,7 @@ def test_dcp_init_step_changes_nothing(cls, impl, request):
                 assert torch.isfinite(value).all(), f"state {key!r} is not finite after the lr=0 init step"
 
 
-@pytest.mark.parametrize("impl", [i for i in IMPLS if i not in SLOW_IMPLS])
+@pytest.mark.parametrize("impl", [i for i in IMPLS if has_impl(fused_optim.Adan, i)])
 def test_load_state_dict_recasts_to_the_impl_state_dtype(impl):
     """A bf16 checkpoint of the reference (bf16 state) loads into every impl and back with the impl's
     state dtype (fused impls keep fp32 state; SPEC §9), and the values survive exactly."""

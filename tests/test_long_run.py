@@ -20,8 +20,8 @@ import tracemalloc
 import pytest
 import torch
 
-from reliability_util import (SLOW_IMPLS, Problem, assert_identical, cpu_impls, exported_optimizers,
-                              make_optimizer, snapshot)
+from reliability_util import (SLOW_IMPLS, Problem, assert_identical, combos, cpu_impls, exported_optimizers,
+                              make_optimizer, snapshot, triton_interpreter)  # noqa: F401 (autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()
@@ -76,7 +76,7 @@ def _run(cls, impl: str, steps: int, device: str, monitor: bool, traced: int) ->
         for _ in range(steps):
             one_step()
         return dict(result=snapshot(opt, params))
-    for _ in range(WARMUP if impl not in SLOW_IMPLS else 5):
+    for _ in range(WARMUP if impl not in SLOW_IMPLS else 10):
         one_step()
     cuda = device == "cuda"
     times = array("d", bytes(8 * steps))  # preallocated: the measurement itself must not allocate
@@ -120,11 +120,15 @@ def _monitored(opt, params, one_step, steps, traced, times, cuda) -> dict:
                 result=snapshot(opt, params))
 
 
-def _check(run: dict, steps: int, traced: int) -> None:
-    # a leak of one small object per step is >= 1 block and ~50 B/step; below the bounds is noise
-    assert run["block_growth"] < 32 + steps // 20, (
+def _check(run: dict, steps: int, traced: int, impl: str | None) -> None:
+    # A leak of one small object per step is >= 1 block and ~50 B/step; below the bounds is noise. The
+    # Triton interpreter patches triton.language classes at every launch (class-dict resizes of several
+    # KiB come and go), so interpreted runs get a fixed allowance: compiled kernels are checked on GPU.
+    blocks, traced_bytes = (256, 32 * 1024) if impl in SLOW_IMPLS else (32, 8 * 1024)
+    assert run["block_growth"] < blocks + steps // 20, (
         f"{run['block_growth']} more Python memory blocks over the last {steps - steps // 2} steps")
-    assert run["traced_growth"] < 8 * 1024 + 16 * traced, f"tracemalloc: Python allocations grew by {run['traced_growth']} B"
+    assert run["traced_growth"] < traced_bytes + 16 * traced, (
+        f"tracemalloc: Python allocations grew by {run['traced_growth']} B")
     assert run["tensor_growth"] <= 0, f"{run['tensor_growth']} more live tensors after {steps} steps"
     assert run["cuda_growth"] == 0, f"torch.cuda.memory_allocated grew by {run['cuda_growth']} B"
     assert run["late"] <= 3 * run["early"] + 100e-6, (
@@ -138,22 +142,20 @@ def _steps(impl: str, n: int) -> int:
 def _run_and_check(cls, impl, steps, traced, same_seed_steps, device="cpu"):
     """The monitored run (one thread); then two unmonitored runs of `same_seed_steps` with the default
     threads must be bit-identical (run to run, same seed)."""
-    _check(_long_run(cls, impl, steps, device, traced=traced), steps, traced)
+    _check(_long_run(cls, impl, steps, device, traced=traced), steps, traced, impl)
     first = _long_run(cls, impl, same_seed_steps, device, monitor=False)
     second = _long_run(cls, impl, same_seed_steps, device, monitor=False)
     assert_identical(first["result"], second["result"], "run 2 vs run 1")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls,impl", combos(OPTIMIZERS, IMPLS))
 def test_short_run_no_growth_and_deterministic(cls, impl):
     _run_and_check(cls, impl, _steps(impl, 300), traced=6 if impl in SLOW_IMPLS else 60,
                    same_seed_steps=_steps(impl, 100))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls,impl", combos(OPTIMIZERS, IMPLS))
 def test_10k_steps_no_growth_and_deterministic(cls, impl):
     _run_and_check(cls, impl, _steps(impl, 10_000), traced=_steps(impl, 10_000), same_seed_steps=_steps(impl, 10_000))
 
