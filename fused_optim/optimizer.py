@@ -117,12 +117,20 @@ class FusedOptimizer(torch.optim.Optimizer):
       ``scaler.unscale_(opt)`` first; the scaler then passes ``grad_scale=None`` and only ``found_inf``.
     - Subclasses that read grads before `_dispatch` (Adan's global clip) return True from
       `_reads_grads_before_dispatch`, so the grads are unscaled before that read.
+
+    Non-finite gradients: by default NaN/Inf in a grad flow through the update exactly as through the
+    reference (``forloop``) on every impl, at no cost. With ``opt.skip_if_nonfinite = True`` the step
+    first reduces every grad to one device flag (a multi-tensor max-abs, no host read) and hands it to
+    the AMP path above as ``found_inf``: a step with any NaN/Inf grad is skipped whole, with the same
+    sync rules (none when the kernels take ``found_inf``, else one host read of the flag).
     """
 
     #: torch.amp.GradScaler: give step() grad_scale/found_inf instead of unscaling (see "AMP" above)
     _step_supports_amp_scaling = True
     #: param-group keys that count steps; a found_inf skip leaves them unchanged (see "AMP" above)
     _group_counters: tuple[str, ...] = ()
+    #: skip the whole step when any grad holds NaN/Inf (see "Non-finite gradients" above)
+    skip_if_nonfinite: bool = False
     #: the update reads a reduction over each whole tensor (Gravity's max|g|, GradientEquilibrium's mean):
     #: on DTensor shards only impls marked ``fn.shard_aware = True`` (they finish it with
     #: `fused_optim.distributed.reduce_per_tensor`) may run; see `_shard_impl`
@@ -283,6 +291,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale = getattr(self, "grad_scale", None)
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
+        if self.skip_if_nonfinite:
+            found_inf = _nonfinite_flag([g for _, _, gs in batches for g in gs], found_inf)
         if grad_scale is None and found_inf is None:
             self._update(batches)
             return loss
@@ -415,6 +425,24 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def _nonfinite_flag(grads: list[Tensor], found_inf: Tensor | None) -> Tensor | None:
+    """1.0 when any grad holds NaN/Inf (or `found_inf` is already set), else 0.0: a 0-d fp32 tensor on the
+    first grad's device, computed without a host read (max|g| of each tensor is NaN/Inf iff it is)."""
+    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    for g in grads:
+        if g.numel():  # _foreach_norm(inf) raises on an empty tensor
+            by_device[g.device].append(_real(g))
+    if not by_device:
+        return found_inf
+    device = next(iter(by_device))
+    flags = [(~torch.stack(torch._foreach_norm(gs, ord=float("inf"))).isfinite()).any().to(device, non_blocking=True)
+             for gs in by_device.values()]
+    flag = torch.stack(flags).any().float()
+    if found_inf is not None:
+        flag = torch.maximum(flag, found_inf.to(device, torch.float32, non_blocking=True).reshape(()))
+    return flag
 
 
 def params_of(model_or_params: torch.nn.Module | Iterable) -> Iterable:
