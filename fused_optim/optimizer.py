@@ -72,6 +72,24 @@ def _as_float(x: float | Tensor) -> float:
     return x.item() if isinstance(x, Tensor) else float(x)
 
 
+@torch.compiler.assume_constant_result
+def _probe_impl(req: str | None, device_type: str) -> tuple[str, str]:
+    """``(impl, "")`` for the impl `req` resolves to on `device_type`, or ``("", why not)``.
+
+    The availability probes import triton and load (or build) the extension, which Dynamo cannot trace:
+    when the first resolution happens inside ``torch.compile(opt.step)``, this runs once at trace time
+    and its answer is a constant of the graph (no graph break)."""
+    if req is None:
+        return auto_impl(device_type), ""
+    if req == "fused":
+        try:
+            return best_fused_impl(device_type), ""
+        except RuntimeError as exc:
+            return "", str(exc)
+    st = impl_status(req, device_type)
+    return (req, "") if st.available else ("", st.reason)
+
+
 def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None) -> str | None:
     if impl is not None and impl not in IMPLS:
         raise ValueError(f"Invalid impl: {impl!r} (expected one of {IMPLS} or None for auto)")
@@ -163,17 +181,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if cached is not None:
             return cached
         req = self._impl_request
-        if req is None:
-            impl = auto_impl(device_type)
-        elif req == "fused":
-            impl = best_fused_impl(device_type)
-        else:
-            st = impl_status(req, device_type)
-            if not st.available:
-                raise RuntimeError(f"{self._display_name}: impl={req!r} cannot run on {device_type}: {st.reason}. "
-                                   "Pass impl=None (auto) or impl='foreach' to use what is available; "
-                                   "fused_optim.available_impls() lists what was found.")
-            impl = req
+        impl, why = _probe_impl(req, device_type)
+        if not impl:
+            if req == "fused":
+                raise RuntimeError(why)
+            raise RuntimeError(f"{self._display_name}: impl={req!r} cannot run on {device_type}: {why}. "
+                               "Pass impl=None (auto) or impl='foreach' to use what is available; "
+                               "fused_optim.available_impls() lists what was found.")
         if impl not in self._impls:
             if req is None:  # auto never raises: fall back to what this optimizer has
                 impl = "foreach"

@@ -44,7 +44,7 @@ def _assert_same(a, b, what):
     assert ga == gb, f"{what}: param groups (step counters) differ"
 
 
-@pytest.mark.parametrize("impl", ["forloop", "foreach", "triton"])
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "triton", "native"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_scaled_step_equals_unscaled_and_inf_step_changes_nothing(name, impl, monkeypatch):
     """7 steps with grads scaled by 2^k and grad_scale passed, one of them with found_inf: identical to
@@ -55,6 +55,8 @@ def test_scaled_step_equals_unscaled_and_inf_step_changes_nothing(name, impl, mo
         monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="triton" is available on CPU tensors only then
         if not impl_status("triton", "cpu").available:
             pytest.skip(impl_status("triton", "cpu").reason)
+    if impl == "native" and not impl_status("native", "cpu").available:
+        pytest.skip(impl_status("native", "cpu").reason)
     make = OPTIMIZERS[name]
     torch.manual_seed(0)  # Gravity draws v at construction: both runs must draw the same
     ref_params = make_params(seed=3, shapes=SHAPES)

@@ -33,7 +33,8 @@ def _lists(n_state, seed=0):
 
     def mk():
         return [torch.randn(s, generator=g) for s in shapes]
-    return mk(), mk(), [mk() for _ in range(n_state)]
+    # state >= 0: valid for every optimizer (Adan's exp_avg_sq feeds a sqrt)
+    return mk(), mk(), [[t.abs() for t in mk()] for _ in range(n_state)]
 
 
 def _packed(*vals):
@@ -50,12 +51,30 @@ OPCHECK_CASES = {
 }
 
 
-@pytest.mark.parametrize("impl", ["forloop", "foreach"])
+def _skip_unavailable(impl):
+    if impl == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")  # CPU tensors run interpreted
+    if impl == "native" and not impl_status("native", "cpu").available:
+        pytest.skip(impl_status("native", "cpu").reason)
+
+
+@pytest.mark.parametrize("impl", ["forloop", "foreach", "triton", "native"])
 @pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
 def test_opcheck(name, impl):
-    """Schema (declared mutations), fake kernel and AOT dispatch of every op."""
+    """Schema (declared mutations), fake kernel and AOT dispatch of every op, for every impl."""
+    _skip_unavailable(impl)
     op, n_state, rest, kwargs = OPCHECK_CASES[name](impl)
     params, grads, states = _lists(n_state)
+    torch.library.opcheck(op, (params, grads, *states, *rest), kwargs)
+
+
+@pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
+def test_opcheck_with_amp_arguments(name):
+    """The AMP-aware Triton launchers through the op: grad_scale unscales (and rewrites) the grads."""
+    _skip_unavailable("triton")
+    op, n_state, rest, kwargs = OPCHECK_CASES[name]("triton")
+    params, grads, states = _lists(n_state)
+    kwargs = dict(kwargs, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
     torch.library.opcheck(op, (params, grads, *states, *rest), kwargs)
 
 
