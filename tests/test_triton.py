@@ -336,13 +336,15 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     from fused_optim.kernels import adan, equilibrium, gravity, lion, reduce
 
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
-            "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+            "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+            "lr_ptr": "*fp32"}
 
     def fp32(*names):
         return {n: "fp32" for n in names}
 
     cases = [
-        (lion._lion_kernel, fp32("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2"),
+        (lion._lion_kernel, fp32("lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2",
+                                 "weight_decay"),
          dict(MAXIMIZE=False, DECAY=True, P_KIND=2, S_KIND=0, ROW=6, BLOCK=lion.BLOCK), 4),
         (gravity._gravity_kernel, fp32("lr", "beta_hat", "one_minus_beta_hat"),
          dict(MAXIMIZE=True, P_KIND=0, S_KIND=0, ROW=6, BLOCK=gravity.BLOCK, MAX_PARTS=256), 4),
@@ -350,7 +352,8 @@ def test_kernels_compile_for_cuda_without_a_gpu():
          dict(MAXIMIZE=True, DECAY=True, P_KIND=0, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
         (adan._adan_kernel, fp32("clip_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
                                  "one_minus_beta3", "bias_correction3_sqrt", "eps", "neg_step_size",
-                                 "neg_step_size_diff", "decay"),
+                                 "neg_step_size_diff", "decay", "bias_correction1", "bias_correction2",
+                                 "weight_decay"),
          dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9, BLOCK=adan.BLOCK), 4),
         (reduce._partials_kernel, fp32("coeff"),
          dict(OP=1, NEGATE=True, ADD_PARAM=True, P_KIND=0, ROW=5, RBLOCK=2048), 8),
@@ -360,7 +363,10 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     if "nvidia" not in backends:
         pytest.skip("this triton install has no CUDA backend")
     for kernel, scalars, consts, warps in cases:
-        amp_off = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)  # the AMP variants: tests/test_triton_amp.py
+        # the AMP and tensor-lr variants: tests/test_triton_amp.py
+        amp_off = dict(HAS_GRAD_SCALE=False, HAS_FOUND_INF=False)
+        if kernel is not reduce._partials_kernel:
+            amp_off["LR_TENSOR"] = False
         ptx = _compile_for_sm90(kernel, {**ptrs, **scalars}, {**amp_off, **consts, "ALIGNED": True}, warps)
         assert "ld.global.v4" in ptx, kernel.fn.__name__
         if kernel is not reduce._partials_kernel:

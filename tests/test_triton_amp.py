@@ -48,7 +48,8 @@ def _lists(name, device, dtype, buf, gen):
     for _ in range(n_states):
         init = [(torch.randn(p.shape, generator=gen) * 0.1 if name in ("gravity", "lion")
                  else torch.zeros(p.shape)).to(sdtype).to(device) for p in params]
-        states.append([buf.make(x) if p.is_contiguous() else buf.make_strided(x) for p, x in zip(params, init)])
+        states.append([buf.make(x) if p.is_contiguous() else buf.make_strided(x)
+                       for p, x in zip(params, init)])
     return params, states
 
 
@@ -112,7 +113,7 @@ def _run(name, dtype, device, opts):
             assert torch.equal(a, b), f"{name} step {step}: param {i} differs from the pre-unscaled run"
         for k, (lst, pre) in enumerate(zip(states, pre_s)):
             for i, (a, b) in enumerate(zip(lst, pre)):
-                assert torch.equal(a, b), f"{name} step {step}: state{k}[{i}] differs from the pre-unscaled run"
+                assert torch.equal(a, b), f"{name} step {step}: state{k}[{i}] differs from the pre-unscaled"
         if dtype == torch.float32:
             ref_fn(ref_p, unscaled, *ref_s, **kw, **ref_extra)
             _assert_close_steps(params, ref_p, step, "param")
@@ -131,6 +132,39 @@ CASES = [("lion", dict(maximize=False, wd=0.1)), ("gravity", dict(maximize=True)
 @pytest.mark.parametrize("name,opts", CASES, ids=["lion", "gravity", "ge", "adan", "adan-clip"])
 def test_in_kernel_amp_matches_pre_unscaled_and_forloop(name, opts, dtype, device):
     _run(name, dtype, device, opts)
+
+
+# ------------------------------------------------------------------------------------------ tensor lr
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,opts", CASES[:4] + [("adan", dict(maximize=False, wd=0.02, no_prox=True))],
+                         ids=["lion", "gravity", "ge", "adan", "adan-noprox"])
+def test_tensor_lr_is_read_on_the_device(name, opts, device):
+    """``lr`` as a 0-d device tensor (`supports_tensor_lr`), changed every step like a scheduler would:
+    Gravity and GE use it as is (bit-identical to the float lr); Lion's 1 - lr*wd and Adan's step sizes
+    are then computed in fp32 in the kernel instead of in double on the host (SPEC §9 budget). Under
+    AMP at the same time."""
+    tri_fn, _, n_states = _spec(name)
+    gen = torch.Generator().manual_seed(8)
+    params = [torch.randn(n, generator=gen).to(device) for n in (1, 7, 2049)]
+    states = [[torch.randn(p.shape, generator=gen).to(device).abs() * 0.1 for p in params]
+              for _ in range(n_states)]
+    f_params, f_states = [p.clone() for p in params], _copy(states)
+    for step in range(1, 8):
+        grads = [torch.randn(p.shape, generator=gen).to(device) for p in params]
+        kw = _scalars(name, opts, step)
+        kw["lr"] = kw["lr"] * 0.8 ** step
+        extra = {"clip": 1.0} if name == "adan" else {}
+        lr_t = torch.tensor(kw["lr"], device=device)
+        scale = torch.tensor(2.0 ** 9, device=device)
+        tri_fn(params, [g * scale for g in grads], *states, **dict(kw, lr=lr_t), **extra, grad_scale=scale,
+               found_inf=torch.zeros((), device=device))
+        tri_fn(f_params, grads, *f_states, **kw, **extra)
+        exact = name in ("gravity", "ge")
+        for lst, f_lst in zip([params, *states], [f_params, *f_states]):
+            if exact:
+                assert all(torch.equal(a, b) for a, b in zip(lst, f_lst)), (name, step)
+            else:
+                _assert_close_steps(lst, f_lst, step, name)
 
 
 # ------------------------------------------------------------------------------------------ classes
@@ -204,7 +238,8 @@ def test_cpu_grad_scaler_drives_the_triton_kernels(name, interpret, monkeypatch)
             for p, g in zip(model_amp.parameters(), scaled):
                 # a skipped step leaves .grad as it was (scaled, inf/NaN here: compared as bits)
                 assert torch.equal(p.grad.view(torch.int32), g.view(torch.int32))
-            assert [{k: v for k, v in g.items() if k != "params"} for g in opt_amp.param_groups] == groups_before
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in opt_amp.param_groups]
+            assert groups == groups_before
         else:
             for p, q in zip(model_amp.parameters(), model_ref.parameters()):
                 assert torch.equal(p.grad, q.grad), f"{name}: .grad not unscaled at step {step}"
@@ -233,11 +268,14 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
     if "nvidia" not in backends:
         pytest.skip("this triton install has no CUDA backend")
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
-            "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32"}
+            "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
+            "lr_ptr": "*fp32"}
     f32 = dict.fromkeys(["lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta_hat",
                          "one_minus_beta_hat", "weight_decay", "clip_value", "beta3", "one_minus_beta3",
-                         "bias_correction3_sqrt", "eps", "neg_step_size", "neg_step_size_diff", "coeff"], "fp32")
+                         "bias_correction3_sqrt", "eps", "neg_step_size", "neg_step_size_diff", "coeff",
+                         "bias_correction1", "bias_correction2"], "fp32")
     amp = dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True)
+
     cases = [
         (lion._lion_kernel, dict(MAXIMIZE=False, DECAY=True, P_KIND=2, S_KIND=0, ROW=6, BLOCK=lion.BLOCK), 4),
         (gravity._gravity_kernel,
@@ -245,10 +283,13 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
         (equilibrium._gradient_equilibrium_kernel,
          dict(MAXIMIZE=True, DECAY=True, P_KIND=1, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
         (adan._adan_kernel,
-         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9, BLOCK=adan.BLOCK), 4),
+         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9,
+              BLOCK=adan.BLOCK), 4),
         (reduce._partials_kernel, dict(OP=0, NEGATE=False, ADD_PARAM=False, P_KIND=2, ROW=6, RBLOCK=2048), 8),
     ]
     for kernel, consts, warps in cases:
+        if kernel is not reduce._partials_kernel:
+            consts = {**consts, "LR_TENSOR": True}  # lr read on the device
         ptx = _compile_for_sm90(kernel, {**ptrs, **f32}, {**consts, **amp}, warps)
         assert "ld.global.v4" in ptx or "ld.global.v2" in ptx, kernel.fn.__name__
         if kernel is not reduce._partials_kernel:
@@ -285,3 +326,33 @@ def test_found_inf_skip_on_the_device_has_no_host_sync(name):
     assert all(torch.equal(a, b) for a, b in zip(skipped, before))
     assert all(torch.equal(p.grad, g) for p, g in zip(params, grads))  # unscaled in the kernel
     assert any(not torch.equal(p.detach(), b) for p, b in zip(params, before) if p.numel())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("name,opts", CASES, ids=["lion", "gravity", "ge", "adan", "adan-clip"])
+def test_tensor_lr_and_amp_launch_without_host_sync(name, opts):
+    """The functional impls with a device lr, grad_scale and found_inf (and Adan's device clip): nothing
+    is read on the host, under sync debug mode."""
+    tri_fn, _, n_states = _spec(name)
+    params = [torch.randn(n, device="cuda") for n in (3, 4099)]
+    states = [[torch.zeros_like(p) for p in params] for _ in range(n_states)]
+    kw = _scalars(name, opts, 2)
+    kw["lr"] = torch.tensor(kw["lr"], device="cuda")
+    if name == "adan":
+        kw["clip"] = torch.tensor(opts.get("clip", 1.0), device="cuda")
+    scale = torch.tensor(2.0 ** 9, device="cuda")
+
+    def step():
+        tri_fn(params, [torch.randn_like(p) for p in params], *states, **kw, grad_scale=scale,
+               found_inf=torch.zeros((), device="cuda"))
+
+    step()  # compile and build the tables first
+    torch.cuda.synchronize()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        for _ in range(2):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()

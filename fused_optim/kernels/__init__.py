@@ -5,6 +5,11 @@ their ``_impls`` at import, and triton is loaded on the first triton step. Each 
 the signature of the optimizer's reference (``_forloop_x``); the kernel and the real launcher live in
 one file per optimizer, the shared tables in `multi_tensor.py`. All four are AMP-aware
 (`supports_amp`): the grad scale is divided out and the found_inf skip taken inside the kernels.
+
+``fn.supports_tensor_lr = True`` (set below) says an impl takes ``lr`` as a 0-d tensor and reads it on
+the device (no ``.item()``, no recompile): a caller holding a device tensor lr (capturable / scheduled)
+may pass it as is instead of converting it with ``_as_float``. Today `FusedOptimizer` still passes a
+float; the hook for it is one check in `_dispatch` (see `multi_tensor.lr_args`).
 """
 from __future__ import annotations
 
@@ -14,16 +19,17 @@ from ..optimizer import supports_amp
 
 
 @supports_amp
-def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
+def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
     from .gravity import _triton_gravity as fn
 
-    fn(params, grads, vs, lr=lr, beta_hat=beta_hat, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+    fn(params, grads, vs, lr=lr, beta_hat=beta_hat, maximize=maximize, grad_scale=grad_scale,
+       found_inf=found_inf)
 
 
 @supports_amp
-def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
                  beta1: float, beta2: float, weight_decay: float, maximize: bool,
                  grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     from .lion import _triton_lion as fn
@@ -34,8 +40,8 @@ def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
 @supports_amp
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float,
-                 beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
+                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor,
+                 beta1: float, beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
                  clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> None:
@@ -48,7 +54,8 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 
 
 @supports_amp
-def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
+def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float | Tensor,
+                                 weight_decay: float,
                                  maximize: bool, grad_scale: Tensor | None = None,
                                  found_inf: Tensor | None = None) -> None:
     from .equilibrium import _triton_gradient_equilibrium as fn
@@ -56,5 +63,8 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     fn(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
        found_inf=found_inf)
 
+
+for _fn in (_triton_gravity, _triton_lion, _triton_adan, _triton_gradient_equilibrium):
+    _fn.supports_tensor_lr = True
 
 __all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]

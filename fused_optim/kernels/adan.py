@@ -33,6 +33,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
+    lr_args,
     prepare_launches,
 )
 
@@ -102,6 +103,10 @@ def _adan_kernel(
     neg_step_size,                     # -lr / bias_correction1
     neg_step_size_diff,                # -lr * beta2 / bias_correction2
     decay,                             # no_prox: 1 - lr*wd (multiply first); else 1 + lr*wd (divide last)
+    bias_correction1,                  # for the three above when lr is read on the device (LR_TENSOR)
+    bias_correction2,
+    weight_decay,
+    lr_ptr,                            # fp32 0-d: lr on the device (read when LR_TENSOR)
     grad_scale_ptr,                    # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,                     # fp32 0-d: AMP's inf flag; nonzero skips the step (HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -115,8 +120,18 @@ def _adan_kernel(
     BLOCK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        if LR_TENSOR:
+            # the float path's host scalars, in fp32 here (it rounds double results once)
+            neg_lr = -tl.load(lr_ptr)
+            neg_step_size = _div_rn_scalar(neg_lr, bias_correction1)
+            neg_step_size_diff = _div_rn_scalar(neg_lr * beta2, bias_correction2)
+            if NO_PROX:
+                decay = 1.0 + neg_lr * weight_decay
+            else:
+                decay = 1.0 - neg_lr * weight_decay
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         g_addr = tl.load(grad_ptrs_ptr + t)
         if CLIP == 2:
@@ -124,45 +139,46 @@ def _adan_kernel(
         else:
             clip = clip_value
         if full:
-            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
-                         one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
-                         grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, False,
-                         HAS_GRAD_SCALE)
+            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                         beta3, one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size,
+                         neg_step_size_diff, decay, grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
+                         P_KIND, S_KIND, ALIGNED, False, HAS_GRAD_SCALE)
         else:
-            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
-                         one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
-                         grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0, P_KIND, S_KIND, ALIGNED, True,
-                         HAS_GRAD_SCALE)
+            _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2,
+                         beta3, one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size,
+                         neg_step_size_diff, decay, grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
+                         P_KIND, S_KIND, ALIGNED, True, HAS_GRAD_SCALE)
 
 
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float,
-                 beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
+                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor,
+                 beta1: float, beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
                  clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> None:
     """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor. AMP:
-    see the module docstring."""
-    lr = float(lr)
+    see the module docstring. A device tensor ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
     for prep in prepare_launches(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
                                  write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         kernel = kernel_for(_adan_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
+        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
         if isinstance(clip, Tensor):
             clip_mode, clip_value = CLIP_TENSOR, 1.0
             clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
         else:
             clip_mode = CLIP_NONE if clip == 1.0 else CLIP_VALUE
             clip_value, clip_tensor = float(clip), table.partials  # any fp32 pointer; never read
-        decay = 1 - lr * weight_decay if no_prox else 1 + lr * weight_decay
+        decay = 1 - lr_value * weight_decay if no_prox else 1 + lr_value * weight_decay
         with device_guard(table.device):
             kernel[(table.n_chunks,)](
                 table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
                 float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
-                float(bias_correction3_sqrt), float(eps), -lr / bias_correction1,
-                -lr * beta2 / bias_correction2, decay, gs_ptr, fi_ptr,
+                float(bias_correction3_sqrt), float(eps), -lr_value / bias_correction1,
+                -lr_value * beta2 / bias_correction2, decay, float(bias_correction1), float(bias_correction2),
+                float(weight_decay), lr_ptr, gs_ptr, fi_ptr,
                 MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
                 P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=4)
+                HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, LR_TENSOR=lr_tensor, num_warps=4)
         prep.finish()

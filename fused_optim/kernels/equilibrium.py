@@ -28,6 +28,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
+    lr_args,
     prepare_launches,
 )
 from .reduce import OP_SUM, launch_partials
@@ -61,6 +62,7 @@ def _gradient_equilibrium_kernel(
     partials_ptr,     # fp32 [n_parts]: sum of (±g + wd*p) per slot, from _partials_kernel
     lr,               # fp32 runtime args (no recompile when they change)
     weight_decay,
+    lr_ptr,           # fp32 0-d: lr on the device, read instead of `lr` when LR_TENSOR
     grad_scale_ptr,   # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,    # fp32 0-d: AMP's inf flag; nonzero skips the step (read when HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -72,8 +74,11 @@ def _gradient_equilibrium_kernel(
     MAX_PARTS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr)
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         total = _vsum(_load_partials(row, partials_ptr, MAX_PARTS))
         numel = tl.load(row).to(tl.float32)
@@ -88,11 +93,11 @@ def _gradient_equilibrium_kernel(
                                          MAXIMIZE, DECAY, P_KIND, ALIGNED, True, HAS_GRAD_SCALE)
 
 
-def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
-                                 maximize: bool, grad_scale: Tensor | None = None,
+def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float | Tensor,
+                                 weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
                                  found_inf: Tensor | None = None) -> None:
     """GradientEquilibrium over a (device, dtype) group: reduce, then update; zero-size tensors skipped.
-    AMP: see the module docstring."""
+    AMP: see the module docstring. A device tensor ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
     for prep in prepare_launches(params, grads, [], write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         decay = weight_decay != 0
@@ -100,10 +105,11 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
                         grad_scale=grad_scale, found_inf=found_inf)
         kernel = kernel_for(_gradient_equilibrium_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
+        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
         with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
-                                      float(weight_decay), gs_ptr, fi_ptr, MAXIMIZE=bool(maximize), DECAY=decay,
-                                      P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                      MAX_PARTS=table.max_parts, HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi,
-                                      num_warps=4)
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, lr_value,
+                                      float(weight_decay), lr_ptr, gs_ptr, fi_ptr, MAXIMIZE=bool(maximize),
+                                      DECAY=decay, P_KIND=prep.p_kind, ALIGNED=table.aligned, ROW=table.row,
+                                      BLOCK=BLOCK, MAX_PARTS=table.max_parts, HAS_GRAD_SCALE=has_gs,
+                                      HAS_FOUND_INF=has_fi, LR_TENSOR=lr_tensor, num_warps=4)
         prep.finish()

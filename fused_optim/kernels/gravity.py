@@ -30,6 +30,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
+    lr_args,
     prepare_launches,
 )
 from .reduce import OP_ABSMAX, launch_partials
@@ -38,8 +39,9 @@ BLOCK = 2048
 
 
 @device_fn
-def _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_minus_beta_hat, grad_scale_ptr,
-                    MAXIMIZE: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+def _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_minus_beta_hat,
+                    grad_scale_ptr, MAXIMIZE: tl.constexpr, P_KIND: tl.constexpr, S_KIND: tl.constexpr,
+                    ALIGNED: tl.constexpr,
                     MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """The per-element rule, in the seed's op order, on one block; ``m = 1/max|g|`` of the tensor."""
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
@@ -69,6 +71,7 @@ def _gravity_kernel(
     lr,               # fp32 runtime args (no recompile when they change)
     beta_hat,
     one_minus_beta_hat,
+    lr_ptr,           # fp32 0-d: lr on the device, read instead of `lr` when LR_TENSOR
     grad_scale_ptr,   # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,    # fp32 0-d: AMP's inf flag; nonzero skips the step (read when HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -80,8 +83,11 @@ def _gravity_kernel(
     MAX_PARTS: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr)
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         amax = _vmax(_load_partials(row, partials_ptr, MAX_PARTS))
         # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
@@ -97,20 +103,22 @@ def _gravity_kernel(
                             grad_scale_ptr, MAXIMIZE, P_KIND, S_KIND, ALIGNED, True, HAS_GRAD_SCALE)
 
 
-def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float,
+def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
     """Gravity over a (device, dtype) group: reduce, then update; zero-size tensors are skipped. AMP: see
-    the module docstring."""
+    the module docstring. A device tensor ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
     for prep in prepare_launches(params, grads, [vs], write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         launch_partials(table, OP_ABSMAX, prep.p_kind, grad_scale=grad_scale, found_inf=found_inf)
         kernel = kernel_for(_gravity_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
+        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
         with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, float(lr),
-                                      float(beta_hat), 1 - beta_hat, gs_ptr, fi_ptr, MAXIMIZE=bool(maximize),
-                                      P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned,
-                                      ROW=table.row, BLOCK=BLOCK, MAX_PARTS=table.max_parts,
-                                      HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=4)
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, lr_value,
+                                      float(beta_hat), 1 - beta_hat, lr_ptr, gs_ptr, fi_ptr,
+                                      MAXIMIZE=bool(maximize), P_KIND=prep.p_kind, S_KIND=prep.s_kind,
+                                      ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                      MAX_PARTS=table.max_parts, HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi,
+                                      LR_TENSOR=lr_tensor, num_warps=4)
         prep.finish()

@@ -24,6 +24,7 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
+    lr_args,
     prepare_launches,
 )
 
@@ -65,6 +66,8 @@ def _lion_kernel(
     one_minus_beta1,
     beta2,
     one_minus_beta2,
+    weight_decay,     # for decay = 1 - lr*wd when lr is read on the device (LR_TENSOR)
+    lr_ptr,           # fp32 0-d: lr on the device, read instead of `lr` when LR_TENSOR
     grad_scale_ptr,   # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,    # fp32 0-d: AMP's inf flag; nonzero skips the step (read when HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -76,8 +79,12 @@ def _lion_kernel(
     BLOCK: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    LR_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+        if LR_TENSOR:
+            lr = tl.load(lr_ptr)
+            decay = 1.0 - lr * weight_decay  # in fp32 here (the float path rounds the double 1 - lr*wd)
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         p_addr = tl.load(row + 4)
         m_addr = tl.load(row + 5)
@@ -92,20 +99,23 @@ def _lion_kernel(
                          HAS_GRAD_SCALE)
 
 
-def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float,
+def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
                  beta1: float, beta2: float, weight_decay: float, maximize: bool,
                  grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     """Lion over a (device, dtype) group in one launch (a second one only for strided params, see
-    `prepare_launches`); zero-size tensors are skipped. AMP: see the module docstring."""
-    lr = float(lr)
+    `prepare_launches`); zero-size tensors are skipped. AMP: see the module docstring. A device tensor
+    ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
     for prep in prepare_launches(params, grads, [exp_avgs], write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         kernel = kernel_for(_lion_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
+        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
         with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr, 1 - lr * weight_decay,
-                                      float(beta1), 1 - beta1, float(beta2), 1 - beta2, gs_ptr, fi_ptr,
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, lr_value,
+                                      1 - lr_value * weight_decay, float(beta1), 1 - beta1, float(beta2),
+                                      1 - beta2, float(weight_decay), lr_ptr, gs_ptr, fi_ptr,
                                       MAXIMIZE=bool(maximize), DECAY=weight_decay != 0, P_KIND=prep.p_kind,
                                       S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                      HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=4)
+                                      HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, LR_TENSOR=lr_tensor,
+                                      num_warps=4)
         prep.finish()

@@ -426,7 +426,8 @@ def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
     out = []
     if plain:
         gs, gwb = _contiguous_grads([grads[i] for i in plain], write_grads)
-        out.append(Prepared([[lst[i] for i in plain] for lst in lists], gs, p_kind, s_kind, grad_writeback=gwb))
+        out.append(Prepared([[lst[i] for i in plain] for lst in lists], gs, p_kind, s_kind,
+                            grad_writeback=gwb))
     writeback = []
     stand_ins = []
     for lst in lists:
@@ -470,6 +471,19 @@ def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) 
             return table.partials
         return t.detach().to(device=table.device, dtype=torch.float32)  # a no-op for GradScaler's tensors
     return arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None
+
+
+def lr_args(table: Table, lr: float | Tensor) -> tuple[float, Tensor, bool]:
+    """``(lr, lr_ptr, LR_TENSOR)`` of a launch: an accelerator tensor lr (a capturable / scheduled lr) is
+    loaded by the kernel, so reading it never syncs the host and a new value never recompiles; a CPU
+    tensor lr for accelerator params is read here (no sync either). CPU params (the interpreter) load
+    a tensor lr too, which is how the CPU tests cover that path. Without a tensor, ``lr_ptr`` is any
+    fp32 buffer, never read."""
+    if isinstance(lr, Tensor):
+        if lr.device.type != "cpu" or table.device.type == "cpu":
+            return 0.0, lr.detach().to(device=table.device, dtype=torch.float32).reshape(()), True
+        lr = lr.item()
+    return float(lr), table.partials, False
 
 
 def device_guard(device: torch.device):

@@ -81,9 +81,10 @@ def _partials_kernel(
 
 
 @device_fn
-def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr, OP: tl.constexpr,
-                   NEGATE: tl.constexpr, ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
-                   ROW: tl.constexpr, RBLOCK: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
+def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr,
+                   OP: tl.constexpr, NEGATE: tl.constexpr, ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr,
+                   ALIGNED: tl.constexpr, ROW: tl.constexpr, RBLOCK: tl.constexpr,
+                   HAS_GRAD_SCALE: tl.constexpr):
     pid = tl.program_id(0)
     t = tl.load(rchunks_ptr + 2 * pid).to(tl.int64)
     j = tl.load(rchunks_ptr + 2 * pid + 1).to(tl.int64)
@@ -124,7 +125,8 @@ def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, gr
 
 
 def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False, add_param: bool = False,
-                    coeff: float = 0.0, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+                    coeff: float = 0.0, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> None:
     """Fill ``table.partials`` (the grads must already be in ``table.grad_ptrs``); AMP: module docstring."""
     kernel = kernel_for(_partials_kernel, table.device)
     gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
