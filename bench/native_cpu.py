@@ -1,0 +1,86 @@
+"""Native CPU step vs torch.optim.AdamW(fused=True) and the foreach impl on the GPT-2-small parameter set.
+
+    python -m bench.native_cpu [--reps 9] [--threads 1] [--foreach-reps 2] [--only lion,adan]
+
+One process, one shared set of params and grads; every optimizer keeps its own state. Steps are
+interleaved (AdamW, then each candidate, per repetition) so machine noise hits all alike; the
+medians and the spread (min..max) of wall time are printed with the ratio to AdamW, and the median
+process CPU time (with --threads 1: the work a step costs even when other jobs share the cores).
+Learning rates are tiny so params stay finite over the run. Results: bench/NOTES.md, "Native kernels".
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.params import gpt2_shapes  # noqa: E402
+
+import fused_optim as fo  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--foreach-reps", type=int, default=3)
+    ap.add_argument("--only", default="lion,gravity,adan,equilibrium")
+    ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    shapes = gpt2_shapes()
+    params = [torch.randn(s).mul_(0.02).requires_grad_() for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    n = sum(p.numel() for p in params)
+    print(f"{len(params)} tensors, {n / 1e6:.1f}M params, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    adamw = torch.optim.AdamW(params, lr=1e-9, fused=True)
+    makers = {
+        "lion": lambda impl: fo.Lion(params, lr=1e-9, weight_decay=0.1, impl=impl),
+        "gravity": lambda impl: fo.Gravity(params, lr=1e-9, impl=impl),
+        "adan": lambda impl: fo.Adan(params, lr=1e-9, weight_decay=0.02, impl=impl),
+        "equilibrium": lambda impl: fo.GradientEquilibrium(params, lr=1e-9, impl=impl),
+    }
+    for name in args.only.split(","):
+        opts = {"adamw_fused": adamw.step, "native": makers[name]("native").step}
+        fe = makers[name]("foreach") if args.foreach_reps else None
+        for fn in opts.values():  # warm-up: state allocation, first-touch
+            fn()
+        times = {k: [] for k in opts}
+        cpu = {k: [] for k in opts}
+        if fe is not None:
+            fe.step()
+            times["foreach"] = []
+        for r in range(args.reps):
+            for k, fn in opts.items():
+                t0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+                cpu[k].append(time.process_time() - c0)
+            if fe is not None and r < args.foreach_reps:
+                t0 = time.perf_counter()
+                fe.step()
+                times["foreach"].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        base = med["adamw_fused"]
+        cmed = {k: statistics.median(v) for k, v in cpu.items()}
+        for k, v in times.items():
+            extra = (f"  cpu {cmed[k] * 1e3:7.1f} ms {cmed[k] / cmed['adamw_fused']:5.2f}x" if k in cmed else "")
+            print(f"{name:12s} {k:12s} wall {med[k] * 1e3:8.1f} ms  [{min(v) * 1e3:.1f}..{max(v) * 1e3:.1f}]  "
+                  f"{med[k] / base:5.2f}x AdamW{extra}")
+        if fe is not None:
+            print(f"{name:12s} foreach/native = {med['foreach'] / med['native']:.1f}x")
+        del fe, opts
+        import gc
+
+        gc.collect()
+
+
+if __name__ == "__main__":
+    main()
