@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
 from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
 from .optimizer import FusedOptimizer, _check_range
 
@@ -103,11 +104,17 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
         per_tensor: list[Tensor | None] = [None] * len(params)
         for (device, _), idx in _split(params).items():
             fn = _impls[_sam_impl(impl_for(device))].norms
-            for i, n in zip(idx, fn([_real(params[i]) for i in idx], [_real(grads[i]) for i in idx],
-                                    adaptive=adaptive)):
+            # DTensor (FSDP2) params: the kernels see the local shards (fused_optim/distributed.py)
+            for i, n in zip(idx, fn([_real(_dist.local(params[i])) for i in idx],
+                                    [_real(_dist.local(grads[i])) for i in idx], adaptive=adaptive)):
                 per_tensor[i] = n
         norms.extend(n.to(shared_device) for n in per_tensor)
-    grad_norm = torch.norm(torch.stack(norms), p=2)
+    all_grads = [g for _, _, gs in batches for g in gs]
+    if any(_dist.is_dtensor(g) for g in all_grads):
+        # shard norms -> one all-reduced sum of squares over the shard group (every rank joins)
+        grad_norm = _dist.all_reduce_sum_(torch.stack(norms).square().sum(), all_grads).sqrt()
+    else:
+        grad_norm = torch.norm(torch.stack(norms), p=2)
     saved: list[_Saved] = []
     for group, params, grads in batches:
         rho = float(rho_of(group))
@@ -119,8 +126,8 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
             impl = _sam_impl(impl_for(device))
             ps = [params[i] for i in idx]
             olds = [torch.empty_like(p) for p in ps]
-            _impls[impl].perturb([_real(p) for p in ps], [_real(grads[i]) for i in idx],
-                                 [_real(o) for o in olds], scale=scale.to(device), adaptive=adaptive)
+            _impls[impl].perturb([_real(_dist.local(p)) for p in ps], [_real(_dist.local(grads[i])) for i in idx],
+                                 [_real(_dist.local(o)) for o in olds], scale=scale.to(device), adaptive=adaptive)
             saved.append(_Saved(impl, ps, olds))
     return saved
 
@@ -133,7 +140,7 @@ def _sam_impl(impl: str) -> str:
 def sam_second_step(saved: list[_Saved]) -> None:
     """Put every perturbed param back exactly."""
     for impl, params, old_params in saved:
-        _impls[impl].restore([_real(p) for p in params], [_real(o) for o in old_params])
+        _impls[impl].restore([_real(_dist.local(p)) for p in params], [_real(_dist.local(o)) for o in old_params])
 
 
 def _all_lr_zero(groups: list[dict]) -> bool:

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from fused_optim import Adan, GradientEquilibrium, Gravity, Lion
+from fused_optim import SAM, Adan, GradientEquilibrium, Gravity, Lion
 
 STEPS = 5
 WORLD = 2
@@ -38,11 +38,13 @@ CASES = {
     "lion_triton": (lambda groups, impl: Lion(groups, lr=1e-2, weight_decay=0.1, impl=impl), True),
     # AMP on shards: grads scaled by 2^10, unscaled by the optimizer (exact: a power of two)
     "gravity_amp": (lambda groups, impl: Gravity(groups, lr=0.05, alpha=0.01, beta=0.9, impl=impl), True),
+    # SAM's global gradient norm: shard norms, one all-reduced sum of squares (closure-driven step)
+    "sam": (lambda groups, impl: SAM(groups, Lion, rho=0.05, lr=1e-2, impl=impl), False),
 }
 IMPL = {"lion_triton": "triton"}
 # collectives one step() issues on the shards: one per per-tensor reduction split, one for a global norm
 EXPECTED_ALL_REDUCES = {"gravity": 2, "lion": 0, "adan": 0, "adan_clip": 1, "equilibrium": 2, "lion_triton": 0,
-                        "gravity_amp": 2}
+                        "gravity_amp": 2, "sam": 1}
 
 
 def _model():
@@ -60,11 +62,24 @@ def _batch(step):
     return torch.randn(4, 5, generator=g), torch.randn(4, 1, generator=g)
 
 
-def _train_step(model, opt, step):
+def _closure(model, opt, step):
     x, y = _batch(step)
-    opt.zero_grad()
-    torch.nn.functional.mse_loss(model(x), y).backward()
-    opt.step()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    return closure
+
+
+def _train_step(model, opt, step):
+    closure = _closure(model, opt, step)
+    if isinstance(opt, SAM):
+        opt.step(closure)
+    else:
+        closure()
+        opt.step()
 
 
 def _full(t):
@@ -122,9 +137,9 @@ def _worker(rank, port, out_dir):
             diffs, n_calls = [], []
             for step in range(STEPS):
                 _train_step(ref_model, ref, step)
-                x, y = _batch(step)
-                opt.zero_grad()
-                torch.nn.functional.mse_loss(model(x), y).backward()
+                closure = _closure(model, opt, step)
+                if not isinstance(opt, SAM):
+                    closure()
                 amp = {}
                 if name.endswith("_amp"):
                     for p in model.parameters():
@@ -133,7 +148,7 @@ def _worker(rank, port, out_dir):
                 calls.clear()
                 dist.all_reduce = counting_all_reduce
                 try:
-                    opt.step(**amp)
+                    opt.step(closure) if isinstance(opt, SAM) else opt.step(**amp)
                 finally:
                     dist.all_reduce = real_all_reduce
                 n_calls.append(len(calls))
