@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .lookahead import _check_k, _mul_operand, lookahead_sync
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag
 from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
@@ -128,6 +128,7 @@ class NeuroOptima(FusedOptimizer):
     # one: let the scaler unscale and check the grads itself (the sam_rho=0 path) instead of handing
     # grad_scale/found_inf to a step that would have to apply them twice.
     _step_supports_amp_scaling = False
+    _group_counters = ("step",)
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
@@ -172,7 +173,21 @@ class NeuroOptima(FusedOptimizer):
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._update([(group, *self._collect(group)) for group in self.param_groups])
+        batches = [(group, *self._collect(group)) for group in self.param_groups]
+        if self.skip_if_nonfinite:
+            # the grads the core reads decide (SAM's restore is an exact copy, so a NaN perturbation
+            # leaves no trace); the base class's found_inf path skips the whole core update
+            found_inf = _nonfinite_flag([g for _, _, gs in batches for g in gs], None)
+            if found_inf is not None:
+                if self._begin_amp_step(batches, None, found_inf):
+                    try:
+                        self._update(batches)
+                    finally:
+                        self._amp_kwargs = None
+                if sam:
+                    self.zero_grad(set_to_none=True)
+                return loss
+        self._update(batches)
         if sam:
             self.zero_grad(set_to_none=True)
         return loss

@@ -24,12 +24,7 @@ NAN, INF = float("nan"), float("inf")
 
 # Gaps these tests found in code this file does not own, reported to its owner; strict, so the mark must
 # go when the gap is fixed.
-KNOWN_GAPS = {
-    ("flow", "NeuroOptima", "triton"): ("the NeuroOptima Triton core's sign(NaN) is NaN where torch.sign gives 0 "
-                                        "(kernels/neuro_optima.py), so a NaN grad element moves p to NaN"),
-    ("skip", "NeuroOptima", None): ("NeuroOptima.step calls _update itself, bypassing FusedOptimizer.step's "
-                                    "found_inf / skip_if_nonfinite path (neuro_optima.py)"),
-}
+KNOWN_GAPS: dict[tuple[str, str, str | None], str] = {}
 
 
 def _known_gap(request, what: str, cls, impl) -> None:

@@ -55,8 +55,8 @@ def _neuro_optima_update(row, g_addr, offs, mask, lr, beta1, one_minus_beta1, be
     exp_avg_sq = exp_avg_sq * beta2 + (one_minus_beta2 * g) * g
     denom = tl.math.sqrt_rn(exp_avg_sq) + eps
     u = _div_rn(exp_avg + exp_avg_diff * beta2, denom)
-    # torch.sign: sign(0) = 0 and NaN stays NaN (0/0 when eps = 0 and the moments are still 0)
-    sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, tl.where(u == u, 0.0, u)))
+    # torch.sign: sign(0) = 0 and sign(NaN) = 0 (CPU and CUDA), so a NaN grad element leaves p as it is
+    sign = tl.where(u > 0, 1.0, tl.where(u < 0, -1.0, 0.0))
     p = p - lr * sign
     _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
     _store_f32(ea_addr, offs, exp_avg, mask, S_KIND, ALIGNED, MASKED)
