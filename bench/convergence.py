@@ -664,7 +664,7 @@ def _summary_md(rows: list[dict], meta: dict) -> str:
             lines.append(
                 f"| {r['optimizer']} | {r['lr']} | {f(r['best_val_mean'], 4)} ± {f(r['best_val_std'], 4)} | "
                 f"{f(r['test_at_best_mean'], 4)} ± {f(r['test_at_best_std'], 4)} | "
-                f"{f(r['final_train_loss_mean'], 4)} | {r['reached']} | {f(r['epochs_to_target_mean'], 1)} | "
+                f"{r['final_train_loss_mean']:.1e} | {r['reached']} | {f(r['epochs_to_target_mean'], 1)} | "
                 f"{f(r['seconds_to_target_mean'], 2)} | {f(r['seconds_per_epoch'], 3)} |")
         lines.append("")
     if meta.get("skipped"):
@@ -781,8 +781,20 @@ def _meta(args, tasks, specs, skipped, device) -> dict:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
+    try:  # the commit the numbers belong to ("+dirty" when the tree had local changes)
+        import subprocess
+
+        root = Path(__file__).resolve().parents[1]
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=10).stdout.strip() or None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fused_optim", "bench/convergence.py"],
+                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        if commit and dirty:
+            commit += "+dirty"
+    except (OSError, subprocess.SubprocessError):
+        commit = None
     return dict(
-        quick=args.quick, seeds=args.seeds, device=str(device),
+        quick=args.quick, seeds=args.seeds, device=str(device), commit=commit,
         gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         cpu=cpu, cpu_count=os.cpu_count(), torch_threads=torch.get_num_threads(),
         python=platform.python_version(), torch=torch.__version__, fused_optim=fused_optim.__version__,
@@ -849,7 +861,8 @@ def claims_md(out: Path) -> str:
             return "—" + (f" ({reached})" if reached else "")
         m = statistics.fmean(vals)
         sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        txt = f"{m:.{d}f} ± {sd:.{d}f}"
+        spec = f".{d}f" if isinstance(d, int) else d  # a format spec such as ".1e" for losses near 0
+        txt = f"{m:{spec}} ± {sd:{spec}}"
         return txt + (f" ({reached})" if reached else "")
 
     lines = ["Rule: *better*/*worse* = the difference of the means over seeds exceeds two standard errors "
@@ -901,7 +914,7 @@ def claims_md(out: Path) -> str:
           "over the runs that reached it)", "Gravity", ("Adam",), "seconds_to_target", False, 3, img,
           reached_only=True)
     table("Gravity vs Adam: final training loss (lower is better)", "Gravity", ("Adam",), "final_train_loss",
-          False, 4, img)
+          False, ".1e", img)
     if "GradientEquilibrium" in have:
         lines.extend(["#### GradientEquilibrium \"finds the equilibrium\"", "",
                       "Its update is `p -= lr*(g - mean(g))` per tensor, so each tensor's mean never moves: "
