@@ -402,7 +402,7 @@ def _impl_of(opt) -> str:
         if o is not None and hasattr(o, "impl_for"):
             try:
                 return o.impl_for("cpu" if not torch.cuda.is_available() else "cuda")
-            except Exception:  # the impl label is informational only
+            except (RuntimeError, ValueError):  # the impl label is informational only
                 return ""
     return "torch"
 
@@ -442,7 +442,7 @@ def train_run(task: Task, spec: OptSpec, lr: float, seed: int, epochs: int, data
             idx = idx.to(device)
             xb, yb = data.x_train[idx], data.y_train[idx]
 
-            def closure():
+            def closure(xb=xb, yb=yb):  # bound now; SAM-style optimizers call it twice per step
                 opt.zero_grad(set_to_none=True)
                 loss = task.loss(model(xb), yb)
                 loss.backward()
@@ -649,12 +649,12 @@ def _summary_md(rows: list[dict], meta: dict) -> str:
     for task in [t for t in TASKS if any(r["task"] == t for r in rows)]:
         t = TASKS[task]
         lines += [f"### {task}: {t.description}", "",
-                  f"{t.epochs if not meta['quick'] else t.quick_epochs} epochs, batch {t.batch_size}; "
-                  f"target: validation {t.metric_name} >= {t.target}. Mean ± std over seeds at the lr chosen "
-                  "on validation (seed 0 picks the lr and is left out of the statistics when there are "
-                  "others); test is measured at each run's best-validation epoch.", "",
-                  f"| optimizer | lr | best val {t.metric_name} | test {t.metric_name} | final train loss | "
-                  "reached | epochs to target | s to target | s/epoch |",
+                  (f"{t.epochs if not meta['quick'] else t.quick_epochs} epochs, batch {t.batch_size}; "
+                   f"target: validation {t.metric_name} >= {t.target}. Mean ± std over seeds at the lr chosen "
+                   "on validation (seed 0 picks the lr and is left out of the statistics when there are "
+                   "others); test is measured at each run's best-validation epoch."), "",
+                  (f"| optimizer | lr | best val {t.metric_name} | test {t.metric_name} | final train loss | "
+                   "reached | epochs to target | s to target | s/epoch |"),
                   "|---|---|---|---|---|---|---|---|---|"]
         trs = sorted([r for r in rows if r["task"] == task], key=lambda r: -r["best_val_mean"]
                      if math.isfinite(r["best_val_mean"]) else math.inf)
@@ -786,9 +786,9 @@ def _meta(args, tasks, specs, skipped, device) -> dict:
 
         root = Path(__file__).resolve().parents[1]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=10).stdout.strip() or None
+                                text=True, timeout=10, check=False).stdout.strip() or None
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fused_optim", "bench/convergence.py"],
-                               cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+                               cwd=root, capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         if commit and dirty:
             commit += "+dirty"
     except (OSError, subprocess.SubprocessError):
@@ -865,9 +865,9 @@ def claims_md(out: Path) -> str:
         txt = f"{m:{spec}} ± {sd:{spec}}"
         return txt + (f" ({reached})" if reached else "")
 
-    lines = ["Rule: *better*/*worse* = the difference of the means over seeds exceeds two standard errors "
-             "(Welch); otherwise *within noise*. A claim **held** on a task only if the optimizer was better "
-             "than every comparator there. Each optimizer ran at its own lr chosen on validation.", ""]
+    lines = [("Rule: *better*/*worse* = the difference of the means over seeds exceeds two standard errors "
+              "(Welch); otherwise *within noise*. A claim **held** on a task only if the optimizer was better "
+              "than every comparator there. Each optimizer ran at its own lr chosen on validation."), ""]
     have = {k[1] for k in chosen}
 
     meta_path = out / "meta.json"
@@ -917,9 +917,9 @@ def claims_md(out: Path) -> str:
           False, ".1e", img)
     if "GradientEquilibrium" in have:
         lines.extend(["#### GradientEquilibrium \"finds the equilibrium\"", "",
-                      "Its update is `p -= lr*(g - mean(g))` per tensor, so each tensor's mean never moves: "
-                      "it is gradient descent restricted to that hyperplane. Measured drift of the per-tensor "
-                      "means from their initial values (max over tensors and seeds), beside SGD's:", "",
+                      ("Its update is `p -= lr*(g - mean(g))` per tensor, so each tensor's mean never moves: "
+                       "it is gradient descent restricted to that hyperplane. Measured drift of the per-tensor "
+                       "means from their initial values (max over tensors and seeds), beside SGD's:"), "",
                       "| task | GradientEquilibrium | SGD | GE best val vs SGD |", "|---|---|---|---|"])
         for task in tasks:
             ge = [_num(r["mean_drift"]) for r in chosen.get((task, "GradientEquilibrium"), [])]
