@@ -13,6 +13,7 @@ from torch import Tensor
 from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
 from .distributed import all_reduce_sum_, local
 from ._native import _native_adan
+from ._foreach import mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Adan"]
@@ -61,19 +62,19 @@ def _foreach_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
         grads = torch._foreach_neg(grads)
     grads = torch._foreach_mul(grads, clip)
     torch._foreach_add_(neg_pre_grads, grads)
-    torch._foreach_mul_(exp_avgs, beta1)
+    torch._foreach_mul_(exp_avgs, mul_operand(exp_avgs, beta1))
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
-    torch._foreach_mul_(exp_avg_diffs, beta2)
+    torch._foreach_mul_(exp_avg_diffs, mul_operand(exp_avg_diffs, beta2))
     torch._foreach_add_(exp_avg_diffs, neg_pre_grads, alpha=1 - beta2)
-    torch._foreach_mul_(neg_pre_grads, beta2)
+    torch._foreach_mul_(neg_pre_grads, mul_operand(neg_pre_grads, beta2))
     torch._foreach_add_(neg_pre_grads, grads)
-    torch._foreach_mul_(exp_avg_sqs, beta3)
+    torch._foreach_mul_(exp_avg_sqs, mul_operand(exp_avg_sqs, beta3))
     torch._foreach_addcmul_(exp_avg_sqs, neg_pre_grads, neg_pre_grads, value=1 - beta3)
     denom = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denom, bias_correction3_sqrt)
     torch._foreach_add_(denom, eps)
     if no_prox:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
         torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
         torch._foreach_addcdiv_(params, exp_avg_diffs, denom, value=-step_size_diff)
     else:

@@ -11,6 +11,7 @@ from torch import Tensor
 from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on the first triton step
 from .distributed import global_numels, reduce_per_tensor
 from ._native import _native_gradient_equilibrium
+from ._foreach import mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
@@ -52,7 +53,7 @@ def _foreach_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, 
     if not keep:
         return
     eq = torch._foreach_sub(grads, means)
-    torch._foreach_mul_(eq, lr)
+    torch._foreach_mul_(eq, mul_operand(eq, lr))
     torch._foreach_sub_(params, eq)
 
 

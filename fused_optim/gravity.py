@@ -12,6 +12,7 @@ from torch import Tensor
 from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
 from .distributed import reduce_per_tensor
 from ._native import _native_gravity
+from ._foreach import mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -51,8 +52,8 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
     torch._foreach_pow_(r, 2)
     torch._foreach_add_(r, 1)
     zeta = torch._foreach_div(grads, r)
-    torch._foreach_mul_(zeta, 1 - beta_hat)
-    torch._foreach_mul_(vs, beta_hat)
+    torch._foreach_mul_(zeta, mul_operand(zeta, 1 - beta_hat))
+    torch._foreach_mul_(vs, mul_operand(vs, beta_hat))
     torch._foreach_add_(vs, zeta)
     torch._foreach_add_(params, torch._foreach_mul(vs, lr), alpha=-1)
 

@@ -9,6 +9,7 @@ from torch import Tensor
 
 from .kernels import _triton_lion  # lazy: triton is imported on the first triton step
 from ._native import _native_lion
+from ._foreach import mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Lion"]
@@ -32,12 +33,12 @@ def _foreach_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     if maximize:
         grads = torch._foreach_neg(grads)
     if weight_decay != 0:
-        torch._foreach_mul_(params, 1 - lr * weight_decay)
+        torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
     c = torch._foreach_mul(exp_avgs, beta1)
     torch._foreach_add_(c, torch._foreach_mul(grads, 1 - beta1))
     torch._foreach_sign_(c)
     torch._foreach_add_(params, c, alpha=-lr)
-    torch._foreach_mul_(exp_avgs, beta2)
+    torch._foreach_mul_(exp_avgs, mul_operand(exp_avgs, beta2))
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
 
 

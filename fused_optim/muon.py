@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .lookahead import _mul_operand
+from ._foreach import mul_operand
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
@@ -124,7 +124,7 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     us = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
     us = _batched_newton_schulz([_as_matrix(u) for u in us], ns_steps, [_scale(g) for g in grads])
     if weight_decay != 0:  # upstream multiplies by 1.0 otherwise: exact, so skipping it changes nothing
-        torch._foreach_mul_(params, _mul_operand(params, 1 - lr * weight_decay))
+        torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
     torch._foreach_add_(params, [u.reshape(p.shape) for u, p in zip(us, params)], alpha=-lr)
 
 
@@ -158,7 +158,7 @@ def _foreach_muon_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     update = torch._foreach_div(exp_avgs, bias_correction1)
     torch._foreach_div_(update, denom)
     if weight_decay != 0:
-        torch._foreach_mul_(params, _mul_operand(params, 1 - lr * weight_decay))
+        torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
     torch._foreach_add_(params, update, alpha=-lr)
 
 

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .lookahead import _check_k, _mul_operand, lookahead_sync
+from ._foreach import mul_operand
+from .lookahead import _check_k, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag
 from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
 
@@ -65,7 +66,7 @@ def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     grad_diffs = torch._foreach_sub(grads, prev_grads)
-    beta1_, beta2_ = _mul_operand(params, beta1), _mul_operand(params, beta2)  # bf16: see _mul_operand
+    beta1_, beta2_ = mul_operand(params, beta1), mul_operand(params, beta2)  # bf16: see mul_operand
     torch._foreach_mul_(exp_avgs, beta1_)
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta1)
     torch._foreach_mul_(exp_avg_diffs, beta2_)
