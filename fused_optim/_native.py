@@ -21,13 +21,34 @@ def _ops():
     return _ext.ops()
 
 
+def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> Tensor:
+    """FSDP2 (DTensor local shards, fused_optim/distributed.py): finish column `col` of the per-tensor
+    stats over the shard group with ONE all-reduce; a no-op without an active shard context. For the
+    sum column the result is rescaled by local/global numel, because the kernel divides by the local
+    element count and must get the global mean."""
+    from .distributed import global_numels, reduce_per_tensor
+
+    index = list(range(len(params)))
+    numels = global_numels(index)
+    if numels is None:
+        return stats
+    vals = torch.stack(reduce_per_tensor(list(stats[:, col].unbind()), index, op))
+    if op == "sum":
+        local = torch.tensor([t.numel() for t in params], dtype=torch.float64, device=stats.device)
+        total = torch.tensor(numels, dtype=torch.float64, device=stats.device).clamp_min(1)
+        vals = vals.double() * local / total
+    out = stats.clone()
+    out[:, col] = vals.to(stats.dtype)
+    return out
+
+
 def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float, beta_hat: float,
                     maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     if not params:  # the dispatcher needs a tensor to pick the backend
         return
     ops = _ops()
     with torch.no_grad():
-        stats = ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale)
+        stats = _finish_sharded(ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale), params, 0, "max")
         ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf)
 
 
@@ -69,4 +90,10 @@ def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
         # the mean is of g + wd*p (L2 decay), so the reduction sees the params as addends
         stats = ops.multi_tensor_stats(grads, params if weight_decay != 0 else None, weight_decay, maximize,
                                        grad_scale)
+        stats = _finish_sharded(stats, params, 1, "sum")
         ops.gradient_equilibrium_(params, grads, stats, lr, weight_decay, maximize, grad_scale, found_inf)
+
+
+# the per-tensor reductions are finished over FSDP2 shard groups (`_finish_sharded`)
+_native_gravity.shard_aware = True
+_native_gradient_equilibrium.shard_aware = True
