@@ -14,7 +14,7 @@ from .kernels import _triton_adan  # lazy: triton is imported on the first trito
 from .distributed import all_reduce_sum_, local
 from ._native import _native_adan
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .optimizer import FusedOptimizer, _check_betas, _check_range
 
 __all__ = ["Adan"]
 
@@ -208,7 +208,7 @@ class Adan(FusedOptimizer):
             exp_avg_diffs.append(state["exp_avg_diff"])
             neg_pre_grads.append(state["neg_pre_grad"])
         self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
-                       lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
+                       lr=group["lr"], beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
                        bias_correction1=1.0 - beta1 ** step, bias_correction2=1.0 - beta2 ** step,
                        bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(group["eps"]),
                        weight_decay=float(group["weight_decay"]), no_prox=bool(group["no_prox"]), clip=clip,

@@ -12,7 +12,7 @@ from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on
 from .distributed import global_numels, reduce_per_tensor
 from ._native import _native_gradient_equilibrium
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _as_float, _check_range
+from .optimizer import FusedOptimizer, _check_range
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
 
@@ -88,7 +88,7 @@ class GradientEquilibrium(FusedOptimizer):
         _check_range("weight_decay", group["weight_decay"], lo=0.0)
 
     def _step_group(self, group, params, grads) -> None:
-        self._dispatch(params, grads, [], lr=_as_float(group["lr"]),
+        self._dispatch(params, grads, [], lr=group["lr"],
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
 
     _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium,

@@ -116,7 +116,7 @@ class Gravity(FusedOptimizer):
         beta = group["beta"]
         beta_hat = (beta * t + 1) / (t + 2)
         vs = [self.state[p]["v"] for p in params]
-        self._dispatch(params, grads, [vs], lr=_as_float(group["lr"]), beta_hat=beta_hat,
+        self._dispatch(params, grads, [vs], lr=group["lr"], beta_hat=beta_hat,
                        maximize=group["maximize"])
 
     _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity, "triton": _triton_gravity,

@@ -10,7 +10,7 @@ from torch import Tensor
 from .kernels import _triton_lion  # lazy: triton is imported on the first triton step
 from ._native import _native_lion
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .optimizer import FusedOptimizer, _check_betas, _check_range
 
 __all__ = ["Lion"]
 
@@ -80,7 +80,7 @@ class Lion(FusedOptimizer):
                 state["exp_avg"] = self._zeros_state(p)
             exp_avgs.append(state["exp_avg"])
         beta1, beta2 = group["betas"]
-        self._dispatch(params, grads, [exp_avgs], lr=_as_float(group["lr"]), beta1=float(beta1),
+        self._dispatch(params, grads, [exp_avgs], lr=group["lr"], beta1=float(beta1),
                        beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                        maximize=group["maximize"])
 

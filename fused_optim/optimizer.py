@@ -389,6 +389,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             sub_p = [_real(_dist.local(params[i])) for i in idx]
             sub_g = [_real(_dist.local(grads[i])) for i in idx]
             sub_s = [[_real(_dist.local(s[i])) for i in idx] for s in states]
+            kwargs = scalars
+            lr = scalars.get("lr")
+            if lr is not None and not (isinstance(lr, Tensor) and getattr(fn, "supports_tensor_lr", False)):
+                # a tensor lr reaches only impls that read it on the device (fn.supports_tensor_lr: no
+                # .item(), no host sync); the others get the Python double they are written for
+                kwargs = dict(scalars, lr=_as_float(lr))
             amp = {}
             if self._amp_kwargs is not None and getattr(fn, "supports_amp", False):
                 amp = {k: None if v is None else v.to(device, non_blocking=True)
@@ -396,10 +402,11 @@ class FusedOptimizer(torch.optim.Optimizer):
             # Under torch.compile a compiled kernel runs as one opaque custom op (fused_optim/ops.py):
             # Dynamo cannot trace a Triton launcher or an extension call without a fake kernel.
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
-                    and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, scalars, amp)):
+                    and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, dict(kwargs, lr=_as_float(lr))
+                                       if lr is not None else kwargs, amp)):
                 continue
             with shard_ctx:
-                fn(sub_p, sub_g, *sub_s, **scalars, **amp)
+                fn(sub_p, sub_g, *sub_s, **kwargs, **amp)
 
     def _shard_impl(self, impl: str, fn: Callable[..., None]) -> tuple[str, Callable[..., None]]:
         """The impl that runs on DTensor local shards: every impl of an elementwise update; for a

@@ -187,3 +187,64 @@ def test_compiled_fused_step_cuda(name, impl):
         ref.step()
         for a, b in zip(params, ref_params):
             assert torch.equal(a, b)
+
+
+def test_tensor_lr_reaches_impls_that_read_it_on_the_device(monkeypatch):
+    """`fn.supports_tensor_lr`: a tensor lr is passed as is (no .item() in the class); other impls get
+    the Python double. Both give the float-lr result."""
+    seen = []
+
+    def spy_lion(params, grads, exp_avgs, *, lr, **kw):
+        seen.append(lr)
+        fused_optim.lion._foreach_lion(params, grads, exp_avgs, lr=float(lr), **kw)
+
+    spy_lion.supports_tensor_lr = True
+
+    class SpyLion(Lion):
+        _impls = dict(Lion._impls, foreach=spy_lion)
+
+    params = make_params(seed=8, shapes=SHAPES)
+    ref_params = clone_params(params)
+    opt = SpyLion(params, lr=torch.tensor(1e-2), impl="foreach")
+    ref = Lion(ref_params, lr=1e-2, impl="forloop")
+    for k in range(1, 4):
+        grads = grads_for_step(params, k)
+        set_grads(params, grads)
+        set_grads(ref_params, grads)
+        opt.step()
+        ref.step()
+    assert all(isinstance(lr, torch.Tensor) for lr in seen) and len(seen) == 3
+    for a, b in zip(params, ref_params):
+        assert torch.equal(a, b)
+    plain = Lion(clone_params(params), lr=torch.tensor(1e-2), impl="foreach")  # foreach: a float
+    calls = []
+    monkeypatch.setattr(fused_optim.lion, "_foreach_lion", lambda *a, lr, **k: calls.append(lr))
+    monkeypatch.setitem(Lion._impls, "foreach", fused_optim.lion._foreach_lion)
+    set_grads(plain.param_groups[0]["params"], grads_for_step(params, 9))
+    plain.step()
+    assert calls and all(type(lr) is float for lr in calls)
+
+
+def test_tensor_lr_on_the_triton_class_path(monkeypatch):
+    """Gravity with a tensor lr on the Triton impl (interpreted on CPU): the launcher loads lr on the
+    device, the result equals the float-lr run bit for bit (NOTES: Gravity's float path is the same op)."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not impl_status("triton", "cpu").available:
+        pytest.skip(impl_status("triton", "cpu").reason)
+    a = make_params(seed=12, shapes=SHAPES)
+    b = clone_params(a)
+    torch.manual_seed(0)
+    opt_a = Gravity(a, lr=torch.tensor(0.05), impl="triton")
+    torch.manual_seed(0)
+    opt_b = Gravity(b, lr=0.05, impl="triton")
+    for k in range(1, 4):
+        grads = grads_for_step(a, k)
+        set_grads(a, grads)
+        set_grads(b, grads)
+        opt_a.param_groups[0]["lr"].fill_(0.05 / k)  # a scheduler editing the tensor in place
+        opt_b.param_groups[0]["lr"] = float(torch.tensor(0.05 / k))
+        opt_a.step()
+        opt_b.step()
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
