@@ -13,7 +13,13 @@ from __future__ import annotations
 import tempfile
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    Trainer,
+    TrainingArguments,
+    get_cosine_schedule_with_warmup,
+)
 
 from fused_optim import Adan, Lion
 

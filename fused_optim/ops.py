@@ -23,12 +23,13 @@ This module imports only torch at import time: the impl is looked up when the op
 Triton/native impls registered in the optimizer classes' ``_impls`` are picked up without changes here.
 """
 import importlib
-from typing import Any, Callable, List, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["OPAQUE_IMPLS", "NAMESPACE", "op_for", "run_as_op"]
+__all__ = ["NAMESPACE", "OPAQUE_IMPLS", "op_for", "run_as_op"]
 
 NAMESPACE = "fused_optim_step"
 
@@ -52,8 +53,8 @@ def _impl_fn(name: str, impl: str) -> Callable[..., None]:
     return impls[impl]
 
 
-def _run(name: str, impl: str, lists: list, scalars: dict, grad_scale: Optional[Tensor],
-         found_inf: Optional[Tensor]) -> None:
+def _run(name: str, impl: str, lists: list, scalars: dict, grad_scale: Tensor | None,
+         found_inf: Tensor | None) -> None:
     fn = _impl_fn(name, impl)
     if grad_scale is not None or found_inf is not None:
         if not getattr(fn, "supports_amp", False):
@@ -79,8 +80,8 @@ def _floats(name: str, scalars: Tensor) -> dict[str, float]:
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gravity", mutates_args=("params", "grads", "vs"))
-def gravity(params: List[Tensor], grads: List[Tensor], vs: List[Tensor], impl: str, scalars: Tensor,
-            maximize: bool, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], impl: str, scalars: Tensor,
+            maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     _run("gravity", impl, [params, grads, vs], dict(_floats("gravity", scalars), maximize=maximize),
          grad_scale, found_inf)
 
@@ -91,8 +92,8 @@ def _gravity_fake(params, grads, vs, impl, scalars, maximize, grad_scale=None, f
 
 
 @torch.library.custom_op(f"{NAMESPACE}::lion", mutates_args=("params", "grads", "exp_avgs"))
-def lion(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], impl: str, scalars: Tensor,
-         maximize: bool, grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], impl: str, scalars: Tensor,
+         maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     _run("lion", impl, [params, grads, exp_avgs], dict(_floats("lion", scalars), maximize=maximize),
          grad_scale, found_inf)
 
@@ -105,10 +106,10 @@ def _lion_fake(params, grads, exp_avgs, impl, scalars, maximize, grad_scale=None
 @torch.library.custom_op(f"{NAMESPACE}::adan",
                          mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_diffs",
                                        "neg_pre_grads"))
-def adan(params: List[Tensor], grads: List[Tensor], exp_avgs: List[Tensor], exp_avg_sqs: List[Tensor],
-         exp_avg_diffs: List[Tensor], neg_pre_grads: List[Tensor], impl: str, scalars: Tensor, no_prox: bool,
-         clip_tensor: Optional[Tensor], maximize: bool, grad_scale: Optional[Tensor] = None,
-         found_inf: Optional[Tensor] = None) -> None:
+def adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+         exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], impl: str, scalars: Tensor, no_prox: bool,
+         clip_tensor: Tensor | None, maximize: bool, grad_scale: Tensor | None = None,
+         found_inf: Tensor | None = None) -> None:
     kw = _floats("adan", scalars)
     if clip_tensor is not None:
         kw["clip"] = clip_tensor
@@ -123,8 +124,8 @@ def _adan_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grad
 
 
 @torch.library.custom_op(f"{NAMESPACE}::gradient_equilibrium", mutates_args=("params", "grads"))
-def gradient_equilibrium(params: List[Tensor], grads: List[Tensor], impl: str, scalars: Tensor, maximize: bool,
-                         grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+def gradient_equilibrium(params: list[Tensor], grads: list[Tensor], impl: str, scalars: Tensor, maximize: bool,
+                         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
     _run("gradient_equilibrium", impl, [params, grads],
          dict(_floats("gradient_equilibrium", scalars), maximize=maximize), grad_scale, found_inf)
 
@@ -138,7 +139,7 @@ _OPS = {"gravity": gravity, "lion": lion, "adan": adan, "gradient_equilibrium": 
 _QUALNAMES = {v: k for k, v in _CLASSES.items()}
 
 
-def op_for(cls: type) -> Optional[str]:
+def op_for(cls: type) -> str | None:
     """The op name of an optimizer class (or its nearest wrapped base), None for classes without one.
 
     A subclass that replaces ``_impls`` has its own impls, which the op would not find: no op then."""
@@ -150,7 +151,7 @@ def op_for(cls: type) -> Optional[str]:
 
 
 def run_as_op(cls: type, impl: str, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
-              scalars: dict[str, Any], amp: dict[str, Optional[Tensor]]) -> bool:
+              scalars: dict[str, Any], amp: dict[str, Tensor | None]) -> bool:
     """Call the op of `cls` for one (device, dtype) split; False when `cls` has no op (call the impl)."""
     name = op_for(cls)
     if name is None:

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
 
 import fused_optim
 from fused_optim import Adan, GradientEquilibrium, Gravity, Lion
 from fused_optim._backends import impl_status
 from fused_optim.optimizer import supports_amp
-
-from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
 
 SHAPES = [(0,), (1,), (7,), (13, 17), (129,)]
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_optim
 from fused_optim import Adan, GradientEquilibrium, Gravity, Lion, ops
 from fused_optim._backends import impl_status
-
-from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
 
 SHAPES = [(0,), (1,), (7,), (13, 17), (129,)]
 
@@ -42,12 +41,12 @@ def _packed(*vals):
 
 
 OPCHECK_CASES = {
-    "gravity": lambda impl: (ops.gravity, 1, (impl, _packed(0.1, 0.7)), dict(maximize=False)),
-    "lion": lambda impl: (ops.lion, 1, (impl, _packed(1e-3, 0.9, 0.99, 0.1)), dict(maximize=True)),
+    "gravity": lambda impl: (ops.gravity, 1, (impl, _packed(0.1, 0.7)), {"maximize": False}),
+    "lion": lambda impl: (ops.lion, 1, (impl, _packed(1e-3, 0.9, 0.99, 0.1)), {"maximize": True}),
     "adan": lambda impl: (ops.adan, 4,
                           (impl, _packed(1e-3, 0.98, 0.92, 0.99, 0.02, 0.08, 0.1, 1e-8, 0.01, 1.0), False,
-                           None if impl == "forloop" else torch.tensor(0.5)), dict(maximize=False)),
-    "equilibrium": lambda impl: (ops.gradient_equilibrium, 0, (impl, _packed(0.1, 0.01)), dict(maximize=False)),
+                           None if impl == "forloop" else torch.tensor(0.5)), {"maximize": False}),
+    "equilibrium": lambda impl: (ops.gradient_equilibrium, 0, (impl, _packed(0.1, 0.01)), {"maximize": False}),
 }
 
 
