@@ -35,8 +35,9 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
 STEPS = 7
 MISSING_STEP = 3  # row 2 has no grad on this step (the class drops it from the lists)
 GUARD = 16        # NaN guard band around every tensor: an out-of-bounds write shows
-# 0, 1, primes, vector width ± 1, the CPU chunk (16384) ± 1 and the CUDA chunk (65536) + 1
-SIZES = [0, 1, 7, 9, 31, 1025, 16383, 16385, 65537]
+# 0, 1, primes, AVX2/AVX512 vector widths + 1, the reduction block + 1, the CPU and CUDA chunk
+# (both 65536) ± 1, and more than two chunks
+SIZES = [0, 1, 7, 9, 17, 31, 1025, 65535, 65537, 131075]
 
 
 @pytest.fixture(scope="module", autouse=True)

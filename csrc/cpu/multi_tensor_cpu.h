@@ -12,9 +12,10 @@
 namespace fused_optim {
 namespace cpu {
 
-// 16K elements: 64 KiB per fp32 stream, a few streams fit L2, and 124M params give ~7.6K items to
-// balance over the threads.
-constexpr int64_t kChunk = 16384;
+// 64K elements: 256 KiB per fp32 stream. Long enough sequential runs for the hardware prefetchers
+// (measured on GPT-2 small, one thread: Lion at 0.79-0.80x of fused AdamW's CPU time, 0.81-0.84x with
+// 16K chunks), and still ~1.9K items over 124M params to balance between threads.
+constexpr int64_t kChunk = 65536;
 
 struct ChunkItem {
   int64_t row;
