@@ -22,9 +22,10 @@ import pytest
 import torch
 
 import fused_optim
-from reliability_util import (SLOW_IMPLS, assert_identical, build_case, combos, cpu_impls, exported_optimizers,
+from reliability_util import (assert_identical, build_case, combos, cpu_impls, exported_optimizers,
                               has_impl, load_checkpoint, make_optimizer, make_params, run_steps, save_checkpoint,
-                              snapshot, triton_interpreter)  # noqa: F401 (autouse fixture)
+                              snapshot)
+from reliability_util import triton_interpreter  # noqa: F401 (an autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()

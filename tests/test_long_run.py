@@ -21,7 +21,8 @@ import pytest
 import torch
 
 from reliability_util import (SLOW_IMPLS, Problem, assert_identical, combos, cpu_impls, exported_optimizers,
-                              make_optimizer, snapshot, triton_interpreter)  # noqa: F401 (autouse fixture)
+                              make_optimizer, snapshot)
+from reliability_util import triton_interpreter  # noqa: F401 (an autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()

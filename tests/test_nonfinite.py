@@ -15,7 +15,8 @@ import torch
 import fused_optim
 from fused_optim.optimizer import FusedOptimizer
 from reliability_util import (NEEDS_CLOSURE, assert_identical, combos, cpu_impls, exported_optimizers,
-                              make_optimizer, make_params, snapshot, triton_interpreter)  # noqa: F401
+                              make_optimizer, make_params, snapshot)
+from reliability_util import triton_interpreter  # noqa: F401 (an autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()

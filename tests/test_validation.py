@@ -23,8 +23,8 @@ from hypothesis import strategies as st
 import fused_optim
 from fused_optim.optimizer import FusedOptimizer
 from reliability_util import (FACTORY_NAMES, NEEDS_CLOSURE, Problem, assert_identical, combos, cpu_impls,
-                              exported_optimizers, has_impl, make_optimizer, make_params, run_steps, snapshot,
-                              triton_interpreter)  # noqa: F401 (autouse fixture)
+                              exported_optimizers, has_impl, make_optimizer, make_params, run_steps, snapshot)
+from reliability_util import triton_interpreter  # noqa: F401 (an autouse fixture)
 
 IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()
