@@ -130,7 +130,9 @@ def _check(run: dict, steps: int, traced: int, impl: str | None) -> None:
     # Triton interpreter patches triton.language classes at every launch (class-dict resizes of several
     # KiB come and go), so interpreted runs get a fixed allowance: compiled kernels are checked on GPU.
     blocks, traced_bytes = (256, 32 * 1024) if impl in SLOW_IMPLS else (32, 8 * 1024)
-    assert run["block_growth"] < blocks + steps // 30, (
+    # torch itself drifts by up to ~0.5 block/step on some paths (objects made by `.item()` and by the
+    # optimizer's record_function hook, seen with tracemalloc); a leaked object is >= 1 block/step
+    assert run["block_growth"] < blocks + 3 * (steps // 3) // 4, (
         f"{run['block_growth']} more Python memory blocks in each of the last two thirds of {steps} steps")
     assert run["traced_growth"] < traced_bytes + 16 * traced, (
         f"tracemalloc: Python allocations grew by {run['traced_growth']} B")
