@@ -88,7 +88,9 @@ def _triton_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: li
                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                          maximize: bool) -> None:
     """One Triton launch (fused_optim/kernels/neuro_optima.py); triton is imported on the first call."""
-    from .kernels.neuro_optima import _triton_neuro_optima as fn
+    from .kernels import kernel_module
+
+    fn = kernel_module("neuro_optima")._triton_neuro_optima
 
     fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
        weight_decay=weight_decay, maximize=maximize)

@@ -13,16 +13,36 @@ float; the hook for it is one check in `_dispatch` (see `multi_tensor.lr_args`).
 """
 from __future__ import annotations
 
+import importlib
+import sys
+
 from torch import Tensor
 
 from ..optimizer import supports_amp
+
+
+def kernel_module(name: str):
+    """Import the kernel module `name` of this package decorated in the same flavour (compiled or
+    interpreted) as `multi_tensor`, whose jit helpers its kernels call.
+
+    `triton.jit` reads TRITON_INTERPRET when it decorates. A test that sets the variable for itself
+    would otherwise import a kernel module interpreted on top of a compiled `multi_tensor` (or the
+    reverse), and the kernel would fail calling a helper of the other flavour."""
+    full = f"{__name__}.{name}"
+    mod = sys.modules.get(full)
+    if mod is not None:
+        return mod
+    from . import multi_tensor as mt
+
+    with mt._interpret_scope(mt._is_interpreted(mt._chunk_coords)):
+        return importlib.import_module(full)
 
 
 @supports_amp
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
-    from .gravity import _triton_gravity as fn
+    fn = kernel_module("gravity")._triton_gravity
 
     fn(params, grads, vs, lr=lr, beta_hat=beta_hat, maximize=maximize, grad_scale=grad_scale,
        found_inf=found_inf)
@@ -32,7 +52,7 @@ def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
 def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
                  beta1: float, beta2: float, weight_decay: float, maximize: bool,
                  grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
-    from .lion import _triton_lion as fn
+    fn = kernel_module("lion")._triton_lion
 
     fn(params, grads, exp_avgs, lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, maximize=maximize,
        grad_scale=grad_scale, found_inf=found_inf)
@@ -45,7 +65,7 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                  bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
                  clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> None:
-    from .adan import _triton_adan as fn
+    fn = kernel_module("adan")._triton_adan
 
     fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr=lr, beta1=beta1, beta2=beta2,
        beta3=beta3, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
@@ -58,7 +78,7 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
                                  weight_decay: float,
                                  maximize: bool, grad_scale: Tensor | None = None,
                                  found_inf: Tensor | None = None) -> None:
-    from .equilibrium import _triton_gradient_equilibrium as fn
+    fn = kernel_module("equilibrium")._triton_gradient_equilibrium
 
     fn(params, grads, lr=lr, weight_decay=weight_decay, maximize=maximize, grad_scale=grad_scale,
        found_inf=found_inf)
@@ -67,4 +87,4 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
 for _fn in (_triton_gravity, _triton_lion, _triton_adan, _triton_gradient_equilibrium):
     _fn.supports_tensor_lr = True
 
-__all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]
+__all__ = ["kernel_module", "_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]

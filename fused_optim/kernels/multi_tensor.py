@@ -391,6 +391,34 @@ def _contiguous_grads(grads: list[Tensor], write: bool = False) -> tuple[list[Te
     return out, [(g, c) for g, c in zip(grads, out) if c is not g] if write else []
 
 
+def check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
+                numels: list[int]) -> None:
+    """Refuse inconsistent lists before a kernel reads raw addresses: a state or grad shorter than its
+    param would be read and written out of bounds (heap corruption, not an exception). The class never
+    passes such lists; a direct caller of a launcher may. A few attribute reads per tensor per step."""
+    n = len(params)
+    if len(grads) != n or any(len(s) != n for s in states):
+        raise ValueError(f"Triton launcher: list lengths differ (params {n}, grads {len(grads)}, states "
+                         f"{[len(s) for s in states]}); pass one grad and one entry per state list per param")
+    if not n:
+        return
+    dtype = params[0].dtype
+    # fast path: one comprehension per list; the loops below only run to name the culprit
+    if all([t.numel() for t in lst] == numels for lst in (grads, *states)) and \
+            {t.dtype for t in params} == {dtype} and {g.dtype for g in grads} == {dtype}:
+        return  # devices are not compared per tensor (a third of this cost again): the class groups by device
+    for name, lst in (("param", params), ("grad", grads)):
+        for i, t in enumerate(lst):
+            if t.dtype != dtype:
+                raise ValueError(f"Triton launcher: {name} {i} is {t.dtype}, expected {dtype} (one launch "
+                                 "handles one (device, dtype) group)")
+    for j, lst in enumerate((grads, *states)):
+        for i, (t, m) in enumerate(zip(lst, numels)):
+            what = "grad" if j == 0 else f"state list {j - 1} entry"
+            if t.numel() != m:
+                raise ValueError(f"Triton launcher: {what} {i} has {t.numel()} elements, its param has {m}")
+
+
 def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
                      states: Sequence[Sequence[Tensor]], *, write_grads: bool = False) -> list[Prepared]:
     """The launches of one group: none when every tensor is empty; one over the contiguous tensors
@@ -403,6 +431,7 @@ def prepare_launches(params: Sequence[Tensor], grads: Sequence[Tensor],
     attribute read): numel once, then contiguity and address once per list.
     """
     numels = [p.numel() for p in params]
+    check_lists(params, grads, states, numels)
     keep = [i for i, n in enumerate(numels) if n > 0]
     if not keep:
         return []
