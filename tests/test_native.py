@@ -508,3 +508,80 @@ def _run_fsdp(tmp_path, finish):
         port = s.getsockname()[1]
     mp.spawn(_fsdp_worker, args=(port, str(tmp_path), finish), nprocs=2)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+# ------------------------------------------------------------- bf16/fp16 vector loops vs the scalar loop
+_SLICE = 7  # below one reduced register (16 bf16 lanes with AVX2, 32 with AVX512): all scalar code
+
+
+def _sliced(lists):
+    """Each 1-D tensor cut into contiguous _SLICE-element views of itself: the op then runs only its
+    scalar tail loop, in place on the same storage."""
+    return [[t[j:j + _SLICE] for t in lst for j in range(0, t.numel(), _SLICE)] for lst in lists]
+
+
+@pytest.mark.parametrize("state_dtype", ["fp32", "param"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["lion", "gravity", "adan", "equilibrium"])
+def test_lowp_vector_loop_is_bit_equal_to_scalar_loop(name, dtype, state_dtype):
+    """The CPU kernels' bf16/fp16 rows run whole registers (widened to fp32, narrowed once with
+    round-to-nearest-even); the same op on _SLICE-element views runs the scalar loop. Both must give
+    the same bits for params and every state tensor, 7 steps."""
+    ops = _ext.ops()
+    s_dtype = torch.float32 if state_dtype == "fp32" else dtype
+    n_state = {"lion": 1, "gravity": 1, "adan": 4, "equilibrium": 0}[name]
+    sizes = [1003, 65, 31, 4099]
+    g = torch.Generator().manual_seed(11)
+    p0 = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    s0 = [[(torch.randn(n, generator=g) * 0.1).to(s_dtype) for n in sizes] for _ in range(n_state)]
+    if name == "adan":
+        s0[1] = [x.abs() for x in s0[1]]
+    runs = {}
+    for label in ("vector", "scalar"):
+        p = [t.clone() for t in p0]
+        s = [[t.clone() for t in lst] for lst in s0]
+        for k in range(1, STEPS + 1):
+            gk = torch.Generator().manual_seed(1000 + k)
+            grads = [(torch.randn(n, generator=gk) * 2).to(dtype) for n in sizes]
+            lists = [p, grads, *s] if label == "vector" else _sliced([p, grads, *s])
+            rows = [len(range(0, n, _SLICE)) if label == "scalar" else 1 for n in sizes]
+            if name == "lion":
+                ops.lion_(*lists, 1e-2, 0.9, 0.99, 0.1, k % 2 == 0)
+            elif name == "gravity":
+                # the kernel reads only column 0 (max|g|): each view gets its whole tensor's value
+                absmax = [gr.float().abs().amax().item() for gr in grads]
+                stats = torch.tensor([[a, 0.0, 0.0] for a, r in zip(absmax, rows) for _ in range(r)])
+                ops.gravity_(*lists, stats, 0.1, (0.9 * k + 1) / (k + 2), k % 2 == 0)
+            elif name == "adan":
+                kw = _adan_kwargs(k, no_prox=k % 2 == 0)
+                ops.adan_(*lists, kw["lr"], kw["beta1"], kw["beta2"], kw["beta3"], kw["bias_correction1"],
+                          kw["bias_correction2"], kw["bias_correction3_sqrt"], kw["eps"], kw["weight_decay"],
+                          kw["no_prox"], torch.tensor(0.37), False)
+            else:
+                # mean = stats[i,1] / numel: a power-of-two mean times numel divides back exactly
+                # for the whole tensor and for every view
+                views = [t for t in lists[0]]
+                stats = torch.tensor([[0.0, -0.375 * v.numel(), 0.0] for v in views])
+                ops.gradient_equilibrium_(*lists, stats, 0.05, 0.1 if k % 2 else 0.0, k % 3 == 0)
+        runs[label] = (p, s)
+    (pv, sv), (ps, ss) = runs["vector"], runs["scalar"]
+    for i in range(len(sizes)):
+        assert torch.equal(pv[i], ps[i]), f"{name} param{i}: vector and scalar loops differ"
+        for j in range(n_state):
+            assert torch.equal(sv[j][i], ss[j][i]), f"{name} state{j}[{i}]: vector and scalar loops differ"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stats_lowp_equal_fp32_upcast(dtype):
+    """bf16/fp16 rows are widened into the fp32 loop's registers element for element, so their stats
+    are bit-equal to the stats of the fp32 upcast (plain, and with negate, addends, grad_scale)."""
+    ops = _ext.ops()
+    g = torch.Generator().manual_seed(12)
+    sizes = [0, 1, 63, 64, 65, 2000, 16385, 65537]
+    ts = [(torch.randn(n, generator=g) * 3).to(dtype) for n in sizes]
+    ps = [torch.randn(n, generator=g).to(dtype) for n in sizes]
+    up = lambda lst: [t.float() for t in lst]  # noqa: E731
+    assert torch.equal(ops.multi_tensor_stats(ts), ops.multi_tensor_stats(up(ts)))
+    scale = torch.full((1,), 8.0)
+    assert torch.equal(ops.multi_tensor_stats(ts, ps, 0.25, True, scale),
+                       ops.multi_tensor_stats(up(ts), up(ps), 0.25, True, scale))

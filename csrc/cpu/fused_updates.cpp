@@ -2,8 +2,10 @@
 //
 // Each op: host checks, then one parallel pass over (row, chunk) items. fp32 (and fp64) rows run
 // whole at::vec::Vectorized registers through the per-element rules of csrc/math/ and finish with
-// the same rules on scalars; bf16/fp16 rows load into fp32, do the math there and round once on
-// store. Nothing is allocated per step except for rows that need contiguous copies.
+// the same rules on scalars; bf16/fp16 rows widen one reduced register into two fp32 ones (load2),
+// run the same fp32 rules and round once on store (store2), so they give the scalar loop's bits
+// (fp32 state stays fp32; before this they ran the scalar loop only: slower than the forloop
+// reference for Gravity, Adan and GradientEquilibrium, bench/NOTES.md). Nothing is allocated per step except for rows that need contiguous copies.
 
 #include "capability.h"  // first: before any ATen header
 
@@ -70,6 +72,19 @@ void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
           mv.store(m + i);
         }
       }
+      if constexpr (kReduced<P>) {
+        using V = at::vec::Vectorized<M>;
+        for (; i + 2 * V::size() <= it.end; i += 2 * V::size()) {
+          V p0, p1, g0, g1, m0, m1;
+          load2<M>(p + i, p0, p1);
+          load2<M>(g + i, g0, g1);
+          load2<M>(m + i, m0, m1);
+          math::lion_update(p0, prep(g0), m0, c);
+          math::lion_update(p1, prep(g1), m1, c);
+          store2<M>(p + i, p0, p1);
+          store2<M>(m + i, m0, m1);
+        }
+      }
       for (; i < it.end; ++i) {
         M pv = static_cast<M>(p[i]), mv = static_cast<M>(m[i]);
         math::lion_update(pv, prep(static_cast<M>(g[i])), mv, c);
@@ -115,6 +130,19 @@ void gravity_cpu(at::TensorList params, at::TensorList grads, at::TensorList vs,
           math::gravity_update(pv, prep(V::loadu(g + i)), vv, m, c);
           pv.store(p + i);
           vv.store(v + i);
+        }
+      }
+      if constexpr (kReduced<P>) {
+        using V = at::vec::Vectorized<M>;
+        for (; i + 2 * V::size() <= it.end; i += 2 * V::size()) {
+          V p0, p1, g0, g1, v0, v1;
+          load2<M>(p + i, p0, p1);
+          load2<M>(g + i, g0, g1);
+          load2<M>(v + i, v0, v1);
+          math::gravity_update(p0, prep(g0), v0, m, c);
+          math::gravity_update(p1, prep(g1), v1, m, c);
+          store2<M>(p + i, p0, p1);
+          store2<M>(v + i, v0, v1);
         }
       }
       for (; i < it.end; ++i) {
@@ -174,6 +202,25 @@ void adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_av
           nv.store(n + i);
         }
       }
+      if constexpr (kReduced<P>) {
+        using V = at::vec::Vectorized<M>;
+        for (; i + 2 * V::size() <= it.end; i += 2 * V::size()) {
+          V p0, p1, g0, g1, m0, m1, s0, s1, d0, d1, n0, n1;
+          load2<M>(p + i, p0, p1);
+          load2<M>(g + i, g0, g1);
+          load2<M>(m + i, m0, m1);
+          load2<M>(s + i, s0, s1);
+          load2<M>(d + i, d0, d1);
+          load2<M>(n + i, n0, n1);
+          math::adan_update(p0, prep(g0), m0, s0, d0, n0, cl, c);
+          math::adan_update(p1, prep(g1), m1, s1, d1, n1, cl, c);
+          store2<M>(p + i, p0, p1);
+          store2<M>(m + i, m0, m1);
+          store2<M>(s + i, s0, s1);
+          store2<M>(d + i, d0, d1);
+          store2<M>(n + i, n0, n1);
+        }
+      }
       for (; i < it.end; ++i) {
         M pv = static_cast<M>(p[i]), mv = static_cast<M>(m[i]), sv = static_cast<M>(s[i]),
           dv = static_cast<M>(d[i]), nv = static_cast<M>(n[i]);
@@ -222,6 +269,19 @@ void gradient_equilibrium_cpu(at::TensorList params, at::TensorList grads, const
           const V x = math::equilibrium_value(pv, prep(V::loadu(g + i)), c);
           math::equilibrium_update(pv, x, mean, c);
           pv.store(p + i);
+        }
+      }
+      if constexpr (kReduced<P>) {
+        using V = at::vec::Vectorized<M>;
+        for (; i + 2 * V::size() <= it.end; i += 2 * V::size()) {
+          V p0, p1, g0, g1;
+          load2<M>(p + i, p0, p1);
+          load2<M>(g + i, g0, g1);
+          const V x0 = math::equilibrium_value(p0, prep(g0), c);
+          const V x1 = math::equilibrium_value(p1, prep(g1), c);
+          math::equilibrium_update(p0, x0, mean, c);
+          math::equilibrium_update(p1, x1, mean, c);
+          store2<M>(p + i, p0, p1);
         }
       }
       for (; i < it.end; ++i) {

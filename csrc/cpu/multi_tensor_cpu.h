@@ -43,8 +43,9 @@ void for_each_chunk(const std::vector<ChunkItem>& items, const F& f) {
   });
 }
 
-// Whole-register loops need the storage to be the math type (fp32/fp32 or fp64/fp64); bf16/fp16
-// rows run the scalar loop, which the compiler vectorizes as far as it can.
+// Whole-register loops of the math type (fp32/fp32 or fp64/fp64 storage); bf16/fp16 rows have their
+// own loops that widen each reduced register into two fp32 ones (kReduced, load2/store2 in
+// vec_ops.h). The scalar loop does the tails.
 template <typename P, typename S>
 constexpr bool kVectorized = std::is_same<P, S>::value && std::is_same<P, opmath_t<P>>::value;
 

@@ -41,7 +41,9 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
   M amax = 0;
   double sum = 0, sumsq = 0;
   int64_t i = begin;
-  if constexpr (kVectorized<P, P>) {
+  // bf16/fp16 widen to the same fp32 registers, element for element, as their fp32 upcast would
+  // load: a reduced row gives the bits of the fp32 row t.float() (tests/test_native.py checks it)
+  if constexpr (kVectorized<P, P> || kReduced<P>) {
     using V = at::vec::Vectorized<M>;
     constexpr int64_t kU = 4;                      // independent accumulators
     constexpr int64_t kStep = kU * V::size();
@@ -54,11 +56,16 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
       const int64_t stop = std::min(end - (end - i) % kStep, i + kBlock);
       for (int u = 0; u < kU; ++u) vsum[u] = vsq[u] = V(M(0));
       for (; i < stop; i += kStep) {
+        V xs[kU], as[kU];  // xs[u] = elements [i + u*size, i + (u+1)*size), in registers of M
+        for (int u = 0; u < kU; u += 2) {
+          load2<M>(t + i + u * V::size(), xs[u], xs[u + 1]);
+          if (ADDEND) load2<M>(a + i + u * V::size(), as[u], as[u + 1]);
+        }
 #pragma GCC unroll 4
         for (int u = 0; u < kU; ++u) {
-          V x = V::loadu(t + i + u * V::size()) * vsign;
+          V x = xs[u] * vsign;
           if (UNSCALE) x = x / vscale;
-          if (ADDEND) x = math::fo_fma(V::loadu(a + i + u * V::size()), valpha, x);
+          if (ADDEND) x = math::fo_fma(as[u], valpha, x);
           const V ax = x.abs();
           vmax[u] = V::blendv(vmax[u], ax, ax > vmax[u]);  // NaN never wins here: see vec_sumsq below
           vsum[u] = vsum[u] + x;

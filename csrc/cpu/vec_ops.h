@@ -9,6 +9,9 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <tuple>
+#include <type_traits>
+
 #include "../math/common.h"
 
 namespace fused_optim {
@@ -42,4 +45,39 @@ inline Vec<float> fo_max_nan(const Vec<float>& a, const Vec<float>& b) { return 
 inline Vec<double> fo_max_nan(const Vec<double>& a, const Vec<double>& b) { return at::vec::maximum(a, b); }
 
 }  // namespace math
+
+namespace cpu {
+
+// bf16/fp16 rows run the fp32 rules on two Vectorized<float> per Vectorized<BFloat16/Half>
+// (2 * Vec<float>::size() elements). The widening is exact and the narrowing rounds to nearest
+// even like c10's scalar conversion, so these loops give the scalar loop's bits (NaN payloads
+// aside: at::vec writes 0xffff where c10 writes 0x7fc0 for bf16).
+template <typename T>
+constexpr bool kReduced = at::vec::is_reduced_floating_point_v<T>;
+
+// 2 * Vec<M>::size() elements of T (M itself, or a reduced type when M is float) as two registers.
+template <typename M, typename T>
+inline void load2(const T* ptr, math::Vec<M>& lo, math::Vec<M>& hi) {
+  if constexpr (std::is_same<T, M>::value) {
+    lo = math::Vec<M>::loadu(ptr);
+    hi = math::Vec<M>::loadu(ptr + math::Vec<M>::size());
+  } else {
+    static_assert(std::is_same<M, float>::value && kReduced<T>, "load2: float math for bf16/fp16 storage");
+    static_assert(math::Vec<T>::size() == 2 * math::Vec<float>::size(), "one reduced register = two fp32");
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(math::Vec<T>::loadu(ptr));
+  }
+}
+
+template <typename M, typename T>
+inline void store2(T* ptr, const math::Vec<M>& lo, const math::Vec<M>& hi) {
+  if constexpr (std::is_same<T, M>::value) {
+    lo.store(ptr);
+    hi.store(ptr + math::Vec<M>::size());
+  } else {
+    static_assert(std::is_same<M, float>::value && kReduced<T>, "store2: float math for bf16/fp16 storage");
+    at::vec::convert_from_float<T>(lo, hi).store(ptr);
+  }
+}
+
+}  // namespace cpu
 }  // namespace fused_optim
