@@ -20,11 +20,27 @@ namespace math {
 template <typename S>
 using Vec = at::vec::Vectorized<S>;
 
-inline Vec<float> fo_fma(const Vec<float>& a, const Vec<float>& b, const Vec<float>& c) {
+// One rounding, like the scalar std::fma of the tails. AVX2/AVX512 fmadd is a fused instruction;
+// the generic (no capability: FUSED_OPTIM_PORTABLE) at::vec::fmadd is a*b + c, rounded twice,
+// which broke the bit-equality with the reference (Lion, Adan), so that build fuses per lane.
+template <typename S>
+inline Vec<S> fo_fma_vec(const Vec<S>& a, const Vec<S>& b, const Vec<S>& c) {
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
   return at::vec::fmadd(a, b, c);
+#else
+  S x[Vec<S>::size()], y[Vec<S>::size()], z[Vec<S>::size()];
+  a.store(x);
+  b.store(y);
+  c.store(z);
+  for (int64_t i = 0; i < Vec<S>::size(); ++i) {
+    x[i] = std::fma(x[i], y[i], z[i]);
+  }
+  return Vec<S>::loadu(x);
+#endif
 }
+inline Vec<float> fo_fma(const Vec<float>& a, const Vec<float>& b, const Vec<float>& c) { return fo_fma_vec(a, b, c); }
 inline Vec<double> fo_fma(const Vec<double>& a, const Vec<double>& b, const Vec<double>& c) {
-  return at::vec::fmadd(a, b, c);
+  return fo_fma_vec(a, b, c);
 }
 
 template <typename S>
