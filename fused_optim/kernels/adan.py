@@ -22,11 +22,11 @@ from torch import Tensor
 
 from .multi_tensor import (
     _amp_go,
-    _amp_unscale,
     _chunk_coords,
     _div_rn,
     _div_rn_scalar,
     _load_f32,
+    _load_grad,
     _store_f32,
     amp_args,
     device_fn,
@@ -55,16 +55,11 @@ def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, o
     ed_addr = tl.load(row + 7)
     npg_addr = tl.load(row + 8)
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND, ALIGNED, MASKED, HAS_GRAD_SCALE, MAXIMIZE)
     exp_avg = _load_f32(ea_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     exp_avg_sq = _load_f32(es_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     npg = _load_f32(npg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
-    if HAS_GRAD_SCALE:
-        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
-        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
-    if MAXIMIZE:
-        g = -g
     if CLIP:
         g = g * clip
     d = npg + g                                   # g_k - g_{k-1}

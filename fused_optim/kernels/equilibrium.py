@@ -16,10 +16,10 @@ from torch import Tensor
 
 from .multi_tensor import (
     _amp_go,
-    _amp_unscale,
     _chunk_coords,
     _div_rn,
     _load_f32,
+    _load_grad,
     _load_partials,
     _store_f32,
     _vsum,
@@ -42,12 +42,7 @@ def _gradient_equilibrium_update(p_addr, g_addr, offs, mask, mean, lr, weight_de
                                  ALIGNED: tl.constexpr, MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """``p - lr*(g - mean)`` on one block, ``g`` with the L2 term; ``mean`` of the tensor's ``g``."""
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    if HAS_GRAD_SCALE:
-        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
-        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
-    if MAXIMIZE:
-        g = -g
+    g = _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND, ALIGNED, MASKED, HAS_GRAD_SCALE, MAXIMIZE)
     if DECAY:
         g = g + weight_decay * p
     p = p - lr * (g - mean)

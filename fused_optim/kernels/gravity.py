@@ -18,10 +18,10 @@ from torch import Tensor
 
 from .multi_tensor import (
     _amp_go,
-    _amp_unscale,
     _chunk_coords,
     _div_rn,
     _load_f32,
+    _load_grad,
     _load_partials,
     _store_f32,
     _vmax,
@@ -45,13 +45,8 @@ def _gravity_update(p_addr, g_addr, v_addr, offs, mask, m, lr, beta_hat, one_min
                     MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """The per-element rule, in the seed's op order, on one block; ``m = 1/max|g|`` of the tensor."""
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND, ALIGNED, MASKED, HAS_GRAD_SCALE, MAXIMIZE)
     v = _load_f32(v_addr, offs, mask, S_KIND, ALIGNED, MASKED)
-    if HAS_GRAD_SCALE:
-        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
-        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
-    if MAXIMIZE:
-        g = -g
     r = _div_rn(g, m)
     r = r * r
     r = 1.0 + r

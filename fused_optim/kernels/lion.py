@@ -15,9 +15,9 @@ from torch import Tensor
 
 from .multi_tensor import (
     _amp_go,
-    _amp_unscale,
     _chunk_coords,
     _load_f32,
+    _load_grad,
     _store_f32,
     amp_args,
     device_fn,
@@ -38,13 +38,8 @@ def _lion_update(p_addr, g_addr, m_addr, offs, mask, lr, decay, beta1, one_minus
                  ALIGNED: tl.constexpr, MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr):
     """The per-element rule, in the reference's op order, on one block."""
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND, ALIGNED, MASKED, HAS_GRAD_SCALE, MAXIMIZE)
     m = _load_f32(m_addr, offs, mask, S_KIND, ALIGNED, MASKED)
-    if HAS_GRAD_SCALE:
-        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
-        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
-    if MAXIMIZE:
-        g = -g
     if DECAY:
         p = p * decay
     c = m * beta1 + g * one_minus_beta1

@@ -242,6 +242,20 @@ def _amp_unscale(g, grad_scale_ptr, KIND: tl.constexpr):
 
 
 @device_fn
+def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+               MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """A block of the grad as every update kernel uses it: unscaled (AMP) and written back unscaled, as
+    torch's fused optimizers leave ``.grad``; then negated when maximizing (never stored negated)."""
+    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    if HAS_GRAD_SCALE:
+        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
+        _store_f32(g_addr, offs, g, mask, P_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    return g
+
+
+@device_fn
 def _load_partials(row, partials_ptr, MAX_PARTS: tl.constexpr):
     """This tensor's partial reductions (zero-padded) as one vector; the caller reduces it."""
     first = tl.load(row + 1)
