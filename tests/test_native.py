@@ -506,7 +506,22 @@ def _run_fsdp(tmp_path, finish):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_fsdp_worker, args=(port, str(tmp_path), finish), nprocs=2)
+    try:
+        mp.spawn(_fsdp_worker, args=(port, str(tmp_path), finish), nprocs=2)
+    except mp.ProcessExitedException as exc:
+        # Once in five fresh-clone CI runs a rank died with "terminate called without an active exception"
+        # (SIGABRT) right after both ranks loaded the extension; never reproduced in isolation (30+ runs).
+        # A rank killed by a signal is retried once, on a new port, and said so; a second death fails, and
+        # a Python error in a rank (a wrong result) is never retried.
+        if exc.signal_name is None:
+            raise
+        import warnings
+
+        warnings.warn(f"FSDP2 worker died by {exc.signal_name}; retrying once", RuntimeWarning)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        mp.spawn(_fsdp_worker, args=(port, str(tmp_path), finish), nprocs=2)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
 
 
