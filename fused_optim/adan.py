@@ -100,7 +100,11 @@ class Adan(FusedOptimizer):
             group's ``eps``, like upstream. ``.grad`` is never modified (upstream scales it in place).
         no_prox (bool): decoupled decay ``p·(1 − lr·wd)`` before the update instead of the proximal
             ``p / (1 + lr·wd)`` after it (default: False).
-        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+        maximize, impl, foreach, fused, capturable: see :class:`fused_optim.Lion`; with
+            ``capturable=True`` ``step`` is a device tensor, the bias corrections are computed on the
+            device in fp32, and a param's first-step ``neg_pre_grad = -clip·g`` is taken by the kernel
+            (it reads ``step == 1`` on the device). Under AMP with ``max_grad_norm > 0`` the grads are
+            unscaled before the clip norm and ``found_inf`` is read on the host (one sync).
 
     State (sail-sg/timm layout): ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``neg_pre_grad`` per
     param; ``step`` per group.
@@ -108,12 +112,15 @@ class Adan(FusedOptimizer):
 
     _display_name = "Adan"
     _group_counters = ("step",)  # the bias corrections depend on it: an AMP found_inf skip must not advance it
+    _supports_capturable = True
 
     def _reads_grads_before_dispatch(self) -> bool:
         # Under AMP these reads must see unscaled grads: the global clip norm, and a param's first step,
         # which initialises neg_pre_grad = -clip*g from its grad (`_adan_group`).
         if self.defaults["max_grad_norm"] > 0:
             return True
+        if self.capturable:
+            return False  # a first-step neg_pre_grad is set in the kernel, from the unscaled grad
         for group in self.param_groups:
             if group.get("step", 0) == 0:
                 return True
@@ -125,11 +132,12 @@ class Adan(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,
                  no_prox: bool = False, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
         _check_range("max_grad_norm", max_grad_norm, lo=0.0)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")
@@ -143,7 +151,8 @@ class Adan(FusedOptimizer):
         """Zero the three moments and every group's step (upstream's restart); `neg_pre_grad` is
         re-initialised at the next step because the step count is back to 1 then."""
         for group in self.param_groups:
-            group["step"] = 0
+            # a capturable counter is zeroed in place: a captured CUDA graph keeps reading its address
+            group["step"] = group["step"].zero_() if isinstance(group.get("step"), Tensor) else 0
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
@@ -189,8 +198,10 @@ class Adan(FusedOptimizer):
             self._adan_group(group, params, grads, clip)
 
     def _adan_group(self, group, params, grads, clip) -> None:
-        group["step"] = group.get("step", 0) + 1
-        step = group["step"]
+        step = self._advance_counter(group, "step")
+        device_scalars = isinstance(step, Tensor) and self._device_scalars(params)
+        if isinstance(step, Tensor) and not device_scalars:
+            step = int(step.item())  # capturable on the CPU with a host-scalar impl: no sync to avoid here
         beta1, beta2, beta3 = group["betas"]
         exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads = [], [], [], []
         for p, g in zip(params, grads):
@@ -199,7 +210,10 @@ class Adan(FusedOptimizer):
                 state["exp_avg"] = self._zeros_state(p)
                 state["exp_avg_sq"] = self._zeros_state(p)
                 state["exp_avg_diff"] = self._zeros_state(p)
-            if "neg_pre_grad" not in state or step == 1:
+            if device_scalars:
+                if "neg_pre_grad" not in state:  # the kernel sets -clip*g where step == 1 (read on the device)
+                    state["neg_pre_grad"] = self._zeros_state(p)
+            elif "neg_pre_grad" not in state or step == 1:
                 # -clip*g (of the maximized g): the first difference is then exactly 0
                 sign_g = g if group["maximize"] else -g
                 state["neg_pre_grad"] = sign_g.to(self._state_dtype(p)) * clip
@@ -207,12 +221,19 @@ class Adan(FusedOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             exp_avg_diffs.append(state["exp_avg_diff"])
             neg_pre_grads.append(state["neg_pre_grad"])
+        if device_scalars:  # fp32 on the device (torch's capturable Adam computes them the same way)
+            first = {"first_step": (step == 1).float()}
+            bias_corrections = (1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step),
+                                torch.sqrt(1.0 - torch.pow(beta3, step)))
+        else:
+            first = {}
+            bias_corrections = (1.0 - beta1 ** step, 1.0 - beta2 ** step, math.sqrt(1.0 - beta3 ** step))
+        bc1, bc2, bc3_sqrt = bias_corrections
         self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
                        lr=group["lr"], beta1=float(beta1), beta2=float(beta2), beta3=float(beta3),
-                       bias_correction1=1.0 - beta1 ** step, bias_correction2=1.0 - beta2 ** step,
-                       bias_correction3_sqrt=math.sqrt(1.0 - beta3 ** step), eps=float(group["eps"]),
-                       weight_decay=float(group["weight_decay"]), no_prox=bool(group["no_prox"]), clip=clip,
-                       maximize=group["maximize"])
+                       bias_correction1=bc1, bias_correction2=bc2, bias_correction3_sqrt=bc3_sqrt,
+                       eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                       no_prox=bool(group["no_prox"]), clip=clip, maximize=group["maximize"], **first)
 
     _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan,
               "native": _native_adan}

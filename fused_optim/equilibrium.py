@@ -67,21 +67,23 @@ class GradientEquilibrium(FusedOptimizer):
         params: iterable of parameters or dicts defining parameter groups.
         lr (float or 0-d Tensor): learning rate, ``>= 0`` (default: 0.01).
         weight_decay (float): L2 penalty added to the gradient, ``g + wd·p``, ``>= 0`` (default: 0).
-        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+        maximize, impl, foreach, fused, capturable: see :class:`fused_optim.Lion`.
 
     No state. A one-element tensor never moves (its gradient equals its mean).
     """
 
     _display_name = "GradientEquilibrium"
+    _supports_capturable = True
     _per_tensor_reduction = True
     _supports_complex = False
     _complex_reason = "the mean over a torch.view_as_real view would mix real and imaginary parts"
 
     def __init__(self, params, lr: float | Tensor = 0.01, weight_decay: float = 0.0, *,
                  maximize: bool = False, impl: str | None = None, foreach: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, capturable: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")

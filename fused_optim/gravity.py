@@ -71,7 +71,8 @@ class Gravity(FusedOptimizer):
             scale ``alpha / lr``); a scheduler may later set it to 0 (default: 0.1).
         alpha (float): standard deviation of the initial velocity times ``lr``, ``>= 0`` (default: 0.01).
         beta (float): velocity averaging, in [0, 1) (default: 0.9).
-        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
+        maximize, impl, foreach, fused, capturable: see :class:`fused_optim.Lion`; with
+            ``capturable=True`` ``t`` is a device tensor and ``β̂`` is computed on the device in fp32.
 
     State: ``v`` per param, drawn ``N(0, alpha/lr)`` at construction (and in ``add_param_group``);
     ``t`` per group (in ``state_dict()["param_groups"]``).
@@ -80,15 +81,17 @@ class Gravity(FusedOptimizer):
     _display_name = "Gravity"
     _per_tensor_reduction = True
     _group_counters = ("t",)  # beta_hat depends on t: an AMP found_inf skip must not advance it
+    _supports_capturable = True
     _supports_complex = False
     _complex_reason = "its per-tensor max|g| and g/(1+(g/m)^2) are defined for real values only"
 
     def __init__(self, params, lr: float | Tensor = 0.1, alpha: float = 0.01, beta: float = 0.9, *,
                  maximize: bool = False, impl: str | None = None, foreach: bool | None = None,
-                 fused: bool | None = None):
+                 fused: bool | None = None, capturable: bool = False):
         _check_range("lr", lr, lo=0.0, lo_open=True, label="learning rate")  # std = alpha / lr
         defaults = dict(lr=lr, alpha=alpha, beta=beta, t=0)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")
@@ -111,10 +114,11 @@ class Gravity(FusedOptimizer):
             state["v"] = v.to(self._state_dtype(p))
 
     def _step_group(self, group, params, grads) -> None:
-        group["t"] += 1  # every step() call, before use, even with no grads (upstream)
-        t = group["t"]
+        t = self._advance_counter(group, "t")  # every step() call, before use, even with no grads (upstream)
+        if isinstance(t, Tensor) and not self._device_scalars(params):
+            t = int(t.item())  # capturable on the CPU with a host-scalar impl: no sync to avoid here
         beta = group["beta"]
-        beta_hat = (beta * t + 1) / (t + 2)
+        beta_hat = (beta * t + 1) / (t + 2)  # a Python double, or fp32 on the device (capturable)
         vs = [self.state[p]["v"] for p in params]
         self._dispatch(params, grads, [vs], lr=group["lr"], beta_hat=beta_hat,
                        maximize=group["maximize"])

@@ -54,18 +54,23 @@ class Lion(FusedOptimizer):
         maximize (bool): maximize the objective instead of minimizing; ``.grad`` is never modified.
         impl (str, optional): "forloop", "foreach", "triton", "native" or None for auto (SPEC §0).
         foreach, fused (bool, optional): torch-style spellings of ``impl``.
+        capturable (bool): keep every per-step value on the device so a step can be captured in a CUDA
+            graph (``FusedOptimizer`` docstring, "Capturable"): on CUDA it needs ``impl="triton"``; pass
+            ``lr`` as a CUDA tensor to change it between replays (default: False).
 
     State: ``exp_avg`` (zeros at a param's first step). No step counter.
     """
 
     _display_name = "Lion"
+    _supports_capturable = True
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         weight_decay=weight_decay)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         capturable=capturable)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")

@@ -136,6 +136,17 @@ class FusedOptimizer(torch.optim.Optimizer):
     - Subclasses that read grads before `_dispatch` (Adan's global clip) return True from
       `_reads_grads_before_dispatch`, so the grads are unscaled before that read.
 
+    Capturable (CUDA graphs): classes with ``_supports_capturable`` take ``capturable=True`` (torch's
+    flag, kept as the optimizer attribute ``capturable`` rather than a param-group key: Dynamo sets every
+    group's ``"capturable"`` to True while tracing torch optimizers, which must not switch our counters
+    to tensors inside ``torch.compile``). Then the group step counters in ``_group_counters`` are 0-d float32 tensors on the params'
+    device, advanced on the device (`_advance_counter`), and the per-step scalars derived from them
+    are computed there in fp32; impls marked ``fn.supports_capturable = True`` (the Triton kernels) read
+    them, and ``lr`` when it is a device tensor, from device memory, so a step issues no host sync and
+    can be captured in a CUDA graph and replayed. An AMP ``found_inf`` is then applied on the device
+    too (the counters advance by ``found_inf == 0``). Other impls run with ``capturable=True`` on the
+    CPU (reading a CPU counter is no sync) and refuse accelerator params with the fix in the message.
+
     Non-finite gradients: by default NaN/Inf in a grad flow through the update exactly as through the
     reference (``forloop``) on every impl, at no cost. With ``opt.skip_if_nonfinite = True`` the step
     first reduces every grad to one device flag (a multi-tensor max-abs, no host read) and hands it to
@@ -154,6 +165,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: `fused_optim.distributed.reduce_per_tensor`) may run; see `_shard_impl`
     _per_tensor_reduction = False
 
+    #: the class takes ``capturable=True`` (see "Capturable" above)
+    _supports_capturable = False
+
     _impls: dict[str, Callable[..., None]] = {}
     #: human name used in error messages
     _display_name = "optimizer"
@@ -162,10 +176,14 @@ class FusedOptimizer(torch.optim.Optimizer):
     _complex_reason = ""
 
     def __init__(self, params, defaults: dict, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
         self._impl_request = _resolve_request(impl, foreach, fused)
         self._impl_cache: dict[str, str] = {}
         defaults = dict(defaults, maximize=bool(maximize))
+        if capturable and not self._supports_capturable:
+            raise ValueError(f"{self._display_name} does not support capturable=True")
+        #: see the class docstring, "Capturable"; a checkpoint's counters follow this setting at the next step
+        self.capturable = bool(capturable)
         self._group_defaults = dict(defaults)  # torch later adds keys of its own (differentiable) to defaults
         super().__init__(params, defaults)
 
@@ -280,10 +298,60 @@ class FusedOptimizer(torch.optim.Optimizer):
         construction are re-validated, and the impl of each device is resolved (an explicit impl that
         cannot run on one device must not raise after another device's params moved). A group holding
         an accelerator tensor hyperparameter (a capturable lr) is not re-read: that would sync the host."""
-        if not any(isinstance(v, Tensor) and v.device.type != "cpu" for k, v in group.items() if k != "params"):
+        if not any(isinstance(v, Tensor) and v.device.type != "cpu" for k, v in group.items()
+                   if k != "params" and k not in self._group_counters):
             self._validate_group(group)
-        for device in {p.device for p in params}:
+        devices = {p.device for p in params}
+        for device in devices:
             self.impl_for(device)
+        if self.capturable:
+            self._check_capturable(devices, any(_dist.is_dtensor(p) for p in params))
+
+    def _check_capturable(self, devices: set[torch.device], sharded: bool) -> None:
+        if len(devices) > 1:
+            raise ValueError(f"{self._display_name}: capturable=True needs each param group on one device (its step "
+                             f"counter lives there), got {sorted(map(str, devices))}; split the group by device")
+        device = next(iter(devices))
+        if device.type != "cpu" and not getattr(self._runs(device, sharded), "supports_capturable", False):
+            raise RuntimeError(f"{self._display_name}: capturable=True on {device.type} needs impl='triton' (impl "
+                               f"{self.impl_for(device)!r} reads its step-dependent scalars on the host, a sync "
+                               "that a CUDA graph cannot capture); pass impl='triton' or capturable=False")
+
+    def _runs(self, device: torch.device, sharded: bool) -> Callable[..., None]:
+        """The impl function `_dispatch` calls on `device` (on DTensor shards it may fall back to foreach)."""
+        impl = self.impl_for(device)
+        return self._shard_impl(impl, self._impls[impl])[1] if sharded else self._impls[impl]
+
+    def _advance_counter(self, group: dict, key: str) -> int | Tensor:
+        """Add one to the group's step counter `key` and return it (torch's convention: before use).
+
+        A Python int normally. With ``capturable=True`` a 0-d float32 tensor on the group's device,
+        advanced there: by ``found_inf == 0`` when AMP's skip is taken on the device (the counter must
+        not move on a skipped step), else by 1. A counter of the other kind (a checkpoint saved with
+        the other setting) is converted first."""
+        value = group.get(key, 0)
+        if not self.capturable:
+            group[key] = (int(value.item()) if isinstance(value, Tensor) else value) + 1
+            return group[key]
+        device = _dist.local(group["params"][0]).device if group["params"] else torch.device("cpu")
+        if not isinstance(value, Tensor):
+            value = torch.full((), float(value), dtype=torch.float32, device=device)
+        elif value.device != device or value.dtype != torch.float32:
+            value = value.to(device=device, dtype=torch.float32)
+        found_inf = (self._amp_kwargs or {}).get("found_inf")
+        if found_inf is not None:
+            value.add_((found_inf.to(device, non_blocking=True) == 0).reshape(()))
+        else:
+            value.add_(1)
+        group[key] = value
+        return value
+
+    def _device_scalars(self, params: list[Tensor]) -> bool:
+        """Whether this split's impl reads step-dependent scalars as device tensors (capturable impls);
+        otherwise the class reads a capturable counter on the host (only ever a CPU one: see
+        `_check_capturable`)."""
+        return bool(params) and getattr(self._runs(params[0].device, _dist.is_dtensor(params[0])),
+                                        "supports_capturable", False)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, grad_scale: Tensor | None = None,
@@ -334,14 +402,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [g for _, _, gs in batches for g in gs]
         devices = {g.device for g in grads}
         sharded = any(_dist.is_dtensor(g) for g in grads)
-
-        def runs(device):  # the impl `_dispatch` will call there (DTensors may fall back to foreach)
-            impl = self.impl_for(device)
-            return self._shard_impl(impl, self._impls[impl])[1] if sharded else self._impls[impl]
-
         in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
-                     and all(getattr(runs(d), "supports_amp", False) for d in devices))
-        device_skip = in_kernel and not self._group_counters and all(d.type != "cpu" for d in devices)
+                     and all(getattr(self._runs(d, sharded), "supports_amp", False) for d in devices))
+        # counters advance on the device only when capturable (`_advance_counter`); a CPU skip is decided
+        # on the host (no sync there), except in capturable mode, which keeps one code path everywhere
+        device_skip = in_kernel and (self.capturable or (not self._group_counters
+                                                    and all(d.type != "cpu" for d in devices)))
         if found_inf is not None and not device_skip:
             if found_inf.item():  # host read; see the class docstring for when this is a sync
                 return False
@@ -433,6 +499,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # checkpoints of upstream optimizers lack our keys (maximize, ...)
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
+            for key in self._group_counters:  # a capturable counter: never shared with the source dict
+                if isinstance(group.get(key), Tensor):
+                    group[key] = group[key].clone()
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:

@@ -259,8 +259,9 @@ def test_cpu_grad_scaler_drives_the_triton_kernels(name, interpret, monkeypatch)
 
 # ------------------------------------------------------------------------------------------ compiled
 def test_amp_kernels_compile_for_cuda_without_a_gpu():
-    """With HAS_GRAD_SCALE and HAS_FOUND_INF on, every kernel still lowers to sm_90 PTX with 128-bit
-    accesses on its full-chunk path (the grad store included)."""
+    """With HAS_GRAD_SCALE and HAS_FOUND_INF on (and every per-step scalar read on the device, as
+    ``capturable=True`` runs them), every kernel still lowers to sm_90 PTX with 128-bit accesses on its
+    full-chunk path (the grad store included)."""
     from triton.backends import backends
 
     from fused_optim.kernels import adan, equilibrium, gravity, lion, reduce
@@ -269,7 +270,8 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
         pytest.skip("this triton install has no CUDA backend")
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
             "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-            "lr_ptr": "*fp32"}
+            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bc1_ptr": "*fp32", "bc2_ptr": "*fp32",
+            "bc3_sqrt_ptr": "*fp32", "first_ptr": "*fp32"}
     f32 = dict.fromkeys(["lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta_hat",
                          "one_minus_beta_hat", "weight_decay", "clip_value", "beta3", "one_minus_beta3",
                          "bias_correction3_sqrt", "eps", "neg_step_size", "neg_step_size_diff", "coeff",
@@ -279,12 +281,13 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
     cases = [
         (lion._lion_kernel, dict(MAXIMIZE=False, DECAY=True, P_KIND=2, S_KIND=0, ROW=6, BLOCK=lion.BLOCK), 4),
         (gravity._gravity_kernel,
-         dict(MAXIMIZE=True, P_KIND=0, S_KIND=0, ROW=6, BLOCK=gravity.BLOCK, MAX_PARTS=256), 4),
+         dict(MAXIMIZE=True, P_KIND=0, S_KIND=0, ROW=6, BLOCK=gravity.BLOCK, MAX_PARTS=256,
+              BETA_HAT_TENSOR=True), 4),
         (equilibrium._gradient_equilibrium_kernel,
          dict(MAXIMIZE=True, DECAY=True, P_KIND=1, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
         (adan._adan_kernel,
          dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9,
-              BLOCK=adan.BLOCK), 4),
+              BLOCK=adan.BLOCK, BC_TENSOR=True, FIRST_TENSOR=True), 4),
         (reduce._partials_kernel, dict(OP=0, NEGATE=False, ADD_PARAM=False, P_KIND=2, ROW=6, RBLOCK=2048), 8),
     ]
     for kernel, consts, warps in cases:

@@ -8,8 +8,9 @@ one file per optimizer, the shared tables in `multi_tensor.py`. All four are AMP
 
 ``fn.supports_tensor_lr = True`` (set below) says an impl takes ``lr`` as a 0-d tensor and reads it on
 the device (no ``.item()``, no recompile): a caller holding a device tensor lr (capturable / scheduled)
-may pass it as is instead of converting it with ``_as_float``. Today `FusedOptimizer` still passes a
-float; the hook for it is one check in `_dispatch` (see `multi_tensor.lr_args`).
+may pass it as is instead of converting it with ``_as_float`` (`FusedOptimizer._dispatch` does).
+``fn.supports_capturable = True`` says every step-dependent scalar (Gravity's ``beta_hat``, Adan's bias
+corrections and ``first_step``) may be a device tensor too (``capturable=True``, `multi_tensor.scalar_args`).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def kernel_module(name: str):
 
 @supports_amp
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
-                    beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
+                    beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
     fn = kernel_module("gravity")._triton_gravity
 
@@ -61,16 +62,16 @@ def _triton_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
 @supports_amp
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor,
-                 beta1: float, beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
-                 bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
-                 clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None) -> None:
+                 beta1: float, beta2: float, beta3: float, bias_correction1: float | Tensor,
+                 bias_correction2: float | Tensor, bias_correction3_sqrt: float | Tensor, eps: float,
+                 weight_decay: float, no_prox: bool, clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None, first_step: Tensor | None = None) -> None:
     fn = kernel_module("adan")._triton_adan
 
     fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr=lr, beta1=beta1, beta2=beta2,
        beta3=beta3, bias_correction1=bias_correction1, bias_correction2=bias_correction2,
        bias_correction3_sqrt=bias_correction3_sqrt, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
-       clip=clip, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf)
+       clip=clip, maximize=maximize, grad_scale=grad_scale, found_inf=found_inf, first_step=first_step)
 
 
 @supports_amp
@@ -86,5 +87,7 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
 
 for _fn in (_triton_gravity, _triton_lion, _triton_adan, _triton_gradient_equilibrium):
     _fn.supports_tensor_lr = True
+    # capturable (FusedOptimizer docstring): every per-step scalar may be a device tensor, read in the kernel
+    _fn.supports_capturable = True
 
 __all__ = ["kernel_module", "_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]

@@ -33,8 +33,8 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    lr_args,
     prepare_launches,
+    scalar_args,
 )
 
 BLOCK = 1024
@@ -44,11 +44,13 @@ CLIP_NONE, CLIP_VALUE, CLIP_TENSOR = 0, 1, 2
 @device_fn
 def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
                  one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay,
-                 grad_scale_ptr,
+                 grad_scale_ptr, first,
                  MAXIMIZE: tl.constexpr, NO_PROX: tl.constexpr, DECAY: tl.constexpr, CLIP: tl.constexpr,
                  P_KIND: tl.constexpr, S_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
-                 HAS_GRAD_SCALE: tl.constexpr):
-    """sail-sg's per-element op order on one block; ``neg_pre_grad`` is rewritten as ``-clip·g``."""
+                 HAS_GRAD_SCALE: tl.constexpr, FIRST_TENSOR: tl.constexpr):
+    """sail-sg's per-element op order on one block; ``neg_pre_grad`` is rewritten as ``-clip·g``. With
+    FIRST_TENSOR, ``first != 0`` (the group's step is 1, read on the device) starts the difference from
+    ``neg_pre_grad = -clip·g`` as the class does on the host otherwise, so ``d`` is exactly 0."""
     p_addr = tl.load(row + 4)
     ea_addr = tl.load(row + 5)
     es_addr = tl.load(row + 6)
@@ -62,6 +64,8 @@ def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, o
     npg = _load_f32(npg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     if CLIP:
         g = g * clip
+    if FIRST_TENSOR:
+        npg = tl.where(first != 0.0, -g, npg)
     d = npg + g                                   # g_k - g_{k-1}
     exp_avg = exp_avg * beta1 + one_minus_beta1 * g
     exp_avg_diff = exp_avg_diff * beta2 + one_minus_beta2 * d
@@ -98,10 +102,15 @@ def _adan_kernel(
     neg_step_size,                     # -lr / bias_correction1
     neg_step_size_diff,                # -lr * beta2 / bias_correction2
     decay,                             # no_prox: 1 - lr*wd (multiply first); else 1 + lr*wd (divide last)
-    bias_correction1,                  # for the three above when lr is read on the device (LR_TENSOR)
+    bias_correction1,                  # for the three above when lr or the corrections are read on the device
     bias_correction2,
     weight_decay,
+    lr,
     lr_ptr,                            # fp32 0-d: lr on the device (read when LR_TENSOR)
+    bc1_ptr,                           # fp32 0-d each: the bias corrections 1, 2 and sqrt(3) on the device
+    bc2_ptr,                           # (capturable: computed there from the step counter), read when
+    bc3_sqrt_ptr,                      # BC_TENSOR
+    first_ptr,                         # fp32 0-d: 1.0 at the group's first step (read when FIRST_TENSOR)
     grad_scale_ptr,                    # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,                     # fp32 0-d: AMP's inf flag; nonzero skips the step (HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -116,17 +125,30 @@ def _adan_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     LR_TENSOR: tl.constexpr,
+    BC_TENSOR: tl.constexpr,
+    FIRST_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
-        if LR_TENSOR:
+        if LR_TENSOR or BC_TENSOR:
             # the float path's host scalars, in fp32 here (it rounds double results once)
-            neg_lr = -tl.load(lr_ptr)
+            if LR_TENSOR:
+                neg_lr = -tl.load(lr_ptr)
+                if NO_PROX:
+                    decay = 1.0 + neg_lr * weight_decay
+                else:
+                    decay = 1.0 - neg_lr * weight_decay
+            else:
+                neg_lr = -lr
+            if BC_TENSOR:
+                bias_correction1 = tl.load(bc1_ptr)
+                bias_correction2 = tl.load(bc2_ptr)
+                bias_correction3_sqrt = tl.load(bc3_sqrt_ptr)
             neg_step_size = _div_rn_scalar(neg_lr, bias_correction1)
             neg_step_size_diff = _div_rn_scalar(neg_lr * beta2, bias_correction2)
-            if NO_PROX:
-                decay = 1.0 + neg_lr * weight_decay
-            else:
-                decay = 1.0 - neg_lr * weight_decay
+        if FIRST_TENSOR:
+            first = tl.load(first_ptr)
+        else:
+            first = 0.0
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         g_addr = tl.load(grad_ptrs_ptr + t)
         if CLIP == 2:
@@ -136,29 +158,38 @@ def _adan_kernel(
         if full:
             _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2,
                          beta3, one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size,
-                         neg_step_size_diff, decay, grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
-                         P_KIND, S_KIND, ALIGNED, False, HAS_GRAD_SCALE)
+                         neg_step_size_diff, decay, grad_scale_ptr, first, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
+                         P_KIND, S_KIND, ALIGNED, False, HAS_GRAD_SCALE, FIRST_TENSOR)
         else:
             _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, one_minus_beta2,
                          beta3, one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size,
-                         neg_step_size_diff, decay, grad_scale_ptr, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
-                         P_KIND, S_KIND, ALIGNED, True, HAS_GRAD_SCALE)
+                         neg_step_size_diff, decay, grad_scale_ptr, first, MAXIMIZE, NO_PROX, DECAY, CLIP != 0,
+                         P_KIND, S_KIND, ALIGNED, True, HAS_GRAD_SCALE, FIRST_TENSOR)
 
 
 def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor,
-                 beta1: float, beta2: float, beta3: float, bias_correction1: float, bias_correction2: float,
-                 bias_correction3_sqrt: float, eps: float, weight_decay: float, no_prox: bool,
-                 clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None) -> None:
+                 beta1: float, beta2: float, beta3: float, bias_correction1: float | Tensor,
+                 bias_correction2: float | Tensor, bias_correction3_sqrt: float | Tensor, eps: float,
+                 weight_decay: float, no_prox: bool, clip: float | Tensor, maximize: bool,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None,
+                 first_step: Tensor | None = None) -> None:
     """Adan over a (device, dtype) group in one launch; `clip` is read on the device when a tensor. AMP:
-    see the module docstring. A device tensor ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
+    see the module docstring. Device tensors ``lr``, the bias corrections and ``first_step`` (capturable:
+    1.0 at the group's first step, when the class leaves ``neg_pre_grad`` to the kernel) are read by the
+    kernel (`multi_tensor.scalar_args`)."""
+    if len({isinstance(b, Tensor) for b in (bias_correction1, bias_correction2, bias_correction3_sqrt)}) > 1:
+        raise TypeError("Triton Adan: pass the three bias corrections all as floats or all as 0-d tensors")
     for prep in prepare_launches(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
                                  write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         kernel = kernel_for(_adan_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
-        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
+        lr_value, lr_ptr, lr_tensor = scalar_args(table, lr)
+        bc1, bc1_ptr, bc_tensor = scalar_args(table, bias_correction1)
+        bc2, bc2_ptr, _ = scalar_args(table, bias_correction2)
+        bc3_sqrt, bc3_ptr, _ = scalar_args(table, bias_correction3_sqrt)
+        _, first_ptr, first_tensor = scalar_args(table, 0.0 if first_step is None else first_step)
         if isinstance(clip, Tensor):
             clip_mode, clip_value = CLIP_TENSOR, 1.0
             clip_tensor = clip.detach().to(device=table.device, dtype=torch.float32)  # no-op when already so
@@ -170,10 +201,11 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
             kernel[(table.n_chunks,)](
                 table.meta, table.grad_ptrs, table.chunks, clip_tensor, clip_value,
                 float(beta1), 1 - beta1, float(beta2), 1 - beta2, float(beta3), 1 - beta3,
-                float(bias_correction3_sqrt), float(eps), -lr_value / bias_correction1,
-                -lr_value * beta2 / bias_correction2, decay, float(bias_correction1), float(bias_correction2),
-                float(weight_decay), lr_ptr, gs_ptr, fi_ptr,
+                bc3_sqrt, float(eps), -lr_value / bc1 if not bc_tensor else 0.0,
+                -lr_value * beta2 / bc2 if not bc_tensor else 0.0, decay, bc1, bc2,
+                float(weight_decay), lr_value, lr_ptr, bc1_ptr, bc2_ptr, bc3_ptr, first_ptr, gs_ptr, fi_ptr,
                 MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox), DECAY=weight_decay != 0, CLIP=clip_mode,
                 P_KIND=prep.p_kind, S_KIND=prep.s_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, LR_TENSOR=lr_tensor, num_warps=4)
+                HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, LR_TENSOR=lr_tensor, BC_TENSOR=bc_tensor,
+                FIRST_TENSOR=first_tensor, num_warps=4)
         prep.finish()

@@ -30,8 +30,8 @@ from .multi_tensor import (
     device_guard,
     get_table,
     kernel_for,
-    lr_args,
     prepare_launches,
+    scalar_args,
 )
 from .reduce import OP_ABSMAX, launch_partials
 
@@ -67,6 +67,7 @@ def _gravity_kernel(
     beta_hat,
     one_minus_beta_hat,
     lr_ptr,           # fp32 0-d: lr on the device, read instead of `lr` when LR_TENSOR
+    beta_hat_ptr,     # fp32 0-d: beta_hat on the device (capturable), read when BETA_HAT_TENSOR
     grad_scale_ptr,   # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,    # fp32 0-d: AMP's inf flag; nonzero skips the step (read when HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
@@ -79,10 +80,14 @@ def _gravity_kernel(
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     LR_TENSOR: tl.constexpr,
+    BETA_HAT_TENSOR: tl.constexpr,
 ):
     if _amp_go(found_inf_ptr, HAS_FOUND_INF):
         if LR_TENSOR:
             lr = tl.load(lr_ptr)
+        if BETA_HAT_TENSOR:
+            beta_hat = tl.load(beta_hat_ptr)
+            one_minus_beta_hat = 1.0 - beta_hat  # in fp32 (the float path rounds the double 1 - beta_hat)
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         amax = _vmax(_load_partials(row, partials_ptr, MAX_PARTS))
         # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
@@ -99,21 +104,23 @@ def _gravity_kernel(
 
 
 def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
-                    beta_hat: float, maximize: bool, grad_scale: Tensor | None = None,
+                    beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
     """Gravity over a (device, dtype) group: reduce, then update; zero-size tensors are skipped. AMP: see
-    the module docstring. A device tensor ``lr`` is read by the kernel (`multi_tensor.lr_args`)."""
+    the module docstring. Device tensors ``lr`` and ``beta_hat`` (capturable) are read by the kernel
+    (`multi_tensor.scalar_args`)."""
     for prep in prepare_launches(params, grads, [vs], write_grads=grad_scale is not None):
         table = get_table(prep, BLOCK)
         launch_partials(table, OP_ABSMAX, prep.p_kind, grad_scale=grad_scale, found_inf=found_inf)
         kernel = kernel_for(_gravity_kernel, table.device)
         gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
-        lr_value, lr_ptr, lr_tensor = lr_args(table, lr)
+        lr_value, lr_ptr, lr_tensor = scalar_args(table, lr)
+        bh_value, bh_ptr, bh_tensor = scalar_args(table, beta_hat)
         with device_guard(table.device):
             kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, table.partials, lr_value,
-                                      float(beta_hat), 1 - beta_hat, lr_ptr, gs_ptr, fi_ptr,
+                                      bh_value, 1 - bh_value, lr_ptr, bh_ptr, gs_ptr, fi_ptr,
                                       MAXIMIZE=bool(maximize), P_KIND=prep.p_kind, S_KIND=prep.s_kind,
                                       ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
                                       MAX_PARTS=table.max_parts, HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi,
-                                      LR_TENSOR=lr_tensor, num_warps=4)
+                                      LR_TENSOR=lr_tensor, BETA_HAT_TENSOR=bh_tensor, num_warps=4)
         prep.finish()

@@ -323,6 +323,11 @@ class Table:
         not move."""
         if key == self.grad_key:
             return
+        if _capturing(self.device):
+            raise RuntimeError("fused_optim (Triton): the grads moved since the last step, during CUDA graph "
+                               "capture; a captured step must see the grads of the warm-up step at the same "
+                               "addresses: zero them in place (optimizer.zero_grad(set_to_none=False)) and keep "
+                               "the graph's inputs static")
         host = torch.tensor(key, dtype=torch.int64)
         if self.device.type == "cuda":
             # Pinned + non_blocking: no host sync. The caching host allocator keeps the pinned block alive
@@ -347,17 +352,30 @@ def _upload(host: Tensor, device: torch.device) -> Tensor:
 _TABLES: OrderedDict[tuple, Table] = OrderedDict()
 
 
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _new_table(prep: Prepared, block: int) -> Table:
+    if _capturing(prep.key[0]):
+        # its host-to-device copies would be captured from host buffers that are gone at replay
+        raise RuntimeError("fused_optim (Triton): a tensor list seen for the first time during CUDA graph "
+                           "capture; run one step (a warm-up, as torch's CUDA graph docs ask) before capturing, "
+                           "and keep params and state contiguous (strided ones get fresh copies every step)")
+    return Table(prep.static, block, prep.key[0])
+
+
 def get_table(prep: Prepared, block: int) -> Table:
     """The cached table of ``prep.static`` (params first, then each state list) with its grad table
-    pointed at ``prep.grads``."""
+    pointed at ``prep.grads``. Under CUDA graph capture a table must already exist (`_new_table`)."""
     if not prep.cacheable:
-        table = Table(prep.static, block, prep.key[0])
+        table = _new_table(prep, block)
         table.set_grads(prep.grad_addrs)
         return table
     key = (block, MAX_PARTS, RBLOCK, *prep.key)
     table = _TABLES.get(key)
     if table is None:
-        table = Table(prep.static, block, prep.key[0])
+        table = _new_table(prep, block)
         _TABLES[key] = table
         if len(_TABLES) > _CACHE_SIZE:
             _TABLES.popitem(last=False)
@@ -516,17 +534,22 @@ def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) 
     return arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None
 
 
+def scalar_args(table: Table, x: float | Tensor) -> tuple[float, Tensor, bool]:
+    """``(value, ptr, IS_TENSOR)`` of a per-step scalar argument of a launch (lr, Gravity's beta_hat,
+    Adan's bias corrections): an accelerator tensor (capturable / scheduled) is loaded by the kernel, so
+    reading it never syncs the host and a new value never recompiles; a CPU tensor for accelerator
+    params is read here (no sync either). CPU params (the interpreter) load a tensor too, which is how
+    the CPU tests cover that path. Without a tensor, ``ptr`` is any fp32 buffer, never read."""
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu" or table.device.type == "cpu":
+            return 0.0, x.detach().to(device=table.device, dtype=torch.float32).reshape(()), True
+        x = x.item()
+    return float(x), table.partials, False
+
+
 def lr_args(table: Table, lr: float | Tensor) -> tuple[float, Tensor, bool]:
-    """``(lr, lr_ptr, LR_TENSOR)`` of a launch: an accelerator tensor lr (a capturable / scheduled lr) is
-    loaded by the kernel, so reading it never syncs the host and a new value never recompiles; a CPU
-    tensor lr for accelerator params is read here (no sync either). CPU params (the interpreter) load
-    a tensor lr too, which is how the CPU tests cover that path. Without a tensor, ``lr_ptr`` is any
-    fp32 buffer, never read."""
-    if isinstance(lr, Tensor):
-        if lr.device.type != "cpu" or table.device.type == "cpu":
-            return 0.0, lr.detach().to(device=table.device, dtype=torch.float32).reshape(()), True
-        lr = lr.item()
-    return float(lr), table.partials, False
+    """``(lr, lr_ptr, LR_TENSOR)`` of a launch (`scalar_args`)."""
+    return scalar_args(table, lr)
 
 
 def device_guard(device: torch.device):
