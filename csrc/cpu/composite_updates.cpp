@@ -128,6 +128,10 @@ void multi_tensor_copy_cpu(at::TensorList dst, at::TensorList src) {
   const char* op = "fused_optim::multi_tensor_copy_";
   PreparedLists pl = prepare_lists(op, {dst, src}, {true, false});
   check_same_dtype(op, pl, 1, "src", "dst");  // a bit copy keeps the dtype
+  for (int64_t i = 1; i < pl.rows(); ++i) {       // one dtype per call, as on CUDA (one launch)
+    TORCH_CHECK(pl.lists[0][i].scalar_type() == pl.lists[0][0].scalar_type(), op, ": one dtype per call, got ",
+                pl.lists[0][0].scalar_type(), " and ", pl.lists[0][i].scalar_type());
+  }
   const auto items = make_chunks(pl);
   for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
     const int64_t size = pl.lists[0][it.row].element_size();
