@@ -236,13 +236,17 @@ def test_sam_norms_fp32(device, adaptive):
         assert out.shape == (len(params),) and out.dtype == torch.float32 and out.device.type == device
         ref = _as_vector(_forloop_sam_norms(_to(pv, torch.float32, device), _to(gv, torch.float32, device),
                                             adaptive=adaptive)).float().cpu()
-        exact = torch.stack([((p.float().double().abs() if adaptive else 1.0) * g.float().double()).norm()
+        # the exact norm of the same fp32 product
+        exact = torch.stack([((p.float().abs() if adaptive else 1.0) * g.float()).double().norm()
                              for p, g in zip(pv, gv)]).float()
         out = out.cpu()
         assert out[0] == 0 and ref[0] == 0  # the zero-size tensor
-        assert int(ulp_distance(out, exact).max()) <= 2, "native norm beyond 2 ulp of the exact norm"
-        allowed = 4 + ulp_distance(ref, exact)
-        assert (ulp_distance(out, ref) <= allowed).all(), "native norm beyond 4 ulp + torch's own error"
+        # CPU: fp32 fma chains of <= 16 squares per lane, fp64 beyond; CUDA: ~128 squares per thread
+        # in fp32, then a tree of fp32 block sums
+        to_exact = 2 if device == "cpu" else 8
+        assert int(ulp_distance(out, exact).max()) <= to_exact, f"native norm beyond {to_exact} ulp of the exact norm"
+        allowed = to_exact + 2 + ulp_distance(ref, exact)
+        assert (ulp_distance(out, ref) <= allowed).all(), "native norm beyond a few ulp + torch's own error"
     place.check()
 
 
@@ -372,7 +376,7 @@ def test_muon_momentum_fp32(device, upd_dtype, case):
             _check(device, nat_u, ref_u, k, "updates")
         else:  # bf16 of values within 4 ulp (fp32): one bf16 ulp at most
             for a, e in zip(nat_u, ref_u):
-                assert int(ulp_distance(a.cpu(), e.cpu()).max(initial=0)) <= 1
+                assert a.numel() == 0 or int(ulp_distance(a.cpu(), e.cpu()).max()) <= 1
         _assert_exact(grads, before, "grads (never written)")
     place.check()
 
@@ -490,6 +494,22 @@ def _neuro_state(device, dtype, place=None, shapes=None):
     return [place.list(lst, dtype) for lst in vals]
 
 
+def _assert_sign_steps_close(nat_p, ref_p, ref_s, kw):
+    """SPEC §9 for sign steps (CUDA: nvcc contracts m + b2*diff into one fma): params within 4 ulp, except
+    elements whose sign argument m + b2*diff (the reference's new state) is within 8 ulp of 0 at the
+    operands' scale, which may flip (a difference of lr or 2*lr)."""
+    for i, (a, e) in enumerate(zip(nat_p, ref_p)):
+        if a.numel() == 0:
+            continue
+        a, e = a.cpu().double(), e.cpu().double()
+        m, diff = ref_s[0][i].cpu().double(), ref_s[2][i].cpu().double()
+        num, mag = m + kw["beta2"] * diff, m.abs() + (kw["beta2"] * diff).abs()
+        near_zero = num.abs() <= 8 * torch.finfo(torch.float32).eps * mag
+        eps = torch.finfo(torch.float32).eps
+        bad = ((a - e).abs() > 4 * eps * (e.abs() + e.abs().mean())) & ~near_zero
+        assert not bad.any(), f"params[{i}]: {int(bad.sum())} elements differ beyond 4 ulp away from sign ties"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(NEURO_CASES)))
 def test_neuro_optima_fp32(device, case):
@@ -505,9 +525,15 @@ def test_neuro_optima_fp32(device, case):
         grads = place.list(gv, torch.float32)
         before = [x.clone() for x in grads]
         _native_neuro_optima(nat_p, grads, *nat_s, **kw)
-        _check(device, nat_p, ref_p, k, "params")
         for name, a, e in zip(("exp_avgs", "exp_avg_sqs", "exp_avg_diffs", "prev_grads"), nat_s, ref_s):
             _check(device, a, e, k, name)
+        if device == "cpu":
+            _assert_exact(nat_p, ref_p, "params")
+        else:
+            _assert_sign_steps_close(nat_p, ref_p, ref_s, kw)
+            for a_l, e_l in zip([nat_p, *nat_s], [ref_p, *ref_s]):  # a flip must not carry over: resync
+                for a, e in zip(a_l, e_l):
+                    a.copy_(e)
         _assert_exact(grads, before, "grads (never written)")
     place.check()
 
@@ -607,6 +633,63 @@ def test_lowp_vector_loops_bit_equal_scalar_loop(dtype, state):
     for j, (a_l, b_l) in enumerate(zip(results["vector"], results["scalar"])):
         for a, b in zip(a_l, b_l):
             assert torch.equal(a, b), f"written list {j}: vector and scalar loops differ"
+
+
+# ------------------------------------------------------------------------------------- many tensors
+@pytest.mark.parametrize("device", DEVICES)
+def test_many_tensors_one_call(device):
+    """211 tensors of mixed odd sizes (zero-size ones among them) in one call of every op: the CUDA launch
+    table's row search and the CPU chunk list, against the references."""
+    _need(device)
+    g = torch.Generator().manual_seed(21)
+    sizes = [0 if i % 37 == 5 else int(torch.randint(1, 1500, (1,), generator=g)) | 1 for i in range(211)]
+    shapes = [(n,) for n in sizes]
+
+    def fresh(seed, **kw):
+        return [v.float().to(device) for v in _randn(seed, shapes, **kw)]
+
+    p, s, gr = fresh(1), fresh(2), fresh(3)
+    a, b = [t.clone() for t in p], [t.clone() for t in p]
+    sa, sb = [t.clone() for t in s], [t.clone() for t in s]
+    _forloop_lookahead_sync(a, sa, alpha=0.3)
+    _native_lookahead_sync(b, sb, alpha=0.3)
+    _check(device, b + sb, a + sa, 1, "lookahead")
+    ref = _as_vector(_forloop_sam_norms(p, gr, adaptive=True)).cpu()
+    out = _native_sam_norms(p, gr, adaptive=True).cpu()
+    assert (ulp_distance(out, ref) <= 8).all()
+    a, b = [t.clone() for t in p], [t.clone() for t in p]
+    oa, ob = [torch.empty_like(t) for t in p], [torch.full_like(t, float("nan")) for t in p]
+    _forloop_sam_perturb(a, gr, oa, scale=torch.tensor(0.3, device=device), adaptive=True)
+    _native_sam_perturb(b, gr, ob, scale=torch.tensor(0.3, device=device), adaptive=True)
+    _check(device, b, a, 1, "perturb")
+    _assert_exact(ob, oa, "old_params")
+    b = [torch.full_like(t, float("nan")) for t in p]
+    _native_sam_restore(b, ob)
+    _assert_exact(b, p, "restore")
+    ba, bb = [t.clone() for t in s], [t.clone() for t in s]
+    ua = [torch.empty_like(t, dtype=torch.bfloat16) for t in gr]
+    ub = [torch.full_like(t, float("nan"), dtype=torch.bfloat16) for t in gr]
+    _muon_momentum_ref(gr, ba, ua, **MUON_CASES[0])
+    _native_muon_momentum(gr, bb, ub, **MUON_CASES[0])
+    _check(device, bb, ba, 1, "muon momentum")
+    if device == "cpu":
+        _assert_exact(ub, ua, "muon updates")
+    a, b = [t.clone() for t in p], [t.clone() for t in p]
+    _muon_apply_ref(a, ua, scales=_scales(len(p)), lr=0.02, weight_decay=0.1)
+    _native_muon_apply(b, ua, scales=_scales(len(p)), lr=0.02, weight_decay=0.1)
+    _check(device, b, a, 1, "muon apply")
+    a, b = [t.clone() for t in p], [t.clone() for t in p]
+    st = [fresh(4, scale=0.1), fresh(5, scale=0.01, positive=True), fresh(6, scale=0.1), fresh(7)]
+    st_a, st_b = [[t.clone() for t in lst] for lst in st], [[t.clone() for t in lst] for lst in st]
+    kw = NEURO_CASES[0]
+    _forloop_neuro_optima(a, gr, *st_a, **kw)
+    _native_neuro_optima(b, gr, *st_b, **kw)
+    for x, y in zip(st_b, st_a):
+        _check(device, x, y, 1, "neuro_optima state")
+    if device == "cpu":
+        _assert_exact(b, a, "neuro_optima params")
+    else:
+        _assert_sign_steps_close(b, a, st_a, kw)
 
 
 # ------------------------------------------------------------------------------------ edge cases, errors
