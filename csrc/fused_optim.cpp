@@ -58,10 +58,11 @@ TORCH_LIBRARY(fused_optim, m) {
 
   // Per-tensor L2 norm of x = |w| * t (abs_weights given: SAM's adaptive |p| * g) or x = t, for every t
   // in `tensors` (non-empty list): a 1-D [n] tensor on their device, float32 (float64 for float64
-  // input); 0 for an empty tensor. Squares summed in fp32 blocks and fp64 across them.
+  // input); 0 for an empty tensor. Squares are summed in fp32 over short runs (CPU: <= 16 per lane;
+  // CUDA: one 65536-element chunk per block) and in fp64 across them, then the square root in fp64.
   m.def("multi_tensor_l2norm(Tensor[] tensors, Tensor[]? abs_weights=None) -> Tensor");
 
-  // dst[i] = src[i], bit for bit (SAM's restore). One dtype per row; any strides.
+  // dst[i] = src[i], bit for bit (SAM's restore). One dtype per call (src the dst's); any strides.
   m.def("multi_tensor_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
 
   // Lookahead (SPEC §5): p = fma(slow, 1-alpha, p*alpha) (p.mul_(alpha).add_(slow, alpha=1-alpha)),
