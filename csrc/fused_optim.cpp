@@ -53,6 +53,45 @@ TORCH_LIBRARY(fused_optim, m) {
   // with stats = multi_tensor_stats(grads, params if wd else None, wd, maximize, grad_scale).
   m.def("gradient_equilibrium_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, float lr, "
         "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // ---- composites (issue #6): the fused parts of Lookahead, SAM, Muon and NeuroOptima ----
+
+  // Per-tensor L2 norm of x = |w| * t (abs_weights given: SAM's adaptive |p| * g) or x = t, for every t
+  // in `tensors` (non-empty list): a 1-D [n] tensor on their device, float32 (float64 for float64
+  // input); 0 for an empty tensor. Squares are summed in fp32 over short runs (CPU: <= 16 per lane;
+  // CUDA: one 65536-element chunk per block) and in fp64 across them, then the square root in fp64.
+  m.def("multi_tensor_l2norm(Tensor[] tensors, Tensor[]? abs_weights=None) -> Tensor");
+
+  // dst[i] = src[i], bit for bit (SAM's restore). One dtype per call (src the dst's); any strides.
+  m.def("multi_tensor_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
+
+  // Lookahead (SPEC §5): p = fma(slow, 1-alpha, p*alpha) (p.mul_(alpha).add_(slow, alpha=1-alpha)),
+  // then slow = p (the stored p). slows: the params' dtype, or float32 for bf16/fp16 params.
+  m.def("lookahead_sync_(Tensor(a!)[] params, Tensor(b!)[] slows, float alpha) -> ()");
+
+  // SAM (SPEC §6): old = p; p += ((p*p if adaptive else 1) * g) * scale. `scale` is 1 float32 element
+  // on the params' device (rho / (norm + 1e-12), read there: no host sync). old_params: the params' dtype.
+  m.def("sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] old_params, Tensor scale, "
+        "bool adaptive) -> ()");
+
+  // Muon (SPEC §8), before Newton-Schulz: g' = maximize ? -g : g; buf = lerp(buf, g', 1-momentum);
+  // updates = lerp(g', buf, momentum) if nesterov else buf, rounded to the updates' dtype (bfloat16 or
+  // the grads'). Lerp with torch's roundings (csrc/math/muon.h). grads are read only; momentum_buffers:
+  // the grads' dtype, or float32 for bf16/fp16 grads.
+  m.def("muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, float momentum, "
+        "bool nesterov, bool maximize) -> ()");
+
+  // Muon (SPEC §8), after Newton-Schulz: u = round_to_updates_dtype(updates * float32(scales[i]));
+  // p *= 1 - lr*wd (skipped when wd == 0: exact); p = fma(u, -lr, p). updates: bfloat16 or the params'
+  // dtype, params[i]'s numel, any strides (read in row-major order, as u.reshape(p.shape)).
+  m.def("muon_apply_(Tensor(a!)[] params, Tensor[] updates, float[] scales, float lr, float weight_decay) -> ()");
+
+  // NeuroOptima's core (SPEC §7), the reference's op order: g' = (maximize ? -g : g) (+ wd*p);
+  // d = g' - prev; m = b1*m + (1-b1)*g'; diff = b2*diff + (1-b2)*d; v = b2*v + (1-b2)*g'^2;
+  // p -= lr*sign((m + b2*diff) / (sqrt(v) + eps)); prev = g'.
+  m.def("neuro_optima_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] prev_grads, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, bool maximize) -> ()");
 }
 
 #ifdef FUSED_OPTIM_PYTHON_MODULE

@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -84,23 +86,49 @@ inline PreparedLists prepare_lists(const char* op, const std::vector<at::TensorL
   return out;
 }
 
-inline void check_dtypes(const char* op, const PreparedLists& pl, size_t first_state) {
+// Lists [0, first_state): the param dtype (list 0: one supported dtype per call); lists
+// [first_state, end): one state dtype, the param's or fp32 for bf16/fp16 params. Lists from `end` on
+// follow their op's own rule (check_update_dtype).
+inline void check_dtypes(const char* op, const PreparedLists& pl, size_t first_state, size_t end = SIZE_MAX) {
+  end = std::min(end, pl.lists.size());
   for (int64_t i = 0; i < pl.rows(); ++i) {
     const auto pdt = pl.lists[0][i].scalar_type();
     TORCH_CHECK(pdt == at::kFloat || pdt == at::kDouble || pdt == at::kBFloat16 || pdt == at::kHalf, op,
                 ": unsupported dtype ", pdt, " (float32, float64, bfloat16 and float16 are supported)");
     TORCH_CHECK(pdt == pl.lists[0][0].scalar_type(), op, ": one parameter dtype per call, got ",
                 pl.lists[0][0].scalar_type(), " and ", pdt);
-    for (size_t k = 1; k < first_state && k < pl.lists.size(); ++k) {
+    for (size_t k = 1; k < first_state && k < end; ++k) {
       TORCH_CHECK(pl.lists[k][i].scalar_type() == pdt, op, ": gradient ", i, " has dtype ",
                   pl.lists[k][i].scalar_type(), ", its parameter ", pdt);
     }
-    for (size_t k = first_state; k < pl.lists.size(); ++k) {
+    for (size_t k = first_state; k < end; ++k) {
       const auto sdt = pl.lists[k][i].scalar_type();
       TORCH_CHECK(sdt == pl.lists[first_state][0].scalar_type(), op, ": one state dtype per call");
       TORCH_CHECK(sdt == pdt || (sdt == at::kFloat && pdt != at::kDouble), op, ": state ", i,
                   " has dtype ", sdt, " for a ", pdt, " parameter (expected the parameter's dtype or float32)");
     }
+  }
+}
+
+// List k (`name` in errors) has, row by row, the dtype of list 0 (`of`).
+inline void check_same_dtype(const char* op, const PreparedLists& pl, size_t k, const char* name, const char* of) {
+  for (int64_t i = 0; i < pl.rows(); ++i) {
+    const auto dt = pl.lists[k][i].scalar_type(), ref = pl.lists[0][i].scalar_type();
+    TORCH_CHECK(dt == ref, op, ": ", name, " ", i, " has dtype ", dt, ", ", of, " ", i, " ", ref,
+                " (expected the same dtype)");
+  }
+}
+
+// Muon's updates (list k, named `name` in errors): one dtype per call, bfloat16 (the dtype Newton-Schulz
+// runs in) or `other` (the params'/grads' dtype).
+inline void check_update_dtype(const char* op, const PreparedLists& pl, size_t k, const char* name,
+                               at::ScalarType other) {
+  for (int64_t i = 0; i < pl.rows(); ++i) {
+    const auto dt = pl.lists[k][i].scalar_type();
+    TORCH_CHECK(dt == at::kBFloat16 || dt == other, op, ": ", name, " ", i, " has dtype ", dt,
+                " (expected bfloat16 or ", other, ")");
+    TORCH_CHECK(dt == pl.lists[k][0].scalar_type(), op, ": one ", name, " dtype per call, got ",
+                pl.lists[k][0].scalar_type(), " and ", dt);
   }
 }
 
@@ -156,6 +184,15 @@ void dispatch_param_state(const char* op, at::ScalarType p, at::ScalarType s, F&
     default:
       TORCH_CHECK(false, op, ": unsupported dtype ", p);
   }
+}
+
+// Calls f(TypeTag<U>) for Muon's updates dtype U: bfloat16, or P (see check_update_dtype).
+template <typename P, typename F>
+void dispatch_update_type(at::ScalarType u, F&& f) {
+  if (u == at::kBFloat16) {
+    return f(TypeTag<c10::BFloat16>{});
+  }
+  return f(TypeTag<P>{});
 }
 
 // found_inf / grad_scale read on the host: only for CPU kernels (CUDA kernels read device memory).

@@ -1,6 +1,7 @@
 """The `impl="native"` functional steps: thin launchers of the compiled ops in csrc/.
 
-Each has exactly its reference's signature (`_forloop_x` in the optimizer's module) and calls one op
+Each has exactly its reference's signature (`_forloop_x` in the optimizer's module; for the composites'
+fused parts, /work/composite_kernels_interface.md) and calls one op
 (two for the optimizers with a per-tensor reduction: `multi_tensor_stats`, then the update, which
 reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
 csrc/fused_optim.cpp. The extra keyword-only `grad_scale` / `found_inf` (1-element fp32 tensors on
@@ -12,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium"]
+__all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
+           "_native_lookahead_sync", "_native_sam_norms", "_native_sam_perturb", "_native_sam_restore",
+           "_native_muon_momentum", "_native_muon_apply", "_native_neuro_optima"]
 
 
 def _ops():
@@ -97,3 +100,72 @@ def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
 # the per-tensor reductions are finished over FSDP2 shard groups (`_finish_sharded`)
 _native_gravity.shard_aware = True
 _native_gradient_equilibrium.shard_aware = True
+
+
+# ------------------------------------------------------------------ composites' fused parts (issue #6)
+def _native_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
+    """Lookahead's sync (SPEC §5) in one op: ``p = p*alpha + (1-alpha)*slow``, then ``slow = p``."""
+    if not params:
+        return
+    with torch.no_grad():
+        _ops().lookahead_sync_(params, slows, alpha)
+
+
+def _native_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
+    """Per-tensor L2 norms of ``(|p| if adaptive else 1) * g`` (SPEC §6) in one reduction: a 1-D tensor on
+    the params' device, float32 (float64 for float64 params, as the reference's norms)."""
+    if not params:
+        return torch.zeros(0, dtype=torch.float32)
+    with torch.no_grad():
+        return _ops().multi_tensor_l2norm(grads, params if adaptive else None)
+
+
+def _native_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *, scale: Tensor,
+                        adaptive: bool) -> None:
+    """``old = p``; ``p += ((p*p if adaptive else 1) * g) * scale``; `scale` stays on the device (read by the
+    kernel: no host sync)."""
+    if not params:
+        return
+    dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        _ops().sam_perturb_(params, grads, old_params, scale.to(device=params[0].device, dtype=dtype), adaptive)
+
+
+def _native_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
+    """``p = old``, bit for bit."""
+    if not params:
+        return
+    with torch.no_grad():
+        _ops().multi_tensor_copy_(params, old_params)
+
+
+def _native_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], updates: list[Tensor], *,
+                          momentum: float, nesterov: bool, maximize: bool) -> None:
+    """Muon before Newton-Schulz (SPEC §8): ``buf.lerp_(g, 1 - momentum)``; ``updates[i]`` = the Nesterov
+    ``g.lerp(buf, momentum)`` (or buf), rounded to its dtype. grads are never written."""
+    if not grads:
+        return
+    with torch.no_grad():
+        _ops().muon_momentum_(grads, momentum_buffers, updates, momentum, nesterov, maximize)
+
+
+def _native_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: list[float], lr: float,
+                       weight_decay: float) -> None:
+    """Muon after Newton-Schulz (SPEC §8): ``u = updates[i] * scales[i]`` (one rounding to u's dtype),
+    ``p.mul_(1 - lr*wd)``, ``p.add_(u, alpha=-lr)``."""
+    if not params:
+        return
+    with torch.no_grad():
+        _ops().muon_apply_(params, updates, [float(s) for s in scales], lr, weight_decay)
+
+
+def _native_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                         exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
+                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
+                         maximize: bool) -> None:
+    """NeuroOptima's core (SPEC §7) in one op, the reference's op order."""
+    if not params:
+        return
+    with torch.no_grad():
+        _ops().neuro_optima_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads, lr, beta1, beta2, eps,
+                             weight_decay, maximize)

@@ -1,4 +1,5 @@
-// CPU kernel of fused_optim::multi_tensor_stats: per-tensor max|x|, sum(x), sum(x^2) in one pass.
+// CPU kernels of the per-tensor reductions: multi_tensor_stats (max|x|, sum(x), sum(x^2) in one pass)
+// and multi_tensor_l2norm (SAM's per-tensor norms of g or |p| * g).
 //
 // Each (row, chunk) item reduces into its own slot; the slots are then combined row by row in
 // chunk order, so the result does not depend on the thread count. Sums run in fp32 registers over
@@ -11,10 +12,12 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cmath>
 #include <limits>
 
 #include "../math/common.h"
 #include "vec_ops.h"
+#include "../math/sam.h"
 #include "multi_tensor_cpu.h"
 
 namespace fused_optim {
@@ -153,10 +156,94 @@ at::Tensor multi_tensor_stats_cpu(at::TensorList tensors, c10::optional<at::Tens
   return out;
 }
 
+// Sum of squares of x = |w| * t (WEIGHTED: SAM's adaptive norm) or x = t over one chunk, with the
+// accumulation scheme of stats_chunk: fp32 fma chains over short blocks, fp64 across them.
+template <typename P, bool WEIGHTED>
+double sumsq_chunk(const P* t, const P* w, int64_t begin, int64_t end) {
+  using M = opmath_t<P>;
+  double sumsq = 0;
+  int64_t i = begin;
+  if constexpr (kVectorized<P, P> || kReduced<P>) {
+    using V = at::vec::Vectorized<M>;
+    constexpr int64_t kU = 4;
+    constexpr int64_t kStep = kU * V::size();
+    constexpr int64_t kBlock = 16 * kStep;
+    V vsq[kU];
+    while (i + kStep <= end) {
+      const int64_t stop = std::min(end - (end - i) % kStep, i + kBlock);
+      for (int u = 0; u < kU; ++u) vsq[u] = V(M(0));
+      for (; i < stop; i += kStep) {
+        V xs[kU], ws[kU];
+        for (int u = 0; u < kU; u += 2) {
+          load2<M>(t + i + u * V::size(), xs[u], xs[u + 1]);
+          if (WEIGHTED) load2<M>(w + i + u * V::size(), ws[u], ws[u + 1]);
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < kU; ++u) {
+          const V x = math::sam_norm_value(ws[u], xs[u], WEIGHTED);
+          vsq[u] = math::fo_fma(x, x, vsq[u]);
+        }
+      }
+      std::array<M, V::size()> q{};
+      ((vsq[0] + vsq[1]) + (vsq[2] + vsq[3])).store(q.data());
+      for (int64_t l = 0; l < V::size(); ++l) {
+        sumsq += q[l];
+      }
+    }
+  }
+  for (; i < end; ++i) {
+    const M x = math::sam_norm_value(WEIGHTED ? static_cast<M>(w[i]) : M(0), static_cast<M>(t[i]), WEIGHTED);
+    sumsq += static_cast<double>(x) * x;
+  }
+  return sumsq;
+}
+
+at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
+  const char* op = "fused_optim::multi_tensor_l2norm";
+  std::vector<at::TensorList> in{tensors};
+  if (abs_weights.has_value()) {
+    in.push_back(*abs_weights);
+  }
+  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
+  check_dtypes(op, pl, 1, 1);
+  if (abs_weights.has_value()) {
+    check_same_dtype(op, pl, 1, "abs_weights", "tensors");
+  }
+  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({pl.rows()}, at::TensorOptions().dtype(out_dtype).device(at::kCPU));
+  if (pl.rows() == 0) {
+    return out;
+  }
+  const auto items = make_chunks(pl);
+  std::vector<double> partials(items.size());
+  const bool weighted = abs_weights.has_value();
+  dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
+    using P = typename decltype(pt)::type;
+    for_each_chunk(items, [&](int64_t k, const ChunkItem& it) {
+      const P* t = pl.ptr<P>(0, it.row);
+      partials[k] = weighted ? sumsq_chunk<P, true>(t, pl.ptr<P>(1, it.row), it.begin, it.end)
+                             : sumsq_chunk<P, false>(t, nullptr, it.begin, it.end);
+    });
+  });
+  std::vector<double> acc(pl.rows(), 0.0);
+  for (size_t k = 0; k < items.size(); ++k) {  // in chunk order: independent of the thread count
+    acc[items[k].row] += partials[k];
+  }
+  AT_DISPATCH_FLOATING_TYPES(out.scalar_type(), "multi_tensor_l2norm_out", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < pl.rows(); ++j) {
+      o[j] = static_cast<scalar_t>(std::sqrt(acc[j]));
+    }
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cpu
 }  // namespace fused_optim
 
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("multi_tensor_stats", &fused_optim::cpu::multi_tensor_stats_cpu);
+  m.impl("multi_tensor_l2norm", &fused_optim::cpu::multi_tensor_l2norm_cpu);
 }

@@ -95,5 +95,24 @@ inline void store2(T* ptr, const math::Vec<M>& lo, const math::Vec<M>& hi) {
   }
 }
 
+// Whether every storage type Ts of a loop loads into pairs of Vec<M> with load2/store2: M itself, or
+// bf16/fp16 with fp32 math. The composite ops' loops (mixed param/state/update dtypes) run such pairs.
+template <typename M, typename... Ts>
+constexpr bool kWide = ((std::is_same<Ts, M>::value || (std::is_same<M, float>::value && kReduced<Ts>)) && ...);
+
+// Round fp32 registers to T's precision and back, as a store to T and a reload would (RNE, like
+// c10's scalar conversion); a no-op when T is the math type.
+template <typename T, typename M>
+inline void round_through(math::Vec<M>& lo, math::Vec<M>& hi) {
+  if constexpr (!std::is_same<T, M>::value) {
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(lo, hi));
+  }
+}
+
+template <typename T, typename M>
+inline M round_through(M x) {
+  return static_cast<M>(static_cast<T>(x));
+}
+
 }  // namespace cpu
 }  // namespace fused_optim

@@ -6,6 +6,7 @@
 // chunk order: deterministic, no atomics. The update ops are one multi_tensor_apply launch each,
 // with the per-element rules of csrc/math/ in fp32 (fp64 for fp64) registers. grad_scale,
 // found_inf, the Adan clip factor and the stats are read from device memory: no host sync.
+// The composites' fused parts (issue #6) follow the same pattern at the end of this file.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -18,6 +19,10 @@
 #include "../math/equilibrium.h"
 #include "../math/gravity.h"
 #include "../math/lion.h"
+#include "../math/lookahead.h"
+#include "../math/muon.h"
+#include "../math/neuro_optima.h"
+#include "../math/sam.h"
 #include "multi_tensor_apply.cuh"
 
 namespace fused_optim {
@@ -351,11 +356,368 @@ at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::Ten
   return out;
 }
 
+// ---- composites (issue #6): Lookahead, SAM, Muon, NeuroOptima ------------------------------------
+//
+// Update functors over elementwise_typed (per-list storage types: these ops mix fp32 state or bf16
+// Newton-Schulz buffers with the params' dtype), the rules of csrc/math/, one launch per op. The SAM
+// scale and Muon's per-tensor scales are read from device memory.
+
+// One launch of `Op` over rows whose lists are stored as `Types`; Op::context(row) gives the per-row
+// values (an SAM scale, a Muon scale) once per block.
+template <int D, typename Types, typename M, typename Op>
+struct CompositeFunctor {
+  Op op;
+  __device__ void operator()(const TensorRow<D>& row, int64_t, int64_t begin, int64_t end) const {
+    elementwise_typed<D, Types, M>(row, begin, end, op, op.context(row));
+  }
+};
+
+struct NoCtx {};
+
+// The prologue every composite update shares: a CUDA device, its guard, the launch table.
+template <int D>
+struct CompositeLaunch {
+  at::Device device;
+  c10::cuda::CUDAGuard guard;
+  LaunchTable<D> table;
+  CompositeLaunch(const char* op, const PreparedLists& pl)
+      : device(checked_cuda_device(op, pl)), guard(device), table(make_table<D>(pl)) {}
+  static at::Device checked_cuda_device(const char* op, const PreparedLists& pl) {
+    const at::Device device = pl.lists[0][0].device();
+    TORCH_CHECK(device.is_cuda(), op, ": CUDA kernel called with tensors on ", device);
+    return device;
+  }
+};
+
+template <typename P, typename M>
+struct LookaheadOp {
+  static constexpr unsigned kWrites = 0b11;  // params, slows
+  math::LookaheadCoeffs<M> c;
+  __device__ NoCtx context(const TensorRow<2>&) const { return {}; }
+  __device__ void operator()(M (&v)[2], const NoCtx&) const {
+    // slow.copy_(p): the stored (rounded) param
+    const M p = static_cast<M>(static_cast<P>(math::lookahead_interpolate(v[0], v[1], c)));
+    v[0] = p;
+    v[1] = p;
+  }
+};
+
+void lookahead_sync_cuda(at::TensorList params, at::TensorList slows, double alpha) {
+  const char* op = "fused_optim::lookahead_sync_";
+  PreparedLists pl = prepare_lists(op, {params, slows}, {true, true});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op, pl, 1);
+  CompositeLaunch<2> launch(op, pl);
+  dispatch_param_state(op, pl.lists[0][0].scalar_type(), pl.lists[1][0].scalar_type(), [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    using S = typename decltype(st)::type;
+    using M = opmath_t<P>;
+    CompositeFunctor<2, ListTypes<P, S>, M, LookaheadOp<P, M>> f{{math::LookaheadCoeffs<M>(alpha)}};
+    multi_tensor_apply<2>(launch.table, nullptr, f);
+  });
+  pl.finish();
+}
+
+template <typename M>
+struct SamPerturbOp {
+  static constexpr unsigned kWrites = 0b101;  // params, old_params
+  const M* scale;
+  bool adaptive;
+  __device__ M context(const TensorRow<3>&) const { return *scale; }
+  __device__ void operator()(M (&v)[3], const M& sc) const {
+    v[2] = v[0];  // old_p = p (exact: the math type holds every value of the storage type)
+    v[0] = math::sam_perturb(v[0], v[1], sc, adaptive);
+  }
+};
+
+void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList old_params,
+                      const at::Tensor& scale, bool adaptive) {
+  const char* op = "fused_optim::sam_perturb_";
+  PreparedLists pl = prepare_lists(op, {params, grads, old_params}, {true, false, true});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op, pl, 1, 1);
+  check_same_dtype(op, pl, 1, "grads", "params");
+  check_same_dtype(op, pl, 2, "old_params", "params");
+  const at::Device device = CompositeLaunch<3>::checked_cuda_device(op, pl);
+  TORCH_CHECK(scale.numel() == 1, op, ": scale must have one element, got ", scale.numel());
+  TORCH_CHECK(scale.scalar_type() == at::kFloat || scale.scalar_type() == at::kDouble, op,
+              ": scale must be float32 (float64 for float64 params), got ", scale.scalar_type());
+  TORCH_CHECK(scale.device() == device, op, ": scale is on ", scale.device(), ", expected ", device);
+  CompositeLaunch<3> launch(op, pl);
+  dispatch_param_state(op, pl.lists[0][0].scalar_type(), pl.lists[0][0].scalar_type(), [&](auto pt, auto) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    // in the math type, on the device (a no-op when it already is; never read on the host)
+    const at::Tensor sc = scale.reshape({1}).to(c10::CppTypeToScalarType<M>::value);
+    CompositeFunctor<3, ListTypes<P, P, P>, M, SamPerturbOp<M>> f{{sc.data_ptr<M>(), adaptive}};
+    multi_tensor_apply<3>(launch.table, nullptr, f);
+  });
+  pl.finish();
+}
+
+template <typename U>
+struct CopyOp {
+  static constexpr unsigned kWrites = 0b1;  // dst
+  __device__ NoCtx context(const TensorRow<2>&) const { return {}; }
+  __device__ void operator()(U (&v)[2], const NoCtx&) const { v[0] = v[1]; }
+};
+
+// The unsigned integer of each element size: a copy of the bits (NaN payloads included).
+template <typename F>
+void dispatch_bits(const char* op, int64_t element_size, F&& f) {
+  switch (element_size) {
+    case 1: return f(TypeTag<uint8_t>{});
+    case 2: return f(TypeTag<uint16_t>{});
+    case 4: return f(TypeTag<uint32_t>{});
+    case 8: return f(TypeTag<uint64_t>{});
+    default: TORCH_CHECK(false, op, ": unsupported element size ", element_size);
+  }
+}
+
+void multi_tensor_copy_cuda(at::TensorList dst, at::TensorList src) {
+  const char* op = "fused_optim::multi_tensor_copy_";
+  PreparedLists pl = prepare_lists(op, {dst, src}, {true, false});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_same_dtype(op, pl, 1, "src", "dst");  // a bit copy keeps the dtype
+  for (int64_t i = 1; i < pl.rows(); ++i) {
+    TORCH_CHECK(pl.lists[0][i].scalar_type() == pl.lists[0][0].scalar_type(), op, ": one dtype per call, got ",
+                pl.lists[0][0].scalar_type(), " and ", pl.lists[0][i].scalar_type());
+  }
+  CompositeLaunch<2> launch(op, pl);
+  dispatch_bits(op, pl.lists[0][0].element_size(), [&](auto bt) {
+    using U = typename decltype(bt)::type;
+    CompositeFunctor<2, ListTypes<U, U>, U, CopyOp<U>> f{{}};
+    multi_tensor_apply<2>(launch.table, nullptr, f);
+  });
+  pl.finish();
+}
+
+template <typename U, typename M>
+struct MuonMomentumOp {
+  static constexpr unsigned kWrites = 0b110;  // momentum_buffers, updates (grads are read only)
+  math::MuonMomentumCoeffs<M> c;
+  M sign;
+  __device__ NoCtx context(const TensorRow<3>&) const { return {}; }
+  __device__ void operator()(M (&v)[3], const NoCtx&) const {
+    v[2] = math::muon_momentum(math::prepare_grad(v[0], sign, false, M(1)), v[1], c);
+  }
+};
+
+void muon_momentum_cuda(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
+                        double momentum, bool nesterov, bool maximize) {
+  const char* op = "fused_optim::muon_momentum_";
+  PreparedLists pl = prepare_lists(op, {grads, momentum_buffers, updates}, {false, true, true});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op, pl, 1, 2);
+  const auto gdt = pl.lists[0][0].scalar_type();
+  check_update_dtype(op, pl, 2, "updates", gdt);
+  CompositeLaunch<3> launch(op, pl);
+  dispatch_param_state(op, gdt, pl.lists[1][0].scalar_type(), [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    using S = typename decltype(st)::type;
+    using M = opmath_t<P>;
+    dispatch_update_type<P>(pl.lists[2][0].scalar_type(), [&](auto ut) {
+      using U = typename decltype(ut)::type;
+      CompositeFunctor<3, ListTypes<P, S, U>, M, MuonMomentumOp<U, M>> f{
+          {math::MuonMomentumCoeffs<M>(momentum, nesterov), maximize ? M(-1) : M(1)}};
+      multi_tensor_apply<3>(launch.table, nullptr, f);
+    });
+  });
+  pl.finish();
+}
+
+template <typename U, typename M>
+struct MuonApplyOp {
+  static constexpr unsigned kWrites = 0b1;  // params
+  using MU = opmath_t<U>;  // `u *= scale` on the bf16 tensor: fp32 product with float32(scale)
+  math::MuonApplyCoeffs<M> c;
+  const double* scales;    // one per row of the op's lists
+  __device__ MU context(const TensorRow<2>& row) const { return static_cast<MU>(scales[row.row]); }
+  __device__ void operator()(M (&v)[2], const MU& sc) const {
+    const M u = static_cast<M>(static_cast<U>(static_cast<MU>(v[1]) * sc));  // one rounding to u's dtype
+    math::muon_apply(v[0], u, c);
+  }
+};
+
+void muon_apply_cuda(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
+                     double weight_decay) {
+  const char* op = "fused_optim::muon_apply_";
+  TORCH_CHECK(scales.size() == params.size(), op, ": scales has ", scales.size(), " values, expected ",
+              params.size(), " (one per parameter)");
+  PreparedLists pl = prepare_lists(op, {params, updates}, {true, false});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op, pl, 1, 1);
+  const auto pdt = pl.lists[0][0].scalar_type();
+  check_update_dtype(op, pl, 1, "updates", pdt);
+  CompositeLaunch<2> launch(op, pl);
+  // the scales travel like the launch table: pinned staging, copied with the launch, no host sync
+  at::Tensor host = at::empty({static_cast<int64_t>(scales.size())},
+                              at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+  std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
+  const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
+  dispatch_param_state(op, pdt, pdt, [&](auto pt, auto) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    dispatch_update_type<P>(pl.lists[1][0].scalar_type(), [&](auto ut) {
+      using U = typename decltype(ut)::type;
+      CompositeFunctor<2, ListTypes<P, U>, M, MuonApplyOp<U, M>> f{
+          {math::MuonApplyCoeffs<M>(lr, weight_decay), dev_scales.data_ptr<double>()}};
+      multi_tensor_apply<2>(launch.table, nullptr, f);
+    });
+  });
+  pl.finish();
+}
+
+template <typename M>
+struct NeuroOptimaOp {
+  static constexpr unsigned kWrites = 0b111101;  // all but the grads
+  math::NeuroOptimaCoeffs<M> c;
+  M sign;
+  __device__ NoCtx context(const TensorRow<6>&) const { return {}; }
+  __device__ void operator()(M (&v)[6], const NoCtx&) const {
+    math::neuro_optima_update(v[0], math::prepare_grad(v[1], sign, false, M(1)), v[2], v[3], v[4], v[5], c);
+  }
+};
+
+void neuro_optima_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
+                       double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+  const char* op = "fused_optim::neuro_optima_";
+  PreparedLists pl = prepare_lists(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads},
+                                   {true, false, true, true, true, true});
+  if (pl.rows() == 0) {
+    return;
+  }
+  check_dtypes(op, pl, 2);
+  CompositeLaunch<6> launch(op, pl);
+  dispatch_param_state(op, pl.lists[0][0].scalar_type(), pl.lists[2][0].scalar_type(), [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    using S = typename decltype(st)::type;
+    using M = opmath_t<P>;
+    CompositeFunctor<6, ListTypes<P, P, S, S, S, S>, M, NeuroOptimaOp<M>> f{
+        {math::NeuroOptimaCoeffs<M>(lr, beta1, beta2, eps, weight_decay), maximize ? M(-1) : M(1)}};
+    multi_tensor_apply<6>(launch.table, nullptr, f);
+  });
+  pl.finish();
+}
+
+// ---- multi_tensor_l2norm: SAM's per-tensor norms ------------------------------------------------
+
+// Per chunk: the sum of squares of x = |w| * t (weights given) or t, into partials[chunk].
+template <typename P, typename M>
+struct SumSqFunctor {
+  M* partials;  // [nchunks]
+  bool weighted;
+
+  __device__ void operator()(const TensorRow<2>& row, int64_t chunk, int64_t begin, int64_t end) const {
+    __shared__ M scratch[kThreads / 32];
+    const P* t = static_cast<const P*>(row.ptrs[0]);
+    const P* w = static_cast<const P*>(row.ptrs[1]);  // nullptr without weights
+    M sq = 0;
+    int64_t i0 = begin;
+    if (is_aligned<P>(t) && (w == nullptr || is_aligned<P>(w))) {
+      const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+      for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+           i += static_cast<int64_t>(blockDim.x) * kVec) {
+        const auto tv = *reinterpret_cast<const AlignedVec<P, kVec>*>(t + i);
+        AlignedVec<P, kVec> wv{};
+        if (weighted) wv = *reinterpret_cast<const AlignedVec<P, kVec>*>(w + i);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) {
+          const M x = math::sam_norm_value(static_cast<M>(wv.val[j]), static_cast<M>(tv.val[j]), weighted);
+          sq = math::fo_fma(x, x, sq);
+        }
+      }
+      i0 = vec_end;
+    }
+    for (int64_t i = i0 + threadIdx.x; i < end; i += blockDim.x) {
+      const M x = math::sam_norm_value(weighted ? static_cast<M>(w[i]) : M(0), static_cast<M>(t[i]), weighted);
+      sq = math::fo_fma(x, x, sq);
+    }
+    sq = block_reduce(sq, scratch, Add{});
+    if (threadIdx.x == 0) {
+      partials[chunk] = sq;
+    }
+  }
+};
+
+// One block per non-empty tensor: its chunks' partials summed in fp64, then the square root.
+template <typename M>
+__global__ void l2norm_cleanup_kernel(const TensorRow<2>* rows, const M* partials, M* out) {
+  __shared__ double scratch[32];
+  const TensorRow<2>& row = rows[blockIdx.x];
+  const int64_t nch = (row.numel + kChunk - 1) / kChunk;
+  double sq = 0;
+  for (int64_t c = threadIdx.x; c < nch; c += blockDim.x) {
+    sq += static_cast<double>(partials[row.chunk_begin + c]);
+  }
+  sq = block_reduce(sq, scratch, Add{});
+  if (threadIdx.x == 0) {
+    out[row.row] = static_cast<M>(::sqrt(sq));
+  }
+}
+
+at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
+  const char* op = "fused_optim::multi_tensor_l2norm";
+  std::vector<at::TensorList> in{tensors};
+  if (abs_weights.has_value()) {
+    in.push_back(*abs_weights);
+  }
+  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
+  check_dtypes(op, pl, 1, 1);
+  if (abs_weights.has_value()) {
+    check_same_dtype(op, pl, 1, "abs_weights", "tensors");
+  }
+  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  const at::Device device = tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device();
+  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor out = at::zeros({pl.rows()}, at::TensorOptions().dtype(out_dtype).device(device));
+  if (pl.rows() == 0) {
+    return out;
+  }
+  if (!abs_weights.has_value()) {  // the table always has two columns; without weights the second is null
+    pl.lists.push_back(std::vector<at::Tensor>(pl.lists[0].size(), at::Tensor()));
+  }
+  c10::cuda::CUDAGuard guard(device);
+  const LaunchTable<2> table = make_table<2>(pl);
+  if (table.nchunks == 0) {
+    return out;
+  }
+  dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    at::Tensor partials = at::empty({table.nchunks}, out.options());
+    SumSqFunctor<P, M> f{partials.data_ptr<M>(), abs_weights.has_value()};
+    multi_tensor_apply<2>(table, nullptr, f);
+    l2norm_cleanup_kernel<M><<<static_cast<unsigned>(table.nrows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_optim
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
+  m.impl("multi_tensor_l2norm", &fused_optim::cuda::multi_tensor_l2norm_cuda);
+  m.impl("multi_tensor_copy_", &fused_optim::cuda::multi_tensor_copy_cuda);
+  m.impl("lookahead_sync_", &fused_optim::cuda::lookahead_sync_cuda);
+  m.impl("sam_perturb_", &fused_optim::cuda::sam_perturb_cuda);
+  m.impl("muon_momentum_", &fused_optim::cuda::muon_momentum_cuda);
+  m.impl("muon_apply_", &fused_optim::cuda::muon_apply_cuda);
+  m.impl("neuro_optima_", &fused_optim::cuda::neuro_optima_cuda);
   m.impl("multi_tensor_stats", &fused_optim::cuda::multi_tensor_stats_cuda);
   m.impl("gravity_", &fused_optim::cuda::gravity_cuda);
   m.impl("lion_", &fused_optim::cuda::lion_cuda);

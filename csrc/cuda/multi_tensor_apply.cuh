@@ -14,6 +14,9 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstring>
+#include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "../multi_tensor_lists.h"
@@ -197,6 +200,87 @@ __device__ inline void elementwise(const TensorRow<D>& row, int64_t begin, int64
         static_cast<S*>(row.ptrs[k])[i] = static_cast<S>(v[k]);
       }
     }
+  }
+}
+
+// ---- element loops over lists of different dtypes ------------------------------------------------
+//
+// The composite ops mix three storage types in one row (Muon: fp16 grads, fp32 momentum, bf16
+// Newton-Schulz input), which `elementwise` (P for the first NP lists, S for the rest) cannot say.
+// `elementwise_typed` takes the storage type of every list, ListTypes<T0, T1, ...>, and is otherwise
+// the same loop. (`elementwise` could become a wrapper of it; it stays as it is until its ops can be
+// rerun on a GPU.)
+
+template <typename... Ts>
+struct ListTypes {
+  template <int K>
+  using at = std::tuple_element_t<K, std::tuple<Ts...>>;
+};
+
+template <typename F, int... K>
+__device__ inline void static_for_impl(const F& f, std::integer_sequence<int, K...>) {
+  (f(std::integral_constant<int, K>{}), ...);
+}
+
+// f(std::integral_constant<int, k>) for k = 0..N-1, unrolled at compile time (per-list types)
+template <int N, typename F>
+__device__ inline void static_for(const F& f) {
+  static_for_impl(f, std::make_integer_sequence<int, N>{});
+}
+
+template <int D, typename Types, typename M, typename Op, typename Ctx>
+__device__ inline void elementwise_typed(const TensorRow<D>& row, int64_t begin, int64_t end, const Op& op,
+                                         const Ctx& ctx) {
+  bool aligned = true;
+  static_for<D>([&](auto kc) {
+    using T = typename Types::template at<decltype(kc)::value>;
+    aligned = aligned && is_aligned<T>(row.ptrs[decltype(kc)::value]);
+  });
+  int64_t scalar_begin = begin;
+  if (aligned) {
+    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
+    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
+         i += static_cast<int64_t>(blockDim.x) * kVec) {
+      M v[kVec][D];
+      static_for<D>([&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        using T = typename Types::template at<k>;
+        const auto x = *reinterpret_cast<const AlignedVec<T, kVec>*>(static_cast<const T*>(row.ptrs[k]) + i);
+#pragma unroll
+        for (int j = 0; j < kVec; ++j) v[j][k] = static_cast<M>(x.val[j]);
+      });
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) {
+        op(v[j], ctx);
+      }
+      static_for<D>([&](auto kc) {
+        constexpr int k = decltype(kc)::value;
+        using T = typename Types::template at<k>;
+        if constexpr (((Op::kWrites >> k) & 1u) != 0) {
+          AlignedVec<T, kVec> x;
+#pragma unroll
+          for (int j = 0; j < kVec; ++j) x.val[j] = static_cast<T>(v[j][k]);
+          *reinterpret_cast<AlignedVec<T, kVec>*>(static_cast<T*>(row.ptrs[k]) + i) = x;
+        }
+      });
+    }
+    scalar_begin = vec_end;
+  }
+  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
+    M v[D];
+    static_for<D>([&](auto kc) {
+      constexpr int k = decltype(kc)::value;
+      using T = typename Types::template at<k>;
+      v[k] = static_cast<M>(static_cast<const T*>(row.ptrs[k])[i]);
+    });
+    op(v, ctx);
+    static_for<D>([&](auto kc) {
+      constexpr int k = decltype(kc)::value;
+      using T = typename Types::template at<k>;
+      if constexpr (((Op::kWrites >> k) & 1u) != 0) {
+        static_cast<T*>(row.ptrs[k])[i] = static_cast<T>(v[k]);
+      }
+    });
   }
 }
 
