@@ -133,6 +133,6 @@ def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
     fn(params, updates, scales=scales, lr=lr, weight_decay=weight_decay)
 
 
-__all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion", "_triton_lookahead_sync",
-           "_triton_muon_apply", "_triton_muon_momentum", "_triton_sam_norms", "_triton_sam_perturb",
-           "_triton_sam_restore", "kernel_module"]
+__all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion",
+           "_triton_lookahead_sync", "_triton_muon_apply", "_triton_muon_momentum", "_triton_sam_norms",
+           "_triton_sam_perturb", "_triton_sam_restore", "kernel_module"]

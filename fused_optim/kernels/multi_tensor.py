@@ -443,7 +443,8 @@ def clear_cache() -> None:
 _CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
 
 
-def device_constants(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+def device_constants(values: Sequence[int] | Sequence[float], dtype: torch.dtype,
+                     device: torch.device) -> Tensor:
     """A small read-only device vector of per-tensor values (output positions, Muon's scales), uploaded
     once per distinct tuple and then cached like the tables: the same list of tensors gives the same
     tuple every step, so a step costs a dict lookup, not a host-to-device copy. Kernels must not write it."""

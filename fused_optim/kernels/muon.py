@@ -116,17 +116,18 @@ def _triton_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], u
         kernel = kernel_for(_muon_momentum_kernel, table.device)
         s_kind, g_kind, u_kind = prep.kinds
         with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(momentum), 1 - momentum,
-                                      NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), S_KIND=s_kind,
-                                      G_KIND=g_kind, U_KIND=u_kind, ALIGNED=table.aligned, ROW=table.row,
-                                      BLOCK=BLOCK, num_warps=4)
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(momentum),
+                                      1 - momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                                      S_KIND=s_kind, G_KIND=g_kind, U_KIND=u_kind, ALIGNED=table.aligned,
+                                      ROW=table.row, BLOCK=BLOCK, num_warps=4)
         prep.finish()
 
 
 # ------------------------------------------------------------------------------------------ apply
 @device_fn
 def _muon_apply_update(p_addr, u_addr, offs, mask, scale, neg_lr, decay, DECAY: tl.constexpr,
-                       P_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+                       P_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                       MASKED: tl.constexpr):
     """The reference's per-element op order on one block; ``scale`` is this tensor's."""
     u = _round_to_kind(_load_f32(u_addr, offs, mask, U_KIND, ALIGNED, MASKED) * scale, U_KIND)
     p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)

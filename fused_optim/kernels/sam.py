@@ -69,8 +69,8 @@ def _triton_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bo
     if not params:
         return torch.empty(0, dtype=torch.float32)
     if grads[0].dtype != params[0].dtype:
-        raise ValueError(f"Triton launcher: grads are {grads[0].dtype}, params {params[0].dtype}; SAM's norms "
-                         "read both in one dtype")
+        raise ValueError(f"Triton launcher: grads are {grads[0].dtype}, params {params[0].dtype}; SAM's "
+                         "norms read both in one dtype")
     device = params[0].device
     covered = sum(len(prep.index) for prep in launches)
     # every position written by a finish program unless some tensor is empty (its norm is 0)
@@ -131,8 +131,8 @@ def _sam_perturb_kernel(
 
 def _check_same_dtype(params: list[Tensor], others: list[Tensor], name: str) -> None:
     if params and others and others[0].dtype != params[0].dtype:
-        raise ValueError(f"Triton launcher: {name} are {others[0].dtype}, params {params[0].dtype}; they must "
-                         "match")
+        raise ValueError(f"Triton launcher: {name} are {others[0].dtype}, params {params[0].dtype}; they "
+                         "must match")
 
 
 def _triton_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *,
@@ -146,7 +146,8 @@ def _triton_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: l
     for prep in launches:
         table = get_table(prep, BLOCK)
         kernel = kernel_for(_sam_perturb_kernel, table.device)
-        scale_t = scale.detach().to(device=table.device, dtype=torch.float32).reshape(())  # no-op as SAM calls it
+        # a no-op for SAM's scale (a 0-d fp32 tensor on the params' device)
+        scale_t = scale.detach().to(device=table.device, dtype=torch.float32).reshape(())
         with device_guard(table.device):
             kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, scale_t,
                                       ADAPTIVE=bool(adaptive), P_KIND=prep.p_kind, ALIGNED=table.aligned,
