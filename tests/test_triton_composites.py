@@ -531,15 +531,20 @@ def test_tables_stay_cached_with_fresh_per_call_buffers():
     bufs = _randn_like(params, gen)
     for _ in range(3):
         grads = _randn_like(params, gen)
-        fk._triton_sam_perturb(params, grads, [torch.empty_like(p) for p in params], scale=torch.tensor(0.1),
-                               adaptive=False)
+        fk._triton_sam_norms(params, grads, adaptive=False)
+        olds = [torch.empty_like(p) for p in params]
+        fk._triton_sam_perturb(params, grads, olds, scale=torch.tensor(0.1), adaptive=False)
+        fk._triton_sam_restore(params, olds)
         fk._triton_muon_momentum(grads, bufs, [torch.empty(p.shape, dtype=torch.bfloat16) for p in params],
                                  momentum=0.9, nesterov=True, maximize=False)
         fk._triton_muon_apply(params, [torch.randn(p.shape).bfloat16() for p in params],
                               scales=[2.0] * len(params), lr=0.1, weight_decay=0.0)
-    # perturb (params, 2 per-call lists), momentum (buffers), apply (params, 1 per-call list)
-    assert len(multi_tensor._TABLES) == 3
-    assert len(multi_tensor._CONSTANTS) == 1
+    # norms (params; grads), perturb (params; grads, olds), restore (params; olds, its own tag so that it
+    # does not re-point the grads' table), momentum (buffers; grads, updates), apply (params; updates)
+    assert len(multi_tensor._TABLES) == 5
+    nonempty = tuple(g.data_ptr() for g in grads if g.numel())
+    assert any(t.grad_key == nonempty for t in multi_tensor._TABLES.values())  # norms': still the grads
+    assert len(multi_tensor._CONSTANTS) == 2  # the norms' output positions, the apply's scales
 
 
 # ------------------------------------------------------------------------------------------ bad input

@@ -415,14 +415,16 @@ def _upload(host: Tensor, device: torch.device) -> Tensor:
 _TABLES: OrderedDict[tuple, Table] = OrderedDict()
 
 
-def get_table(prep: Prepared, block: int) -> Table:
+def get_table(prep: Prepared, block: int, tag: str | None = None) -> Table:
     """The cached table of ``prep.static`` (params first, then each state list) with its grad table
-    pointed at ``prep.grads``."""
+    pointed at ``prep.grads``. ``tag`` keeps a kernel whose per-call list is not the grads (SAM's
+    restore reads old_params, Muon's apply the updates) off the table the grad kernels share for the
+    same static lists, which would otherwise re-upload its per-call table on every alternation."""
     if not prep.cacheable:
         table = Table(prep.static, block, prep.key[0], prep.n_dynamic)
         table.set_grads(prep.grad_addrs)
         return table
-    key = (block, MAX_PARTS, RBLOCK, prep.n_dynamic, *prep.key)
+    key = (block, MAX_PARTS, RBLOCK, prep.n_dynamic, tag, *prep.key)
     table = _TABLES.get(key)
     if table is None:
         table = Table(prep.static, block, prep.key[0], prep.n_dynamic)

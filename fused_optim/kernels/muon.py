@@ -172,7 +172,7 @@ def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
     if len(scales) != len(params):
         raise ValueError(f"Triton launcher: list lengths differ (params {len(params)}, scales {len(scales)})")
     for prep in prepare_lists([params], [updates], names=("params", "updates"), written=("params",)):
-        table = get_table(prep, BLOCK)
+        table = get_table(prep, BLOCK, "muon_apply")  # per-call list: the updates, not grads
         scales_t = device_constants([float(scales[i]) for i in prep.index], torch.float32, table.device)
         kernel = kernel_for(_muon_apply_kernel, table.device)
         p_kind, u_kind = prep.kinds

@@ -188,7 +188,7 @@ def _triton_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
     launches = prepare_lists([params], [old_params], names=("params", "old_params"), written=("params",))
     _check_same_dtype(params, old_params, "old_params")
     for prep in launches:
-        table = get_table(prep, BLOCK)
+        table = get_table(prep, BLOCK, "sam_restore")  # per-call list: old_params, not grads
         kernel = kernel_for(_sam_restore_kernel, table.device)
         with device_guard(table.device):
             kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, P_KIND=prep.p_kind,
