@@ -6,6 +6,11 @@ the signature of the optimizer's reference (``_forloop_x``); the kernel and the 
 one file per optimizer, the shared tables in `multi_tensor.py`. All four are AMP-aware
 (`supports_amp`): the grad scale is divided out and the found_inf skip taken inside the kernels.
 
+The composites' fused parts (issue #6; `lookahead.py`, `sam.py`, `muon.py` here) follow the functional
+interface the composite classes call (``_triton_lookahead_sync``, ``_triton_sam_norms`` / ``_perturb`` /
+``_restore``, ``_triton_muon_momentum`` / ``_apply``); they take no grad scale (the composites run
+after the base optimizer's unscale, or around it).
+
 ``fn.supports_tensor_lr = True`` (set below) says an impl takes ``lr`` as a 0-d tensor and reads it on
 the device (no ``.item()``, no recompile): a caller holding a device tensor lr (capturable / scheduled)
 may pass it as is instead of converting it with ``_as_float`` (`FusedOptimizer._dispatch` does).
@@ -90,4 +95,47 @@ for _fn in (_triton_gravity, _triton_lion, _triton_adan, _triton_gradient_equili
     # capturable (FusedOptimizer docstring): every per-step scalar may be a device tensor, read in the kernel
     _fn.supports_capturable = True
 
-__all__ = ["kernel_module", "_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion"]
+
+# ------------------------------------------------------------------------------------------ composites
+def _triton_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
+    fn = kernel_module("lookahead")._triton_lookahead_sync
+
+    fn(params, slows, alpha=alpha)
+
+
+def _triton_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
+    fn = kernel_module("sam")._triton_sam_norms
+
+    return fn(params, grads, adaptive=adaptive)
+
+
+def _triton_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *, scale: Tensor,
+                        adaptive: bool) -> None:
+    fn = kernel_module("sam")._triton_sam_perturb
+
+    fn(params, grads, old_params, scale=scale, adaptive=adaptive)
+
+
+def _triton_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
+    fn = kernel_module("sam")._triton_sam_restore
+
+    fn(params, old_params)
+
+
+def _triton_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], updates: list[Tensor], *,
+                          momentum: float, nesterov: bool, maximize: bool) -> None:
+    fn = kernel_module("muon")._triton_muon_momentum
+
+    fn(grads, momentum_buffers, updates, momentum=momentum, nesterov=nesterov, maximize=maximize)
+
+
+def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: list[float], lr: float,
+                       weight_decay: float) -> None:
+    fn = kernel_module("muon")._triton_muon_apply
+
+    fn(params, updates, scales=scales, lr=lr, weight_decay=weight_decay)
+
+
+__all__ = ["_triton_adan", "_triton_gradient_equilibrium", "_triton_gravity", "_triton_lion",
+           "_triton_lookahead_sync", "_triton_muon_apply", "_triton_muon_momentum", "_triton_sam_norms",
+           "_triton_sam_perturb", "_triton_sam_restore", "kernel_module"]

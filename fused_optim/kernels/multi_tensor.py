@@ -13,7 +13,9 @@ built on the host once per tensor list and cached:
 - ``rchunks`` int32 ``[n_parts, 2]``: (tensor, slot) per program of the partial-reduction kernel.
 - ``grad_ptrs`` int64 ``[n]``: grad addresses change between steps (``zero_grad(set_to_none=True)``),
   so they are a separate table refreshed with one pinned host-to-device copy, no sync, and only when
-  the addresses actually changed.
+  the addresses actually changed. Kernels with several per-call lists (`prepare_lists`: SAM's grads
+  and fresh ``old_params``, Muon's grads and update buffers) keep them interleaved in the same table,
+  ``[n, n_dynamic]``, one row per tensor.
 
 The cache key is the tuple of every address and size, so a table is never stale: a tensor that moved
 (``p.data = ...``, ``load_state_dict``) simply misses the cache.
@@ -102,10 +104,31 @@ else:
         return a + b
 
 
+# A fused multiply-add, rounded once, in both flavours. The interpreter's tl.fma is ``x*y + z`` in fp32
+# numpy (two roundings), so there it is computed in fp64: the fp32 product is exact in fp64 and the sum
+# is rounded to fp64 then to fp32, which differs from one rounding only when the fp64 sum lands exactly
+# on an fp32 tie (about 2^-29 of random inputs). That gives the bits of torch's CPU `add(alpha=)` and
+# `lerp` (at::vec::fmadd) under the interpreter too.
+if _decorating_interpreted():
+    @device_fn
+    def _fma(x, y, z):
+        """x*y + z rounded once (fp32 operands; see above). Scalar kernel arguments arrive here as Python
+        floats: tl.cast rounds them to fp32 first, as the compiled kernel receives them."""
+        x = tl.cast(tl.cast(x, tl.float32), tl.float64)
+        y = tl.cast(tl.cast(y, tl.float32), tl.float64)
+        z = tl.cast(tl.cast(z, tl.float32), tl.float64)
+        return (x * y + z).to(tl.float32)
+else:
+    @device_fn
+    def _fma(x, y, z):
+        """x*y + z rounded once (fp32 operands)."""
+        return tl.fma(x, y, z)
+
+
 @device_fn
 def _vmax(x):
     """max of a 1-D block, NaN if any element is NaN (torch's max; the combiners may drop NaNs)."""
-    nan_or_zero = tl.reduce(tl.where(x != x, x, 0.0), 0, _sum_combine)
+    nan_or_zero = tl.reduce(tl.where(x != x, x, 0.0), 0, _sum_combine)  # noqa: PLR0124 (x != x: NaN)
     return tl.reduce(x, 0, _max_combine) + nan_or_zero
 
 
@@ -208,6 +231,46 @@ def _store_f32(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, M
 
 
 @device_fn
+def _load_bits(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """The raw storage bits of a block (uint32 for fp32, uint16 for fp16/bf16): a copy through them is
+    exact, NaN payloads included, where a float load/store could quiet a signaling NaN."""
+    if KIND == 0:
+        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+    else:
+        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
+    if MASKED:
+        bits = tl.load(ptr, mask=mask, other=0)
+    else:
+        bits = tl.load(ptr)
+    return bits
+
+
+@device_fn
+def _store_bits(addr, offs, bits, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Store raw bits from `_load_bits` of the same KIND."""
+    if KIND == 0:
+        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+    else:
+        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
+    if MASKED:
+        tl.store(ptr, bits, mask=mask)
+    else:
+        tl.store(ptr, bits)
+
+
+@device_fn
+def _bits_to_f32(bits, KIND: tl.constexpr):
+    """`_load_bits`' block as fp32 values (exact widening, as `_load_f32`)."""
+    if KIND == 2:
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == 1:
+        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@device_fn
 def _round_to_kind(x, KIND: tl.constexpr):
     """fp32 ``x`` rounded to nearest even in the tensor dtype and widened back (exact for fp32): the value
     a store then a load would give, without the memory round trip."""
@@ -278,6 +341,7 @@ class Table:
         "meta",
         "n",
         "n_chunks",
+        "n_dynamic",
         "n_parts",
         "partials",
         "rblock",
@@ -286,9 +350,11 @@ class Table:
         "static_aligned",
     )
 
-    def __init__(self, static: Sequence[Sequence[Tensor]], block: int, device: torch.device):
+    def __init__(self, static: Sequence[Sequence[Tensor]], block: int, device: torch.device,
+                 n_dynamic: int = 1):
         n = len(static[0])
         self.n, self.row, self.device = n, META + len(static), device
+        self.n_dynamic = n_dynamic  # per-call lists, interleaved in grad_ptrs: [n, n_dynamic]
         # read at build time (not import time) so a test can shrink them to exercise multi-slot tensors
         self.max_parts, self.rblock = MAX_PARTS, RBLOCK
         meta, chunks, rchunks = [], [], []
@@ -309,7 +375,7 @@ class Table:
         self.rchunks = _upload(torch.tensor(rchunks, dtype=torch.int32), device)
         self.n_parts = len(rchunks)
         self.partials = torch.empty(self.n_parts, dtype=torch.float32, device=device)
-        self.grad_ptrs = torch.empty(n, dtype=torch.int64, device=device)
+        self.grad_ptrs = torch.empty(n * n_dynamic, dtype=torch.int64, device=device)
         self.grad_key: tuple | None = None
         self.grads_aligned = False
 
@@ -328,13 +394,15 @@ class Table:
                                "capture; a captured step must see the grads of the warm-up step at the same "
                                "addresses: zero them in place (optimizer.zero_grad(set_to_none=False)) and keep "
                                "the graph's inputs static")
-        host = torch.tensor(key, dtype=torch.int64)
-        if self.device.type == "cuda":
-            # Pinned + non_blocking: no host sync. The caching host allocator keeps the pinned block alive
-            # until the copy has run, and the copy is stream-ordered after the previous step's kernels.
-            self.grad_ptrs.copy_(host.pin_memory(), non_blocking=True)
-        else:
-            self.grad_ptrs.copy_(host)
+        if key:  # a kernel without per-call lists (n_dynamic 0) has nothing to copy
+            host = torch.tensor(key, dtype=torch.int64)
+            if self.device.type == "cuda":
+                # Pinned + non_blocking: no host sync. The caching host allocator keeps the pinned block
+                # alive until the copy has run, and the copy is stream-ordered after the previous step's
+                # kernels.
+                self.grad_ptrs.copy_(host.pin_memory(), non_blocking=True)
+            else:
+                self.grad_ptrs.copy_(host)
         self.grad_key = key
         self.grads_aligned = all(a % 16 == 0 for a in key)
 
@@ -362,17 +430,20 @@ def _new_table(prep: Prepared, block: int) -> Table:
         raise RuntimeError("fused_optim (Triton): a tensor list seen for the first time during CUDA graph "
                            "capture; run one step (a warm-up, as torch's CUDA graph docs ask) before capturing, "
                            "and keep params and state contiguous (strided ones get fresh copies every step)")
-    return Table(prep.static, block, prep.key[0])
+    return Table(prep.static, block, prep.key[0], prep.n_dynamic)
 
 
-def get_table(prep: Prepared, block: int) -> Table:
+def get_table(prep: Prepared, block: int, tag: str | None = None) -> Table:
     """The cached table of ``prep.static`` (params first, then each state list) with its grad table
-    pointed at ``prep.grads``. Under CUDA graph capture a table must already exist (`_new_table`)."""
+    pointed at ``prep.grads``. ``tag`` keeps a kernel whose per-call list is not the grads (SAM's
+    restore reads old_params, Muon's apply the updates) off the table the grad kernels share for the
+    same static lists, which would otherwise re-upload its per-call table on every alternation. Under
+    CUDA graph capture a table must already exist (`_new_table`)."""
     if not prep.cacheable:
         table = _new_table(prep, block)
         table.set_grads(prep.grad_addrs)
         return table
-    key = (block, MAX_PARTS, RBLOCK, *prep.key)
+    key = (block, MAX_PARTS, RBLOCK, prep.n_dynamic, tag, *prep.key)
     table = _TABLES.get(key)
     if table is None:
         table = _new_table(prep, block)
@@ -387,6 +458,27 @@ def get_table(prep: Prepared, block: int) -> Table:
 
 def clear_cache() -> None:
     _TABLES.clear()
+    _CONSTANTS.clear()
+
+
+_CONSTANTS: OrderedDict[tuple, Tensor] = OrderedDict()
+
+
+def device_constants(values: Sequence[int] | Sequence[float], dtype: torch.dtype,
+                     device: torch.device) -> Tensor:
+    """A small read-only device vector of per-tensor values (output positions, Muon's scales), uploaded
+    once per distinct tuple and then cached like the tables: the same list of tensors gives the same
+    tuple every step, so a step costs a dict lookup, not a host-to-device copy. Kernels must not write it."""
+    key = (device, dtype, tuple(values))
+    out = _CONSTANTS.get(key)
+    if out is None:
+        out = _upload(torch.tensor(key[2], dtype=dtype), device)
+        _CONSTANTS[key] = out
+        if len(_CONSTANTS) > _CACHE_SIZE:
+            _CONSTANTS.popitem(last=False)
+    else:
+        _CONSTANTS.move_to_end(key)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ lists
@@ -394,11 +486,15 @@ class Prepared:
     """Non-empty tensors of a group, all contiguous, their addresses (the cache key), and how to write
     results back when they are contiguous stand-ins for strided tensors."""
 
-    __slots__ = ("cacheable", "grad_addrs", "grad_writeback", "grads", "key", "p_kind", "s_kind", "static",
-                 "writeback")
+    __slots__ = ("cacheable", "grad_addrs", "grad_writeback", "grads", "index", "key", "kinds", "n_dynamic",
+                 "p_kind", "s_kind", "static", "writeback")
 
-    def __init__(self, static, grads, p_kind, s_kind, writeback=(), grad_writeback=()):
+    def __init__(self, static, grads, p_kind, s_kind, writeback=(), grad_writeback=(), *, n_dynamic=1,
+                 kinds=(), index=()):
         self.static, self.grads, self.p_kind, self.s_kind = static, grads, p_kind, s_kind
+        # `prepare_lists` only: `grads` holds the n_dynamic per-call lists interleaved, `kinds` the dtype
+        # code of every static then dynamic list, `index` each tensor's position in the caller's lists
+        self.n_dynamic, self.kinds, self.index = n_dynamic, kinds, index
         self.writeback = writeback
         # (grad, contiguous copy) pairs: only when the kernel writes grads (AMP's unscale); not part of
         # the static table, so they do not affect caching
@@ -519,6 +615,78 @@ def prepare(params: Sequence[Tensor], grads: Sequence[Tensor],
     static = [a + b for a, b in zip(plain.static, strided.static)]
     return Prepared(static, plain.grads + strided.grads, plain.p_kind, plain.s_kind, strided.writeback,
                     [*plain.grad_writeback, *strided.grad_writeback])
+
+
+def check_named_lists(lists: Sequence[Sequence[Tensor]], names: Sequence[str]) -> list[int]:
+    """`check_lists` for `prepare_lists`: equal lengths and per-tensor numels across every list (the first
+    one sets them), each list of one dtype, named in the message. Returns the numels of the first list.
+    Raises ValueError before any kernel reads a raw address."""
+    lengths = [len(lst) for lst in lists]
+    if len(set(lengths)) > 1:
+        raise ValueError("Triton launcher: list lengths differ ("
+                         + ", ".join(f"{name} {m}" for name, m in zip(names, lengths)) + ")")
+    numels = [t.numel() for t in lists[0]]
+    for name, lst in zip(names[1:], lists[1:]):
+        got = [t.numel() for t in lst]
+        if got != numels:
+            i = next(i for i, (a, b) in enumerate(zip(got, numels)) if a != b)
+            raise ValueError(f"Triton launcher: {name}[{i}] has {got[i]} elements, {names[0]}[{i}] has "
+                             f"{numels[i]}")
+    for name, lst in zip(names, lists):
+        if len({t.dtype for t in lst}) > 1:
+            raise ValueError(f"Triton launcher: {name} mixes dtypes {sorted({str(t.dtype) for t in lst})}; "
+                             "one launch handles one dtype per list")
+    return numels
+
+
+def prepare_lists(static: Sequence[Sequence[Tensor]], dynamic: Sequence[Sequence[Tensor]] = (), *,
+                  names: Sequence[str], written: Sequence[str] = ()) -> list[Prepared]:
+    """The launches of a kernel over per-tensor aligned lists, each of one dtype (its own ``*_KIND``).
+
+    ``static`` lists keep their addresses from call to call (params, optimizer state): their addresses
+    are in the cached ``meta`` table, ``static[0]`` first (its numels set the chunks). ``dynamic`` lists
+    are fresh every call (grads, SAM's ``old_params``, Muon's update buffers): their addresses go in the
+    per-call table (``grad_ptrs``, ``[n, n_dynamic]``), refreshed with one small copy, so a new buffer
+    does not rebuild the cached table. ``names`` names every static then dynamic list for the errors;
+    ``written`` names the lists the kernel writes.
+
+    As in `prepare_launches`: zero-size tensors are dropped (``Prepared.index`` keeps the positions of
+    the rest), and tensors with a non-contiguous static entry go to a second launch over contiguous
+    stand-ins, copied back by `Prepared.finish` where written. A non-contiguous dynamic tensor is read
+    through a contiguous copy (copied back if written). ``Prepared.kinds`` holds every list's dtype code.
+    """
+    lists = [*static, *dynamic]
+    numels = check_named_lists(lists, names)
+    keep = [i for i, m in enumerate(numels) if m > 0]
+    if not keep:
+        return []
+    kinds = tuple(dtype_kind(lst[keep[0]].dtype) for lst in lists)
+    strided = {i for i in keep if not all(lst[i].is_contiguous() for lst in static)}
+    n_static = len(static)
+    writes = [name in written for name in names]
+    out = []
+    for idx, stand_in in (([i for i in keep if i not in strided], False), (sorted(strided), True)):
+        if not idx:
+            continue
+        writeback, dyn_writeback = [], []
+        cols = []
+        for j, lst in enumerate(lists):
+            col = []
+            for i in idx:
+                t = lst[i]
+                if not t.is_contiguous():
+                    c = t.contiguous()
+                    if writes[j]:
+                        (writeback if j < n_static else dyn_writeback).append((t, c))
+                    t = c
+                col.append(t)
+            cols.append(col)
+        flat_dynamic = [t for row in zip(*cols[n_static:]) for t in row]  # interleaved, one row per tensor
+        prep = Prepared(cols[:n_static], flat_dynamic, kinds[0], kinds[1] if n_static > 1 else KIND_FP32,
+                        writeback, dyn_writeback, n_dynamic=len(dynamic), kinds=kinds, index=idx)
+        prep.cacheable = not stand_in  # a stand-in has a new address every call
+        out.append(prep)
+    return out
 
 
 def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:

@@ -31,20 +31,27 @@ from .multi_tensor import (
     kernel_for,
 )
 
-OP_ABSMAX, OP_SUM = 0, 1
+#: what `_partials_kernel` reduces per tensor: max |g|; sum of ±g [+ coeff·p]; sum of g²; sum of (|p|·g)²
+#: (the last two: SAM's per-tensor norms, plain and adaptive, davda54 `sam.py`)
+OP_ABSMAX, OP_SUM, OP_SUMSQ, OP_SUMSQ_ABS_PARAM = 0, 1, 2, 3
 
 
 @device_fn
 def _summand(g_addr, p_addr, offs, mask, coeff, grad_scale_ptr, OP: tl.constexpr, NEGATE: tl.constexpr,
              ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
              HAS_GRAD_SCALE: tl.constexpr):
-    """|g| (OP 0) or ±g [+ coeff*p] (OP 1) of one block, 0 where masked (neutral for both); g unscaled
-    first under AMP."""
+    """|g| (OP 0), ±g [+ coeff*p] (OP 1), g (OP 2) or |p|*g (OP 3, rounded to fp32 as the reference's
+    product tensor is) of one block, 0 where masked (neutral for all); g unscaled first under AMP. OPs 2
+    and 3 are squared by the caller."""
     g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
     if HAS_GRAD_SCALE:
         g = _amp_unscale(g, grad_scale_ptr, P_KIND)
     if OP == 0:
         x = tl.abs(g)
+    elif OP == 2:
+        x = g
+    elif OP == 3:
+        x = tl.abs(_load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)) * g
     else:
         if NEGATE:
             g = -g
@@ -65,7 +72,7 @@ def _partials_kernel(
     coeff,           # fp32: weight of the param in the summand g + coeff*p (OP_SUM with ADD_PARAM)
     grad_scale_ptr,  # fp32 0-d: AMP's loss scale, divided out of g first (read when HAS_GRAD_SCALE)
     found_inf_ptr,   # fp32 0-d: AMP's inf flag; nonzero: nothing to do (read when HAS_FOUND_INF)
-    OP: tl.constexpr,          # 0: max |g|, 1: sum of (+/-g [+ coeff*p])
+    OP: tl.constexpr,          # 0: max |g|, 1: sum of (+/-g [+ coeff*p]), 2: sum of g^2, 3: sum of (|p|*g)^2
     NEGATE: tl.constexpr,      # sum -g instead of g (maximize)
     ADD_PARAM: tl.constexpr,   # add coeff*p to every element first (GradientEquilibrium's L2 term)
     P_KIND: tl.constexpr,      # dtype code of params and grads
@@ -106,8 +113,10 @@ def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, gr
                      ALIGNED, False, HAS_GRAD_SCALE)
         if OP == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
-        else:
+        elif OP == 1:
             acc += x
+        else:
+            acc += x * x
         k += 1
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
     if n_full * RBLOCK < count:
@@ -115,12 +124,14 @@ def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, gr
                      P_KIND, ALIGNED, True, HAS_GRAD_SCALE)
         if OP == 0:
             acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
-        else:
+        elif OP == 1:
             acc += x
+        else:
+            acc += x * x
     if OP == 0:
         res = _vmax(acc)
     else:
-        res = _vsum(acc)
+        res = _vsum(acc)  # sums of squares too: the caller takes the square root
     tl.store(partials_ptr + pid, res)
 
 

@@ -1,0 +1,184 @@
+"""Muon's two elementwise stages around Newton–Schulz (SPEC §8; KellerJordan/Muon `muon.py`), each one
+Triton launch per (device, dtype) group. Newton–Schulz itself stays on torch matmuls.
+
+- momentum (`_muon_momentum_kernel`): ``g' = ±g``; ``buf.lerp_(g', 1 - momentum)``; ``u = g'.lerp(buf,
+  momentum)`` (Nesterov, with the new buf) or ``buf``; ``updates = u`` rounded to the update buffer's
+  dtype (bf16: Newton–Schulz's ``X = u.bfloat16()``). ``torch.lerp`` in fp32 is one fma per element on
+  CPU (ATen `cpu/LerpKernel.cpp`, measured on torch 2.14 for both branches and every tail):
+  ``fma(w, end - start, start)`` for ``|w| < 0.5``, else ``fma(w - 1, end - start, end)``; the kernel
+  computes exactly that, so fp32 results are bit-identical to the reference on CPU. The branch is taken
+  on the runtime weight (no recompile when momentum changes). Bytes per element: read g, buf, write
+  buf, u: 14 B for fp32 grads and state with bf16 updates; 12 B with bf16 grads.
+- apply (`_muon_apply_kernel`): ``u = round(float(update) · scale, update dtype)`` (upstream's
+  ``u *= scale`` on the bf16 Newton–Schulz output, one rounding), ``p · (1 − lr·wd)`` (skipped when
+  wd == 0: exact), ``fma(u, −lr, p)`` (``p.add_(u, alpha=-lr)`` on CPU). The per-tensor scale is read
+  from a small device vector, cached by `multi_tensor.device_constants` while the scales do not change
+  (they come from the shapes). A transposed (non-contiguous) update is read through a contiguous copy.
+  Bytes per element: read p, u, write p: 10 B for fp32 params with bf16 updates.
+
+Grads and update buffers are per-call lists (`multi_tensor.prepare_lists`): the cached table holds the
+momentum buffers (momentum) or the params (apply).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .multi_tensor import (
+    _chunk_coords,
+    _fma,
+    _load_f32,
+    _round_to_kind,
+    _store_f32,
+    device_constants,
+    device_fn,
+    device_guard,
+    get_table,
+    kernel_for,
+    prepare_lists,
+)
+
+BLOCK = 2048
+
+
+@device_fn
+def _lerp(start, end, weight):
+    """torch.lerp(start, end, weight) in fp32 with a scalar weight, as ATen's CPU kernel rounds it."""
+    # a no-op compiled; interpreted, scalar arguments are Python floats, and `weight - 1` must be the fp32
+    # subtraction torch does (exact for weight >= 0.5), not a double one rounded afterwards
+    weight = tl.cast(weight, tl.float32)
+    diff = end - start
+    if (weight < 0.5) & (weight > -0.5):
+        out = _fma(weight, diff, start)
+    else:
+        out = _fma(weight - 1.0, diff, end)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ momentum
+@device_fn
+def _muon_momentum_update(buf_addr, g_addr, u_addr, offs, mask, momentum, one_minus_momentum,
+                          NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, S_KIND: tl.constexpr,
+                          G_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                          MASKED: tl.constexpr):
+    """The reference's per-element op order on one block."""
+    g = _load_f32(g_addr, offs, mask, G_KIND, ALIGNED, MASKED)
+    if MAXIMIZE:
+        g = -g
+    buf = _load_f32(buf_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    buf = _round_to_kind(_lerp(buf, g, one_minus_momentum), S_KIND)  # Nesterov reads the stored buf
+    _store_f32(buf_addr, offs, buf, mask, S_KIND, ALIGNED, MASKED)
+    if NESTEROV:
+        u = _lerp(g, buf, momentum)
+    else:
+        u = buf
+    _store_f32(u_addr, offs, u, mask, U_KIND, ALIGNED, MASKED)
+
+
+@triton.jit
+def _muon_momentum_kernel(
+    meta_ptr,            # int64 [n, ROW]: numel, (reduction slots), momentum buffer address
+    dyn_ptrs_ptr,        # int64 [n, 2]: grad and update-buffer addresses of this call
+    chunks_ptr,          # int32 [n_chunks, 2]: (tensor, chunk) of each program
+    momentum,            # fp32 runtime args: a new momentum never recompiles
+    one_minus_momentum,  # 1 - momentum, computed on the host in double like the reference's Python scalar
+    NESTEROV: tl.constexpr,   # u = g.lerp(buf, momentum) instead of buf
+    MAXIMIZE: tl.constexpr,
+    S_KIND: tl.constexpr,     # dtype code of the momentum buffers (0 fp32, 1 fp16, 2 bf16)
+    G_KIND: tl.constexpr,     # dtype code of the grads (read only)
+    U_KIND: tl.constexpr,     # dtype code of the update buffers (bf16 for Newton-Schulz)
+    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    buf_addr = tl.load(row + 4)
+    g_addr = tl.load(dyn_ptrs_ptr + 2 * t)
+    u_addr = tl.load(dyn_ptrs_ptr + 2 * t + 1)
+    if full:
+        _muon_momentum_update(buf_addr, g_addr, u_addr, offs, mask, momentum, one_minus_momentum, NESTEROV,
+                              MAXIMIZE, S_KIND, G_KIND, U_KIND, ALIGNED, False)
+    else:
+        _muon_momentum_update(buf_addr, g_addr, u_addr, offs, mask, momentum, one_minus_momentum, NESTEROV,
+                              MAXIMIZE, S_KIND, G_KIND, U_KIND, ALIGNED, True)
+
+
+def _triton_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], updates: list[Tensor], *,
+                          momentum: float, nesterov: bool, maximize: bool) -> None:
+    """Muon's momentum stage over a (device, dtype) group in one launch (a second one only for strided
+    buffers): updates the buffers and writes each ``updates[i]`` whole; grads are only read."""
+    for prep in prepare_lists([momentum_buffers], [grads, updates],
+                              names=("momentum_buffers", "grads", "updates"),
+                              written=("momentum_buffers", "updates")):
+        table = get_table(prep, BLOCK)
+        kernel = kernel_for(_muon_momentum_kernel, table.device)
+        s_kind, g_kind, u_kind = prep.kinds
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(momentum),
+                                      1 - momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
+                                      S_KIND=s_kind, G_KIND=g_kind, U_KIND=u_kind, ALIGNED=table.aligned,
+                                      ROW=table.row, BLOCK=BLOCK, num_warps=4)
+        prep.finish()
+
+
+# ------------------------------------------------------------------------------------------ apply
+@device_fn
+def _muon_apply_update(p_addr, u_addr, offs, mask, scale, neg_lr, decay, DECAY: tl.constexpr,
+                       P_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr,
+                       MASKED: tl.constexpr):
+    """The reference's per-element op order on one block; ``scale`` is this tensor's."""
+    u = _round_to_kind(_load_f32(u_addr, offs, mask, U_KIND, ALIGNED, MASKED) * scale, U_KIND)
+    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    if DECAY:
+        p = p * decay
+    p = _fma(u, neg_lr, p)
+    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+
+
+@triton.jit
+def _muon_apply_kernel(
+    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address
+    dyn_ptrs_ptr,     # int64 [n]: update (Newton-Schulz output) addresses of this call
+    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
+    scales_ptr,       # fp32 [n]: per-tensor scale max(1, rows/cols)**0.5, cached on the device
+    neg_lr,           # fp32 runtime args: -lr and 1 - lr*wd (host doubles, as the reference's scalars)
+    decay,
+    DECAY: tl.constexpr,      # weight_decay != 0 (the multiply by exactly 1 is skipped otherwise)
+    P_KIND: tl.constexpr,     # dtype code of params (0 fp32, 1 fp16, 2 bf16)
+    U_KIND: tl.constexpr,     # dtype code of the updates (bf16, or the params')
+    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
+    ROW: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    p_addr = tl.load(row + 4)
+    u_addr = tl.load(dyn_ptrs_ptr + t)
+    scale = tl.load(scales_ptr + t)
+    if full:
+        _muon_apply_update(p_addr, u_addr, offs, mask, scale, neg_lr, decay, DECAY, P_KIND, U_KIND, ALIGNED,
+                           False)
+    else:
+        _muon_apply_update(p_addr, u_addr, offs, mask, scale, neg_lr, decay, DECAY, P_KIND, U_KIND, ALIGNED,
+                           True)
+
+
+def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: list[float], lr: float,
+                       weight_decay: float) -> None:
+    """Muon's update stage over a (device, dtype) group in one launch (a second one only for strided
+    params): ``p = p·(1 − lr·wd) − lr·round(u·scale)``. ``updates[i]`` has ``params[i]``'s numel (any
+    shape, e.g. the 2-D Newton–Schulz output of a conv weight) and may be non-contiguous."""
+    if len(scales) != len(params):
+        raise ValueError(f"Triton launcher: list lengths differ (params {len(params)}, scales {len(scales)})")
+    for prep in prepare_lists([params], [updates], names=("params", "updates"), written=("params",)):
+        table = get_table(prep, BLOCK, "muon_apply")  # per-call list: the updates, not grads
+        scales_t = device_constants([float(scales[i]) for i in prep.index], torch.float32, table.device)
+        kernel = kernel_for(_muon_apply_kernel, table.device)
+        p_kind, u_kind = prep.kinds
+        with device_guard(table.device):
+            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, scales_t, -float(lr),
+                                      1 - lr * weight_decay, DECAY=weight_decay != 0, P_KIND=p_kind,
+                                      U_KIND=u_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
+                                      num_warps=4)
+        prep.finish()
