@@ -1,7 +1,8 @@
 """The `impl="native"` functional steps: thin launchers of the compiled ops in csrc/.
 
 Each has exactly its reference's signature (`_forloop_x` in the optimizer's module; for the composites'
-fused parts, /work/composite_kernels_interface.md) and calls one op
+fused parts, `_forloop_lookahead_sync`, `_forloop_sam_*`, and the two halves of `_forloop_muon` around
+Newton–Schulz that `muon._fused_muon` calls) and calls one op
 (two for the optimizers with a per-tensor reduction: `multi_tensor_stats`, then the update, which
 reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
 csrc/fused_optim.cpp. The extra keyword-only `grad_scale` / `found_inf` (1-element fp32 tensors on

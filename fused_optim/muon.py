@@ -15,9 +15,10 @@ Muon update per ≥2-D param (upstream's op order; ``p.grad`` is never mutated, 
     p.mul_(1 - lr·wd); p.add_(u.reshape(p.shape), alpha=-lr)
 
 (a, b, c) = (3.4445, −4.7750, 2.0315); upstream writes ``c * A @ A``, which Python evaluates as
-``(c·A) @ A``, and so do we. Newton–Schulz runs on torch matmuls (cuBLAS on GPU); the multi-tensor
-impl batches same-shape matrices into one batched matmul per iteration. The elementwise parts (momentum,
-Nesterov, decay, update) are one multi-tensor op each; the scale is one multiply per batch.
+``(c·A) @ A``, and so do we. Newton–Schulz runs on torch matmuls (cuBLAS on GPU) in every impl, batched
+over same-shape matrices (one batched matmul per iteration). Around it, `foreach` runs one multi-tensor op
+per elementwise stage; `triton` and `native` (`_fused_muon`) run two multi-tensor kernels in all: momentum +
+Nesterov + the bf16 cast into Newton–Schulz's input, then scale + decay + update.
 """
 from __future__ import annotations
 
@@ -128,6 +129,65 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     torch._foreach_add_(params, [u.reshape(p.shape) for u, p in zip(us, params)], alpha=-lr)
 
 
+def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+                momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool,
+                momentum_kernel, apply_kernel) -> None:
+    """Muon with its elementwise stages as two multi-tensor kernels around torch's Newton–Schulz.
+
+    1. `momentum_kernel`: ``buf.lerp_(g, 1-β)``, the Nesterov ``g.lerp(buf, β)``, rounded to bf16 and
+       written straight into one stacked buffer per matrix shape: Newton–Schulz's input, so neither the
+       bf16 cast nor the batching stack costs a pass of its own.
+    2. Newton–Schulz on torch matmuls (cuBLAS), one batched matmul per iteration per shape.
+    3. `apply_kernel`: ``u·scale`` (rounded to bf16, as upstream's ``u *= scale``), the decoupled decay and
+       ``p − lr·u`` in one pass.
+    """
+    keep = [i for i, p in enumerate(params) if p.numel() > 0]
+    if not keep:
+        return
+    by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i in keep:
+        by_shape[tuple(_as_matrix(grads[i]).shape)].append(i)
+    inputs: dict[int, Tensor] = {}
+    stacks = []
+    for shape, idx in by_shape.items():
+        stack = torch.empty((len(idx), *shape), dtype=torch.bfloat16, device=grads[idx[0]].device)
+        for j, i in enumerate(idx):
+            inputs[i] = stack[j].view(grads[i].shape)
+        stacks.append((shape, idx, stack))
+    momentum_kernel([grads[i] for i in keep], [momentum_buffers[i] for i in keep], [inputs[i] for i in keep],
+                    momentum=momentum, nesterov=nesterov, maximize=maximize)
+    outputs: dict[int, Tensor] = {}
+    for shape, idx, stack in stacks:
+        if len(idx) > 1 and len(shape) == 2:  # one batched Newton–Schulz (as `_batched_newton_schulz`)
+            X = zeropower_via_newtonschulz5(stack, ns_steps)
+            outputs.update((i, X[j]) for j, i in enumerate(idx))
+        else:
+            outputs.update((i, zeropower_via_newtonschulz5(stack[j], ns_steps)) for j, i in enumerate(idx))
+    ps = [params[i] for i in keep]
+    apply_kernel(ps, [outputs[i].reshape(p.shape) for i, p in zip(keep, ps)],
+                 scales=[_scale(grads[i]) for i in keep], lr=lr, weight_decay=weight_decay)
+
+
+def _triton_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+    """`_fused_muon` with the Triton kernels (fused_optim/kernels/muon.py); triton loads on first use."""
+    from .kernels import _triton_muon_apply, _triton_muon_momentum
+
+    _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, momentum_kernel=_triton_muon_momentum,
+                apply_kernel=_triton_muon_apply)
+
+
+def _native_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
+                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+    """`_fused_muon` with the compiled kernels (csrc/, fused_optim/_native.py)."""
+    from ._native import _native_muon_apply, _native_muon_momentum
+
+    _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, momentum_kernel=_native_muon_momentum,
+                apply_kernel=_native_muon_apply)
+
+
 # ------------------------------------------------------------------------------------- Adam side
 def _forloop_muon_adam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                        exp_avg_sqs: list[Tensor], *, lr: float, beta1: float, beta2: float,
@@ -227,7 +287,7 @@ class Muon(FusedOptimizer):
     _supports_complex = False
     _complex_reason = "Newton-Schulz orthogonalization is defined here for real matrices"
     _accepts_module = True  # create_optimizer(model, "muon") passes the model, to split it
-    _impls = {"forloop": _forloop_muon, "foreach": _foreach_muon}
+    _impls = {"forloop": _forloop_muon, "foreach": _foreach_muon, "triton": _triton_muon, "native": _native_muon}
 
     def __init__(self, params, lr: float | Tensor = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5, *, adam_lr: float = 3e-4,
@@ -310,8 +370,12 @@ class Muon(FusedOptimizer):
             splits[(p.device, p.dtype)].append(i)
         for (device, _), idx in splits.items():
             fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
-            fn([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-               [exp_avg_sqs[i] for i in idx], **scalars)
+            gs, states = [grads[i] for i in idx], [exp_avgs[i] for i in idx]
+            if states[0].dtype != gs[0].dtype:
+                # fused impls keep fp32 state for bf16/fp16 params (`_state_dtype`); the Adam side has no
+                # kernel of its own yet, so its multi-tensor ops run in fp32 on upcast grads
+                gs = [g.to(states[0].dtype) for g in gs]
+            fn([params[i] for i in idx], gs, states, [exp_avg_sqs[i] for i in idx], **scalars)
 
 
 class MuonWithAuxAdam(Muon):

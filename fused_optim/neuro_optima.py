@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from ._foreach import mul_operand
+from ._native import _native_neuro_optima
 from .lookahead import _check_k, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag
 from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
@@ -109,9 +110,9 @@ class NeuroOptima(FusedOptimizer):
         betas (tuple[float, float]): ``b1`` for the gradient moment, ``b2`` for the difference and the
             squared moments, each in [0, 1) (default: (0.9, 0.999)).
         eps (float): added to ``sqrt(exp_avg_sq)``, ``>= 0`` (default: 1e-8).
-        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`. ``impl`` picks the core update's
-            implementation; SAM's perturb/restore and the Lookahead sync use the same one where it
-            exists, else their multi-tensor form.
+        maximize, impl, foreach, fused: see :class:`fused_optim.Lion`. ``impl`` picks the implementation
+            of every part: the core update, SAM's norms/perturb/restore and the Lookahead sync (on
+            ``triton`` and ``native`` each part is one multi-tensor kernel per (device, dtype) split).
 
     ``step(closure)``: the closure (with or without ``zero_grad``) computes the loss, calls
     ``backward`` and returns the loss; it runs under ``torch.enable_grad()``. With ``sam_rho > 0`` a
@@ -218,4 +219,5 @@ class NeuroOptima(FusedOptimizer):
             lookahead_sync(synced, [self.state[p]["slow_param"] for p in synced],
                            alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for)
 
-    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima}
+    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima,
+              "native": _native_neuro_optima}

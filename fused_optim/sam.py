@@ -6,9 +6,10 @@ at the perturbed point, restore the exact old params (a copy, not ``p.data = old
 swaps storage under anything holding a reference), then the base optimizer's step.
 
 The three parts (per-tensor norms, perturb, restore) are functional steps with one signature per part
-and impls side by side (`_forloop_sam_*` is davda54's op order, `_foreach_sam_*` the multi-tensor form),
-registered in `_impls`; `sam_first_step` / `sam_second_step` drive them and are shared with
-`NeuroOptima`.
+and impls side by side (`_forloop_sam_*` is davda54's op order, `_foreach_sam_*` the multi-tensor form,
+`triton` and `native` one multi-tensor kernel per part and (device, dtype) split: the norms in one
+reduction into a device buffer, the save of ``p`` and the perturbation in one pass), registered in
+`_impls`; `sam_first_step` / `sam_second_step` drive them and are shared with `NeuroOptima`.
 """
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
+from ._native import _native_sam_norms, _native_sam_perturb, _native_sam_restore
+from .kernels import _triton_sam_norms, _triton_sam_perturb, _triton_sam_restore  # lazy: no triton import here
 from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
 from .optimizer import FusedOptimizer, _check_range
 
@@ -26,15 +29,23 @@ __all__ = ["SAM"]
 
 
 # ---------------------------------------------------------------------------------------- functional
-def _forloop_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> list[Tensor]:
-    """davda54: ``((|p| if adaptive else 1.0) * g).norm(p=2)`` per tensor, 0-d, on the tensor's device."""
-    return [((torch.abs(p) if adaptive else 1.0) * g).norm(p=2) for p, g in zip(params, grads)]
+def _forloop_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
+    """davda54: ``((|p| if adaptive else 1.0) * g).norm(p=2)`` per tensor, as one 1-D tensor (fp32 for
+    fp32/bf16/fp16 params) on the params' device. Every impl returns this shape, so a fused impl can
+    write all norms into one buffer."""
+    return _stack_norms([((torch.abs(p) if adaptive else 1.0) * g).norm(p=2) for p, g in zip(params, grads)])
 
 
-def _foreach_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> list[Tensor]:
+def _foreach_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
     if adaptive:
         grads = torch._foreach_mul(torch._foreach_abs(params), grads)
-    return list(torch._foreach_norm(grads, 2))
+    return _stack_norms(list(torch._foreach_norm(grads, 2)))
+
+
+def _stack_norms(norms: list[Tensor]) -> Tensor:
+    # a bf16/fp16 norm is exact in fp32; the fused impls accumulate in fp32 and return fp32
+    out = torch.stack(norms)
+    return out.float() if out.dtype in (torch.bfloat16, torch.float16) else out
 
 
 def _forloop_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: list[Tensor], *,
@@ -74,6 +85,8 @@ class _SamImpl(NamedTuple):
 _impls: dict[str, _SamImpl] = {
     "forloop": _SamImpl(_forloop_sam_norms, _forloop_sam_perturb, _forloop_sam_restore),
     "foreach": _SamImpl(_foreach_sam_norms, _foreach_sam_perturb, _foreach_sam_restore),
+    "triton": _SamImpl(_triton_sam_norms, _triton_sam_perturb, _triton_sam_restore),
+    "native": _SamImpl(_native_sam_norms, _native_sam_perturb, _native_sam_restore),
 }
 
 
@@ -98,23 +111,33 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
     if not batches:
         return []
     shared_device = batches[0][1][0].device
-    norms: list[Tensor] = []
+    parts: list[Tensor] = []  # per-tensor norms, one 1-D tensor per (device, dtype) split
+    order: list[int] = []     # the group/param position of each entry of torch.cat(parts)
+    base = 0
     for group, params, grads in batches:
         adaptive = bool(adaptive_of(group))
-        per_tensor: list[Tensor | None] = [None] * len(params)
         for (device, _), idx in _split(params).items():
             fn = _impls[_sam_impl(impl_for(device))].norms
             # DTensor (FSDP2) params: the kernels see the local shards (fused_optim/distributed.py)
-            for i, n in zip(idx, fn([_real(_dist.local(params[i])) for i in idx],
-                                    [_real(_dist.local(grads[i])) for i in idx], adaptive=adaptive)):
-                per_tensor[i] = n
-        norms.extend(n.to(shared_device) for n in per_tensor)
+            parts.append(fn([_real(_dist.local(params[i])) for i in idx],
+                            [_real(_dist.local(grads[i])) for i in idx], adaptive=adaptive).to(shared_device))
+            order.extend(base + i for i in idx)
+        base += len(params)
+    norms = parts[0] if len(parts) == 1 else torch.cat(parts)
+    if order != list(range(len(order))):  # several splits: back to davda54's group/param order
+        inverse = [0] * len(order)
+        for k, pos in enumerate(order):
+            inverse[pos] = k
+        index = torch.tensor(inverse)
+        if norms.device.type == "cuda":  # a pageable copy would sync the host
+            index = index.pin_memory()
+        norms = norms[index.to(norms.device, non_blocking=True)]
     all_grads = [g for _, _, gs in batches for g in gs]
     if any(_dist.is_dtensor(g) for g in all_grads):
         # shard norms -> one all-reduced sum of squares over the shard group (every rank joins)
-        grad_norm = _dist.all_reduce_sum_(torch.stack(norms).square().sum(), all_grads).sqrt()
+        grad_norm = _dist.all_reduce_sum_(norms.square().sum(), all_grads).sqrt()
     else:
-        grad_norm = torch.norm(torch.stack(norms), p=2)
+        grad_norm = torch.norm(norms, p=2)
     saved: list[_Saved] = []
     for group, params, grads in batches:
         rho = float(rho_of(group))
@@ -174,8 +197,9 @@ class SAM(_WrappedOptimizer):
 
     ``param_groups`` and ``state`` are the base optimizer's. ``state_dict()`` is the base optimizer's
     (plus each param's ``sam_old_param`` when taken between ``first_step`` and ``second_step``).
-    The perturbation and restore follow the base optimizer's impl (``forloop`` for our forloop and
-    torch's ``foreach=False``, the multi-tensor form otherwise).
+    The norms, perturbation and restore follow the base optimizer's impl on each device (ours: its
+    impl; torch's: ``forloop`` for ``foreach=False``, the fused kernels for ``fused=True``, the
+    multi-tensor form otherwise).
     """
 
     def __init__(self, params, base_optimizer: str | type | Callable[..., torch.optim.Optimizer],

@@ -715,7 +715,7 @@ def test_bf16_foreach_parts_follow_spec9_rule():
 
     def sam(impl, ps, grads, states, step):
         norms = sam_impls[impl].norms(ps, grads, adaptive=step % 2 == 1)
-        scale = 0.05 / (torch.norm(torch.stack(norms), p=2) + 1e-12)
+        scale = 0.05 / (torch.norm(norms, p=2) + 1e-12)
         sam_impls[impl].perturb(ps, grads, states[0], scale=scale, adaptive=step % 2 == 1)
         if step % 3 == 2:
             sam_impls[impl].restore(ps, states[0])

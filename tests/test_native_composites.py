@@ -1,6 +1,6 @@
 """The composites' fused parts in csrc/ (issue #6) against their forloop references (SPEC §5-9).
 
-Functions under test (fused_optim/_native.py, contract: /work/composite_kernels_interface.md):
+Functions under test (fused_optim/_native.py, driven by fused_optim/lookahead.py, sam.py, muon.py and neuro_optima.py):
 ``_native_lookahead_sync``, ``_native_sam_norms``, ``_native_sam_perturb``, ``_native_sam_restore``,
 ``_native_muon_momentum``, ``_native_muon_apply``, ``_native_neuro_optima``.
 
@@ -220,9 +220,6 @@ def test_lookahead_sync_lowp(device, dtype, state):
 
 
 # ------------------------------------------------------------------------------------------------ SAM
-def _as_vector(norms):
-    return norms if isinstance(norms, torch.Tensor) else torch.stack(norms)
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -234,7 +231,7 @@ def test_sam_norms_fp32(device, adaptive):
         params, grads = place.list(pv, torch.float32), place.list(gv, torch.float32)
         out = _native_sam_norms(params, grads, adaptive=adaptive)
         assert out.shape == (len(params),) and out.dtype == torch.float32 and out.device.type == device
-        ref = _as_vector(_forloop_sam_norms(_to(pv, torch.float32, device), _to(gv, torch.float32, device),
+        ref = (_forloop_sam_norms(_to(pv, torch.float32, device), _to(gv, torch.float32, device),
                                             adaptive=adaptive)).float().cpu()
         # the exact norm of the same fp32 product
         exact = torch.stack([((p.float().abs() if adaptive else 1.0) * g.float()).double().norm()
@@ -258,8 +255,8 @@ def test_sam_norms_lowp(device, dtype, adaptive):
     for k in range(1, STEPS + 1):
         pv, gv = _randn(200 + k, LOWP_SHAPES), _randn(300 + k, LOWP_SHAPES)
         pv, gv = [v.to(dtype).double() for v in pv], [v.to(dtype).double() for v in gv]
-        hi = _as_vector(_forloop_sam_norms(pv, gv, adaptive=adaptive))
-        lowp = _as_vector(_forloop_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive))
+        hi = (_forloop_sam_norms(pv, gv, adaptive=adaptive))
+        lowp = (_forloop_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive))
         nat = _native_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive)
         assert nat.dtype == torch.float32
         _lowp_close(nat, lowp, hi, dtype, f"norms call {k}")
@@ -573,7 +570,7 @@ def test_float64_all(device):
     (a, ga), (b, gb) = two(pv, gv)
     n = _native_sam_norms(b, gb, adaptive=True)
     assert n.dtype == torch.float64
-    _assert_close([n], [_as_vector(_forloop_sam_norms(a, ga, adaptive=True))], 1, "norms")
+    _assert_close([n], [(_forloop_sam_norms(a, ga, adaptive=True))], 1, "norms")
     olds_a, olds_b = [torch.empty_like(t) for t in a], [torch.empty_like(t) for t in b]
     scale = torch.tensor(0.01, dtype=torch.float64, device=device)
     _forloop_sam_perturb(a, ga, olds_a, scale=scale, adaptive=True)
@@ -654,7 +651,7 @@ def test_many_tensors_one_call(device):
     _forloop_lookahead_sync(a, sa, alpha=0.3)
     _native_lookahead_sync(b, sb, alpha=0.3)
     _check(device, b + sb, a + sa, 1, "lookahead")
-    ref = _as_vector(_forloop_sam_norms(p, gr, adaptive=True)).cpu()
+    ref = (_forloop_sam_norms(p, gr, adaptive=True)).cpu()
     out = _native_sam_norms(p, gr, adaptive=True).cpu()
     assert (ulp_distance(out, ref) <= 8).all()
     a, b = [t.clone() for t in p], [t.clone() for t in p]

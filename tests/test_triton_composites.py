@@ -1,4 +1,4 @@
-"""The Triton kernels of the composites' fused parts (issue #6: /work/composite_kernels_interface.md)
+"""The Triton kernels of the composites' fused parts (issue #6)
 against their forloop references (SPEC §5, §6, §8, tolerances §9), on CPU through the interpreter and,
 marked ``gpu``, compiled on CUDA.
 
@@ -201,7 +201,7 @@ def test_sam_norms_match_torch(adaptive, device):
         norms = fk._triton_sam_norms(params, grads, adaptive=adaptive)
         assert norms.dtype == torch.float32 and norms.shape == (len(params),)
         assert norms.device == params[0].device
-        ref = torch.stack(_forloop_sam_norms(params, grads, adaptive=adaptive))
+        ref = (_forloop_sam_norms(params, grads, adaptive=adaptive))
         assert_ulp_close(norms, ref, 4, f"call {call} vs torch")
         assert_ulp_close(norms, _norm_truth(params, grads, adaptive), 2, f"call {call} vs float64")
         assert norms[0].item() == 0.0  # the zero-size tensor
@@ -216,15 +216,15 @@ def test_sam_norms_low_precision(adaptive, device):
         params = _shapes_like(device, torch.bfloat16, gen)
         grads = _randn_like(params, gen)
         tri = fk._triton_sam_norms(params, grads, adaptive=adaptive)
-        lowp = torch.stack(_forloop_sam_norms(params, grads, adaptive=adaptive))
-        hi = torch.stack(_forloop_sam_norms(_clone(params, torch.float64), _clone(grads, torch.float64),
+        lowp = (_forloop_sam_norms(params, grads, adaptive=adaptive))
+        hi = (_forloop_sam_norms(_clone(params, torch.float64), _clone(grads, torch.float64),
                                             adaptive=adaptive))
         _assert_lowp([tri], [lowp], [hi], torch.bfloat16, f"call {call} norms")
 
 
 def _sam_scale(params, grads, adaptive, rho=0.05, sign=1.0):
     """SAM's scale as `fused_optim.sam.sam_first_step` computes it: on the device, 0-d fp32."""
-    norms = torch.stack(_forloop_sam_norms(params, grads, adaptive=adaptive)).float()
+    norms = (_forloop_sam_norms(params, grads, adaptive=adaptive)).float()
     return (sign * rho) / (torch.norm(norms, p=2) + 1e-12)
 
 
@@ -410,7 +410,7 @@ def test_many_tensors_of_odd_sizes(monkeypatch):
         grads = _randn_like(params, gen)
         for adaptive in (False, True):
             norms = fk._triton_sam_norms(params, grads, adaptive=adaptive)
-            assert_ulp_close(norms, torch.stack(_forloop_sam_norms(params, grads, adaptive=adaptive)), 4,
+            assert_ulp_close(norms, (_forloop_sam_norms(params, grads, adaptive=adaptive)), 4,
                              "norms")
         scale = _sam_scale(params, grads, True)
         olds = [torch.full_like(p, NAN) for p in params]
