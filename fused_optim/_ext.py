@@ -171,6 +171,11 @@ def ops():
     return torch.ops.fused_optim
 
 
+#: every op of csrc/fused_optim.cpp (the report below lists those with a CPU kernel)
+OPS = ("multi_tensor_stats", "gravity_", "lion_", "adan_", "gradient_equilibrium_", "multi_tensor_l2norm",
+       "multi_tensor_copy_", "lookahead_sync_", "sam_perturb_", "muon_momentum_", "muon_apply_", "neuro_optima_")
+
+
 def _main() -> int:
     """`python -m fused_optim._ext`: build or load now and report; exit 1 if the extension, or its
     CUDA part where nvcc and a CUDA torch are present, did not build (CI runs this)."""
@@ -180,8 +185,7 @@ def _main() -> int:
         return 1
     wanted, why_not = want_cuda()
     cuda = _has_kernel("lion_", "CUDA")
-    ops_cpu = [op for op in ("multi_tensor_stats", "gravity_", "lion_", "adan_", "gradient_equilibrium_")
-               if _has_kernel(op, "CPU")]
+    ops_cpu = [op for op in OPS if _has_kernel(op, "CPU")]
     print(f"fused_optim native extension: loaded ({_loaded}); CPU kernels: {', '.join(ops_cpu)}; "
           f"CUDA kernels: {'yes' if cuda else 'no - ' + (_cuda_error or why_not)}; "
           f"CUDA device: {'yes' if torch.cuda.is_available() else 'no'}")
