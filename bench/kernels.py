@@ -115,15 +115,13 @@ def reduction_impls(device: torch.device, wanted: list[str] | None) -> tuple[dic
     if tri.available and (not tri.reason.startswith("interpreted") or (wanted and "triton" in wanted)):
         try:
             from fused_optim.kernels import reduce as kr
-            from fused_optim.kernels.multi_tensor import get_table, prepare
+            from fused_optim.kernels.multi_tensor import get_table, prepare_launches
 
             def triton_make(grads, op):
-                """The partials kernel alone, as the Triton Gravity/GE launchers call it (internal API:
+                """The partials kernel alone, as the Triton Gravity/GE/SAM launchers call it (internal API:
                 any change there makes this a note, not a crash)."""
-                if op == "sumsq":
-                    return None  # the Triton tables reduce |g| and sums; Adan's norm goes through per_tensor_reduce
-                code = kr.OP_ABSMAX if op == "absmax" else kr.OP_SUM
-                launches = [(get_table(prep, 2048), prep.p_kind) for prep in prepare(grads, grads, [])]
+                code = {"absmax": kr.OP_ABSMAX, "sum": kr.OP_SUM, "sumsq": kr.OP_SUMSQ}[op]
+                launches = [(get_table(prep, 2048), prep.p_kind) for prep in prepare_launches(grads, grads, [])]
 
                 def run():
                     for table, kind in launches:

@@ -225,3 +225,17 @@ def test_a_candidate_failing_mid_run_is_dropped_with_a_note(monkeypatch):
                                notes=notes, max_replicas=1)
     assert {r.cand.key for r in res} == {"adamw/torch-fused", "adamw/torch-foreach", "lion/foreach"}
     assert any(n.startswith("lion/flaky: failed on many-small-tiny/float32 while timed: RuntimeError: boom") for n in notes)
+
+
+def test_triton_reduction_makers_run(monkeypatch):
+    """The kernels table's Triton reductions (the partials kernel alone) build and run for every op name,
+    here interpreted on the CPU: `python -m bench` on a GPU must not meet them for the first time."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from bench.kernels import reduction_impls
+
+    makers, notes = reduction_impls(torch.device("cpu"), ["triton"])
+    assert "triton" in makers, notes
+    grads = [torch.randn(n) for n in (0, 3, 2049)]
+    for op in ("absmax", "sum", "sumsq"):
+        makers["triton"](grads, op)()
