@@ -467,6 +467,12 @@ class FusedOptimizer(torch.optim.Optimizer):
                        for k, v in self._amp_kwargs.items()}
             # Under torch.compile a compiled kernel runs as one opaque custom op (fused_optim/ops.py):
             # Dynamo cannot trace a Triton launcher or an extension call without a fake kernel.
+            if impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling() and self.capturable:
+                # the ops pack their scalars as one host float64 tensor (fused_optim/ops.py); device
+                # scalars would need a second schema
+                raise RuntimeError(f"{self._display_name}: capturable=True inside torch.compile is not supported "
+                                   "yet; compile the capturable=False step, or capture the eager capturable step "
+                                   "with torch.cuda.graph")
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
                     and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, dict(kwargs, lr=_as_float(lr))
                                        if lr is not None else kwargs, amp)):
