@@ -50,6 +50,9 @@ def _scalars(optimizer: str, step: int = 5) -> dict:
                     eps=kw["eps"], weight_decay=kw["weight_decay"], no_prox=False, clip=1.0, maximize=False)
     if optimizer == "gradient_equilibrium":
         return dict(lr=kw["lr"], weight_decay=kw["weight_decay"], maximize=False)
+    if optimizer == "neurooptima":
+        b1, b2 = kw["betas"]
+        return dict(lr=kw["lr"], beta1=b1, beta2=b2, eps=kw["eps"], weight_decay=kw["weight_decay"], maximize=False)
     raise ValueError(optimizer)
 
 

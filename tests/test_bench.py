@@ -131,7 +131,8 @@ def test_impls_are_discovered_from_available_impls(monkeypatch):
 
 def test_bytes_per_param_is_the_spec_floor():
     fp32 = {name: spec.bytes_per_param(4, 4) for name, spec in OPTIMIZERS.items()}
-    assert fp32 == {"adamw": 28, "lion": 20, "gravity": 24, "adan": 44, "gradient_equilibrium": 16}
+    assert fp32 == {"adamw": 28, "lion": 20, "gravity": 24, "adan": 44, "gradient_equilibrium": 16,
+                    "neurooptima": 44}
     # bf16 params with the fused impls' fp32 state: p read+write 2+2, grad(s) 2 each, state 4+4 each
     assert OPTIMIZERS["lion"].bytes_per_param(2, 4) == 14
     assert OPTIMIZERS["adan"].bytes_per_param(2, 4) == 38
