@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import distributed as _dist
+from ._backends import auto_impl, impl_status
 from ._foreach import mul_operand
 from ._native import _native_lookahead_sync
 from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
-from . import distributed as _dist
-from ._backends import auto_impl, impl_status
 from .optimizer import FusedOptimizer, _check_range
 
 __all__ = ["Lookahead"]

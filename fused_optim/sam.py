@@ -21,7 +21,11 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._native import _native_sam_norms, _native_sam_perturb, _native_sam_restore
-from .kernels import _triton_sam_norms, _triton_sam_perturb, _triton_sam_restore  # lazy: no triton import here
+from .kernels import (  # lazy: no triton import here
+    _triton_sam_norms,
+    _triton_sam_perturb,
+    _triton_sam_restore,
+)
 from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
 from .optimizer import FusedOptimizer, _check_range
 
