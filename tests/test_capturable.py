@@ -71,7 +71,7 @@ def _close(actual, expected, steps, what):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_host_scalar_impls_are_exact_on_cpu(name):
     """On the CPU the counter is a CPU tensor and the host-scalar impls read it: same doubles, same bits."""
-    ref, ref_opt = _run(name, "forloop", False)
+    _, ref_opt = _run(name, "forloop", False)
     for impl in _impls_on_cpu():
         ps, opt = _run(name, impl, True)
         exp, _ = _run(name, impl, False)
