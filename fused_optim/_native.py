@@ -7,12 +7,12 @@ Newton–Schulz that `muon._fused_muon` calls) and calls one op
 reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
 csrc/fused_optim.cpp.
 
-The four update launchers take AMP's hooks: with the keyword-only
+The four update launchers are AMP-aware (`fused_optim.optimizer.supports_amp`): with the keyword-only
 `grad_scale` (a 1-element fp32 tensor on the params' device) the kernels divide every grad by it,
 rounded to the grad's dtype exactly as torch's in-place unscale stores it, write that value back into
 the grads (non-contiguous ones included) and use it, the reductions included; with `found_inf != 0`
 they write nothing at all (params, state, grads), reading the flag on the device. They also take
-device scalars: ``lr``, Gravity's ``beta_hat`` and
+device scalars (``supports_tensor_lr``, ``supports_capturable``): ``lr``, Gravity's ``beta_hat`` and
 Adan's bias corrections may be 0-d tensors, and Adan takes ``first_step``; on CUDA the kernels read
 them from device memory (no host sync, so a step can be captured in a CUDA graph), on the CPU from the
 CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels do
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .optimizer import supports_amp  # optimizer.py imports nothing of this module: no import cycle
 
 __all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
            "_native_lookahead_sync", "_native_sam_norms", "_native_sam_perturb", "_native_sam_restore",
@@ -67,6 +68,7 @@ def _device_scalar(x: float | Tensor, device: torch.device) -> tuple[float, Tens
     return float(x), None
 
 
+@supports_amp
 def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
                     found_inf: Tensor | None = None) -> None:
@@ -82,6 +84,7 @@ def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
         ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf, lr_t, beta_hat_t)
 
 
+@supports_amp
 def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
                  beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> None:
@@ -93,6 +96,7 @@ def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                      lr_t)
 
 
+@supports_amp
 def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                  exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor, beta1: float,
                  beta2: float, beta3: float, bias_correction1: float | Tensor, bias_correction2: float | Tensor,
@@ -125,6 +129,7 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                      lr_t, bc1_t, bc2_t, bc3_t, first_t)
 
 
+@supports_amp
 def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float | Tensor,
                                  weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
                                  found_inf: Tensor | None = None) -> None:
@@ -143,6 +148,11 @@ def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
 # the per-tensor reductions are finished over FSDP2 shard groups (`_finish_sharded`)
 _native_gravity.shard_aware = True
 _native_gradient_equilibrium.shard_aware = True
+for _fn in (_native_gravity, _native_lion, _native_adan, _native_gradient_equilibrium):
+    # `lr` may be a 0-d tensor, read by the kernel (no .item(): FusedOptimizer._dispatch passes it as is)
+    _fn.supports_tensor_lr = True
+    # capturable (FusedOptimizer docstring): every per-step scalar may be a device tensor, read in the kernel
+    _fn.supports_capturable = True
 
 
 # ------------------------------------------------------------------ composites' fused parts (issue #6)
