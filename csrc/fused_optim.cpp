@@ -11,10 +11,19 @@
 //   whose tensors do not share one dense layout go through contiguous copies).
 // - the Python doubles (lr, betas, bias corrections...) are computed by the optimizer class and
 //   rounded once to the math type, never recomputed here (SPEC).
-// - AMP hooks, for torch.amp.GradScaler: `grad_scale` (1 float32 element) makes the kernels use
-//   grad / grad_scale; `found_inf` (1 float32 element) != 0 skips the whole update, leaving
-//   params and state untouched. On CUDA both are read from device memory: no host sync.
-// - `maximize` negates the gradient before anything else (grad itself is never written).
+// - capturable / device scalars (`*_tensor`, `first_step`: optional, 1 float32 element each, on the
+//   kernels' device): given, they replace the float argument of the same name (which is then ignored),
+//   and the scalars derived from them (1 - beta_hat, -lr/bc1, -lr*beta2/bc2, 1 -/+ lr*wd) are computed
+//   in the math type by the kernel, in the Triton kernels' order (fused_optim/kernels/). On CUDA they
+//   are read from device memory (no host sync: a CUDA graph can capture the step), on the CPU from
+//   the CPU tensor.
+// - AMP hooks, for torch.amp.GradScaler (fused_optim.optimizer.supports_amp): with `grad_scale`
+//   (1 float32 element) the kernels compute g = grad / grad_scale as torch's in-place unscale stores
+//   it (an IEEE division in the math type, rounded to the grad's dtype), write it back into `grads`
+//   (their own storage, non-contiguous ones included) and use that value; `found_inf` (1 float32
+//   element) != 0 skips the whole update, leaving params, state and grads untouched. On CUDA both are
+//   read from device memory: no host sync.
+// - `maximize` negates the gradient after the unscale (the negated value is never written).
 // - `stats` is the [n, 3] output of multi_tensor_stats over the same rows, computed on the same
 //   prepared gradient (same `maximize` as `negate`, same `grad_scale`): column 0 is max|x|,
 //   column 1 sum(x), column 2 sum(x^2). Gravity reads column 0, GradientEquilibrium column 1.
@@ -23,9 +32,10 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(fused_optim, m) {
-  // Per-tensor [max|x|, sum(x), sum(x^2)] of x = (negate ? -t : t) / grad_scale (+ alpha * addend),
-  // for every t in `tensors` (a non-empty list: the dispatcher picks the kernel from it), in one pass: an [n, 3] tensor on their device, float32 (float64 for
-  // float64 input). An empty tensor gives [0, 0, 0]. `addends` (same shapes, e.g. the params) is
+  // Per-tensor [max|x|, sum(x), sum(x^2)] of x = (negate ? -u : u) (+ alpha * addend), for every t in
+  // `tensors` (a non-empty list: the dispatcher picks the kernel from it), in one pass; u = t, or with
+  // grad_scale the unscaled grad the update ops write back (t / grad_scale rounded to t's dtype; t itself
+  // is only read here). An [n, 3] tensor on their device, float32 (float64 for float64 input). An empty tensor gives [0, 0, 0]. `addends` (same shapes, e.g. the params) is
   // how GradientEquilibrium's L2 term g + wd*p enters the mean; the combination is fma(a, alpha, x),
   // the rounding of torch's add(alpha=).
   m.def("multi_tensor_stats(Tensor[] tensors, Tensor[]? addends=None, float alpha=0., bool negate=False, "
@@ -33,26 +43,36 @@ TORCH_LIBRARY(fused_optim, m) {
 
   // Gravity (SPEC §1): per tensor m = 1/stats[i,0]; zeta = g / (1 + (g/m)^2);
   // v = beta_hat*v + (1-beta_hat)*zeta; p -= lr*v.
-  m.def("gravity_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] vs, Tensor stats, float lr, "
-        "float beta_hat, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Device scalars: lr_tensor, beta_hat_tensor.
+  m.def("gravity_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] vs, Tensor stats, float lr, "
+        "float beta_hat, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+        "Tensor? lr_tensor=None, Tensor? beta_hat_tensor=None) -> ()");
 
   // Lion (SPEC §2): p *= 1-lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
-  m.def("lion_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, float lr, float beta1, "
-        "float beta2, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // Device scalar: lr_tensor.
+  m.def("lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, float lr, float beta1, "
+        "float beta2, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+        "Tensor? lr_tensor=None) -> ()");
 
   // Adan (SPEC §3), sail-sg op order. `clip` is the global clip factor as a 1-element float32
   // tensor on the kernels' device (read there, no host sync), or None for no clipping.
-  // neg_pre_grads holds -clip*g of the previous step and is rewritten with this step's.
-  m.def("adan_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] neg_pre_grads, float lr, float beta1, float beta2, "
+  // neg_pre_grads holds -clip*g of the previous step and is rewritten with this step's. Device scalars:
+  // lr_tensor; the three bias corrections (all or none); first_step (!= 0: the group's first step, the
+  // kernel sets neg_pre_grad = -clip*g before computing the difference, which is then exactly 0).
+  m.def("adan_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+        "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, float lr, float beta1, float beta2, "
         "float beta3, float bias_correction1, float bias_correction2, float bias_correction3_sqrt, "
         "float eps, float weight_decay, bool no_prox, Tensor? clip, bool maximize, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None, "
+        "Tensor? bias_correction1_tensor=None, Tensor? bias_correction2_tensor=None, "
+        "Tensor? bias_correction3_sqrt_tensor=None, Tensor? first_step=None) -> ()");
 
   // GradientEquilibrium (SPEC §4): x = g (+ wd*p); p -= lr*(x - mean(x)), mean = stats[i,1]/numel
-  // with stats = multi_tensor_stats(grads, params if wd else None, wd, maximize, grad_scale).
-  m.def("gradient_equilibrium_(Tensor(a!)[] params, Tensor[] grads, Tensor stats, float lr, "
-        "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // with stats = multi_tensor_stats(grads, params if wd else None, wd, maximize, grad_scale). Device
+  // scalar: lr_tensor.
+  m.def("gradient_equilibrium_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor stats, float lr, "
+        "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+        "Tensor? lr_tensor=None) -> ()");
 
   // ---- composites (issue #6): the fused parts of Lookahead, SAM, Muon and NeuroOptima ----
 

@@ -141,8 +141,8 @@ inline void check_stats(const char* op, const at::Tensor& stats, int64_t rows, c
   TORCH_CHECK(stats.device() == device || rows == 0, op, ": stats is on ", stats.device(), ", expected ", device);
 }
 
-// Optional 1-element AMP tensors / clip factor: on the kernels' device (CUDA kernels read them
-// there, no host sync) or on the CPU for CPU kernels.
+// Optional 1-element tensors (AMP's grad_scale / found_inf, the clip factor, device scalars): float32, on
+// the kernels' device (CUDA kernels read them there, no host sync) or on the CPU for CPU kernels.
 inline void check_scalar_tensor(const char* op, const char* name, const c10::optional<at::Tensor>& t,
                                 const at::Device& device) {
   if (!t.has_value()) {
@@ -151,6 +151,16 @@ inline void check_scalar_tensor(const char* op, const char* name, const c10::opt
   TORCH_CHECK(t->numel() == 1, op, ": ", name, " must have one element, got ", t->numel());
   TORCH_CHECK(t->scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t->scalar_type());
   TORCH_CHECK(t->device() == device, op, ": ", name, " is on ", t->device(), ", expected ", device);
+}
+
+// Adan's three bias-correction tensors (capturable): all three or none; returns whether they are given.
+inline bool check_adan_bias_corrections(const char* op, const c10::optional<at::Tensor>& bc1,
+                                        const c10::optional<at::Tensor>& bc2,
+                                        const c10::optional<at::Tensor>& bc3_sqrt) {
+  const int given = int(bc1.has_value()) + int(bc2.has_value()) + int(bc3_sqrt.has_value());
+  TORCH_CHECK(given == 0 || given == 3, op, ": pass the three bias-correction tensors together, or none (got ",
+              given, ")");
+  return given == 3;
 }
 
 }  // namespace fused_optim

@@ -5,14 +5,25 @@ fused parts, `_forloop_lookahead_sync`, `_forloop_sam_*`, and the two halves of 
 Newton–Schulz that `muon._fused_muon` calls) and calls one op
 (two for the optimizers with a per-tensor reduction: `multi_tensor_stats`, then the update, which
 reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
-csrc/fused_optim.cpp. The extra keyword-only `grad_scale` / `found_inf` (1-element fp32 tensors on
-the params' device) are the AMP hooks: the kernels divide the grads by `grad_scale` and skip the
-whole update when `found_inf != 0`; `.grad` is never written.
+csrc/fused_optim.cpp.
+
+The four update launchers are AMP-aware (`fused_optim.optimizer.supports_amp`): with the keyword-only
+`grad_scale` (a 1-element fp32 tensor on the params' device) the kernels divide every grad by it,
+rounded to the grad's dtype exactly as torch's in-place unscale stores it, write that value back into
+the grads (non-contiguous ones included) and use it, the reductions included; with `found_inf != 0`
+they write nothing at all (params, state, grads), reading the flag on the device. They also take
+device scalars (``supports_tensor_lr``, ``supports_capturable``): ``lr``, Gravity's ``beta_hat`` and
+Adan's bias corrections may be 0-d tensors, and Adan takes ``first_step``; on CUDA the kernels read
+them from device memory (no host sync, so a step can be captured in a CUDA graph), on the CPU from the
+CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels do
+(`fused_optim.kernels.multi_tensor.scalar_args`).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from .optimizer import supports_amp  # optimizer.py imports nothing of this module: no import cycle
 
 __all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
            "_native_lookahead_sync", "_native_sam_norms", "_native_sam_perturb", "_native_sam_restore",
@@ -46,32 +57,66 @@ def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> T
     return out
 
 
-def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float, beta_hat: float,
-                    maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+def _device_scalar(x: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
+    """``(value, tensor)`` of a per-step scalar argument: a tensor the kernel reads (fp32, 1 element, on the
+    params' device; no copy when it already is), or None and the Python double. A CPU tensor for
+    accelerator params is read here instead (no sync), as `multi_tensor.scalar_args` does for Triton."""
+    if isinstance(x, Tensor):
+        if x.device.type != "cpu" or device.type == "cpu":
+            return 1.0, x.detach().to(device=device, dtype=torch.float32).reshape(())  # 1.0: never read
+        x = x.item()
+    return float(x), None
+
+
+@supports_amp
+def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
+                    beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> None:
     if not params:  # the dispatcher needs a tensor to pick the backend
         return
     ops = _ops()
+    device = params[0].device
+    lr, lr_t = _device_scalar(lr, device)
+    beta_hat, beta_hat_t = _device_scalar(beta_hat, device)
     with torch.no_grad():
+        # the reduction sees the unscaled grads the update then writes back (it only reads them)
         stats = _finish_sharded(ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale), params, 0, "max")
-        ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf)
+        ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf, lr_t, beta_hat_t)
 
 
-def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float, beta1: float,
-                 beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
+@supports_amp
+def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
+                 beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None) -> None:
     if not params:
         return
+    lr, lr_t = _device_scalar(lr, params[0].device)
     with torch.no_grad():
-        _ops().lion_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf)
+        _ops().lion_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf,
+                     lr_t)
 
 
+@supports_amp
 def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float, beta1: float, beta2: float,
-                 beta3: float, bias_correction1: float, bias_correction2: float, bias_correction3_sqrt: float,
-                 eps: float, weight_decay: float, no_prox: bool, clip: float | Tensor, maximize: bool,
-                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
+                 exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], *, lr: float | Tensor, beta1: float,
+                 beta2: float, beta3: float, bias_correction1: float | Tensor, bias_correction2: float | Tensor,
+                 bias_correction3_sqrt: float | Tensor, eps: float, weight_decay: float, no_prox: bool,
+                 clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None, first_step: Tensor | None = None) -> None:
+    """`first_step` (capturable): a 0-d tensor, nonzero at the group's first step, when the class leaves
+    ``neg_pre_grad = -clip·g`` to the kernel (it is then read on the device, like the bias corrections)."""
     if not params:
         return
+    if len({isinstance(b, Tensor) for b in (bias_correction1, bias_correction2, bias_correction3_sqrt)}) > 1:
+        raise TypeError("native Adan: pass the three bias corrections all as floats or all as 0-d tensors")
+    device = params[0].device
+    lr, lr_t = _device_scalar(lr, device)
+    bc1, bc1_t = _device_scalar(bias_correction1, device)
+    bc2, bc2_t = _device_scalar(bias_correction2, device)
+    bc3_sqrt, bc3_t = _device_scalar(bias_correction3_sqrt, device)
+    first_t = None if first_step is None else _device_scalar(first_step, device)[1]
+    if first_step is not None and first_t is None:  # a CPU flag for accelerator params, read on the host
+        first_t = torch.full((), float(first_step), dtype=torch.float32, device=device)
     if isinstance(clip, Tensor):
         clip_t = clip.reshape(1).to(device=params[0].device, dtype=torch.float32)  # no copy when it is already so
     elif clip == 1.0:
@@ -80,27 +125,34 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         clip_t = torch.full((1,), clip, dtype=torch.float32, device=params[0].device)
     with torch.no_grad():
         _ops().adan_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr, beta1, beta2, beta3,
-                         bias_correction1, bias_correction2, bias_correction3_sqrt, eps, weight_decay, no_prox,
-                         clip_t, maximize, grad_scale, found_inf)
+                     bc1, bc2, bc3_sqrt, eps, weight_decay, no_prox, clip_t, maximize, grad_scale, found_inf,
+                     lr_t, bc1_t, bc2_t, bc3_t, first_t)
 
 
-def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float, weight_decay: float,
-                                 maximize: bool, grad_scale: Tensor | None = None,
+@supports_amp
+def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, lr: float | Tensor,
+                                 weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
                                  found_inf: Tensor | None = None) -> None:
     if not params:
         return
     ops = _ops()
+    lr, lr_t = _device_scalar(lr, params[0].device)
     with torch.no_grad():
         # the mean is of g + wd*p (L2 decay), so the reduction sees the params as addends
         stats = ops.multi_tensor_stats(grads, params if weight_decay != 0 else None, weight_decay, maximize,
                                        grad_scale)
         stats = _finish_sharded(stats, params, 1, "sum")
-        ops.gradient_equilibrium_(params, grads, stats, lr, weight_decay, maximize, grad_scale, found_inf)
+        ops.gradient_equilibrium_(params, grads, stats, lr, weight_decay, maximize, grad_scale, found_inf, lr_t)
 
 
 # the per-tensor reductions are finished over FSDP2 shard groups (`_finish_sharded`)
 _native_gravity.shard_aware = True
 _native_gradient_equilibrium.shard_aware = True
+for _fn in (_native_gravity, _native_lion, _native_adan, _native_gradient_equilibrium):
+    # `lr` may be a 0-d tensor, read by the kernel (no .item(): FusedOptimizer._dispatch passes it as is)
+    _fn.supports_tensor_lr = True
+    # capturable (FusedOptimizer docstring): every per-step scalar may be a device tensor, read in the kernel
+    _fn.supports_capturable = True
 
 
 # ------------------------------------------------------------------ composites' fused parts (issue #6)

@@ -55,8 +55,8 @@ class Lion(FusedOptimizer):
         impl (str, optional): "forloop", "foreach", "triton", "native" or None for auto (SPEC §0).
         foreach, fused (bool, optional): torch-style spellings of ``impl``.
         capturable (bool): keep every per-step value on the device so a step can be captured in a CUDA
-            graph (``FusedOptimizer`` docstring, "Capturable"): on CUDA it needs ``impl="triton"``; pass
-            ``lr`` as a CUDA tensor to change it between replays (default: False).
+            graph (``FusedOptimizer`` docstring, "Capturable"): on CUDA it needs ``impl="triton"`` or
+            ``impl="native"``; pass ``lr`` as a CUDA tensor to change it between replays (default: False).
 
     State: ``exp_avg`` (zeros at a param's first step). No step counter.
     """

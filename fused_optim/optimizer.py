@@ -139,11 +139,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     Capturable (CUDA graphs): classes with ``_supports_capturable`` take ``capturable=True`` (torch's
     flag, kept as the optimizer attribute ``capturable`` rather than a param-group key: Dynamo sets every
     group's ``"capturable"`` to True while tracing torch optimizers, which must not switch our counters
-    to tensors inside ``torch.compile``). Then the group step counters in ``_group_counters`` are 0-d float32 tensors on the params'
-    device, advanced on the device (`_advance_counter`), and the per-step scalars derived from them
-    are computed there in fp32; impls marked ``fn.supports_capturable = True`` (the Triton kernels) read
-    them, and ``lr`` when it is a device tensor, from device memory, so a step issues no host sync and
-    can be captured in a CUDA graph and replayed. An AMP ``found_inf`` is then applied on the device
+    to tensors inside ``torch.compile``). Then the group step counters in ``_group_counters`` are 0-d
+    float32 tensors on the params' device, advanced on the device (`_advance_counter`), and the per-step
+    scalars derived from them are computed there in fp32; impls marked ``fn.supports_capturable = True``
+    (the Triton and native kernels) read them, and ``lr`` when it is a device tensor, from device memory,
+    so a step issues no host sync and can be captured in a CUDA graph and replayed. An AMP ``found_inf`` is then applied on the device
     too (the counters advance by ``found_inf == 0``). Other impls run with ``capturable=True`` on the
     CPU (reading a CPU counter is no sync) and refuse accelerator params with the fix in the message.
 
@@ -313,9 +313,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                              f"counter lives there), got {sorted(map(str, devices))}; split the group by device")
         device = next(iter(devices))
         if device.type != "cpu" and not getattr(self._runs(device, sharded), "supports_capturable", False):
-            raise RuntimeError(f"{self._display_name}: capturable=True on {device.type} needs impl='triton' (impl "
-                               f"{self.impl_for(device)!r} reads its step-dependent scalars on the host, a sync "
-                               "that a CUDA graph cannot capture); pass impl='triton' or capturable=False")
+            raise RuntimeError(f"{self._display_name}: capturable=True on {device.type} needs impl='triton' or "
+                               f"impl='native' (impl {self.impl_for(device)!r} reads its step-dependent scalars on "
+                               "the host, a sync that a CUDA graph cannot capture); pass impl='triton', "
+                               "impl='native' or capturable=False")
 
     def _runs(self, device: torch.device, sharded: bool) -> Callable[..., None]:
         """The impl function `_dispatch` calls on `device` (on DTensor shards it may fall back to foreach)."""

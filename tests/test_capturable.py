@@ -1,11 +1,11 @@
 """``capturable=True`` (issue #7; `FusedOptimizer` docstring, "Capturable"): step counters live on the device,
-the per-step scalars derived from them are computed there, the Triton kernels read them from device memory,
-an AMP skip is taken on the device, and a step can be captured in a CUDA graph.
+the per-step scalars derived from them are computed there, the Triton and native kernels read them from
+device memory, an AMP skip is taken on the device, and a step can be captured in a CUDA graph.
 
-On the CPU the Triton kernels run interpreted and read the same device-scalar arguments (CPU tensors), so
-every code path but the graph capture itself is checked here; the host-scalar impls (forloop, foreach,
-native) read the CPU counter on the host and must give the non-capturable bits exactly. The CUDA graph
-tests are marked ``gpu``.
+On the CPU the Triton kernels run interpreted and the native CPU kernels run as built, and both read the
+same device-scalar arguments (CPU tensors), so every code path but the graph capture itself is checked
+here; the host-scalar impls (forloop, foreach) read the CPU counter on the host and must give the
+non-capturable bits exactly. The CUDA graph tests are marked ``gpu``.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from spec_checks import ADVERSARIAL_SHAPES, make_params
 
 import fused_optim as fo
+from fused_optim._backends import impl_status
 
 _HAS_CUDA = torch.cuda.is_available()
 STEPS = 8
@@ -28,16 +29,24 @@ CASES = {
 }
 COUNTER = {fo.Gravity: "t", fo.Adan: "step"}
 EPS32 = torch.finfo(torch.float32).eps
+#: impls that read the per-step scalars as device tensors (``fn.supports_capturable``)
+DEVICE_SCALAR_IMPLS = ["triton", "native"]
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # available_impls: impl="triton" runs on CPU only so
+@pytest.fixture(params=DEVICE_SCALAR_IMPLS)
+def device_impl(request, monkeypatch):
+    """A device-scalar impl on the CPU: Triton interpreted, or the native CPU kernels."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")  # available_impls: impl="triton" runs on CPU only so
+    elif not impl_status("native", "cpu").available:
+        pytest.skip(impl_status("native", "cpu").reason)
+    return request.param
 
 
 def _impls_on_cpu() -> list[str]:
-    return [i for i, st in fo.available_impls("cpu").items() if st.available and i != "triton"]
+    """The host-scalar impls available here."""
+    return [i for i, st in fo.available_impls("cpu").items() if st.available and i not in DEVICE_SCALAR_IMPLS]
 
 
 def _grads(params, step):
@@ -85,22 +94,23 @@ def test_host_scalar_impls_are_exact_on_cpu(name):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_triton_device_scalars_match_reference(interpret, name):
-    """The interpreted Triton kernels with every step scalar read from a (CPU) tensor track the forloop
-    reference on params and state; Adan's first-step neg_pre_grad is taken in the kernel."""
+def test_device_scalars_match_reference(device_impl, name):
+    """The interpreted Triton kernels and the native CPU kernels, with every step scalar read from a (CPU)
+    tensor, track the forloop reference on params and state; Adan's first-step neg_pre_grad is taken in
+    the kernel."""
     ref, ref_opt = _run(name, "forloop", False)
-    ps, opt = _run(name, "triton", True)
+    ps, opt = _run(name, device_impl, True)
     _close(ps, ref, STEPS, f"{name} params")
     for i, (p, q) in enumerate(zip(ps, ref)):
         for key, value in ref_opt.state[q].items():
             _close([opt.state[p][key]], [value], STEPS, f"{name} param{i}.{key}")
 
 
-def test_adan_first_step_difference_is_exactly_zero_in_kernel(interpret):
+def test_adan_first_step_difference_is_exactly_zero_in_kernel(device_impl):
     """sail-sg: d = g_1 - g_0 with g_0 := g_1, so exp_avg_diff is exactly 0 after the first step; the
     capturable kernel gets that from step == 1 on the device, also after restart_opt()."""
     for restart in (None, 2):
-        ps, opt = _run("adan", "triton", True, steps=3 if restart else 1, restart_at=restart)
+        ps, opt = _run("adan", device_impl, True, steps=3 if restart else 1, restart_at=restart)
         if restart:
             assert opt.param_groups[0]["step"].item() == 1  # zeroed in place at step 2, advanced once
         for p in ps:
@@ -108,22 +118,23 @@ def test_adan_first_step_difference_is_exactly_zero_in_kernel(interpret):
                 # restart zeroes the moments; the step after it starts the difference again from 0
                 assert torch.count_nonzero(opt.state[p]["exp_avg_diff"]) == 0
     ref, _ = _run("adan", "forloop", False, steps=3, restart_at=2)
-    ps, _ = _run("adan", "triton", True, steps=3, restart_at=2)
+    ps, _ = _run("adan", device_impl, True, steps=3, restart_at=2)
     _close(ps, ref, 3, "adan after restart")
 
 
-def test_restart_keeps_the_counter_tensor(interpret):
-    _, opt = _run("adan", "triton", True, steps=2)
+def test_restart_keeps_the_counter_tensor(device_impl):
+    _, opt = _run("adan", device_impl, True, steps=2)
     counter = opt.param_groups[0]["step"]
     opt.restart_opt()
     assert opt.param_groups[0]["step"] is counter and counter.item() == 0  # a captured graph reads it
 
 
 @pytest.mark.parametrize("name", ["gravity", "adan", "lion"])
-def test_found_inf_skip_on_the_device_keeps_counters(interpret, name):
-    """With capturable=True the AMP skip is taken by the kernels (no host read of found_inf) and the
-    counters advance by found_inf == 0: a skipped step leaves params, state and counter as they were."""
-    params, opt = _run(name, "triton", True, steps=2)
+def test_found_inf_skip_on_the_device_keeps_counters(device_impl, name):
+    """With capturable=True the AMP skip is taken by the kernels (no host read of found_inf in Python; the
+    native CPU kernels read the CPU tensor themselves) and the counters advance by found_inf == 0: a
+    skipped step leaves params, state, grads and counter as they were."""
+    params, opt = _run(name, device_impl, True, steps=2)
     key = COUNTER.get(CASES[name][0])
     before = [p.detach().clone() for p in params]
     state_before = {k: v.clone() for p in params for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
@@ -139,11 +150,13 @@ def test_found_inf_skip_on_the_device_keeps_counters(interpret, name):
 
     for p, g in zip(params, _grads(params, 9)):
         p.grad = g * 1024
+    scaled = [p.grad.clone() for p in params]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(torch.Tensor, "item", item)
         opt.step(grad_scale=torch.tensor(1024.0), found_inf=found_inf)
     assert not reads, "found_inf was read on the host"
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, scaled)), "a skipped step wrote the grads"
     after = {k: v for p in params for k, v in opt.state[p].items() if isinstance(v, torch.Tensor)}
     assert all(torch.equal(after[k], v) for k, v in state_before.items())
     if key:
@@ -195,7 +208,7 @@ def test_capturable_refused_where_unsupported():
 
 
 # ------------------------------------------------------------------------------------------ GPU only
-def _cuda_case(name, impl="triton"):
+def _cuda_case(name, impl):
     cls, kw = CASES[name]
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda")) for s in [(257, 129), (3,), (4099,), (0,), (64,)]]
@@ -203,14 +216,22 @@ def _cuda_case(name, impl="triton"):
     return params, cls(params, impl=impl, capturable=True, **kw)
 
 
+def _need_cuda_impl(impl):
+    st = impl_status(impl, "cuda")
+    if not st.available:
+        pytest.skip(st.reason)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("impl", DEVICE_SCALAR_IMPLS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_cuda_graph_capture_and_replay(name):
+def test_cuda_graph_capture_and_replay(name, impl):
     """Warm up, capture one step, replay it: the same bits as the same steps run eagerly; an lr tensor
     changed in place between replays takes effect; counters advance on the device."""
-    params, opt = _cuda_case(name)
-    ref_params, ref = _cuda_case(name)
+    _need_cuda_impl(impl)
+    params, opt = _cuda_case(name, impl)
+    ref_params, ref = _cuda_case(name, impl)
     g = torch.Generator(device="cuda").manual_seed(0)
     grads = [torch.randn(p.shape, device="cuda", generator=g) for p in params]
     static = [torch.zeros_like(p) for p in params]
@@ -251,9 +272,11 @@ def test_cuda_graph_capture_and_replay(name):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")
+@pytest.mark.parametrize("impl", DEVICE_SCALAR_IMPLS)
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_capturable_step_has_no_host_sync(name):
-    params, opt = _cuda_case(name)
+def test_capturable_step_has_no_host_sync(name, impl):
+    _need_cuda_impl(impl)
+    params, opt = _cuda_case(name, impl)
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()

@@ -67,11 +67,12 @@ def test_opcheck(name, impl):
     torch.library.opcheck(op, (params, grads, *states, *rest), kwargs)
 
 
+@pytest.mark.parametrize("impl", ["triton", "native"])
 @pytest.mark.parametrize("name", sorted(OPCHECK_CASES))
-def test_opcheck_with_amp_arguments(name):
-    """The AMP-aware Triton launchers through the op: grad_scale unscales (and rewrites) the grads."""
-    _skip_unavailable("triton")
-    op, n_state, rest, kwargs = OPCHECK_CASES[name]("triton")
+def test_opcheck_with_amp_arguments(name, impl):
+    """The AMP-aware Triton and native launchers through the op: grad_scale unscales (and rewrites) the grads."""
+    _skip_unavailable(impl)
+    op, n_state, rest, kwargs = OPCHECK_CASES[name](impl)
     params, grads, states = _lists(n_state)
     kwargs = dict(kwargs, grad_scale=torch.tensor(4.0), found_inf=torch.tensor(0.0))
     torch.library.opcheck(op, (params, grads, *states, *rest), kwargs)

@@ -589,7 +589,8 @@ def test_lowp_vector_loop_is_bit_equal_to_scalar_loop(name, dtype, state_dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_stats_lowp_equal_fp32_upcast(dtype):
     """bf16/fp16 rows are widened into the fp32 loop's registers element for element, so their stats
-    are bit-equal to the stats of the fp32 upcast (plain, and with negate, addends, grad_scale)."""
+    are bit-equal to the stats of the fp32 upcast (plain, and with negate, addends); with grad_scale, to
+    those of the upcast of torch's unscaled grads (the unscale rounds to the grad's dtype first)."""
     ops = _ext.ops()
     g = torch.Generator().manual_seed(12)
     sizes = [0, 1, 63, 64, 65, 2000, 16385, 65537]
@@ -597,6 +598,8 @@ def test_stats_lowp_equal_fp32_upcast(dtype):
     ps = [torch.randn(n, generator=g).to(dtype) for n in sizes]
     up = lambda lst: [t.float() for t in lst]  # noqa: E731
     assert torch.equal(ops.multi_tensor_stats(ts), ops.multi_tensor_stats(up(ts)))
-    scale = torch.full((1,), 8.0)
-    assert torch.equal(ops.multi_tensor_stats(ts, ps, 0.25, True, scale),
-                       ops.multi_tensor_stats(up(ts), up(ps), 0.25, True, scale))
+    assert torch.equal(ops.multi_tensor_stats(ts, ps, 0.25, True), ops.multi_tensor_stats(up(ts), up(ps), 0.25, True))
+    for s in (8.0, 3.0):
+        scale = torch.full((1,), s)
+        assert torch.equal(ops.multi_tensor_stats(ts, ps, 0.25, True, scale),
+                           ops.multi_tensor_stats(up(torch._foreach_div(ts, scale.reshape(()))), up(ps), 0.25, True))

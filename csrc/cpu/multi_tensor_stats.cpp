@@ -31,14 +31,16 @@ struct Partial {
 };
 
 // One item. `a` is the addend row or nullptr. UNSCALE / ADDEND are template flags so the hot loop
-// has no branches; four independent accumulators per statistic keep the add/fma latency chains
+// has no branches; UNSCALE reduces the value the update ops write back, t / scale rounded to P
+// (math::amp_unscale: torch's in-place unscale); four independent accumulators per statistic keep the add/fma latency chains
 // from bounding the loop below memory speed (measured: one chain ran at 6 GB/s on one core).
 template <typename P, bool UNSCALE, bool ADDEND>
 Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t<P> sign, opmath_t<P> scale,
                     opmath_t<P> alpha) {
   using M = opmath_t<P>;
   auto value = [&](M x, M y) {
-    x = math::prepare_grad(x, sign, UNSCALE, scale);
+    if (UNSCALE) x = math::amp_unscale<P>(x, scale);
+    x = x * sign;
     return ADDEND ? math::fo_fma(y, alpha, x) : x;
   };
   M amax = 0;
@@ -62,12 +64,16 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
         V xs[kU], as[kU];  // xs[u] = elements [i + u*size, i + (u+1)*size), in registers of M
         for (int u = 0; u < kU; u += 2) {
           load2<M>(t + i + u * V::size(), xs[u], xs[u + 1]);
+          if (UNSCALE) {
+            xs[u] = xs[u] / vscale;
+            xs[u + 1] = xs[u + 1] / vscale;
+            round_through<P>(xs[u], xs[u + 1]);  // bf16/fp16: the rounded value the update writes back
+          }
           if (ADDEND) load2<M>(a + i + u * V::size(), as[u], as[u + 1]);
         }
 #pragma GCC unroll 4
         for (int u = 0; u < kU; ++u) {
           V x = xs[u] * vsign;
-          if (UNSCALE) x = x / vscale;
           if (ADDEND) x = math::fo_fma(as[u], valpha, x);
           const V ax = x.abs();
           vmax[u] = V::blendv(vmax[u], ax, ax > vmax[u]);  // NaN never wins here: see vec_sumsq below

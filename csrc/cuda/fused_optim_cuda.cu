@@ -29,78 +29,147 @@ namespace fused_optim {
 namespace cuda {
 namespace {
 
-// Per-row values an update reads once: the AMP scale and one optimizer-specific scalar
-// (Gravity's m, GradientEquilibrium's mean, Adan's clip).
-template <typename M>
-struct RowCtx {
-  M scale;
-  M aux;
-};
-
 template <typename M>
 __device__ inline M read_scale(const float* grad_scale) {
   return grad_scale != nullptr ? static_cast<M>(*grad_scale) : M(1);
 }
 
-// ---- updates ---------------------------------------------------------------------------------
+// A runtime bool as a compile-time constant (the AMP unscale: whether the kernel writes the grads).
+template <typename F>
+void dispatch_bool(bool b, F&& f) {
+  if (b) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
 
-template <typename M>
+// ---- updates ---------------------------------------------------------------------------------
+//
+// Each Op reads its per-block values once in context(): the AMP scale, a per-row scalar (Gravity's m,
+// GradientEquilibrium's mean, Adan's clip) and its coefficients, whose device scalars (capturable: lr,
+// beta_hat, Adan's bias corrections and first step; nullptr when not given) are read from device
+// memory and the derived values computed in the math type by the setters of csrc/math/. With UNSCALE
+// the grad (list 1, storage type P) is replaced by g / grad_scale rounded to P (math::amp_unscale),
+// which the element loop stores back (kWrites bit 1): `.grad` ends unscaled, as torch leaves it.
+
+// Device scalars of an update op (nullptr: not given, the float arguments hold).
+struct DeviceScalars {
+  const float* lr = nullptr;
+  const float* beta_hat = nullptr;
+  const float* bc1 = nullptr;
+  const float* bc2 = nullptr;
+  const float* bc3_sqrt = nullptr;
+  const float* first_step = nullptr;
+};
+
+// The grad as the update uses it; v is list 1's element, rewritten with the unscaled value under AMP.
+template <typename P, bool UNSCALE, typename M>
+__device__ inline M use_grad(M& v, M scale, M sign) {
+  if constexpr (UNSCALE) {
+    v = math::amp_unscale<P>(v, scale);
+  }
+  return v * sign;
+}
+
+constexpr unsigned grad_bit(bool unscale) { return unscale ? 0b10u : 0u; }
+
+template <typename P, typename M, bool UNSCALE>
 struct LionOp {
-  static constexpr unsigned kWrites = 0b101;  // params, exp_avgs
+  static constexpr unsigned kWrites = 0b101u | grad_bit(UNSCALE);  // params, exp_avgs (+ grads)
   math::LionCoeffs<M> c;
   M sign;
-  bool unscale;
-  __device__ RowCtx<M> context(const TensorRow<3>&, const float* grad_scale) const {
-    return {read_scale<M>(grad_scale), M(0)};
+  const float* grad_scale;
+  DeviceScalars dev;
+  struct Ctx {
+    M scale;
+    math::LionCoeffs<M> c;
+  };
+  __device__ Ctx context(const TensorRow<3>&) const {
+    Ctx x{read_scale<M>(grad_scale), c};
+    if (dev.lr != nullptr) x.c.set_lr(static_cast<M>(*dev.lr));
+    return x;
   }
-  __device__ void operator()(M (&v)[3], const RowCtx<M>& x) const {
-    math::lion_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], c);
+  __device__ void operator()(M (&v)[3], const Ctx& x) const {
+    math::lion_update(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), v[2], x.c);
   }
 };
 
-template <typename M>
+template <typename P, typename M, bool UNSCALE>
 struct GravityOp {
-  static constexpr unsigned kWrites = 0b101;  // params, vs
+  static constexpr unsigned kWrites = 0b101u | grad_bit(UNSCALE);  // params, vs (+ grads)
   math::GravityCoeffs<M> c;
   M sign;
-  bool unscale;
+  const float* grad_scale;
+  DeviceScalars dev;
   const M* stats;
-  __device__ RowCtx<M> context(const TensorRow<3>& row, const float* grad_scale) const {
-    return {read_scale<M>(grad_scale), math::gravity_m(stats[row.row * 3])};
+  struct Ctx {
+    M scale;
+    M m;
+    math::GravityCoeffs<M> c;
+  };
+  __device__ Ctx context(const TensorRow<3>& row) const {
+    Ctx x{read_scale<M>(grad_scale), math::gravity_m(stats[row.row * 3]), c};
+    if (dev.lr != nullptr) x.c.set_lr(static_cast<M>(*dev.lr));
+    if (dev.beta_hat != nullptr) x.c.set_beta_hat(static_cast<M>(*dev.beta_hat));
+    return x;
   }
-  __device__ void operator()(M (&v)[3], const RowCtx<M>& x) const {
-    math::gravity_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], x.aux, c);
+  __device__ void operator()(M (&v)[3], const Ctx& x) const {
+    math::gravity_update(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), v[2], x.m, x.c);
   }
 };
 
-template <typename M>
+template <typename P, typename M, bool UNSCALE>
 struct AdanOp {
-  static constexpr unsigned kWrites = 0b111101;  // all but the grads
+  static constexpr unsigned kWrites = 0b111101u | grad_bit(UNSCALE);  // all but the grads (+ grads)
   math::AdanCoeffs<M> c;
   M sign;
-  bool unscale;
+  const float* grad_scale;
+  DeviceScalars dev;
   const float* clip;
-  __device__ RowCtx<M> context(const TensorRow<6>&, const float* grad_scale) const {
-    return {read_scale<M>(grad_scale), clip != nullptr ? static_cast<M>(*clip) : M(1)};
+  struct Ctx {
+    M scale;
+    M clip;
+    bool first;
+    math::AdanCoeffs<M> c;
+  };
+  __device__ Ctx context(const TensorRow<6>&) const {
+    Ctx x{read_scale<M>(grad_scale), clip != nullptr ? static_cast<M>(*clip) : M(1),
+          dev.first_step != nullptr && *dev.first_step != 0.0f, c};
+    if (dev.lr != nullptr) x.c.set_lr(static_cast<M>(*dev.lr));
+    if (dev.bc1 != nullptr) {
+      x.c.set_bias_corrections(static_cast<M>(*dev.bc1), static_cast<M>(*dev.bc2), static_cast<M>(*dev.bc3_sqrt));
+    }
+    if (dev.lr != nullptr || dev.bc1 != nullptr) x.c.update_step_sizes();
+    return x;
   }
-  __device__ void operator()(M (&v)[6], const RowCtx<M>& x) const {
-    math::adan_update(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), v[2], v[3], v[4], v[5], x.aux, c);
+  __device__ void operator()(M (&v)[6], const Ctx& x) const {
+    math::adan_update(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), v[2], v[3], v[4], v[5], x.clip, x.c,
+                      x.first);
   }
 };
 
-template <typename M>
+template <typename P, typename M, bool UNSCALE>
 struct EquilibriumOp {
-  static constexpr unsigned kWrites = 0b1;  // params
+  static constexpr unsigned kWrites = 0b1u | grad_bit(UNSCALE);  // params (+ grads)
   math::EquilibriumCoeffs<M> c;
   M sign;
-  bool unscale;
+  const float* grad_scale;
+  DeviceScalars dev;
   const M* stats;
-  __device__ RowCtx<M> context(const TensorRow<2>& row, const float* grad_scale) const {
-    return {read_scale<M>(grad_scale), stats[row.row * 3 + 1] / static_cast<M>(row.numel)};
+  struct Ctx {
+    M scale;
+    M mean;
+    math::EquilibriumCoeffs<M> c;
+  };
+  __device__ Ctx context(const TensorRow<2>& row) const {
+    Ctx x{read_scale<M>(grad_scale), stats[row.row * 3 + 1] / static_cast<M>(row.numel), c};
+    if (dev.lr != nullptr) x.c.set_lr(static_cast<M>(*dev.lr));
+    return x;
   }
-  __device__ void operator()(M (&v)[2], const RowCtx<M>& x) const {
-    const M val = math::equilibrium_value(v[0], math::prepare_grad(v[1], sign, unscale, x.scale), c);
-    math::equilibrium_update(v[0], val, x.aux, c);
+  __device__ void operator()(M (&v)[2], const Ctx& x) const {
+    const M val = math::equilibrium_value(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), x.c);
+    math::equilibrium_update(v[0], val, x.mean, x.c);
   }
 };
 
@@ -108,9 +177,8 @@ struct EquilibriumOp {
 template <int D, typename P, typename S, typename M, typename Op>
 struct UpdateFunctor {
   Op op;
-  const float* grad_scale;
   __device__ void operator()(const TensorRow<D>& row, int64_t, int64_t begin, int64_t end) const {
-    elementwise<D, 2, P, S, M>(row, begin, end, op, op.context(row, grad_scale));
+    elementwise<D, 2, P, S, M>(row, begin, end, op, op.context(row));
   }
 };
 
@@ -118,11 +186,15 @@ const float* opt_ptr(const c10::optional<at::Tensor>& t) {
   return t.has_value() ? t->data_ptr<float>() : nullptr;
 }
 
-// The host side every update op shares: device guard, list checks, the table, one launch.
-template <int D, template <typename> class OpT, typename MakeOp>
-void launch_update(const char* op_name, const std::vector<at::TensorList>& lists, const std::vector<bool>& mutated,
+// The host side every update op shares: device guard, list checks, the table, one launch. make_op(P, S,
+// UNSCALE) returns the Op (the type tags and std::bool_constant as arguments). The grads are a mutated
+// list under AMP (non-contiguous ones are copied back by pl.finish()).
+template <int D, typename MakeOp>
+void launch_update(const char* op_name, const std::vector<at::TensorList>& lists, std::vector<bool> mutated,
                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                   const std::vector<std::pair<const char*, const c10::optional<at::Tensor>*>>& scalars,
                    const MakeOp& make_op) {
+  mutated[1] = grad_scale.has_value();
   PreparedLists pl = prepare_lists(op_name, lists, mutated);
   if (pl.rows() == 0) {
     return;
@@ -132,6 +204,9 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
   TORCH_CHECK(device.is_cuda(), op_name, ": CUDA kernel called with tensors on ", device);
   check_scalar_tensor(op_name, "grad_scale", grad_scale, device);
   check_scalar_tensor(op_name, "found_inf", found_inf, device);
+  for (const auto& [name, t] : scalars) {
+    check_scalar_tensor(op_name, name, *t, device);
+  }
   c10::cuda::CUDAGuard guard(device);
   const LaunchTable<D> table = make_table<D>(pl);
   const auto sdt = D > 2 ? pl.lists[2][0].scalar_type() : pl.lists[0][0].scalar_type();
@@ -139,8 +214,11 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
     using P = typename decltype(pt)::type;
     using S = typename decltype(st)::type;
     using M = opmath_t<P>;
-    UpdateFunctor<D, P, S, M, OpT<M>> f{make_op(M{}), opt_ptr(grad_scale)};
-    multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
+    dispatch_bool(grad_scale.has_value(), [&](auto unscale) {
+      auto op = make_op(pt, st, unscale);
+      UpdateFunctor<D, P, S, M, decltype(op)> f{op};
+      multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
+    });
   });
   pl.finish();
 }
@@ -155,55 +233,89 @@ const M* stats_ptr(const char* op, const at::Tensor& stats, int64_t rows, const 
 
 void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
                double beta2, double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf) {
-  launch_update<3, LionOp>("fused_optim::lion_", {params, grads, exp_avgs}, {true, false, true}, grad_scale,
-                           found_inf, [&](auto m) {
-                             using M = decltype(m);
-                             return LionOp<M>{math::LionCoeffs<M>(lr, beta1, beta2, weight_decay),
-                                              maximize ? M(-1) : M(1), grad_scale.has_value()};
-                           });
+               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor) {
+  DeviceScalars dev;
+  launch_update<3>("fused_optim::lion_", {params, grads, exp_avgs}, {true, false, true}, grad_scale, found_inf,
+                   {{"lr_tensor", &lr_tensor}}, [&](auto pt, auto, auto unscale) {
+                     using P = typename decltype(pt)::type;
+                     using M = opmath_t<P>;
+                     dev.lr = opt_ptr(lr_tensor);
+                     return LionOp<P, M, decltype(unscale)::value>{
+                         math::LionCoeffs<M>(lr, beta1, beta2, weight_decay), maximize ? M(-1) : M(1),
+                         opt_ptr(grad_scale), dev};
+                   });
 }
 
 void gravity_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
                   double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf) {
+                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
+                  const c10::optional<at::Tensor>& beta_hat_tensor) {
   const char* op = "fused_optim::gravity_";
-  launch_update<3, GravityOp>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf, [&](auto m) {
-    using M = decltype(m);
-    return GravityOp<M>{math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), grad_scale.has_value(),
-                        stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
-  });
+  DeviceScalars dev;
+  launch_update<3>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf,
+                   {{"lr_tensor", &lr_tensor}, {"beta_hat_tensor", &beta_hat_tensor}},
+                   [&](auto pt, auto, auto unscale) {
+                     using P = typename decltype(pt)::type;
+                     using M = opmath_t<P>;
+                     dev.lr = opt_ptr(lr_tensor);
+                     dev.beta_hat = opt_ptr(beta_hat_tensor);
+                     return GravityOp<P, M, decltype(unscale)::value>{
+                         math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), opt_ptr(grad_scale), dev,
+                         stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
+                   });
 }
 
 void adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
                double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
                double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
-               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf) {
+               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+               const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& bias_correction1_tensor,
+               const c10::optional<at::Tensor>& bias_correction2_tensor,
+               const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
+               const c10::optional<at::Tensor>& first_step) {
   const char* op = "fused_optim::adan_";
-  if (!params.empty()) {
-    check_scalar_tensor(op, "clip", clip, params[0].device());
-  }
-  launch_update<6, AdanOp>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads},
-                           {true, false, true, true, true, true}, grad_scale, found_inf, [&](auto m) {
-                             using M = decltype(m);
-                             return AdanOp<M>{math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1,
-                                                                  bias_correction2, bias_correction3_sqrt, eps,
-                                                                  weight_decay, no_prox),
-                                              maximize ? M(-1) : M(1), grad_scale.has_value(), opt_ptr(clip)};
-                           });
+  check_adan_bias_corrections(op, bias_correction1_tensor, bias_correction2_tensor, bias_correction3_sqrt_tensor);
+  DeviceScalars dev;
+  launch_update<6>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads},
+                   {true, false, true, true, true, true}, grad_scale, found_inf,
+                   {{"clip", &clip},
+                    {"lr_tensor", &lr_tensor},
+                    {"bias_correction1_tensor", &bias_correction1_tensor},
+                    {"bias_correction2_tensor", &bias_correction2_tensor},
+                    {"bias_correction3_sqrt_tensor", &bias_correction3_sqrt_tensor},
+                    {"first_step", &first_step}},
+                   [&](auto pt, auto, auto unscale) {
+                     using P = typename decltype(pt)::type;
+                     using M = opmath_t<P>;
+                     dev.lr = opt_ptr(lr_tensor);
+                     dev.bc1 = opt_ptr(bias_correction1_tensor);
+                     dev.bc2 = opt_ptr(bias_correction2_tensor);
+                     dev.bc3_sqrt = opt_ptr(bias_correction3_sqrt_tensor);
+                     dev.first_step = opt_ptr(first_step);
+                     return AdanOp<P, M, decltype(unscale)::value>{
+                         math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1, bias_correction2,
+                                             bias_correction3_sqrt, eps, weight_decay, no_prox),
+                         maximize ? M(-1) : M(1), opt_ptr(grad_scale), dev, opt_ptr(clip)};
+                   });
 }
 
 void gradient_equilibrium_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
                                double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                               const c10::optional<at::Tensor>& found_inf) {
+                               const c10::optional<at::Tensor>& found_inf,
+                               const c10::optional<at::Tensor>& lr_tensor) {
   const char* op = "fused_optim::gradient_equilibrium_";
-  launch_update<2, EquilibriumOp>(op, {params, grads}, {true, false}, grad_scale, found_inf, [&](auto m) {
-    using M = decltype(m);
-    return EquilibriumOp<M>{math::EquilibriumCoeffs<M>(lr, weight_decay), maximize ? M(-1) : M(1),
-                            grad_scale.has_value(),
-                            stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
-  });
+  DeviceScalars dev;
+  launch_update<2>(op, {params, grads}, {true, false}, grad_scale, found_inf, {{"lr_tensor", &lr_tensor}},
+                   [&](auto pt, auto, auto unscale) {
+                     using P = typename decltype(pt)::type;
+                     using M = opmath_t<P>;
+                     dev.lr = opt_ptr(lr_tensor);
+                     return EquilibriumOp<P, M, decltype(unscale)::value>{
+                         math::EquilibriumCoeffs<M>(lr, weight_decay), maximize ? M(-1) : M(1),
+                         opt_ptr(grad_scale), dev,
+                         stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
+                   });
 }
 
 // ---- multi_tensor_stats ----------------------------------------------------------------------
@@ -247,8 +359,9 @@ struct StatsFunctor {
   M alpha;
   const float* grad_scale;
 
+  // t unscaled as the update ops write it back (rounded to P), then the sign
   __device__ void accumulate(M t, M a, M scale, M& amax, M& sum, M& sq) const {
-    M x = math::prepare_grad(t, sign, grad_scale != nullptr, scale);
+    M x = (grad_scale != nullptr ? math::amp_unscale<P>(t, scale) : t) * sign;
     if (has_addend) {
       x = math::fo_fma(a, alpha, x);
     }

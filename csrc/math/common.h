@@ -52,8 +52,17 @@ C10_HOST_DEVICE inline T fo_max_nan(T a, T b) {
   return (a != a || a > b) ? a : b;
 }
 
-// The gradient an update sees: the maximize sign (exact) and the AMP unscale (grad / grad_scale,
-// as torch's fused Adam does) applied before anything else.
+// AMP: grad / grad_scale as torch's in-place unscale (`torch._foreach_div_(grads, scale)`) stores it: an
+// IEEE division in the math type M (fp32; fp64 for fp64 grads), rounded to the grad's storage type P.
+// The update ops write this value back into the grad, and every use of the grad (the update, the
+// multi_tensor_stats reduction) sees it, so in-kernel and separate unscaling give the same bits.
+template <typename P, typename M>
+C10_HOST_DEVICE inline M amp_unscale(M g, M grad_scale) {
+  return static_cast<M>(static_cast<P>(g / grad_scale));
+}
+
+// The gradient an update sees: the maximize sign (exact) and an unscale without rounding to the
+// storage type (the composites' ops pass unscale = false; the update ops use amp_unscale).
 template <typename T, typename M>
 C10_HOST_DEVICE inline T prepare_grad(T g, M grad_sign, bool unscale, M grad_scale) {
   g = g * T(grad_sign);

@@ -13,6 +13,7 @@ struct EquilibriumCoeffs {
   bool decay;  // weight_decay != 0: the reference skips the add entirely then
   EquilibriumCoeffs(double lr_, double weight_decay_)
       : lr(static_cast<M>(lr_)), weight_decay(static_cast<M>(weight_decay_)), decay(weight_decay_ != 0.0) {}
+  C10_HOST_DEVICE void set_lr(M lr_) { lr = lr_; }  // lr read from a tensor (capturable / scheduled)
 };
 
 // The value whose per-tensor mean the update subtracts: g (+ wd*p, L2 decay as g.add(p, alpha=wd)).

@@ -14,6 +14,13 @@ struct GravityCoeffs {
   GravityCoeffs(double lr_, double beta_hat_)
       : lr(static_cast<M>(lr_)), beta_hat(static_cast<M>(beta_hat_)),
         one_minus_beta_hat(static_cast<M>(1.0 - beta_hat_)) {}
+  // values read from tensors (capturable): 1 - beta_hat in the math type, as the Triton kernel
+  // computes it with BETA_HAT_TENSOR
+  C10_HOST_DEVICE void set_lr(M lr_) { lr = lr_; }
+  C10_HOST_DEVICE void set_beta_hat(M beta_hat_) {
+    beta_hat = beta_hat_;
+    one_minus_beta_hat = M(1) - beta_hat_;
+  }
 };
 
 // m = 1 / max|g| of the tensor, computed once per tensor from the reduction buffer.

@@ -16,10 +16,18 @@ struct LionCoeffs {
   M one_minus_beta1;  // 1 - beta1
   M beta2;
   M one_minus_beta2;  // 1 - beta2
-  LionCoeffs(double lr, double beta1_, double beta2_, double weight_decay)
-      : decay(static_cast<M>(1.0 - lr * weight_decay)), neg_lr(static_cast<M>(-lr)),
+  M weight_decay;     // for set_lr
+  LionCoeffs(double lr, double beta1_, double beta2_, double weight_decay_)
+      : decay(static_cast<M>(1.0 - lr * weight_decay_)), neg_lr(static_cast<M>(-lr)),
         beta1(static_cast<M>(beta1_)), one_minus_beta1(static_cast<M>(1.0 - beta1_)),
-        beta2(static_cast<M>(beta2_)), one_minus_beta2(static_cast<M>(1.0 - beta2_)) {}
+        beta2(static_cast<M>(beta2_)), one_minus_beta2(static_cast<M>(1.0 - beta2_)),
+        weight_decay(static_cast<M>(weight_decay_)) {}
+  // lr read from a tensor (capturable / scheduled): the decay in the math type, as the Triton kernel
+  // computes it with LR_TENSOR (the float path rounds the double 1 - lr*wd once instead)
+  C10_HOST_DEVICE void set_lr(M lr) {
+    decay = M(1) - lr * weight_decay;
+    neg_lr = -lr;
+  }
 };
 
 template <typename T, typename M>
