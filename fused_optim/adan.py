@@ -117,12 +117,13 @@ class Adan(FusedOptimizer):
     def _reads_grads_before_dispatch(self) -> bool:
         # Under AMP these reads must see unscaled grads: the global clip norm, and a param's first step,
         # which initialises neg_pre_grad = -clip*g from its grad (`_adan_group`).
+        # Capturable: the group's own first step (step == 1, only known on the device) is taken in the
+        # kernel from the unscaled grad; a param seen for the first time is still initialised here (a
+        # late param joins at step > 1), so that step reads its grads — a warm-up step, never a captured one.
         if self.defaults["max_grad_norm"] > 0:
             return True
-        if self.capturable:
-            return False  # a first-step neg_pre_grad is set in the kernel, from the unscaled grad
         for group in self.param_groups:
-            if group.get("step", 0) == 0:
+            if group.get("step", 0) == 0 and not self.capturable:
                 return True
             for p in group["params"]:
                 if p.grad is not None and "neg_pre_grad" not in self.state.get(p, ()):
@@ -210,10 +211,8 @@ class Adan(FusedOptimizer):
                 state["exp_avg"] = self._zeros_state(p)
                 state["exp_avg_sq"] = self._zeros_state(p)
                 state["exp_avg_diff"] = self._zeros_state(p)
-            if device_scalars:
-                if "neg_pre_grad" not in state:  # the kernel sets -clip*g where step == 1 (read on the device)
-                    state["neg_pre_grad"] = self._zeros_state(p)
-            elif "neg_pre_grad" not in state or step == 1:
+            if "neg_pre_grad" not in state or (not device_scalars and step == 1):
+                # (capturable: the kernel also sets it where the group's step is 1, read on the device)
                 # -clip*g (of the maximized g): the first difference is then exactly 0
                 sign_g = g if group["maximize"] else -g
                 state["neg_pre_grad"] = sign_g.to(self._state_dtype(p)) * clip

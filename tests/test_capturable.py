@@ -122,6 +122,24 @@ def test_adan_first_step_difference_is_exactly_zero_in_kernel(device_impl):
     _close(ps, ref, 3, "adan after restart")
 
 
+def test_adan_late_param_starts_its_difference_at_zero(device_impl):
+    """A param whose first grad arrives after the group's first step starts from neg_pre_grad = -clip*g
+    like upstream (its first difference is 0), with the counter on the device as well."""
+    runs = {}
+    for name, (i, cap) in {"ref": ("forloop", False), "cap": (device_impl, True)}.items():
+        torch.manual_seed(0)
+        params = make_params(0, shapes=[(7,), (13, 17)])
+        opt = fo.Adan(params, impl=i, capturable=cap, lr=1e-2, weight_decay=0.02)
+        for step in range(1, 6):
+            for k, (p, g) in enumerate(zip(params, _grads(params, step))):
+                p.grad = None if (k == 1 and step < 3) else g  # param 1 joins at step 3
+            opt.step()
+            if step == 3:
+                assert torch.count_nonzero(opt.state[params[1]]["exp_avg_diff"]) == 0
+        runs[name] = params
+    _close(runs["cap"], runs["ref"], 5, "late param")
+
+
 def test_restart_keeps_the_counter_tensor(device_impl):
     _, opt = _run("adan", device_impl, True, steps=2)
     counter = opt.param_groups[0]["step"]
