@@ -240,8 +240,9 @@ def test_stats_see_the_rounded_unscaled_grad(dtype, device):
 @pytest.mark.parametrize("name", ["gravity", "lion", "adan", "equilibrium"])
 def test_class_unscales_in_the_kernel(name, monkeypatch):
     """FusedOptimizer hands grad_scale to the AMP-aware native impl: no separate foreach unscale pass, and
-    `.grad` ends unscaled with torch's bits (Adan with max_grad_norm > 0 still unscales first: its clip
-    norm reads the grads before the kernel, documented)."""
+    `.grad` ends unscaled with torch's bits (Adan still unscales first where it reads grads before the
+    kernel, documented: with max_grad_norm > 0, and at a param's first step, whose neg_pre_grad = -clip*g
+    comes from its grad)."""
     make = {"gravity": lambda ps: fo.Gravity(ps, lr=0.05, impl="native"),
             "lion": lambda ps: fo.Lion(ps, lr=1e-3, weight_decay=0.1, impl="native"),
             "adan": lambda ps: fo.Adan(ps, lr=1e-2, weight_decay=0.02, impl="native", capturable=True),
@@ -263,7 +264,8 @@ def test_class_unscales_in_the_kernel(name, monkeypatch):
             q.grad = torch._foreach_div([g.clone()], torch.tensor(3.0))[0]  # torch's unscale, by hand
         calls.clear()
         opt.step(grad_scale=torch.tensor(3.0), found_inf=torch.tensor(0.0))
-        assert not calls, "the base class unscaled the grads for an AMP-aware impl"
+        if not (name == "adan" and step == 1):
+            assert not calls, "the base class unscaled the grads for an AMP-aware impl"
         ref.step()
         for p, q in zip(params, ref_params):
             assert torch.equal(p.grad, q.grad) and torch.equal(p, q)
