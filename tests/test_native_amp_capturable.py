@@ -20,6 +20,7 @@ import math
 
 import pytest
 import torch
+from test_native import _built, _need  # noqa: F401 - _built: the module's autouse "extension built" check
 
 import fused_optim as fo
 from fused_optim import _ext
@@ -39,19 +40,6 @@ STRIDED = [(5, 7), (6, 4)]  # non-contiguous views (every other column of a NaN 
 SCALES = [2.0 ** 16, 3.0]
 STEPS = 7
 B1, B2, B3 = 0.98, 0.92, 0.99
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _built():
-    st = _ext.status("cpu")
-    assert st.available, f"the native extension did not build: {st.reason}"
-
-
-def _need(device):
-    if device == "cuda":
-        st = _ext.status("cuda")
-        if not st.available:
-            pytest.skip(st.reason)
 
 
 class Place:
