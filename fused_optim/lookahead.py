@@ -14,19 +14,17 @@ fp32 element), against 40 B for the three foreach passes.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import distributed as _dist
 from ._backends import auto_impl, impl_status
 from ._foreach import mul_operand
 from ._native import _native_lookahead_sync
 from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
-from .optimizer import FusedOptimizer, _check_range
+from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
 
 __all__ = ["Lookahead"]
 
@@ -54,13 +52,6 @@ _sync_impls: dict[str, Callable[..., None]] = {
     "triton": _triton_lookahead_sync,
     "native": _native_lookahead_sync,
 }
-
-
-def _split(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        splits[(t.device, t.dtype)].append(i)
-    return splits
 
 
 def _impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict, requested: str | None) -> str:
@@ -95,15 +86,11 @@ def _impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict
 def lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float,
                    impl_for: Callable[[torch.device], str]) -> None:
     """Run the sync once per (device, dtype) split of `params` (`slows` match `params` one to one)."""
-    for (device, _), idx in _split(params).items():
+    for (device, dtype), idx in split_by_device_dtype(params).items():
         impl = impl_for(device)
         fn = _sync_impls.get(impl, _foreach_lookahead_sync)
         # DTensor (FSDP2) params: an elementwise update of the local shards is the whole update
-        fn([_real(_dist.local(params[i])) for i in idx], [_real(_dist.local(slows[i])) for i in idx], alpha=alpha)
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
+        fn(impl_views(params, idx, dtype), impl_views(slows, idx, dtype), alpha=alpha)
 
 
 class _WrappedOptimizer(torch.optim.Optimizer):

@@ -272,25 +272,31 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         """Params with a grad and their grads; raises before anything changes."""
         params, grads = [], []
+        strided = torch.strided
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
-            if g.is_sparse or g.layout != torch.strided:
-                raise RuntimeError(f"{self._display_name} does not support sparse gradients; "
-                                   "use a dense gradient (e.g. nn.Embedding(sparse=False))")
-            if g.shape != p.shape:
-                raise RuntimeError(f"{self._display_name}: a gradient of shape {tuple(g.shape)} does not match "
-                                   f"its parameter of shape {tuple(p.shape)}")
-            if g.dtype != p.dtype or g.device != p.device:
-                raise RuntimeError(f"{self._display_name}: a gradient ({g.dtype}, {g.device}) does not match "
-                                   f"its parameter ({p.dtype}, {p.device}); grads must have the param's "
-                                   "dtype and device")
+            # one cheap test per grad (this runs every step); layouts and dtypes are singletons
+            if g.layout is not strided or g.dtype is not p.dtype or g.shape != p.shape or g.device != p.device:
+                self._refuse_grad(p, g)
             params.append(p)
             grads.append(g)
         if params:
             self._check_group(group, params)
         return params, grads
+
+    def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
+        """Raise the error that names what is wrong with a param's grad (`_collect`)."""
+        if g.is_sparse or g.layout != torch.strided:
+            raise RuntimeError(f"{self._display_name} does not support sparse gradients; "
+                               "use a dense gradient (e.g. nn.Embedding(sparse=False))")
+        if g.shape != p.shape:
+            raise RuntimeError(f"{self._display_name}: a gradient of shape {tuple(g.shape)} does not match "
+                               f"its parameter of shape {tuple(p.shape)}")
+        raise RuntimeError(f"{self._display_name}: a gradient ({g.dtype}, {g.device}) does not match "
+                           f"its parameter ({p.dtype}, {p.device}); grads must have the param's "
+                           "dtype and device")
 
     def _check_group(self, group: dict, params: list[Tensor]) -> None:
         """What could otherwise fail mid-step, checked while collecting (every group is collected before
@@ -441,10 +447,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         if not params:
             return
-        splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
-            splits[(p.device, p.dtype)].append(i)
-        for (device, _dtype), idx in splits.items():
+        for (device, dtype), idx in split_by_device_dtype(params).items():
             impl = self.impl_for(device)
             fn = self._impls[impl]
             shard_ctx = contextlib.nullcontext()
@@ -453,9 +456,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                 numels = [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx]
                 shard_ctx = _dist.shard_context(_dist.shard_groups(params[idx[0]]), device, numels)
                 device = _dist.local(params[idx[0]]).device
-            sub_p = [_real(_dist.local(params[i])) for i in idx]
-            sub_g = [_real(_dist.local(grads[i])) for i in idx]
-            sub_s = [[_real(_dist.local(s[i])) for i in idx] for s in states]
+            sub_p = impl_views(params, idx, dtype)
+            sub_g = impl_views(grads, idx, dtype)
+            sub_s = [impl_views(s, idx, dtype) for s in states]
             kwargs = scalars
             lr = scalars.get("lr")
             if lr is not None and not (isinstance(lr, Tensor) and getattr(fn, "supports_tensor_lr", False)):
@@ -522,6 +525,38 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
+
+
+def split_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """The indices of `tensors` per (device, dtype), in order: one impl call per split."""
+    splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        splits[(t.device, t.dtype)].append(i)
+    return splits
+
+
+# tensors of exactly these types reach an impl as they are; any other (a DTensor, another subclass)
+# goes through `impl_view`
+_PLAIN_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
+
+def impl_view(t: Tensor) -> Tensor:
+    """What an impl sees of `t`: a DTensor's local shard (sharing its storage), a complex tensor as its
+    `torch.view_as_real` view (so every impl sees real tensors), anything else itself."""
+    return _real(_dist.local(t))
+
+
+def impl_views(tensors: Sequence[Tensor], idx: list[int] | None, dtype: torch.dtype) -> list[Tensor]:
+    """`impl_view` of ``tensors[i]`` for ``i`` in `idx` (sorted, as `split_by_device_dtype` gives them; None:
+    all), a new list. ``dtype`` is the split's: every list of a split (params, grads, state) is real when
+    it is.
+
+    This runs for every list of every step: plain real tensors, the common case, are taken as they are
+    after one C-level type test each (~20 ns; `impl_view` per tensor costs ~0.4 µs)."""
+    sel = list(tensors) if idx is None or len(idx) == len(tensors) else [tensors[i] for i in idx]
+    if not dtype.is_complex and _PLAIN_TYPES.issuperset(map(type, sel)):
+        return sel
+    return [impl_view(t) for t in sel]
 
 
 def _nonfinite_flag(grads: list[Tensor], found_inf: Tensor | None) -> Tensor | None:

@@ -26,8 +26,8 @@ from .kernels import (  # lazy: no triton import here
     _triton_sam_perturb,
     _triton_sam_restore,
 )
-from .lookahead import _impl_of, _real, _split, _WrappedOptimizer
-from .optimizer import FusedOptimizer, _check_range
+from .lookahead import _impl_of, _WrappedOptimizer
+from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
 
 __all__ = ["SAM"]
 
@@ -120,11 +120,11 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
     base = 0
     for group, params, grads in batches:
         adaptive = bool(adaptive_of(group))
-        for (device, _), idx in _split(params).items():
+        for (device, dtype), idx in split_by_device_dtype(params).items():
             fn = _impls[_sam_impl(impl_for(device))].norms
             # DTensor (FSDP2) params: the kernels see the local shards (fused_optim/distributed.py)
-            parts.append(fn([_real(_dist.local(params[i])) for i in idx],
-                            [_real(_dist.local(grads[i])) for i in idx], adaptive=adaptive).to(shared_device))
+            parts.append(fn(impl_views(params, idx, dtype), impl_views(grads, idx, dtype),
+                            adaptive=adaptive).to(shared_device))
             order.extend(base + i for i in idx)
         base += len(params)
     norms = parts[0] if len(parts) == 1 else torch.cat(parts)
@@ -149,12 +149,12 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
             continue
         scale = (-rho if group.get("maximize", False) else rho) / (grad_norm + 1e-12)
         adaptive = bool(adaptive_of(group))
-        for (device, _), idx in _split(params).items():
+        for (device, dtype), idx in split_by_device_dtype(params).items():
             impl = _sam_impl(impl_for(device))
             ps = [params[i] for i in idx]
             olds = [torch.empty_like(p) for p in ps]
-            _impls[impl].perturb([_real(_dist.local(p)) for p in ps], [_real(_dist.local(grads[i])) for i in idx],
-                                 [_real(_dist.local(o)) for o in olds], scale=scale.to(device), adaptive=adaptive)
+            _impls[impl].perturb(impl_views(ps, None, dtype), impl_views(grads, idx, dtype),
+                                 impl_views(olds, None, dtype), scale=scale.to(device), adaptive=adaptive)
             saved.append(_Saved(impl, ps, olds))
     return saved
 
@@ -167,7 +167,8 @@ def _sam_impl(impl: str) -> str:
 def sam_second_step(saved: list[_Saved]) -> None:
     """Put every perturbed param back exactly."""
     for impl, params, old_params in saved:
-        _impls[impl].restore([_real(_dist.local(p)) for p in params], [_real(_dist.local(o)) for o in old_params])
+        dtype = params[0].dtype  # one (device, dtype) split per entry
+        _impls[impl].restore(impl_views(params, None, dtype), impl_views(old_params, None, dtype))
 
 
 def _all_lr_zero(groups: list[dict]) -> bool:

@@ -213,6 +213,27 @@ def test_complex_params_follow_their_real_view(cls, impl):
     assert a.state[z]["exp_avg"].is_complex()
 
 
+def test_impl_views_pass_plain_tensors_and_view_the_rest():
+    """What `_dispatch` hands an impl: plain real tensors as they are (the per-step fast path), complex ones
+    as their real view, other subclasses through `impl_view` (a DTensor's local shard: test_distributed)."""
+    from fused_optim.optimizer import impl_views
+
+    class Marked(torch.Tensor):
+        pass
+
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.randn(4)
+    lst = [a, b]
+    out = impl_views(lst, None, torch.float32)
+    assert out is not lst and out[0] is a and out[1] is b
+    assert impl_views(lst, [1], torch.float32) == [b]
+    z = torch.randn(2, dtype=torch.complex64)
+    (v,) = impl_views([z], None, z.dtype)
+    assert v.shape == (2, 2) and v.dtype == torch.float32 and v.data_ptr() == z.data_ptr()
+    m = torch.randn(3).as_subclass(Marked)
+    (w,) = impl_views([b, m], [1], torch.float32)
+    assert w is m
+
+
 @pytest.mark.parametrize("cls", [fo.Gravity, fo.GradientEquilibrium])
 def test_complex_params_refused_where_undefined(cls):
     with pytest.raises(ValueError, match="complex"):
