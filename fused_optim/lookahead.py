@@ -24,7 +24,7 @@ from ._backends import auto_impl, impl_status
 from ._foreach import mul_operand
 from ._native import _native_lookahead_sync
 from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
-from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
+from .optimizer import FusedOptimizer, _check_range, cuda_capturing, impl_views, split_by_device_dtype
 
 __all__ = ["Lookahead"]
 
@@ -240,6 +240,10 @@ class Lookahead(_WrappedOptimizer):
 
     def step(self, closure: Callable[[], Any] | None = None):
         """One inner step (with `closure`, if given); every k-th also synchronizes the slow weights."""
+        if cuda_capturing():
+            raise RuntimeError("Lookahead: step() is being captured in a CUDA graph, which it does not support: "
+                               "whether a step syncs the slow weights (every k-th) is decided on the host, so "
+                               "the graph would freeze that choice. Run its step outside the graph")
         self._capture_slow()
         loss = self._inner.step() if closure is None else self._inner.step(closure)
         self.lookahead_step += 1

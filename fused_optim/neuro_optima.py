@@ -29,7 +29,7 @@ from torch import Tensor
 from ._foreach import mul_operand
 from ._native import _native_neuro_optima
 from .lookahead import _check_k, lookahead_sync
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag, cuda_capturing
 from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
@@ -155,6 +155,8 @@ class NeuroOptima(FusedOptimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
         """One SAM + core + (every k-th step) Lookahead step; see the class docstring."""
+        if cuda_capturing():  # the k-step choice and the counters are host values
+            raise RuntimeError(self._capture_refusal())
         sam = any(float(g["sam_rho"]) > 0 for g in self.param_groups)
         if closure is None and _all_lr_zero(self.param_groups):
             sam = False  # a state-initialising call at lr=0 (torch.distributed.checkpoint): see SAM.step

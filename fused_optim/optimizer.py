@@ -371,6 +371,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale, found_inf (Tensor, optional): AMP loss scale and inf flag (class docstring,
                 "AMP"); by default read from the attributes ``torch.amp.GradScaler.step`` sets.
         """
+        if not self.capturable and cuda_capturing():
+            raise RuntimeError(self._capture_refusal())
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -394,6 +396,18 @@ class FusedOptimizer(torch.optim.Optimizer):
         return loss
 
     _amp_kwargs: dict[str, Tensor | None] | None = None
+
+    def _capture_refusal(self) -> str:
+        """Why a step with host-side per-step values cannot be captured, and the fix (as torch's own
+        optimizers refuse a capture without capturable=True)."""
+        if self._supports_capturable:
+            return (f"{self._display_name}: step() is being captured in a CUDA graph, but capturable is False: its "
+                    "per-step values (step counters, the scalars derived from them) are host values the graph "
+                    "would freeze at capture time. Construct it with capturable=True (impl='triton' or "
+                    "impl='native')")
+        return (f"{self._display_name}: step() is being captured in a CUDA graph, which it does not support "
+                "(capturable=True is not implemented for it: its per-step values are host values the graph "
+                "would freeze at capture time); run its step outside the graph")
 
     def _reads_grads_before_dispatch(self) -> bool:
         """True when the step reads grads before `_dispatch` (then AMP unscales them first)."""
@@ -521,6 +535,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                     dtype = self._state_dtype(p) if p.is_floating_point() or p.is_complex() else value.dtype
                     self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         self._impl_cache.clear()
+
+
+def cuda_capturing() -> bool:
+    """Whether the current CUDA stream is being captured into a graph. False while torch.compile traces
+    (its cudagraphs capture compiled code) and before CUDA is initialized, so a CPU run never starts it."""
+    return (torch.cuda.is_initialized() and not torch.compiler.is_compiling()
+            and torch.cuda.is_current_stream_capturing())
 
 
 def _real(t: Tensor) -> Tensor:

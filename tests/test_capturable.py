@@ -317,3 +317,72 @@ def test_capturable_refuses_host_scalar_impls_on_cuda():
     with pytest.raises(RuntimeError, match="impl='triton'"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+# ------------------------------------------------------------------ capture without capturable=True
+def _pretend_capturing(monkeypatch):
+    """What `fused_optim.optimizer.cuda_capturing` sees inside `torch.cuda.graph`, on a machine without one."""
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_capture_without_capturable_is_refused_before_any_change(name, monkeypatch):
+    """As torch's optimizers do: a captured step would freeze the host counters and scalars."""
+    cls, kw = CASES[name]
+    torch.manual_seed(0)
+    params = make_params(0, shapes=[(3, 4), (5,)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, impl="forloop", **kw)
+    opt.step()
+    before = [p.detach().clone() for p in params]
+    state = io.BytesIO()
+    torch.save(opt.state_dict(), state)
+    _pretend_capturing(monkeypatch)
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+    saved = torch.load(io.BytesIO(state.getvalue()))
+    assert str(opt.state_dict()["param_groups"]) == str(saved["param_groups"])  # counters unchanged
+
+
+def test_capturable_step_passes_the_capture_check(device_impl, monkeypatch):
+    cls, kw = CASES["adan"]
+    params = make_params(0, shapes=[(3, 4), (5,)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = cls(params, impl=device_impl, capturable=True, **kw)
+    _pretend_capturing(monkeypatch)
+    opt.step()  # the guard lets it through (on the CPU nothing is actually captured)
+    assert opt.param_groups[0]["step"].item() == 1
+
+
+def test_composites_that_decide_on_the_host_refuse_capture(monkeypatch):
+    params = make_params(0, shapes=[(4, 3), (6,)])
+    for p in params:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in params]
+    opts = {
+        "Lookahead": fo.Lookahead(fo.Lion(params, lr=1e-2, impl="forloop", capturable=True), k=2),
+        "NeuroOptima": fo.NeuroOptima(params, sam_rho=0.0),
+        "Muon": fo.Muon([p for p in params if p.ndim == 2], lr=0.02),
+    }
+    _pretend_capturing(monkeypatch)
+    for name, opt in opts.items():
+        with pytest.raises(RuntimeError, match=f"{name}: step\\(\\) is being captured in a CUDA graph"):
+            opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA")
+def test_cuda_graph_capture_without_capturable_raises():
+    params = [torch.randn(64, device="cuda", requires_grad=True)]
+    params[0].grad = torch.randn_like(params[0])
+    opt = fo.Gravity(params, lr=0.05)
+    opt.step()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="capturable=True"):
+        with torch.cuda.graph(graph):
+            opt.step()
