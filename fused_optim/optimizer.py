@@ -540,7 +540,8 @@ class FusedOptimizer(torch.optim.Optimizer):
 def cuda_capturing() -> bool:
     """Whether the current CUDA stream is being captured into a graph. False while torch.compile traces
     (its cudagraphs capture compiled code) and before CUDA is initialized, so a CPU run never starts it."""
-    return (torch.cuda.is_initialized() and not torch.compiler.is_compiling()
+    # is_compiling() first: Dynamo folds it to a constant, so it never traces the CUDA queries
+    return (not torch.compiler.is_compiling() and torch.cuda.is_initialized()
             and torch.cuda.is_current_stream_capturing())
 
 
