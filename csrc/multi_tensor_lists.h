@@ -58,14 +58,17 @@ inline PreparedLists prepare_lists(const char* op, const std::vector<at::TensorL
   for (auto& l : out.lists) {
     l.reserve(n);
   }
+  // every row against the first, not only within itself: the CUDA kernels run on lists[0][0]'s device
+  // and would dereference a CPU or other-GPU pointer of a row that is merely consistent with itself
+  const at::Device device = n > 0 ? lists[0][0].device() : at::Device(at::kCPU);
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor& ref = lists[0][i];
     bool flat = ref.is_non_overlapping_and_dense();
     for (size_t k = 0; k < lists.size(); ++k) {
       const at::Tensor& t = lists[k][i];
       TORCH_CHECK(t.layout() == at::kStrided, op, ": sparse tensors are not supported");
-      TORCH_CHECK(t.device() == ref.device(), op, ": tensor ", i, " of list ", k, " is on ", t.device(),
-                  ", expected ", ref.device(), " (one device per call)");
+      TORCH_CHECK(t.device() == device, op, ": tensor ", i, " of list ", k, " is on ", t.device(),
+                  ", expected ", device, " (one device per call)");
       TORCH_CHECK(t.numel() == ref.numel(), op, ": tensor ", i, " of list ", k, " has ", t.numel(),
                   " elements, expected ", ref.numel());
       flat = flat && same_layout(t, ref) && t.is_non_overlapping_and_dense();

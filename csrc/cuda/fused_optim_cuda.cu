@@ -678,6 +678,7 @@ void muon_apply_cuda(at::TensorList params, at::TensorList updates, at::ArrayRef
                               at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
   std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
   const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
+  keep_staging_if_capturing(host, launch.device);  // replays re-read it (see make_table)
   dispatch_param_state(op, pdt, pdt, [&](auto pt, auto) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;

@@ -14,6 +14,7 @@
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cstring>
+#include <mutex>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -44,6 +45,27 @@ struct LaunchTable {
   int64_t nchunks = 0;
 };
 
+// A pinned staging tensor whose non_blocking copy to `device` was just queued. Under CUDA graph capture
+// that copy is a memcpy node that re-reads the host buffer at every replay, so the buffer must never be
+// handed out again. torch 2.14's CachingHostAllocator already refuses to reuse blocks allocated during
+// capture; older ones (2.11 on the GPU machine) may recycle it once freed, and replays would then read
+// whatever was written there. So, while the stream is capturing, keep it for the life of the process:
+// a few hundred bytes per captured launch, 24 + 8*D per tensor (torch itself leaks such blocks by
+// design since PR #167507); never freed, the block also never gets an event recorded on a capturing
+// stream. The list is never destroyed: no host-allocator call at exit.
+inline void keep_staging_if_capturing(const at::Tensor& host, const at::Device& device) {
+  // what c10::cuda::currentStreamCaptureStatusMayInitCtx() asks, on the stream the copy went to
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(c10::cuda::getCurrentCUDAStream(device.index()), &status));
+  if (status == cudaStreamCaptureStatusNone) {
+    return;
+  }
+  static std::mutex mutex;
+  static auto* kept = new std::vector<at::Tensor>();
+  std::lock_guard<std::mutex> lock(mutex);
+  kept->push_back(host);
+}
+
 template <int D>
 LaunchTable<D> make_table(const PreparedLists& pl) {
   TORCH_CHECK(static_cast<int>(pl.lists.size()) == D, "multi_tensor_apply: expected ", D, " lists");
@@ -73,9 +95,11 @@ LaunchTable<D> make_table(const PreparedLists& pl) {
   const int64_t bytes = out.nrows * static_cast<int64_t>(sizeof(TensorRow<D>));
   // Pinned staging + non_blocking copy: the caching host allocator keeps the staging buffer until
   // the copy on the current stream has run, so nothing waits for the GPU here.
+  const at::Device device = pl.lists[0][rows[0].row].device();
   at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
   std::memcpy(host.data_ptr(), rows.data(), bytes);
-  out.table = host.to(pl.lists[0][rows[0].row].device(), /*non_blocking=*/true);
+  out.table = host.to(device, /*non_blocking=*/true);
+  keep_staging_if_capturing(host, device);
   out.rows = reinterpret_cast<const TensorRow<D>*>(out.table.data_ptr());
   return out;
 }
@@ -103,7 +127,10 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(const Tens
     return;
   }
   const int64_t chunk = blockIdx.x;
-  const TensorRow<D>& row = find_row(rows, nrows, chunk);
+  // a copy, in registers: through a reference into the table every store may alias the row's pointers,
+  // so nvcc reloaded them after each store and split each 16-byte vector store into four 4-byte ones
+  // (PTX of the fp32 Lion kernel: ld.global.v4.f32 but st.global.f32 x4)
+  const TensorRow<D> row = find_row(rows, nrows, chunk);
   const int64_t begin = (chunk - row.chunk_begin) * kChunk;
   const int64_t end = begin + kChunk < row.numel ? begin + kChunk : row.numel;
   f(row, chunk, begin, end);
