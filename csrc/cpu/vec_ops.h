@@ -38,6 +38,8 @@ inline Vec<S> fo_fma_vec(const Vec<S>& a, const Vec<S>& b, const Vec<S>& c) {
   return Vec<S>::loadu(x);
 #endif
 }
+inline Vec<float> fo_mul_rn(const Vec<float>& a, const Vec<float>& b) { return a * b; }
+inline Vec<double> fo_mul_rn(const Vec<double>& a, const Vec<double>& b) { return a * b; }
 inline Vec<float> fo_fma(const Vec<float>& a, const Vec<float>& b, const Vec<float>& c) { return fo_fma_vec(a, b, c); }
 inline Vec<double> fo_fma(const Vec<double>& a, const Vec<double>& b, const Vec<double>& c) {
   return fo_fma_vec(a, b, c);

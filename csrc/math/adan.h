@@ -57,7 +57,7 @@ struct AdanCoeffs {
 template <typename T, typename M>
 C10_HOST_DEVICE inline void adan_update(T& p, T g, T& exp_avg, T& exp_avg_sq, T& exp_avg_diff,
                                         T& neg_pre_grad, M clip, const AdanCoeffs<M>& c, bool first = false) {
-  g = g * T(clip);
+  g = fo_mul_rn(g, T(clip));  // rounded before d below, which is then exactly 0 at a first step
   if (first) {
     neg_pre_grad = T(0) - g;
   }

@@ -40,6 +40,26 @@ C10_HOST_DEVICE inline T fo_sign(T x) {
   return static_cast<T>((T(0) < x) - (x < T(0)));
 }
 
+// a*b rounded on its own. nvcc's default --fmad=true may fuse a product with an add of another
+// statement into one fma; where a rule needs the rounded product itself (Adan's d = -clip*g + clip*g,
+// exactly 0 at a param's first step, SPEC §3) it says so with this. The CPU build never contracts
+// (-ffp-contract=off); the Vectorized overloads are in csrc/cpu/vec_ops.h.
+C10_HOST_DEVICE inline float fo_mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+C10_HOST_DEVICE inline double fo_mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 C10_HOST_DEVICE inline float fo_sqrt(float x) { return ::sqrtf(x); }
 C10_HOST_DEVICE inline double fo_sqrt(double x) { return ::sqrt(x); }
 

@@ -27,6 +27,7 @@ from .multi_tensor import (
     _div_rn_scalar,
     _load_f32,
     _load_grad,
+    _mul_rn,
     _store_f32,
     amp_args,
     device_fn,
@@ -63,7 +64,7 @@ def _adan_update(row, g_addr, offs, mask, clip, beta1, one_minus_beta1, beta2, o
     exp_avg_diff = _load_f32(ed_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     npg = _load_f32(npg_addr, offs, mask, S_KIND, ALIGNED, MASKED)
     if CLIP:
-        g = g * clip
+        g = _mul_rn(g, clip)  # not contracted into d below: d is exactly 0 at a param's first step
     if FIRST_TENSOR:
         npg = tl.where(first != 0.0, -g, npg)
     d = npg + g                                   # g_k - g_{k-1}

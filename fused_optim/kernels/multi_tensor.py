@@ -125,6 +125,25 @@ else:
         return tl.fma(x, y, z)
 
 
+# A product rounded on its own. LLVM's NVPTX backend contracts a product into an fma with a later add
+# even when the product has other uses (Adan's d = neg_pre_grad + g·clip: sm_90 PTX had
+# `fma.rn.f32 d, g, clip, npg` beside the stored `mul.f32 g·clip`), and at a param's first step
+# d = -round(g·clip) + g·clip must be exactly 0 (SPEC §3). PTX never contracts `mul.rn` (an explicit
+# rounding modifier); the interpreter (numpy) never contracts at all.
+if _decorating_interpreted():
+    @device_fn
+    def _mul_rn(x, y):
+        """x*y rounded once, on its own (fp32)."""
+        return x * y
+else:
+    @device_fn
+    def _mul_rn(x, y):
+        """x*y rounded once, on its own (fp32): never fused into a later add."""
+        x, y = tl.broadcast(x, y)
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [x, y], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+
+
 @device_fn
 def _vmax(x):
     """max of a 1-D block, NaN if any element is NaN (torch's max; the combiners may drop NaNs)."""
