@@ -123,7 +123,8 @@ class Adan(FusedOptimizer):
         if self.defaults["max_grad_norm"] > 0:
             return True
         for group in self.param_groups:
-            if group.get("step", 0) == 0 and not self.capturable:
+            # capturable first: its step counter is a device tensor, and `== 0` on it would sync the host
+            if not self.capturable and group.get("step", 0) == 0:
                 return True
             for p in group["params"]:
                 if p.grad is not None and "neg_pre_grad" not in self.state.get(p, ()):

@@ -386,3 +386,22 @@ def test_cuda_graph_capture_without_capturable_raises():
     with pytest.raises(RuntimeError, match="capturable=True"):
         with torch.cuda.graph(graph):
             opt.step()
+
+
+def test_capturable_adan_amp_step_reads_no_tensor_on_the_host(device_impl):
+    """On CUDA any `bool(tensor)` in the step is a host sync (test_capturable_step_has_no_host_sync, gpu):
+    Adan's "does the step read its grads before dispatch" test once compared the device counter to 0."""
+    params, opt = _run("adan", device_impl, True, steps=2)
+    for p, g in zip(params, _grads(params, 9)):
+        p.grad = g * 1024
+    reads = []
+    real_bool = torch.Tensor.__bool__
+
+    def spy(t):
+        reads.append(tuple(t.shape))
+        return real_bool(t)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "__bool__", spy)
+        opt.step(grad_scale=torch.tensor(1024.0), found_inf=torch.zeros(()))
+    assert not reads, f"bool() of tensors of shapes {reads} during a capturable step"
