@@ -186,32 +186,63 @@ def test_load_state_dict_recasts_to_the_impl_state_dtype(impl):
             assert value.numel() == 0 or value.data_ptr() != saved[pid][key].data_ptr()  # never shared
 
 
+DIRECTIONS = ["cuda-to-cpu", "cpu-to-cuda"]
+
+
+@pytest.fixture(scope="module")
+def resumed_across_devices(tmp_path_factory):
+    """The cross-device cases, resumed by ONE fresh process as `resumed` does for the CPU cases (a fresh
+    interpreter per case costs seconds each, twenty times, on the GPU machine's short lease): for every
+    (class, direction) a checkpoint saved on one device, the in-process continuation on the other from
+    the same file, and the fresh-process result. {case id: (expected | Exception, result | error str)}."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    tmp = tmp_path_factory.mktemp("ckpt-devices")
+    seed = 77
+    expected, manifest = {}, []
+    for cls in OPTIMIZERS:
+        for direction in DIRECTIONS:
+            cid = f"{cls.__name__}-{direction}"
+            src, dst = direction.split("-to-")
+            ckpt, out = str(tmp / f"{cid}.pt"), str(tmp / f"{cid}.out.pt")
+            try:
+                params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=src)
+                run_steps(opt, problem, N_BEFORE)
+                save_checkpoint(ckpt, params, model, opt, problem, False)
+                params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=dst,
+                                                         init_seed=seed + 1)
+                load_checkpoint(ckpt, params, model, opt, problem, False, device=dst)
+                run_steps(opt, problem, N_AFTER)
+                expected[cid] = {"params": [p.detach().cpu().clone() for p in params],
+                                 "state": snapshot(opt, params)["state"]}
+            except Exception as exc:  # reported by the case's test
+                expected[cid] = exc
+                continue
+            manifest.append(dict(id=cid, cls=cls.__name__, impl_load=None, seed=seed, dcp=False, ckpt=ckpt,
+                                 out=out, steps=N_AFTER, device=dst))
+    manifest_path = tmp / "manifest.json"
+    manifest_path.write_text(json.dumps(manifest))
+    proc = subprocess.run([sys.executable, str(HERE / "reliability_util.py"), str(manifest_path)], env=_child_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"the resuming process failed:\n{proc.stdout}\n{proc.stderr}"
+    results = {}
+    for case in manifest:
+        err = Path(case["out"] + ".err")
+        results[case["id"]] = err.read_text() if err.exists() else torch.load(case["out"], weights_only=True,
+                                                                               map_location="cpu")
+    return {cid: (exp, results.get(cid)) for cid, exp in expected.items()}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("direction", ["cuda-to-cpu", "cpu-to-cuda"])
+@pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("cls", OPTIMIZERS, ids=lambda c: c.__name__)
-def test_resume_across_devices_in_fresh_process(tmp_path, cls, direction):
+def test_resume_across_devices_in_fresh_process(resumed_across_devices, cls, direction):
     """A checkpoint saved on one device continues on the other in a fresh process; the continuation
     equals an in-process continuation on the target device from the same file (bit-identical), with
     the auto impl on each device."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    src, dst = direction.split("-to-")
-    seed = 77
-    params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=src)
-    run_steps(opt, problem, N_BEFORE)
-    ckpt = str(tmp_path / "ckpt.pt")
-    save_checkpoint(ckpt, params, model, opt, problem, False)
-    params, model, opt, problem = build_case(cls.__name__, None, seed, False, device=dst, init_seed=seed + 1)
-    load_checkpoint(ckpt, params, model, opt, problem, False, device=dst)
-    run_steps(opt, problem, N_AFTER)
-    out = str(tmp_path / "out.pt")
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps([dict(cls=cls.__name__, impl_load=None, seed=seed, dcp=False, ckpt=ckpt,
-                                         out=out, steps=N_AFTER, device=dst)]))
-    proc = subprocess.run([sys.executable, str(HERE / "reliability_util.py"), str(manifest)], env=_child_env(),
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert not Path(out + ".err").exists(), Path(out + ".err").read_text()
-    got = torch.load(out, weights_only=True, map_location="cpu")
-    assert_identical([p.detach().cpu() for p in params], got["params"], "params")
-    assert_identical(snapshot(opt, params)["state"], got["state"], "state_dict")
+    exp, got = resumed_across_devices[f"{cls.__name__}-{direction}"]
+    if isinstance(exp, Exception):
+        raise exp
+    assert not isinstance(got, str), f"fresh process failed to resume: {got}"
+    assert_identical(exp["params"], got["params"], "params")
+    assert_identical(exp["state"], got["state"], "state_dict")

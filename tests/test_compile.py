@@ -179,14 +179,25 @@ def test_compiled_fused_step_cuda(name, impl):
     ref = make(ref_params, impl)
     torch._dynamo.reset()
     step = torch.compile(opt.step, fullgraph=True)
+    # The op runs the very same impl, so the step is bit-equal to eager, except Adan's: its global clip
+    # factor min(max_grad_norm / (||g|| + eps), 1) is computed by the class outside the op, from torch
+    # ops that Inductor compiles with its own reduction order and Triton's approximate fp32 division
+    # (div.full; torch._inductor.config.eager_numerics.division_rounding is off by default), so the
+    # factor may be an ulp or two off eager's. Measured with Inductor's CPU backend: 1 ulp of the params
+    # from step 2 on. Adan's update is nearly invariant to a common scale of g, so the params stay within
+    # test_compiled_foreach_step_with_inductor's tolerance.
+    exact = name != "adan"
     for k in range(1, 8):
         grads = grads_for_step(params, k)
         set_grads(params, grads)
         set_grads(ref_params, grads)
         step()
         ref.step()
-        for a, b in zip(params, ref_params):
-            assert torch.equal(a, b)
+        for i, (a, b) in enumerate(zip(params, ref_params)):
+            if exact:
+                assert torch.equal(a, b), f"{name}: param {i} differs at step {k}"
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name}: param {i} at step {k}")
 
 
 def test_tensor_lr_reaches_impls_that_read_it_on_the_device(monkeypatch):
