@@ -647,3 +647,36 @@ def test_stats_lowp_equal_fp32_upcast(dtype):
         scale = torch.full((1,), s)
         assert torch.equal(ops.multi_tensor_stats(ts, ps, 0.25, True, scale),
                            ops.multi_tensor_stats(up(torch._foreach_div(ts, scale.reshape(()))), up(ps), 0.25, True))
+
+
+@pytest.mark.parametrize("sizes", [[1, 100, 3],                                   # under the grain: the calling thread
+                                   [65537, 1, 131075, 7] + [997] * 300 + [300001]])  # split by element count
+def test_cpu_results_do_not_depend_on_thread_count(sizes):
+    """csrc/cpu/multi_tensor_cpu.h keeps small lists on the calling thread and splits the others
+    into contiguous runs of (row, chunk) items by element count, as many as the threads allow: the
+    update ops and both reductions must give the same bits with 1, 2 and 3 threads (each item is
+    computed alone; the reductions add their per-item partials in item order)."""
+    ops = _ext.ops()
+
+    def run(threads):
+        g = torch.Generator().manual_seed(14)
+        ps = [torch.randn(n, generator=g) for n in sizes]
+        gs = [torch.randn(n, generator=g) for n in sizes]
+        ms = [torch.randn(n, generator=g) * 0.1 for n in sizes]
+        vs = [torch.rand(n, generator=g) for n in sizes]
+        prev = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            stats = ops.multi_tensor_stats(gs, ps, 0.25, True)
+            norms = ops.multi_tensor_l2norm(gs, ps)
+            ops.lion_(ps, gs, ms, 1e-2, 0.9, 0.99, 0.1, False)
+            ops.gravity_(ps, gs, vs, stats, 0.1, 0.5, False)
+        finally:
+            torch.set_num_threads(prev)
+        return [stats, norms, *ps, *ms, *vs]
+
+    ref = run(1)
+    for threads in (2, 3):
+        out = run(threads)
+        for i, (a, b) in enumerate(zip(ref, out)):
+            assert torch.equal(a, b), f"{threads} threads: output {i} differs from 1 thread"
