@@ -436,7 +436,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if grad_scale is not None and not in_kernel:
             by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
             for g in grads:
-                by_device[g.device].append(_real(_dist.local(g)))
+                by_device[g.device].append(impl_view(g))
             for device, gs in by_device.items():
                 # GradScaler's scales are powers of two, so dividing is exact (as in torch's fused Adam)
                 torch._foreach_div_(gs, grad_scale.to(device, non_blocking=True))
