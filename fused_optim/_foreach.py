@@ -16,5 +16,6 @@ def mul_operand(tensors: list[Tensor], value: float) -> float | Tensor:
     957 of 1,000 bf16 elements differed from `mul_` with the float, 0 with the tensor). fp32/fp64 lists
     keep the float, which matches `mul_` bit for bit."""
     if tensors and tensors[0].dtype in _LOW_PRECISION:
-        return torch.tensor(value, dtype=torch.float32, device=tensors[0].device)
+        # torch.full: a fill on the device (torch.tensor(value, device=cuda) would be a pageable copy, a sync)
+        return torch.full((), value, dtype=torch.float32, device=tensors[0].device)
     return value

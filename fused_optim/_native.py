@@ -41,7 +41,7 @@ def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> T
     stats over the shard group with ONE all-reduce; a no-op without an active shard context. For the
     sum column the result is rescaled by local/global numel, because the kernel divides by the local
     element count and must get the global mean."""
-    from .distributed import global_numels, reduce_per_tensor
+    from .distributed import global_numels, host_values_to, reduce_per_tensor
 
     index = list(range(len(params)))
     numels = global_numels(index)
@@ -49,8 +49,8 @@ def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> T
         return stats
     vals = torch.stack(reduce_per_tensor(list(stats[:, col].unbind()), index, op))
     if op == "sum":
-        local = torch.tensor([t.numel() for t in params], dtype=torch.float64, device=stats.device)
-        total = torch.tensor(numels, dtype=torch.float64, device=stats.device).clamp_min(1)
+        local = host_values_to([t.numel() for t in params], torch.float64, stats.device)
+        total = host_values_to(numels, torch.float64, stats.device).clamp_min(1)
         vals = vals.double() * local / total
     out = stats.clone()
     out[:, col] = vals.to(stats.dtype)

@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ShardContext", "all_reduce_sum_", "is_dtensor", "local", "reduce_per_tensor", "shard_context",
-           "shard_groups"]
+__all__ = ["ShardContext", "all_reduce_sum_", "host_values_to", "is_dtensor", "local", "reduce_per_tensor",
+           "shard_context", "shard_groups"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -96,13 +96,22 @@ def reduce_per_tensor(values: Sequence[Tensor], index: Sequence[int], op: str) -
     dtype = values[0].dtype if len(values) else torch.float32
     # fp64 keeps sums of fp32 partials and every fp32/bf16/fp16 max exact in the buffer
     buf = torch.zeros(len(ctx.numels), dtype=torch.float64, device=ctx.device)
+    rows = host_values_to(list(index), torch.long, ctx.device) if len(index) else None
     if len(values):
-        buf[torch.as_tensor(list(index), device=ctx.device)] = torch.stack(list(values)).to(torch.float64)
+        buf[rows] = torch.stack(list(values)).to(torch.float64)
     reduce_op = {"max": dist.ReduceOp.MAX, "sum": dist.ReduceOp.SUM}[op]
     for group in ctx.groups:
         dist.all_reduce(buf, op=reduce_op, group=group)
-    return list(buf[torch.as_tensor(list(index), device=ctx.device, dtype=torch.long)].to(dtype).unbind()) \
-        if len(index) else []
+    return list(buf[rows].to(dtype).unbind()) if len(index) else []
+
+
+def host_values_to(values: Sequence[int] | Sequence[float], dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A small tensor of host values on `device`, without a host sync: on CUDA through pinned memory
+    with a non_blocking copy (a pageable copy waits for the stream, i.e. for every queued kernel)."""
+    t = torch.tensor(values, dtype=dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def global_numels(index: Sequence[int]) -> list[int] | None:

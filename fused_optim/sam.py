@@ -132,10 +132,7 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
         inverse = [0] * len(order)
         for k, pos in enumerate(order):
             inverse[pos] = k
-        index = torch.tensor(inverse)
-        if norms.device.type == "cuda":  # a pageable copy would sync the host
-            index = index.pin_memory()
-        norms = norms[index.to(norms.device, non_blocking=True)]
+        norms = norms[_dist.host_values_to(inverse, torch.long, norms.device)]
     all_grads = [g for _, _, gs in batches for g in gs]
     if any(_dist.is_dtensor(g) for g in all_grads):
         # shard norms -> one all-reduced sum of squares over the shard group (every rank joins)
