@@ -30,9 +30,10 @@ _SECTIONS = re.compile(r"§(\d+)(?:\s*[-–]\s*§?(\d+))?")
 _MD_LINK = re.compile(r"\]\(([^)\s]+)\)")
 # documents that are not in the repository
 _PRIVATE = re.compile(r"\b(?:SPEC|FACTS|DESIGN)(?:\.md)?\b|\bshared/seeds\b|/work/shared\b")
-# this project's issue-tracker numbers: "issue #6", "issues 4", "(#12)", "gh-3" (an upstream project's
-# PR or issue named with its project, "torch PR #167507", is a public reference and stays)
-_ISSUE = re.compile(r"(?i)\bissues?\s*#?\d+|\(#\d+\)|\bgh-\d+\b")
+# this project's issue-tracker numbers: "issue #6", "(issue 4)", "(#12)", "gh-3" (not the verb: "a step
+# issues 2 launches"; an upstream project's PR named with its project, "torch PR #167507", is a public
+# reference and stays)
+_ISSUE = re.compile(r"(?i)\bissues?\s*#\d+|\bissues?\s+\d+\b(?!\s+[a-z])|\(#\d+\)|\bgh-\d+\b")
 
 
 def _files() -> list[Path]:
@@ -153,8 +154,8 @@ def test_the_checker_catches_what_it_should(tmp_path, monkeypatch):
         "# bad: docs/nope.md\n"
         "# bad: see §1 alone\n"
         "# bad: SPEC §1, FACTS.md\n"
-        "# bad: (issue #6) and (#7)\n"
-        "# ok: torch PR #167507, color '#000000'\n")
+        "# bad: (issue #6), (#7) and issue 8.\n"
+        "# ok: torch PR #167507, color '#000000', a step issues 2 launches\n")
     monkeypatch.setattr(__import__(__name__), "ROOT", tmp_path)
     monkeypatch.setattr(__import__(__name__), "DOCS", tmp_path / "docs")
     got = _problems()
@@ -162,4 +163,4 @@ def test_the_checker_catches_what_it_should(tmp_path, monkeypatch):
     assert [s.split(": ", 1)[1] for s in got["missing document"]] == ["docs/nope.md"]
     assert len(got["orphan section"]) == 2  # "§1 alone", and SPEC's §1
     assert len(got["private document"]) == 2
-    assert len(got["issue number"]) == 2
+    assert [s.split(": ", 1)[1] for s in got["issue number"]] == ["'issue #6'", "'(#7)'", "'issue 8'"]
