@@ -130,7 +130,9 @@ class _WrappedOptimizer(torch.optim.Optimizer):
         self._inner.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # every attribute but torch's hook tables, which torch's own pickling drops too (hooks are often
+        # unpicklable closures); `__setstate__` rebuilds them empty
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)

@@ -133,6 +133,8 @@ class NeuroOptima(FusedOptimizer):
     # grad_scale/found_inf to a step that would have to apply them twice.
     _step_supports_amp_scaling = False
     _group_counters = ("step",)
+    _state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad")
+    _optional_state_keys = ("slow_param",)  # captured at a param's first core update when missing
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
