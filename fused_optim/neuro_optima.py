@@ -30,7 +30,7 @@ from ._foreach import mul_operand
 from ._native import _native_neuro_optima
 from .lookahead import _check_k, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag, cuda_capturing
-from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
+from .sam import _all_lr_zero, _grads_of, _has_grads, _restore_grads, sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
 
@@ -172,11 +172,17 @@ class NeuroOptima(FusedOptimizer):
                     loss = closure()
             for group in self.param_groups:
                 self._collect(group)  # refuse bad grads before SAM moves anything
+            grads = _grads_of(self.param_groups)
             saved = sam_first_step(self.param_groups, rho_of=lambda g: g["sam_rho"], adaptive_of=lambda g: False,
                                    impl_for=self.impl_for)
             self.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                closure()
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:  # KeyboardInterrupt too: params and grads back as before the step
+                sam_second_step(saved)
+                _restore_grads(grads)
+                raise
             sam_second_step(saved)
         elif closure is not None:
             with torch.enable_grad():
