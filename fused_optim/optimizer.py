@@ -120,6 +120,10 @@ def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None)
             raise ValueError(f"foreach=True conflicts with impl={impl!r}; pass only one of them")
         if fused and impl not in ("triton", "native"):
             raise ValueError(f"fused=True conflicts with impl={impl!r}; pass only one of them")
+        if fused is False and impl in ("triton", "native"):
+            raise ValueError(f"fused=False conflicts with impl={impl!r} (a fused impl); pass only one of them")
+        if foreach is False and impl == "foreach":
+            raise ValueError("foreach=False conflicts with impl='foreach'; pass only one of them")
         return impl
     if foreach:
         return "foreach"
@@ -264,7 +268,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # copy may land in a process where other backends are available: it resolves again).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if key not in state and not key.startswith("_optimizer_") and key != "_impl_cache":
+            if key not in state and not key.startswith("_optimizer_") and key not in ("_impl_cache", "_state_checked"):
                 state[key] = value
         return state
 
@@ -399,37 +403,43 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_state(self, group: dict, params: list[Tensor]) -> None:
         """Every param's state fits it (keys, shape, device, dtype) before anything moves; a state edited
         or a model converted (``.double()``, ``.to(device)``) after the state was made is refused here
-        rather than halfway through the step."""
+        rather than halfway through the step.
+
+        This runs every step, so a param is checked in full only when something changed since its last
+        check: the identity of its state tensors (a replaced or added entry) or its own dtype, shape or
+        device (a converted model). The checked tensors are held (`_state_checked`), so their ids
+        cannot be reused by new tensors while they count as checked."""
         spec = self._state_spec(group)
         required, optional, scalars = spec
         if not (required or optional or scalars):
             return
-        tensor_keys = frozenset(required + optional).difference(scalars)
-        n_required = len(required)
         state = self.state
+        if torch.compiler.is_compiling():  # checked while tracing; Dynamo's guards re-trace on any change
+            for p in params:
+                if self._state_problem(p, state.get(p, {}), spec, loading=False) is not None:
+                    self._refuse_state(group, p, spec)
+            return
+        checked = self.__dict__.get("_state_checked")
+        if checked is None:
+            checked = self._state_checked = {}
         for p in params:
             st = state.get(p)
             if not st:
                 if self._state_from_init and required:
                     self._refuse_state(group, p, spec)
+                checked.pop(p, None)  # a reset state: let go of the old tensors
                 continue
-            # the common case in one pass of cheap tests; anything else takes the path that names it
-            found = 0
-            for key, v in st.items():
-                if key in tensor_keys:
-                    if type(v) not in _PLAIN_TYPES or v.shape != p.shape or v.device != p.device or (
-                            v.dtype is not p.dtype and not (v.dtype is torch.float32 and p.dtype in _LOW_PRECISION)):
-                        self._refuse_state(group, p, spec)
-                elif key not in scalars:
-                    self._refuse_state(group, p, spec)
-                found += key in required
-            if found != n_required:
+            sig = (p.dtype, p.shape, p.device, *map(id, st.values()))
+            seen = checked.get(p)
+            if seen is not None and seen[0] == sig:
+                continue
+            problem = self._state_problem(p, st, spec, loading=False)
+            if problem is not None:
                 self._refuse_state(group, p, spec)
+            checked[p] = (sig, tuple(st.values()))
 
     def _refuse_state(self, group: dict, p: Tensor, spec) -> None:
         problem = self._state_problem(p, self.state.get(p, {}), spec, loading=False)
-        if problem is None:  # the fast path's dtype rule is stricter than `_state_dtype`'s policy
-            return
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         pi = next(i for i, q in enumerate(group["params"]) if q is p)
         raise RuntimeError(f"{self._display_name}: the state of parameter {pi} of group {gi} (shape "
@@ -721,6 +731,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 else:  # counters and integer tensors stay where torch puts them, as copies
                     self.state[p][key] = self.state[p][key].clone()
         self._impl_cache.clear()
+        self.__dict__.pop("_state_checked", None)  # holds the replaced state tensors
 
     def _check_loaded(self, state_dict: Any) -> None:
         """Raise (before anything changes) if `state_dict` cannot be loaded here; see `load_state_dict`."""
