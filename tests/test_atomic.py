@@ -392,8 +392,8 @@ def test_lookahead_load_of_nan_alpha_is_refused_before_the_inner_loads():
 def test_lookahead_refused_inner_step_captures_no_slow_weight():
     params = make_params(fused_optim.Lion, 0)
     opt = fused_optim.Lookahead(fused_optim.Lion(params), k=2)
-    params[0].grad = torch.zeros(params[0].numel() + 1).view(-1)[: params[0].numel()].view(params[0].shape)
-    params[0].grad.data = torch.zeros(3)
+    params[0].grad = torch.zeros_like(params[0])
+    params[0].grad.data = torch.zeros(3)  # torch refuses `p.grad = bad`; `.data` slips past it
     with pytest.raises(RuntimeError):
         opt.step()
     assert opt._slow == {} and opt.lookahead_step == 0
