@@ -336,20 +336,41 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """Params with a grad and their grads; raises before anything changes."""
+        """Params with a grad and their grads; raises before anything changes.
+
+        Each param's state is checked in the same pass (`_check_state`), by a signature that costs a few
+        attribute reads: the full check runs only for params whose signature changed since their last
+        check (a new or replaced state tensor, a param converted to another dtype, shape or device)."""
         params, grads = [], []
         strided = torch.strided
+        spec = self._state_spec(group)
+        track = (spec[0] or spec[1] or spec[2]) and not torch.compiler.is_compiling()
+        state = self.state
+        checked = self.__dict__.get("_state_checked")
+        if checked is None:
+            checked = self._state_checked = {}
+        changed: list[Tensor] = []
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
             # one cheap test per grad (this runs every step); layouts and dtypes are singletons
-            if g.layout is not strided or g.dtype is not p.dtype or g.shape != p.shape or g.device != p.device:
+            dtype, shape, device = p.dtype, p.shape, p.device
+            if g.layout is not strided or g.dtype is not dtype or g.shape != shape or g.device != device:
                 self._refuse_grad(p, g)
             params.append(p)
             grads.append(g)
+            if track:
+                st = state.get(p)
+                # keyed by id(p), with p held in the entry: a tensor's __hash__ is a Python call, an int's is not
+                seen = checked.get(id(p))
+                if not st:
+                    if seen is not None or self._state_from_init:
+                        changed.append(p)
+                elif seen is None or seen[0] is not p or seen[1] != (dtype, shape, device, *map(id, st.values())):
+                    changed.append(p)
         if params:
-            self._check_group(group, params)
+            self._check_group(group, params, changed if track else None)
         return params, grads
 
     def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
@@ -364,7 +385,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                            f"its parameter ({p.dtype}, {p.device}); grads must have the param's "
                            "dtype and device")
 
-    def _check_group(self, group: dict, params: list[Tensor]) -> None:
+    def _check_group(self, group: dict, params: list[Tensor], changed: list[Tensor] | None = None) -> None:
         """What could otherwise fail mid-step, checked while collecting (every group is collected before
         any tensor changes, so no step is half-applied): hyperparameters edited into `param_groups` after
         construction are re-validated, and the impl of each device is resolved (an explicit impl that
@@ -376,7 +397,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         for key in self._group_counters:
             _check_counter(self._display_name, key, group.get(key, 0))
         devices = {p.device for p in params}
-        sharded = any(_dist.is_dtensor(p) for p in params)
+        sharded = not _PLAIN_TYPES.issuperset(map(type, params)) and any(_dist.is_dtensor(p) for p in params)
         for device in devices:
             impl = self.impl_for(device)
             if sharded:
@@ -394,7 +415,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                         f"shape {tuple(p.shape)}; use impl='foreach' (or 'native') for it")
         if self.capturable:
             self._check_capturable(devices, sharded)
-        self._check_state(group, params)
+        self._check_state(group, params if changed is None else changed)
 
     def _state_spec(self, group: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         """(required, optional, scalar) per-param state keys of `group` (class attributes above)."""
@@ -403,40 +424,26 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _check_state(self, group: dict, params: list[Tensor]) -> None:
         """Every param's state fits it (keys, shape, device, dtype) before anything moves; a state edited
         or a model converted (``.double()``, ``.to(device)``) after the state was made is refused here
-        rather than halfway through the step.
-
-        This runs every step, so a param is checked in full only when something changed since its last
-        check: the identity of its state tensors (a replaced or added entry) or its own dtype, shape or
-        device (a converted model). The checked tensors are held (`_state_checked`), so their ids
-        cannot be reused by new tensors while they count as checked."""
+        rather than halfway through the step. Each param that passes is recorded with its signature
+        (`_collect`); the checked tensors are held there, so their ids cannot be reused by new tensors
+        while they count as checked."""
         spec = self._state_spec(group)
         required, optional, scalars = spec
         if not (required or optional or scalars):
             return
         state = self.state
-        if torch.compiler.is_compiling():  # checked while tracing; Dynamo's guards re-trace on any change
-            for p in params:
-                if self._state_problem(p, state.get(p, {}), spec, loading=False) is not None:
-                    self._refuse_state(group, p, spec)
-            return
-        checked = self.__dict__.get("_state_checked")
-        if checked is None:
-            checked = self._state_checked = {}
+        compiling = torch.compiler.is_compiling()  # then checked while tracing; Dynamo's guards re-trace
+        checked = self.__dict__.setdefault("_state_checked", {})
         for p in params:
             st = state.get(p)
-            if not st:
-                if self._state_from_init and required:
-                    self._refuse_state(group, p, spec)
-                checked.pop(p, None)  # a reset state: let go of the old tensors
-                continue
-            sig = (p.dtype, p.shape, p.device, *map(id, st.values()))
-            seen = checked.get(p)
-            if seen is not None and seen[0] == sig:
-                continue
-            problem = self._state_problem(p, st, spec, loading=False)
-            if problem is not None:
+            if self._state_problem(p, st or {}, spec, loading=False) is not None:
                 self._refuse_state(group, p, spec)
-            checked[p] = (sig, tuple(st.values()))
+            if compiling:
+                continue
+            if st:
+                checked[id(p)] = (p, (p.dtype, p.shape, p.device, *map(id, st.values())), tuple(st.values()))
+            else:
+                checked.pop(id(p), None)  # a reset state: let go of the old tensors
 
     def _refuse_state(self, group: dict, p: Tensor, spec) -> None:
         problem = self._state_problem(p, self.state.get(p, {}), spec, loading=False)
