@@ -88,6 +88,7 @@ def _check_counter(name: str, key: str, value: Any) -> None:
 #: dtypes an impl handles where it does not handle every floating dtype (checked before a step starts)
 _IMPL_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"triton": (torch.float32, torch.float16, torch.bfloat16)}
 
+
 def _real_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype.to_real() if dtype.is_complex else dtype
 
