@@ -112,6 +112,8 @@ class Adan(FusedOptimizer):
 
     _display_name = "Adan"
     _group_counters = ("step",)  # the bias corrections depend on it: an AMP found_inf skip must not advance it
+    _state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff")
+    _optional_state_keys = ("neg_pre_grad",)  # -clip*g of the last step; set from the grad when missing
     _supports_capturable = True
 
     def _reads_grads_before_dispatch(self) -> bool:

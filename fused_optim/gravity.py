@@ -81,6 +81,8 @@ class Gravity(FusedOptimizer):
     _display_name = "Gravity"
     _per_tensor_reduction = True
     _group_counters = ("t",)  # beta_hat depends on t: an AMP found_inf skip must not advance it
+    _state_keys = ("v",)
+    _state_from_init = True  # drawn in add_param_group: a state_dict without it cannot be resumed
     _supports_capturable = True
     _supports_complex = False
     _complex_reason = "its per-tensor max|g| and g/(1+(g/m)^2) are defined for real values only"

@@ -62,6 +62,7 @@ class Lion(FusedOptimizer):
     """
 
     _display_name = "Lion"
+    _state_keys = ("exp_avg",)
     _supports_capturable = True
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),

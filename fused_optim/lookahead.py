@@ -24,7 +24,8 @@ from ._backends import auto_impl, impl_status
 from ._foreach import mul_operand
 from ._native import _native_lookahead_sync
 from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
-from .optimizer import FusedOptimizer, _check_range, cuda_capturing, impl_views, split_by_device_dtype
+from .optimizer import (_IMPL_DTYPES, FusedOptimizer, _check_range, _real_dtype, cuda_capturing, impl_views,
+                        split_by_device_dtype)
 
 __all__ = ["Lookahead"]
 
@@ -130,7 +131,9 @@ class _WrappedOptimizer(torch.optim.Optimizer):
         self._inner.add_param_group(param_group)
 
     def __getstate__(self) -> dict[str, Any]:
-        return dict(self.__dict__)
+        # every attribute but torch's hook tables, which torch's own pickling drops too (hooks are often
+        # unpicklable closures); `__setstate__` rebuilds them empty
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__dict__.update(state)
@@ -153,11 +156,18 @@ class _WrappedOptimizer(torch.optim.Optimizer):
         return {"state": state, "param_groups": [{**g, **per_group} for g in sd["param_groups"]]}
 
     def _load_with_extra(self, state_dict: dict[str, Any], param_keys: tuple[str, ...],
-                         group_keys: tuple[str, ...]) -> tuple[dict[Tensor, dict[str, Tensor]], dict[str, Any]]:
+                         group_keys: tuple[str, ...], check: Callable[[dict[str, Any]], None] | None = None,
+                         ) -> tuple[dict[Tensor, dict[str, Tensor]], dict[str, Any]]:
         """Load the inner optimizer from `state_dict` minus the wrapper's keys; return those keys per
         current param (copied onto the param's device and dtype: two live optimizers must never share
         a buffer) and the first group's wrapper scalars. torch's rule maps saved ids to params: ids are
-        positions in the groups' param lists, group after group."""
+        positions in the groups' param lists, group after group.
+
+        Nothing changes when the dict is refused: the wrapper's tensors (shaped like their param) and
+        scalars (`check`) are validated before the inner optimizer loads (and validates) the rest."""
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}: a state_dict is a dict with 'state' and 'param_groups'")
         inner_state, extra = {}, {}
         for pid, st in state_dict["state"].items():
             st = dict(st)
@@ -169,9 +179,24 @@ class _WrappedOptimizer(torch.optim.Optimizer):
         groups = [{k: v for k, v in g.items() if k not in group_keys} for g in state_dict["param_groups"]]
         group_extra = {k: v for k, v in state_dict["param_groups"][0].items() if k in group_keys} \
             if state_dict["param_groups"] else {}
-        self._inner.load_state_dict({"state": inner_state, "param_groups": groups})
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
         by_id = dict(zip(saved_ids, self._param_list()))
+        same_layout = [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"])
+                                                                               for g in self.param_groups]
+        if same_layout:  # else the inner optimizer's loader refuses the dict, with torch's message
+            for pid, found in extra.items():
+                p = by_id.get(pid)
+                for key, v in found.items():
+                    if p is None or not isinstance(v, Tensor) or v.shape != p.shape or v.is_complex() != p.is_complex() \
+                            or not (v.is_floating_point() or v.is_complex()):
+                        what = (f"a {type(v).__name__}" if not isinstance(v, Tensor)
+                                else f"a {v.dtype} tensor of shape {tuple(v.shape)}")
+                        where = "no parameter" if p is None else f"its parameter of shape {tuple(p.shape)}, {p.dtype}"
+                        raise ValueError(f"{name}: cannot load the state dict: {key!r} of parameter {pid} is {what}, "
+                                         f"for {where}; nothing was changed")
+            if check is not None:
+                check(group_extra)
+        self._inner.load_state_dict({"state": inner_state, "param_groups": groups})
         out = {}
         for pid, found in extra.items():
             p = by_id[pid]
@@ -233,10 +258,33 @@ class Lookahead(_WrappedOptimizer):
         return _impl_of(self._inner, device, _sync_impls, self._impl_request)
 
     @torch.no_grad()
-    def _capture_slow(self) -> None:
-        for p in self._param_list():
-            if p not in self._slow:
-                self._slow[p] = p.detach().clone(memory_format=torch.preserve_format)
+    def _new_slow(self) -> dict[Tensor, Tensor]:
+        """Slow weights of the params that have none yet: p before its first step."""
+        return {p: p.detach().clone(memory_format=torch.preserve_format) for p in self._param_list()
+                if p not in self._slow}
+
+    def _check_sync(self) -> None:
+        """What the sync needs, checked before the inner step runs (it must not fail after it): k and
+        alpha (attributes a user may edit), every slow weight shaped, typed and placed like its param,
+        and the sync's impl able to run on the params' dtypes."""
+        _check_k(self.k)
+        _check_range("alpha", self.alpha, lo=0.0, hi=1.0, label="Lookahead alpha")
+        checked: set[tuple[torch.device, torch.dtype]] = set()
+        for i, p in enumerate(self._param_list()):
+            slow = self._slow.get(p)
+            if slow is not None and (slow.shape != p.shape or slow.dtype != p.dtype or slow.device != p.device):
+                raise RuntimeError(f"Lookahead: the slow weight of parameter {i} ({tuple(slow.shape)}, {slow.dtype}, "
+                                   f"{slow.device}) no longer fits its parameter ({tuple(p.shape)}, {p.dtype}, "
+                                   f"{p.device}): was the model converted (.to(), .double()) after training "
+                                   "started? Recreate the optimizer, or load a state_dict that fits")
+            if (p.device, p.dtype) in checked:
+                continue
+            checked.add((p.device, p.dtype))
+            supported = _IMPL_DTYPES.get(self._impl_for(p.device))
+            if supported is not None and _real_dtype(p.dtype) not in supported:
+                raise TypeError(f"Lookahead: the sync's impl {self._impl_for(p.device)!r} handles "
+                                f"{', '.join(map(str, supported))} tensors, got a {p.dtype} parameter {i}; pass "
+                                "impl='foreach' to Lookahead")
 
     def step(self, closure: Callable[[], Any] | None = None):
         """One inner step (with `closure`, if given); every k-th also synchronizes the slow weights."""
@@ -244,8 +292,10 @@ class Lookahead(_WrappedOptimizer):
             raise RuntimeError("Lookahead: step() is being captured in a CUDA graph, which it does not support: "
                                "whether a step syncs the slow weights (every k-th) is decided on the host, so "
                                "the graph would freeze that choice. Run its step outside the graph")
-        self._capture_slow()
+        self._check_sync()
+        new_slow = self._new_slow()  # kept only once the inner step succeeded: a refused step changes nothing
         loss = self._inner.step() if closure is None else self._inner.step(closure)
+        self._slow.update(new_slow)
         self.lookahead_step += 1
         if self.lookahead_step % self.k == 0:
             self.sync()
@@ -266,12 +316,11 @@ class Lookahead(_WrappedOptimizer):
                                  "lookahead_step": self.lookahead_step})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        extra, group_extra = self._load_with_extra(state_dict, ("lookahead_slow",), _GROUP_KEYS)
+        extra, group_extra = self._load_with_extra(state_dict, ("lookahead_slow",), _GROUP_KEYS, _check_group_extra)
         if "lookahead_step" not in group_extra:  # the bare inner optimizer's checkpoint: slow weights
             self._slow = {}                      # are captured again at the next step
             self.lookahead_step = 0
             return
-        _check_k(group_extra["lookahead_k"])
         self.k = int(group_extra["lookahead_k"])
         self.alpha = float(group_extra["lookahead_alpha"])
         self.lookahead_step = int(group_extra["lookahead_step"])
@@ -282,6 +331,20 @@ class Lookahead(_WrappedOptimizer):
 
 
 _GROUP_KEYS = ("lookahead_k", "lookahead_alpha", "lookahead_step")
+
+
+def _check_group_extra(group_extra: dict[str, Any]) -> None:
+    """Lookahead's scalars of a state dict (refused before anything loads)."""
+    if "lookahead_step" not in group_extra:
+        return
+    try:
+        _check_k(group_extra.get("lookahead_k"))
+        _check_range("alpha", group_extra.get("lookahead_alpha"), lo=0.0, hi=1.0, label="Lookahead alpha")
+        step = group_extra["lookahead_step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"Invalid lookahead_step: {step!r} (expected an int >= 0)")
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"Lookahead: cannot load the state dict: {exc}; nothing was changed") from None
 
 
 def _check_k(k: Any) -> None:

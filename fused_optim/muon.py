@@ -307,24 +307,25 @@ class Muon(FusedOptimizer):
         if not param_group.get("use_muon", True):
             for key, value in self._adam_defaults.items():
                 param_group.setdefault(key, value)
-        else:
-            params = param_group["params"]
-            if isinstance(params, set):  # torch's rule and message, before a set is listed
-                raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
-                                "ordering of tensors in sets will change between runs. Please use a list instead.")
-            params = [params] if isinstance(params, Tensor) else list(params)
-            for p in params:
-                if isinstance(p, Tensor) and p.ndim < 2:
-                    raise ValueError(f"Muon orthogonalizes matrices, but a use_muon=True group has a {p.ndim}-D "
-                                     f"parameter of shape {tuple(p.shape)}; put embeddings, heads and 1-D params "
-                                     "in a use_muon=False (Adam) group, e.g. Muon(muon_param_groups(model))")
-            param_group["params"] = params
-        super().add_param_group(param_group)
+        super().add_param_group(param_group)  # a use_muon=True group's params are checked in _validate_group
+
+    def _state_spec(self, group: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        if group["use_muon"]:
+            return ("momentum_buffer",), (), ()
+        return ("exp_avg", "exp_avg_sq", "step"), (), ("step",)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")
         _check_range("weight_decay", group["weight_decay"], lo=0.0)
+        if not isinstance(group["use_muon"], bool):
+            raise TypeError(f"use_muon must be a bool, got {group['use_muon']!r}")
         if group["use_muon"]:
+            for i, p in enumerate(group.get("params", ())):
+                if isinstance(p, Tensor) and p.ndim < 2:
+                    raise ValueError(f"Muon orthogonalizes matrices, but a use_muon=True group has a {p.ndim}-D "
+                                     f"parameter (parameter {i}, shape {tuple(p.shape)}); put embeddings, heads "
+                                     "and 1-D params in a use_muon=False (Adam) group, e.g. "
+                                     "Muon(muon_param_groups(model))")
             _check_range("momentum", group["momentum"], lo=0.0, hi=1.0, hi_open=True)
             steps = group["ns_steps"]
             if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -30,7 +30,7 @@ from ._foreach import mul_operand
 from ._native import _native_neuro_optima
 from .lookahead import _check_k, lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag, cuda_capturing
-from .sam import _all_lr_zero, _has_grads, sam_first_step, sam_second_step
+from .sam import _all_lr_zero, _grads_of, _has_grads, _restore_grads, sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
 
@@ -133,6 +133,8 @@ class NeuroOptima(FusedOptimizer):
     # grad_scale/found_inf to a step that would have to apply them twice.
     _step_supports_amp_scaling = False
     _group_counters = ("step",)
+    _state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad")
+    _optional_state_keys = ("slow_param",)  # captured at a param's first core update when missing
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
@@ -170,11 +172,17 @@ class NeuroOptima(FusedOptimizer):
                     loss = closure()
             for group in self.param_groups:
                 self._collect(group)  # refuse bad grads before SAM moves anything
+            grads = _grads_of(self.param_groups)
             saved = sam_first_step(self.param_groups, rho_of=lambda g: g["sam_rho"], adaptive_of=lambda g: False,
                                    impl_for=self.impl_for)
             self.zero_grad(set_to_none=True)
-            with torch.enable_grad():
-                closure()
+            try:
+                with torch.enable_grad():
+                    closure()
+            except BaseException:  # KeyboardInterrupt too: params and grads back as before the step
+                sam_second_step(saved)
+                _restore_grads(grads)
+                raise
             sam_second_step(saved)
         elif closure is not None:
             with torch.enable_grad():

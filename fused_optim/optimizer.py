@@ -49,7 +49,9 @@ def _check_range(name: str, value: Any, *, lo: float | None = None, hi: float | 
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    ok = not math.isnan(value)
+    # inf is refused too: no update rule here is defined at an infinite hyperparameter, and the impls
+    # would disagree on the NaN/Inf they produce
+    ok = math.isfinite(value)
     if lo is not None:
         ok = ok and (value > lo if lo_open else value >= lo)
     if hi is not None:
@@ -57,7 +59,7 @@ def _check_range(name: str, value: Any, *, lo: float | None = None, hi: float | 
     if not ok:
         lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
         hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
-        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {lo_s}{name}{hi_s})")
+        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {lo_s}{name}{hi_s}, finite)")
 
 
 def _check_betas(betas: Any, n: int) -> None:
@@ -70,6 +72,25 @@ def _check_betas(betas: Any, n: int) -> None:
 def _as_float(x: float | Tensor) -> float:
     """A hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step."""
     return x.item() if isinstance(x, Tensor) else float(x)
+
+
+def _check_counter(name: str, key: str, value: Any) -> None:
+    """A group step counter: an int >= 0, or a one-element tensor (capturable)."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name}: the group step counter {key!r} must be one number, got a tensor of "
+                             f"{value.numel()} elements")
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name}: the group step counter {key!r} must be an int >= 0, got {value!r}")
+
+
+#: dtypes an impl handles where it does not handle every floating dtype (checked before a step starts)
+_IMPL_DTYPES: dict[str, tuple[torch.dtype, ...]] = {"triton": (torch.float32, torch.float16, torch.bfloat16)}
+
+
+def _real_dtype(dtype: torch.dtype) -> torch.dtype:
+    return dtype.to_real() if dtype.is_complex else dtype
 
 
 @torch.compiler.assume_constant_result
@@ -100,13 +121,19 @@ def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None)
             raise ValueError(f"foreach=True conflicts with impl={impl!r}; pass only one of them")
         if fused and impl not in ("triton", "native"):
             raise ValueError(f"fused=True conflicts with impl={impl!r}; pass only one of them")
+        if fused is False and impl in ("triton", "native"):
+            raise ValueError(f"fused=False conflicts with impl={impl!r} (a fused impl); pass only one of them")
+        if foreach is False and impl == "foreach":
+            raise ValueError("foreach=False conflicts with impl='foreach'; pass only one of them")
         return impl
     if foreach:
         return "foreach"
     if fused:
         return "fused"
-    if foreach is False and fused in (None, False):
+    if foreach is False:
         return "forloop"  # torch's convention: foreach=False is the for-loop implementation
+    if fused is False:
+        return "foreach"  # torch's convention: fused=False is never a fused kernel (its default there: foreach)
     return None
 
 
@@ -169,6 +196,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     _supports_capturable = False
 
     _impls: dict[str, Callable[..., None]] = {}
+    #: per-param state, as `_state_spec` declares it: tensors shaped, placed and typed like their param
+    #: that a param's state holds all of once it has any (a step creates them together) ...
+    _state_keys: tuple[str, ...] = ()
+    #: ... param-shaped tensors a step creates when missing (a checkpoint may lack them) ...
+    _optional_state_keys: tuple[str, ...] = ()
+    #: ... and per-param scalars (a number or a one-element tensor; required when also in
+    #: `_state_keys`). Any other key is refused.
+    _scalar_state_keys: tuple[str, ...] = ()
+    #: the required state exists from `add_param_group` on (Gravity's velocity): an empty entry is refused
+    _state_from_init = False
     #: human name used in error messages
     _display_name = "optimizer"
     #: whether complex params are updated through torch.view_as_real (False: a clear error)
@@ -224,19 +261,47 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _zeros_state(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
 
+    # ------------------------------------------------------------------ pickling
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults, state and param_groups; an optimizer rebuilt from that lacks the
+        # impl request, `capturable`, the group defaults... Keep every attribute except torch's hook
+        # tables (torch drops them too: hooks are often unpicklable closures) and the impl cache (a
+        # copy may land in a process where other backends are available: it resolves again).
+        state = super().__getstate__()
+        for key, value in self.__dict__.items():
+            if key not in state and not key.startswith("_optimizer_") and key not in ("_impl_cache", "_state_checked"):
+                state[key] = value
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("_impl_cache", {})
+        self.__dict__.setdefault("_impl_request", None)
+        self.__dict__.setdefault("capturable", False)
+        self.__dict__.setdefault("_group_defaults", dict(self.defaults))
+
     # ------------------------------------------------------------------ param groups
     def add_param_group(self, param_group: dict) -> None:
-        # Validated here, so both the constructor's defaults and every group's own values are checked
-        # before the group exists.
-        merged = dict(self.defaults)
-        merged.update({k: v for k, v in param_group.items() if k != "params"})
-        self._validate_group(merged)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
         params = param_group["params"]
         if isinstance(params, set):  # torch's rule and message: a set's order changes between runs
             raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
                             "ordering of tensors in sets will change between runs. Please use a list instead.")
         params = [params] if isinstance(params, Tensor) else list(params)
+        # named parameters, as torch (>= 2.6) takes them: (name, tensor) pairs, recorded as the group's
+        # "param_names" (saved in state_dict()); all or none of a group's params are named
+        names = [p[0] for p in params if isinstance(p, tuple)]
+        if names:
+            if len(names) != len(params) or any(len(p) != 2 for p in params):
+                raise ValueError("all optimizer params should be with/without names. Some param names are missing")
+            params = [p[1] for p in params]
+            param_group["param_names"] = names
         param_group["params"] = params  # a generator is consumed above; torch must see the same list
+        # Validated here, so both the constructor's defaults and every group's own values are checked
+        # before the group exists.
+        merged = dict(self.defaults)
+        merged.update(param_group)
         for p in params:
             if not isinstance(p, Tensor):
                 raise TypeError(f"{self._display_name} can only optimize Tensors, but one of the params is "
@@ -248,6 +313,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise ValueError(f"{self._display_name} does not support complex parameters: "
                                  f"{self._complex_reason}. Optimize torch.view_as_real(p) as a real "
                                  "parameter instead if a per-component update is what you want")
+        self._validate_group(merged)
         # torch only warns on a duplicate inside a group (and its cross-group message names no tensor);
         # a tensor listed twice would be updated twice per step, so both are refused here, by position.
         seen: dict[int, int] = {}
@@ -263,6 +329,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     raise ValueError(f"some parameters appear in more than one parameter group: parameter "
                                      f"{seen[id(p)]} (shape {tuple(p.shape)}) of the new group is already in "
                                      f"group {gi}")
+        _check_no_overlap(self._display_name, params, getattr(self, "param_groups", []))
         super().add_param_group(param_group)
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
@@ -270,20 +337,41 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ step
     def _collect(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
-        """Params with a grad and their grads; raises before anything changes."""
+        """Params with a grad and their grads; raises before anything changes.
+
+        Each param's state is checked in the same pass (`_check_state`), by a signature that costs a few
+        attribute reads: the full check runs only for params whose signature changed since their last
+        check (a new or replaced state tensor, a param converted to another dtype, shape or device)."""
         params, grads = [], []
         strided = torch.strided
+        spec = self._state_spec(group)
+        track = (spec[0] or spec[1] or spec[2]) and not torch.compiler.is_compiling()
+        state = self.state
+        checked = self.__dict__.get("_state_checked")
+        if checked is None:
+            checked = self._state_checked = {}
+        changed: list[Tensor] = []
         for p in group["params"]:
             g = p.grad
             if g is None:
                 continue
             # one cheap test per grad (this runs every step); layouts and dtypes are singletons
-            if g.layout is not strided or g.dtype is not p.dtype or g.shape != p.shape or g.device != p.device:
+            dtype, shape, device = p.dtype, p.shape, p.device
+            if g.layout is not strided or g.dtype is not dtype or g.shape != shape or g.device != device:
                 self._refuse_grad(p, g)
             params.append(p)
             grads.append(g)
+            if track:
+                st = state.get(p)
+                # keyed by id(p), with p held in the entry: a tensor's __hash__ is a Python call, an int's is not
+                seen = checked.get(id(p))
+                if not st:
+                    if seen is not None or self._state_from_init:
+                        changed.append(p)
+                elif seen is None or seen[0] is not p or seen[1] != (dtype, shape, device, *map(id, st.values())):
+                    changed.append(p)
         if params:
-            self._check_group(group, params)
+            self._check_group(group, params, changed if track else None)
         return params, grads
 
     def _refuse_grad(self, p: Tensor, g: Tensor) -> None:
@@ -298,7 +386,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                            f"its parameter ({p.dtype}, {p.device}); grads must have the param's "
                            "dtype and device")
 
-    def _check_group(self, group: dict, params: list[Tensor]) -> None:
+    def _check_group(self, group: dict, params: list[Tensor], changed: list[Tensor] | None = None) -> None:
         """What could otherwise fail mid-step, checked while collecting (every group is collected before
         any tensor changes, so no step is half-applied): hyperparameters edited into `param_groups` after
         construction are re-validated, and the impl of each device is resolved (an explicit impl that
@@ -307,11 +395,102 @@ class FusedOptimizer(torch.optim.Optimizer):
         if not any(isinstance(v, Tensor) and v.device.type != "cpu" for k, v in group.items()
                    if k != "params" and k not in self._group_counters):
             self._validate_group(group)
+        for key in self._group_counters:
+            _check_counter(self._display_name, key, group.get(key, 0))
         devices = {p.device for p in params}
+        sharded = not _PLAIN_TYPES.issuperset(map(type, params)) and any(_dist.is_dtensor(p) for p in params)
         for device in devices:
-            self.impl_for(device)
+            impl = self.impl_for(device)
+            if sharded:
+                self._runs(device, sharded)  # raises when the impl cannot run on shards
+            if impl in _ops.OPAQUE_IMPLS and self.capturable and torch.compiler.is_compiling():
+                raise RuntimeError(f"{self._display_name}: capturable=True inside torch.compile is not supported "
+                                   "yet; compile the capturable=False step, or capture the eager capturable step "
+                                   "with torch.cuda.graph")
+            supported = _IMPL_DTYPES.get(impl)
+            if supported is not None:
+                for p in params:
+                    if p.device == device and _real_dtype(p.dtype) not in supported:
+                        raise TypeError(f"{self._display_name}: impl={impl!r} handles "
+                                        f"{', '.join(map(str, supported))} tensors, got a {p.dtype} parameter of "
+                                        f"shape {tuple(p.shape)}; use impl='foreach' (or 'native') for it")
         if self.capturable:
-            self._check_capturable(devices, any(_dist.is_dtensor(p) for p in params))
+            self._check_capturable(devices, sharded)
+        self._check_state(group, params if changed is None else changed)
+
+    def _state_spec(self, group: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+        """(required, optional, scalar) per-param state keys of `group` (class attributes above)."""
+        return self._state_keys, self._optional_state_keys, self._scalar_state_keys
+
+    def _check_state(self, group: dict, params: list[Tensor]) -> None:
+        """Every param's state fits it (keys, shape, device, dtype) before anything moves; a state edited
+        or a model converted (``.double()``, ``.to(device)``) after the state was made is refused here
+        rather than halfway through the step. Each param that passes is recorded with its signature
+        (`_collect`); the checked tensors are held there, so their ids cannot be reused by new tensors
+        while they count as checked."""
+        spec = self._state_spec(group)
+        required, optional, scalars = spec
+        if not (required or optional or scalars):
+            return
+        state = self.state
+        compiling = torch.compiler.is_compiling()  # then checked while tracing; Dynamo's guards re-trace
+        checked = self.__dict__.setdefault("_state_checked", {})
+        for p in params:
+            st = state.get(p)
+            if self._state_problem(p, st or {}, spec, loading=False) is not None:
+                self._refuse_state(group, p, spec)
+            if compiling:
+                continue
+            if st:
+                checked[id(p)] = (p, (p.dtype, p.shape, p.device, *map(id, st.values())), tuple(st.values()))
+            else:
+                checked.pop(id(p), None)  # a reset state: let go of the old tensors
+
+    def _refuse_state(self, group: dict, p: Tensor, spec) -> None:
+        problem = self._state_problem(p, self.state.get(p, {}), spec, loading=False)
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        pi = next(i for i, q in enumerate(group["params"]) if q is p)
+        raise RuntimeError(f"{self._display_name}: the state of parameter {pi} of group {gi} (shape "
+                           f"{tuple(p.shape)}, {p.dtype}, {p.device}) {problem}. The state no longer fits its "
+                           "parameter (edited by hand, or the model converted with .to()/.double() after the "
+                           "optimizer was built): recreate the optimizer, or load a state_dict that fits")
+
+    def _state_problem(self, p: Tensor, st: dict, spec, *, loading: bool) -> str | None:
+        """What is wrong with `st` as the state of `p` (None: nothing). `loading`: the state comes from a
+        state_dict, whose tensors are still to be moved to `p`'s device and cast to the state dtype."""
+        required, optional, scalars = spec
+        if not st:
+            if self._state_from_init and required:
+                return f"is empty (expected {', '.join(map(repr, required))})"
+            return None
+        for key in required:
+            if key not in st:
+                return (f"lacks {key!r} (it holds {sorted(map(str, st))}, expected "
+                        f"{sorted(required)}): a state_dict of another optimizer?")
+        for key, v in st.items():
+            if key in scalars:
+                if isinstance(v, Tensor) and v.numel() != 1 or isinstance(v, bool) or not isinstance(v, (Tensor, int, float)):
+                    return f"has {key!r} = {v!r} (expected a number or a one-element tensor)"
+            elif key in required or key in optional:
+                if not isinstance(v, Tensor):
+                    return f"has {key!r} of type {type(v).__name__} (expected a tensor)"
+                if v.shape != p.shape:
+                    return f"has {key!r} of shape {tuple(v.shape)} (expected its parameter's {tuple(p.shape)})"
+                if not (v.is_floating_point() or v.is_complex()) or v.is_complex() != p.is_complex():
+                    return f"has {key!r} of dtype {v.dtype} (expected a {'complex' if p.is_complex() else 'floating'} dtype)"
+                if loading:
+                    continue
+                if v.device != p.device:
+                    return f"has {key!r} on {v.device} (expected its parameter's device, {p.device})"
+                allowed = {p.dtype, self._state_dtype(p)}
+                if p.dtype in _LOW_PRECISION:
+                    allowed.add(torch.float32)
+                if v.dtype not in allowed:
+                    return f"has {key!r} of dtype {v.dtype} (expected {' or '.join(sorted(map(str, allowed)))})"
+            else:
+                return (f"holds an unknown key {key!r} (expected {sorted(required + optional + scalars)}): a "
+                        "state_dict of another optimizer?")
+        return None
 
     def _check_capturable(self, devices: set[torch.device], sharded: bool) -> None:
         if len(devices) > 1:
@@ -511,16 +690,38 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state dict
     def load_state_dict(self, state_dict: dict) -> None:
-        """torch's loader, then every state tensor re-cast from the *saved* values to this impl's policy.
+        """torch's loader, validated first, then every state tensor re-cast from the *saved* values to this
+        impl's policy.
+
+        Refused before anything changes (a ``ValueError`` naming the group or the saved param id and the
+        key): another number of groups or of params in a group; group hyperparameters this optimizer
+        refuses; a param's state missing a key, holding a key this optimizer does not know (a state_dict
+        of another optimizer), or a tensor of another shape or kind than its param. Group keys the saved
+        groups lack (upstream checkpoints have no ``maximize``...) keep their current values.
 
         torch casts floating state to the param's dtype, which would round fp32 state of bf16 params
-        through bf16; copying from the saved tensors keeps it exact. Copies never share storage with
-        the source dict, so two live optimizers never update one buffer.
+        through bf16; copying from the saved tensors keeps it exact. Every tensor is copied, so two live
+        optimizers never share a buffer (nor a counter) with each other or with the source dict.
         """
+        # torch's pre-hooks first (they may rewrite the dict), then the checks on what will be loaded
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        self._check_loaded(state_dict)
         saved_state = state_dict["state"]
         saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        super().load_state_dict(state_dict)
-        for group in self.param_groups:  # checkpoints of upstream optimizers lack our keys (maximize, ...)
+        previous = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        hooks = self._optimizer_load_state_dict_pre_hooks
+        self._optimizer_load_state_dict_pre_hooks = type(hooks)()
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            self._optimizer_load_state_dict_pre_hooks = hooks
+        for group, before in zip(self.param_groups, previous):
+            for key, value in before.items():  # keys the checkpoint lacks keep this optimizer's values
+                group.setdefault(key, value)
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
             for key in self._group_counters:  # a capturable counter: never shared with the source dict
@@ -531,10 +732,142 @@ class FusedOptimizer(torch.optim.Optimizer):
             if pid not in saved_state:
                 continue
             for key, value in saved_state[pid].items():
-                if isinstance(value, Tensor) and (value.is_floating_point() or value.is_complex()) and key != "step":
-                    dtype = self._state_dtype(p) if p.is_floating_point() or p.is_complex() else value.dtype
-                    self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+                if not isinstance(value, Tensor):
+                    continue
+                if (value.is_floating_point() or value.is_complex()) and key not in self._scalar_state_keys:
+                    self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p), copy=True)
+                else:  # counters and integer tensors stay where torch puts them, as copies
+                    self.state[p][key] = self.state[p][key].clone()
         self._impl_cache.clear()
+        self.__dict__.pop("_state_checked", None)  # holds the replaced state tensors
+
+    def _check_loaded(self, state_dict: Any) -> None:
+        """Raise (before anything changes) if `state_dict` cannot be loaded here; see `load_state_dict`."""
+        name = self._display_name
+        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+            raise ValueError(f"{name}: a state_dict is a dict with 'state' and 'param_groups', got "
+                             f"{sorted(state_dict) if isinstance(state_dict, dict) else type(state_dict).__name__}")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"loaded state dict has a different number of parameter groups ({len(saved_groups)}, "
+                             f"this {name} has {len(self.param_groups)})")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"loaded state dict contains a parameter group that doesn't match the size of "
+                                 f"optimizer's group: group {gi} has {len(saved['params'])} params there, "
+                                 f"{len(group['params'])} here")
+        for gi, (group, saved) in enumerate(zip(self.param_groups, saved_groups)):
+            merged = {**self._group_defaults, **{k: v for k, v in group.items() if k != "params"}, **saved,
+                      "params": group["params"]}
+            try:
+                self._validate_group(merged)
+                for key in self._group_counters:
+                    _check_counter(name, key, merged.get(key, 0))
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{name}: cannot load param group {gi} of the state dict: {exc}") from None
+            spec = self._state_spec(merged)
+            for pid, p in zip(saved["params"], group["params"]):
+                st = state_dict["state"].get(pid)
+                problem = self._state_problem(p, st if isinstance(st, dict) else {}, spec, loading=True)
+                if problem is None and st is not None and not isinstance(st, dict):
+                    problem = f"is a {type(st).__name__} (expected a dict)"
+                if problem is not None:
+                    raise ValueError(f"{name}: cannot load the state dict: the state of parameter {pid} (group "
+                                     f"{gi}, shape {tuple(p.shape)}) {problem}; nothing was changed")
+
+
+# ---------------------------------------------------------------------------------------------- overlap
+_EXACT_OVERLAP_MAX = 1 << 22  # elements up to which an undecided layout is checked exactly (offsets enumerated)
+
+
+def _offsets(t: Tensor) -> Tensor:
+    """Every element's offset in `t`'s storage, in elements (for layouts no stride rule decides)."""
+    span = sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1
+    base = torch.arange(span, dtype=torch.int64)
+    return torch.as_strided(base, t.shape, t.stride()).flatten() + t.storage_offset()
+
+
+def _has_internal_overlap(t: Tensor) -> bool:
+    """Whether two elements of `t` share memory (``expand``, ``as_strided`` with small strides)."""
+    status = torch._debug_has_internal_overlap(t)  # 0: no, 1: yes, 2: torch cannot tell (any non-contiguous)
+    if status != 2:
+        return status == 1
+    reach = 0  # dims by increasing stride: each stride must step past everything the smaller dims reach
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if stride <= reach:
+            if t.numel() > _EXACT_OVERLAP_MAX:
+                return True
+            return _offsets(t).unique().numel() != t.numel()
+        reach += (size - 1) * stride
+    return False
+
+
+def _storage_key(t: Tensor) -> tuple | None:
+    """(device, storage address) of a plain tensor with memory, else None (meta, DTensor, empty)."""
+    if type(t) not in _PLAIN_TYPES or t.numel() == 0 or t.device.type == "meta":
+        return None
+    try:
+        ptr = t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):  # fake or functional tensors
+        return None
+    return (t.device, ptr) if ptr else None
+
+
+def _byte_range(t: Tensor) -> tuple[int, int]:
+    item = t.element_size()
+    lo = t.storage_offset() * item
+    return lo, lo + (sum((n - 1) * s for n, s in zip(t.shape, t.stride())) + 1) * item
+
+
+def _views_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two tensors of one storage share an element (their byte ranges intersect)."""
+    (alo, ahi), (blo, bhi) = _byte_range(a), _byte_range(b)
+    if ahi <= blo or bhi <= alo:
+        return False
+    dense = all(t.numel() * t.element_size() == hi - lo for t, (lo, hi) in ((a, (alo, ahi)), (b, (blo, bhi))))
+    if dense or a.element_size() != b.element_size() or max(a.numel(), b.numel()) > _EXACT_OVERLAP_MAX:
+        return True
+    # interleaved views (p[::2] and p[1::2]): compare the element offsets themselves
+    return bool(torch.isin(_offsets(a), _offsets(b)).any())
+
+
+def _check_no_overlap(name: str, params: list[Tensor], groups: list[dict]) -> None:
+    """Refuse a param whose elements overlap each other or another param's (a view of another param):
+    an in-place update would then apply twice to the shared memory, differently per impl. torch checks
+    duplicates by identity only."""
+    for i, p in enumerate(params):
+        if _storage_key(p) is not None and _has_internal_overlap(p):
+            raise ValueError(f"{name}: parameter {i} of the new group (shape {tuple(p.shape)}, stride "
+                             f"{tuple(p.stride())}) has internally overlapping memory (e.g. made by .expand()): "
+                             "an in-place update would apply several times to one element. Optimize a "
+                             ".clone() (or .contiguous()) of it instead")
+    by_storage: dict[tuple, list[tuple[int, int, bool, str, Tensor]]] = defaultdict(list)
+    for gi, group in enumerate(groups):
+        for j, q in enumerate(group["params"]):
+            key = _storage_key(q)
+            if key is not None:
+                by_storage[key].append((*_byte_range(q), False, f"parameter {j} of group {gi}", q))
+    new_keys = set()
+    for i, p in enumerate(params):
+        key = _storage_key(p)
+        if key is not None:
+            by_storage[key].append((*_byte_range(p), True, f"parameter {i} of the new group", p))
+            new_keys.add(key)
+    for key in new_keys:  # a sweep by start address: views of one flat buffer cost O(n log n), not O(n^2)
+        active: list[tuple[int, int, bool, str, Tensor]] = []
+        for entry in sorted(by_storage[key], key=lambda e: e[0]):
+            lo, _, is_new, where, p = entry
+            active = [a for a in active if a[1] > lo]
+            for _, _, other_new, other_where, q in active:
+                if (is_new or other_new) and _views_overlap(p, q):
+                    first, second = (where, p), (other_where, q)
+                    if not is_new:
+                        first, second = second, first
+                    raise ValueError(f"{name}: {first[0]} (shape {tuple(first[1].shape)}) overlaps in memory with "
+                                     f"{second[0]} (shape {tuple(second[1].shape)}): they are views of one storage, "
+                                     "so updating one changes the other. Optimize the base tensor once, or give "
+                                     "each parameter its own memory (.clone())")
+            active.append(entry)
 
 
 def cuda_capturing() -> bool:

@@ -172,6 +172,16 @@ def _all_lr_zero(groups: list[dict]) -> bool:
     return all("lr" in g and float(g["lr"]) == 0 for g in groups)
 
 
+def _grads_of(groups: list[dict]) -> list[tuple[Tensor, Tensor | None]]:
+    """Every param with its current grad (a closure that raises gets them back, `_restore_grads`)."""
+    return [(p, p.grad) for g in groups for p in g["params"]]
+
+
+def _restore_grads(grads: list[tuple[Tensor, Tensor | None]]) -> None:
+    for p, g in grads:
+        p.grad = g
+
+
 def _has_grads(groups: list[dict]) -> bool:
     return any(p.grad is not None for g in groups for p in g["params"])
 
@@ -298,9 +308,17 @@ class SAM(_WrappedOptimizer):
         if not _has_grads(self.param_groups):
             with torch.enable_grad():
                 loss = closure()
+        grads = _grads_of(self.param_groups)
         self.first_step(zero_grad=True)
-        with torch.enable_grad():
-            closure()
+        try:
+            with torch.enable_grad():
+                closure()
+        except BaseException:  # KeyboardInterrupt too: never leave the params at the perturbed point
+            with torch.no_grad():
+                sam_second_step(self._saved)
+            self._saved = []
+            _restore_grads(grads)
+            raise
         self.second_step()
         self.zero_grad(set_to_none=True)
         return loss
@@ -312,6 +330,14 @@ class SAM(_WrappedOptimizer):
                                 {})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for gi, group in enumerate(state_dict.get("param_groups", []) if isinstance(state_dict, dict) else []):
+            try:  # SAM's own group values, before anything loads (the base optimizer knows only its own)
+                _check_range("rho", group.get("rho", self.defaults["rho"]), lo=0.0, label="SAM rho")
+                if not isinstance(group.get("adaptive", False), bool):
+                    raise TypeError(f"SAM adaptive must be a bool, got {group['adaptive']!r}")
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"SAM: cannot load param group {gi} of the state dict: {exc}; nothing was "
+                                "changed") from None
         extra, _ = self._load_with_extra(state_dict, ("sam_old_param",), ())
         self._saved = [_Saved("forloop", list(extra), [e["sam_old_param"] for e in extra.values()])] if extra else []
 

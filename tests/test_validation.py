@@ -33,6 +33,20 @@ NAN, INF = float("nan"), float("inf")
 # (constructor kwarg, a bad value, the text that names it in the message). Composites per SPEC §5-8.
 _BETA2 = [("betas", (1.0, 0.9), "betas[0]"), ("betas", (0.9, -0.1), "betas[1]"), ("betas", (NAN, 0.9), "betas[0]"),
           ("betas", (0.9,), "betas"), ("betas", "0.9", "betas")]
+# non-finite values where a finite one is required (no update rule here is defined at infinity, and the
+# impls would disagree on the NaN/Inf they produce)
+_INF = {
+    "Gravity": [("lr", INF, "lr"), ("alpha", INF, "alpha")],
+    "Lion": [("lr", INF, "lr"), ("weight_decay", INF, "weight_decay")],
+    "Adan": [("lr", INF, "lr"), ("eps", INF, "eps"), ("weight_decay", INF, "weight_decay"),
+             ("max_grad_norm", INF, "max_grad_norm")],
+    "GradientEquilibrium": [("lr", INF, "lr"), ("weight_decay", INF, "weight_decay")],
+    "Lookahead": [("alpha", INF, "alpha")],
+    "SAM": [("rho", INF, "rho")],
+    "NeuroOptima": [("lr", INF, "lr"), ("weight_decay", INF, "weight_decay"), ("sam_rho", INF, "sam_rho"),
+                    ("eps", INF, "eps"), ("lookahead_alpha", NAN, "lookahead_alpha")],
+    "Muon": [("lr", INF, "lr"), ("lr", NAN, "lr"), ("weight_decay", INF, "weight_decay"), ("momentum", NAN, "momentum")],
+}
 BAD: dict[str, list[tuple[str, object, str]]] = {
     "Gravity": [("lr", 0.0, "lr"), ("lr", -0.1, "lr"), ("lr", NAN, "lr"), ("alpha", -0.01, "alpha"),
                 ("alpha", NAN, "alpha"), ("beta", -0.1, "beta"), ("beta", 1.0, "beta"), ("beta", 1.5, "beta"),
@@ -54,6 +68,8 @@ BAD: dict[str, list[tuple[str, object, str]]] = {
     "Muon": [("lr", -0.02, "lr"), ("momentum", 1.0, "momentum"), ("momentum", -0.1, "momentum"),
              ("weight_decay", -0.1, "weight_decay"), ("ns_steps", -1, "ns_steps"), ("ns_steps", 2.5, "ns_steps")],
 }
+for _name, _cases in _INF.items():
+    BAD[_name] = BAD[_name] + _cases
 BAD["GradientEquilibrum"] = BAD["GradientEquilibrium"]
 BAD["MuonWithAuxAdam"] = BAD["Muon"]
 # constructor arguments that are not hyperparameters of the update, or not checked at construction:
