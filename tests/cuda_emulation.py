@@ -91,8 +91,43 @@ def launches(ops=None) -> dict[str, int]:
     return out
 
 
-def sweep(ops):
-    """One call of every op for every storage-type combination the host code dispatches to, AMP and not."""
+class _Twin:
+    """Calls each op on the emulated build and, on clones of the same inputs, on `ref` (the native CPU ops,
+    independently held to the forloop reference): every written tensor and the result must agree within
+    2 ulp of its dtype at the tensor's scale (the reductions add in another order)."""
+
+    def __init__(self, ops, ref):
+        self.ops, self.ref = ops, ref
+
+    def __getattr__(self, name):
+        def call(*args):
+            if self.ref is None:
+                return getattr(self.ops, name)(*args)
+            twin = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                    else a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            out = getattr(self.ops, name)(*args)
+            expected = getattr(self.ref, name)(*twin)
+            pairs = [(out, expected)] if isinstance(out, torch.Tensor) else []
+            for a, b in zip(args, twin):
+                if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+                    pairs += list(zip(a, b))
+            for i, (x, y) in enumerate(pairs):
+                if not x.is_floating_point():
+                    assert torch.equal(x, y), f"{name}: tensor {i} differs from the native CPU op"
+                    continue
+                eps = torch.finfo(y.dtype).eps
+                x, y = x.double(), y.double()
+                bound = 2 * eps * (y.abs() + y.abs().mean())
+                assert ((x - y).abs() <= bound).all(), (f"{name} ({y.dtype}): tensor {i} differs from the native "
+                                                        f"CPU op by up to {(x - y).abs().max().item():.3g}")
+            return out
+        return call
+
+
+def sweep(ops, ref=None):
+    """One call of every op for every storage-type combination the host code dispatches to, AMP and not;
+    with `ref` (torch.ops.fused_optim on the CPU) every call is checked against the native CPU kernels."""
+    ops = _Twin(ops, ref)
     fp = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
     sizes = (5, 1030)  # a vector body and a scalar tail
 
@@ -100,21 +135,21 @@ def sweep(ops):
         return [(torch.rand(n) + 0.5 if positive else torch.randn(n)).to(dt) for n in sizes]
 
     for p_dt in fp:
-        m_dt = torch.float64 if p_dt == torch.float64 else torch.float32
+        m_dt = torch.float64 if p_dt == torch.float64 else torch.float32  # the math type
         for s_dt in {p_dt, m_dt}:
             for amp in (False, True):
-                scale = dict(grad_scale=torch.full((1,), 2.0), found_inf=torch.zeros(1)) if amp else {}
-                gs, ga = (scale.get("grad_scale"), scale.get("found_inf"))
+                gs, fi = (torch.full((1,), 2.0), torch.zeros(1)) if amp else (None, None)
                 p, g = rnd(p_dt), rnd(p_dt)
                 stats = ops.multi_tensor_stats(g, p, 0.1, False, gs)
-                ops.lion_(p, g, rnd(s_dt), 1e-3, 0.9, 0.99, 0.1, False, gs, ga)
-                ops.gravity_(p, g, rnd(s_dt), stats, 1e-3, 0.9, False, gs, ga)
-                ops.adan_(p, g, rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt), 1e-3, 0.98, 0.92, 0.99, 0.1, 0.1,
-                          0.3, 1e-8, 0.02, False, None, False, gs, ga)
-                ops.gradient_equilibrium_(p, g, stats, 1e-3, 0.0, False, gs, ga)
+                ops.lion_(p, g, rnd(s_dt), 1e-3, 0.9, 0.99, 0.1, False, gs, fi)
+                ops.gravity_(p, g, rnd(s_dt), stats, 1e-3, 0.9, False, gs, fi)
+                adan_state = [rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt)]
+                ops.adan_(p, g, *adan_state, 1e-3, 0.98, 0.92, 0.99, 0.1, 0.1, 0.3, 1e-8, 0.02, False, None,
+                          False, gs, fi)
+                ops.gradient_equilibrium_(p, g, stats, 1e-3, 0.0, False, gs, fi)
             ops.lookahead_sync_(rnd(p_dt), rnd(s_dt), 0.5)
-            ops.neuro_optima_(rnd(p_dt), rnd(p_dt), rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt), 1e-3, 0.9,
-                              0.99, 1e-8, 0.0, False)
+            neuro_state = [rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt)]
+            ops.neuro_optima_(rnd(p_dt), rnd(p_dt), *neuro_state, 1e-3, 0.9, 0.99, 1e-8, 0.0, False)
             for u_dt in {torch.bfloat16, p_dt}:
                 ops.muon_momentum_(rnd(p_dt), rnd(s_dt), rnd(u_dt), 0.95, True, False)
         for u_dt in {torch.bfloat16, p_dt}:
@@ -122,8 +157,8 @@ def sweep(ops):
         ops.multi_tensor_stats(rnd(p_dt))
         ops.multi_tensor_l2norm(rnd(p_dt))
         ops.multi_tensor_l2norm(rnd(p_dt), rnd(p_dt))
-        ops.sam_perturb_(rnd(p_dt), rnd(p_dt), rnd(p_dt), torch.tensor(0.1, dtype=torch.float64 if p_dt ==
-                                                                                torch.float64 else torch.float32),
-                         True)
-    for dt in (torch.uint8, torch.float16, torch.float32, torch.float64):
-        ops.multi_tensor_copy_([torch.zeros(n, dtype=dt) for n in sizes], [torch.ones(n, dtype=dt) for n in sizes])
+        ops.sam_perturb_(rnd(p_dt), rnd(p_dt), rnd(p_dt), torch.tensor(0.1, dtype=m_dt), True)
+    for dt in (torch.uint8, torch.float16, torch.float32, torch.float64):  # the bit copy: 1, 2, 4, 8 bytes
+        dst, src = [torch.zeros(n, dtype=dt) for n in sizes], [torch.ones(n, dtype=dt) for n in sizes]
+        ops.multi_tensor_copy_(dst, src)
+        assert all(torch.equal(d, s) for d, s in zip(dst, src)), f"multi_tensor_copy_ of {dt}"

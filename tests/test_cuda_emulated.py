@@ -13,7 +13,7 @@ coverage check: every kernel instantiation compiled into the build is launched b
 from __future__ import annotations
 
 import inspect
-import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -65,13 +65,15 @@ def _rerun(fn, prefix):
 
 _RERUN = {
     "native": (tn, ["test_fp32_matches_forloop", "test_fp64_matches_forloop", "test_low_precision_spec9",
-                    "test_amp_hooks", "test_stats_match_torch", "test_stats_options", "test_stats_nan_propagates",
+                    "test_amp_hooks", "test_stats_match_torch", "test_stats_options",
+                    "test_stats_nan_propagates",
                     "test_lowp_vector_loop_is_bit_equal_to_scalar_loop", "test_stats_lowp_equal_fp32_upcast",
                     "test_op_errors_are_clear"]),
     "composites": (tc, ["test_lookahead_sync_fp32", "test_lookahead_sync_lowp", "test_sam_norms_fp32",
                         "test_sam_norms_lowp", "test_sam_perturb_and_restore_fp32", "test_sam_perturb_lowp",
                         "test_sam_restore_copies_bits", "test_muon_momentum_fp32", "test_muon_momentum_lowp",
-                        "test_muon_apply_fp32", "test_muon_apply_lowp", "test_muon_end_to_end_matches_forloop_fp32",
+                        "test_muon_apply_fp32", "test_muon_apply_lowp",
+                        "test_muon_end_to_end_matches_forloop_fp32",
                         "test_neuro_optima_fp32", "test_neuro_optima_lowp", "test_float64_all",
                         "test_lowp_vector_loops_bit_equal_scalar_loop", "test_many_tensors_one_call",
                         "test_zero_size_and_empty_lists"]),
@@ -109,14 +111,15 @@ def _adversarial(dtype, seed, n=211):
 
 def _guards_intact(bases):
     for base, off, size in bases:
-        assert torch.isnan(base[:off]).all() and torch.isnan(base[off + size:]).all(), "a kernel wrote outside"
+        outside = torch.cat([base[:off], base[off + size:]])
+        assert torch.isnan(outside).all(), "a kernel wrote outside its tensor"
 
 
 @pytest.mark.usefixtures("routed")
 @pytest.mark.parametrize("name", ["lion", "gravity", "adan_no_prox_clip_max", "equilibrium_wd_max"])
 def test_adversarial_lists_match_forloop(name):
-    """>= 200 tensors in one call: odd sizes, zero-size and multi-chunk tensors, unaligned views (> 1 block per
-    reduction), two steps against the forloop reference with the native CPU tests' tolerance."""
+    """>= 200 tensors in one call: odd sizes, zero-size and multi-chunk tensors, unaligned views (> 1 block
+    per reduction), two steps against the forloop reference with the native CPU tests' tolerance."""
     case = tn.CASES[name]
     lists = [_adversarial(torch.float32, seed=10 + j) for j in range(2 + case["n_state"])]
     if name.startswith("adan"):
@@ -208,20 +211,17 @@ def test_graph_capture_path_keeps_staging(emu):
 def test_every_kernel_instantiation_is_launched(emu):
     """Every __global__ kernel of csrc/cuda/ and every instantiation of it compiled into the build (the host
     code's dtype dispatch instantiates them) is launched by the sweep, which runs each op for each storage
-    type combination, with and without AMP."""
+    type combination, with and without AMP, and checks each call against the native CPU kernels."""
     emu._emu_reset_launches()
-    cuda_emulation.sweep(emu)
+    cuda_emulation.sweep(emu, ref=tn._ext.ops())
     counts = {k: v for k, v in cuda_emulation.launches(emu).items() if not k.startswith("fo_emu::")}
     never = sorted(k for k, v in counts.items() if v == 0)
     assert not never, "kernel instantiations never launched in the emulated suite:\n" + "\n".join(never)
     src = "".join(p.read_text() for p in (cuda_emulation.ROOT / "csrc" / "cuda").glob("*.cu*"))
-    import re
-
     kernels = set(re.findall(r"__global__\s+void\s+(?:__launch_bounds__\([^)]*\)\s+)?(\w+)", src))
     assert kernels, "no __global__ kernel found in csrc/cuda"
     launched = {name.split("<")[0] for name in counts}
     assert kernels <= launched, f"kernels of csrc/cuda never launched emulated: {sorted(kernels - launched)}"
-    assert len(counts) >= 100, f"only {len(counts)} instantiations registered"
 
 
 # ---------------------------------------------------------------------------------- sanitizer build
@@ -256,14 +256,14 @@ _ASAN_SCRIPT = textwrap.dedent("""
 def _run_sanitized(oob=False):
     env = cuda_emulation.sanitizer_env()
     script = _ASAN_SCRIPT.format(tests=str(Path(__file__).resolve().parent), oob=oob)
-    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=1500,
-                          cwd=str(cuda_emulation.ROOT))
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                          timeout=1500, cwd=str(cuda_emulation.ROOT))
 
 
 def test_sanitizer_build_runs_every_kernel_clean():
-    """The ASan + UBSan build runs the whole sweep and adversarial lists (every tensor its own allocation, so a
-    read or write past a tensor hits ASan's redzone) without a report; a deliberate read one element past a
-    tensor's end is caught (the sanitizer is really on)."""
+    """The ASan + UBSan build runs the whole sweep and adversarial lists (every tensor its own allocation, so
+    a read or write past a tensor hits ASan's redzone) without a report; a deliberate read one element past
+    a tensor's end is caught (the sanitizer is really on)."""
     res = _run_sanitized(oob=True)
     out = res.stdout + res.stderr
     assert "ASAN-OK" in res.stdout, f"sanitized run failed:\n{out[-6000:]}"

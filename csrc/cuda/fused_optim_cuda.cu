@@ -466,8 +466,8 @@ at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::Ten
     StatsFunctor<P, M> f{partials.data_ptr<M>(), negate ? M(-1) : M(1), addends.has_value(), static_cast<M>(alpha),
                          opt_ptr(grad_scale)};
     multi_tensor_apply<2>(table, nullptr, f);
-    launch<stats_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(), table.rows,
-                                      partials.data_ptr<M>(), out.data_ptr<M>());
+    launch<stats_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
+                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
   });
   return out;
 }
@@ -815,8 +815,8 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::Te
     at::Tensor partials = at::empty({table.nchunks}, out.options());
     SumSqFunctor<P, M> f{partials.data_ptr<M>(), abs_weights.has_value()};
     multi_tensor_apply<2>(table, nullptr, f);
-    launch<l2norm_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(), table.rows,
-                                      partials.data_ptr<M>(), out.data_ptr<M>());
+    launch<l2norm_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
+                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
   });
   return out;
 }

@@ -18,6 +18,7 @@
 namespace fused_optim {
 namespace math {
 
+// The CUDA intrinsics below run in device code and in the emulated CUDA test build (csrc/cuda/emulation/).
 C10_HOST_DEVICE inline float fo_fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)
   return __fmaf_rn(a, b, c);
