@@ -201,7 +201,7 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
   }
   check_dtypes(op_name, pl, 2);
   const at::Device device = pl.lists[0][0].device();
-  TORCH_CHECK(device.is_cuda(), op_name, ": CUDA kernel called with tensors on ", device);
+  TORCH_CHECK(device.type() == kKernelDevice, op_name, ": CUDA kernel called with tensors on ", device);
   check_scalar_tensor(op_name, "grad_scale", grad_scale, device);
   check_scalar_tensor(op_name, "found_inf", found_inf, device);
   for (const auto& [name, t] : scalars) {
@@ -214,11 +214,14 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
     using P = typename decltype(pt)::type;
     using S = typename decltype(st)::type;
     using M = opmath_t<P>;
-    dispatch_bool(grad_scale.has_value(), [&](auto unscale) {
-      auto op = make_op(pt, st, unscale);
-      UpdateFunctor<D, P, S, M, decltype(op)> f{op};
-      multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
-    });
+    // without state lists (GradientEquilibrium) S is P: the fp32-state pairs would be dead kernels
+    if constexpr (D > 2 || std::is_same<P, S>::value) {
+      dispatch_bool(grad_scale.has_value(), [&](auto unscale) {
+        auto op = make_op(pt, st, unscale);
+        UpdateFunctor<D, P, S, M, decltype(op)> f{op};
+        multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
+      });
+    }
   });
   pl.finish();
 }
@@ -320,10 +323,11 @@ void gradient_equilibrium_cuda(at::TensorList params, at::TensorList grads, cons
 
 // ---- multi_tensor_stats ----------------------------------------------------------------------
 
-// Block-wide reduction of one value; every thread gets the result. `scratch` holds one slot per warp.
+// Block-wide reduction of one value; every thread gets the result. `scratch` (a FO_SHARED_ARRAY of T)
+// holds one slot per warp.
 // combine must have 0 as identity (sums, and maxima of non-negative values).
-template <typename T, typename F>
-__device__ inline T block_reduce(T v, T* scratch, const F& combine) {
+template <typename T, typename Scratch, typename F>
+__device__ inline T block_reduce(T v, Scratch scratch, const F& combine) {
   for (int offset = 16; offset > 0; offset /= 2) {
     v = combine(v, __shfl_down_sync(0xffffffffu, v, offset));
   }
@@ -371,7 +375,7 @@ struct StatsFunctor {
   }
 
   __device__ void operator()(const TensorRow<2>& row, int64_t chunk, int64_t begin, int64_t end) const {
-    __shared__ M scratch[kThreads / 32];
+    FO_SHARED_ARRAY(M, scratch, kThreads / 32);
     const P* t = static_cast<const P*>(row.ptrs[0]);
     const P* a = static_cast<const P*>(row.ptrs[1]);  // nullptr without addends
     const M scale = read_scale<M>(grad_scale);
@@ -408,8 +412,8 @@ struct StatsFunctor {
 // One block per non-empty tensor: its chunks' partials, in order; sums in fp64.
 template <typename M>
 __global__ void stats_cleanup_kernel(const TensorRow<2>* rows, const M* partials, M* out) {
-  __shared__ double dscratch[32];
-  __shared__ M mscratch[32];
+  FO_SHARED_ARRAY(double, dscratch, 32);
+  FO_SHARED_ARRAY(M, mscratch, 32);
   const TensorRow<2>& row = rows[blockIdx.x];
   const int64_t nch = (row.numel + kChunk - 1) / kChunk;
   M amax = 0;
@@ -439,7 +443,7 @@ at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::Ten
   }
   PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
   const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  const at::Device device = tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device();
+  const at::Device device = tensors.empty() ? at::Device(kKernelDevice) : tensors[0].device();
   check_dtypes(op, pl, in.size());
   check_scalar_tensor(op, "grad_scale", grad_scale, device);
   const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
@@ -462,9 +466,8 @@ at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::Ten
     StatsFunctor<P, M> f{partials.data_ptr<M>(), negate ? M(-1) : M(1), addends.has_value(), static_cast<M>(alpha),
                          opt_ptr(grad_scale)};
     multi_tensor_apply<2>(table, nullptr, f);
-    stats_cleanup_kernel<M><<<static_cast<unsigned>(table.nrows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<stats_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
+                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
   });
   return out;
 }
@@ -497,7 +500,7 @@ struct CompositeLaunch {
       : device(checked_cuda_device(op, pl)), guard(device), table(make_table<D>(pl)) {}
   static at::Device checked_cuda_device(const char* op, const PreparedLists& pl) {
     const at::Device device = pl.lists[0][0].device();
-    TORCH_CHECK(device.is_cuda(), op, ": CUDA kernel called with tensors on ", device);
+    TORCH_CHECK(device.type() == kKernelDevice, op, ": CUDA kernel called with tensors on ", device);
     return device;
   }
 };
@@ -674,8 +677,7 @@ void muon_apply_cuda(at::TensorList params, at::TensorList updates, at::ArrayRef
   check_update_dtype(op, pl, 1, "updates", pdt);
   CompositeLaunch<2> launch(op, pl);
   // the scales travel like the launch table: pinned staging, copied with the launch, no host sync
-  at::Tensor host = at::empty({static_cast<int64_t>(scales.size())},
-                              at::TensorOptions().dtype(at::kDouble).pinned_memory(true));
+  at::Tensor host = at::empty({static_cast<int64_t>(scales.size())}, staging_options().dtype(at::kDouble));
   std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
   const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
   keep_staging_if_capturing(host, launch.device);  // replays re-read it (see make_table)
@@ -734,7 +736,7 @@ struct SumSqFunctor {
   bool weighted;
 
   __device__ void operator()(const TensorRow<2>& row, int64_t chunk, int64_t begin, int64_t end) const {
-    __shared__ M scratch[kThreads / 32];
+    FO_SHARED_ARRAY(M, scratch, kThreads / 32);
     const P* t = static_cast<const P*>(row.ptrs[0]);
     const P* w = static_cast<const P*>(row.ptrs[1]);  // nullptr without weights
     M sq = 0;
@@ -768,7 +770,7 @@ struct SumSqFunctor {
 // One block per non-empty tensor: its chunks' partials summed in fp64, then the square root.
 template <typename M>
 __global__ void l2norm_cleanup_kernel(const TensorRow<2>* rows, const M* partials, M* out) {
-  __shared__ double scratch[32];
+  FO_SHARED_ARRAY(double, scratch, 32);
   const TensorRow<2>& row = rows[blockIdx.x];
   const int64_t nch = (row.numel + kChunk - 1) / kChunk;
   double sq = 0;
@@ -793,7 +795,7 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::Te
     check_same_dtype(op, pl, 1, "abs_weights", "tensors");
   }
   const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  const at::Device device = tensors.empty() ? at::Device(at::kCUDA) : tensors[0].device();
+  const at::Device device = tensors.empty() ? at::Device(kKernelDevice) : tensors[0].device();
   const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor out = at::zeros({pl.rows()}, at::TensorOptions().dtype(out_dtype).device(device));
   if (pl.rows() == 0) {
@@ -813,9 +815,8 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::Te
     at::Tensor partials = at::empty({table.nchunks}, out.options());
     SumSqFunctor<P, M> f{partials.data_ptr<M>(), abs_weights.has_value()};
     multi_tensor_apply<2>(table, nullptr, f);
-    l2norm_cleanup_kernel<M><<<static_cast<unsigned>(table.nrows), 256, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch<l2norm_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
+                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
   });
   return out;
 }

@@ -8,6 +8,10 @@
 // search over the rows' first-chunk indices.
 #pragma once
 
+#ifdef FUSED_OPTIM_CUDA_EMULATION  // the emulated test build: CUDA's execution model on the CPU
+#include "emulation/cuda_emulation.h"
+#endif
+
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,6 +32,32 @@ namespace cuda {
 constexpr int64_t kChunk = 65536;  // elements per block
 constexpr int kThreads = 512;      // threads per block
 constexpr int kVec = 4;            // elements per thread per iteration (one 16-byte fp32 load)
+
+// ---- what the emulated test build (emulation/cuda_emulation.h) replaces ------------------------------
+// The kernels and launchers are the same code in both builds; only these few definitions differ.
+
+#ifdef FUSED_OPTIM_CUDA_EMULATION
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CPU;  // the emulated device holds CPU tensors
+inline at::TensorOptions staging_options() { return at::TensorOptions(); }  // no GPU to pin memory for
+// `__shared__ T name[N]`: a per-block region whose every access the emulator checks
+#define FO_SHARED_ARRAY(T, name, N) FO_EMU_SHARED_ARRAY(T, name, N)
+#else
+constexpr c10::DeviceType kKernelDevice = c10::DeviceType::CUDA;
+inline at::TensorOptions staging_options() { return at::TensorOptions().pinned_memory(true); }
+#define FO_SHARED_ARRAY(T, name, N) __shared__ T name[N]
+#endif
+
+// Every kernel launch of the library: Kernel<<<grid, block, 0, stream>>>(args...), checked.
+template <auto Kernel, typename... Args>
+void launch(dim3 grid, dim3 block, cudaStream_t stream, const Args&... args) {
+#ifdef FUSED_OPTIM_CUDA_EMULATION
+  (void)stream;  // the emulated stream runs each launch to completion, in order
+  ::fo_emu::launch<Kernel>(grid, block, args...);
+#else
+  Kernel<<<grid, block, 0, stream>>>(args...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+#endif
+}
 
 template <int D>
 struct TensorRow {
@@ -96,7 +126,7 @@ LaunchTable<D> make_table(const PreparedLists& pl) {
   // Pinned staging + non_blocking copy: the caching host allocator keeps the staging buffer until
   // the copy on the current stream has run, so nothing waits for the GPU here.
   const at::Device device = pl.lists[0][rows[0].row].device();
-  at::Tensor host = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+  at::Tensor host = at::empty({bytes}, staging_options().dtype(at::kByte));
   std::memcpy(host.data_ptr(), rows.data(), bytes);
   out.table = host.to(device, /*non_blocking=*/true);
   keep_staging_if_capturing(host, device);
@@ -142,9 +172,8 @@ void multi_tensor_apply(const LaunchTable<D>& t, const float* found_inf, const F
     return;
   }
   TORCH_CHECK(t.nchunks < (int64_t(1) << 31), "multi_tensor_apply: too many chunks");
-  multi_tensor_apply_kernel<D, F><<<static_cast<unsigned>(t.nchunks), kThreads, 0,
-                                    c10::cuda::getCurrentCUDAStream()>>>(t.rows, t.nrows, found_inf, f);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch<multi_tensor_apply_kernel<D, F>>(static_cast<unsigned>(t.nchunks), kThreads,
+                                          c10::cuda::getCurrentCUDAStream(), t.rows, t.nrows, found_inf, f);
 }
 
 // ---- element loops ---------------------------------------------------------------------------

@@ -18,8 +18,9 @@
 namespace fused_optim {
 namespace math {
 
+// The CUDA intrinsics below run in device code and in the emulated CUDA test build (csrc/cuda/emulation/).
 C10_HOST_DEVICE inline float fo_fma(float a, float b, float c) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)
   return __fmaf_rn(a, b, c);
 #else
   return std::fma(a, b, c);
@@ -27,7 +28,7 @@ C10_HOST_DEVICE inline float fo_fma(float a, float b, float c) {
 }
 
 C10_HOST_DEVICE inline double fo_fma(double a, double b, double c) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)
   return __fma_rn(a, b, c);
 #else
   return std::fma(a, b, c);
@@ -45,7 +46,7 @@ C10_HOST_DEVICE inline T fo_sign(T x) {
 // exactly 0 at a param's first step, SPEC §3) it says so with this. The CPU build never contracts
 // (-ffp-contract=off); the Vectorized overloads are in csrc/cpu/vec_ops.h.
 C10_HOST_DEVICE inline float fo_mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)
   return __fmul_rn(a, b);
 #else
   return a * b;
@@ -53,7 +54,7 @@ C10_HOST_DEVICE inline float fo_mul_rn(float a, float b) {
 }
 
 C10_HOST_DEVICE inline double fo_mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)
   return __dmul_rn(a, b);
 #else
   return a * b;

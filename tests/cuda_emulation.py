@@ -1,0 +1,164 @@
+"""Build and load the emulated test build of the CUDA kernels (csrc/cuda/emulation/, README "Emulated CUDA
+kernels"): csrc/cuda/fused_optim_cuda.cu compiled by the host compiler against our emulation of CUDA's
+execution model, registered as ``torch.ops.fused_optim_emu`` for CPU tensors.
+
+Built with torch.utils.cpp_extension.load under its own name (cached in TORCH_EXTENSIONS_DIR like the
+library's JIT build, rebuilt when a source or header changes). ``sanitize=True`` is the AddressSanitizer +
+UndefinedBehaviorSanitizer variant; it can only be loaded by a process started with the ASan runtime
+preloaded (`sanitizer_env`), which `tests/test_cuda_emulated.py` runs as a subprocess.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+EMULATION = ROOT / "csrc" / "cuda" / "emulation"
+NAME = "fused_optim_cuda_emulated"
+SANITIZED_NAME = "fused_optim_cuda_emulated_asan"
+
+# -O1: the build, not the kernels, is what CI waits for; -ffp-contract=off: no fma the source does not ask for
+_FLAGS = ["-O1", "-ffp-contract=off", "-fno-strict-aliasing"]
+_SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=undefined",
+             "-fno-omit-frame-pointer", "-g1"]
+
+_loaded: dict[bool, object] = {}
+
+
+def build(sanitize: bool = False, load: bool = True):
+    """Compile (if needed) and load the emulated ops; returns ``torch.ops.fused_optim_emu``."""
+    if sanitize in _loaded:
+        return _loaded[sanitize]
+    from torch.utils import cpp_extension
+
+    os.environ.setdefault("MAX_JOBS", "2")
+    cflags = _FLAGS + (_SANITIZE if sanitize else [])
+    cpp_extension.load(
+        name=SANITIZED_NAME if sanitize else NAME,
+        sources=[str(EMULATION / "emulated_ops.cpp")],
+        extra_cflags=cflags,
+        extra_ldflags=_SANITIZE[:1] if sanitize else [],
+        # first on the include path: the CPU stand-ins of c10/cuda/*.h
+        extra_include_paths=[str(EMULATION), str(ROOT / "csrc")],
+        with_cuda=False,
+        is_python_module=False,
+        verbose=os.environ.get("FUSED_OPTIM_VERBOSE", "0") not in ("", "0"),
+    )
+    _loaded[sanitize] = torch.ops.fused_optim_emu
+    return _loaded[sanitize]
+
+
+def sanitizer_env() -> dict[str, str]:
+    """The environment of a process that can load the sanitized build: the compiler's ASan runtime first."""
+    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    env = dict(os.environ)
+    env["LD_PRELOAD"] = lib
+    # leaks: Python and torch keep allocations until exit by design; the stack-use-after-return check
+    # does not follow the emulator's fiber switches
+    env["ASAN_OPTIONS"] = "detect_leaks=0:abort_on_error=1:detect_stack_use_after_return=0"
+    env["UBSAN_OPTIONS"] = "print_stacktrace=1:halt_on_error=1"
+    return env
+
+
+@contextmanager
+def emulated_native():
+    """Route fused_optim's native launchers (fused_optim._native, fused_optim._ext.ops) to the emulated
+    CUDA ops for the duration: the whole path from the Python launcher to the kernel runs, on CPU tensors."""
+    from fused_optim import _ext, _native
+
+    ops = build()
+    saved = (_native._ops, _ext.ops)
+    _native._ops = lambda: ops
+    _ext.ops = lambda: ops
+    try:
+        yield ops
+    finally:
+        _native._ops, _ext.ops = saved
+
+
+def launches(ops=None) -> dict[str, int]:
+    """Every kernel instantiation compiled into the build and how often it was launched."""
+    ops = ops or build()
+    out = {}
+    for line in ops._emu_launches().splitlines():
+        name, count = line.rsplit("\t", 1)
+        out[name] = int(count)
+    return out
+
+
+class _Twin:
+    """Calls each op on the emulated build and, on clones of the same inputs, on `ref` (the native CPU ops,
+    independently held to the forloop reference): every written tensor and the result must agree within
+    2 ulp of its dtype at the tensor's scale (the reductions add in another order)."""
+
+    def __init__(self, ops, ref):
+        self.ops, self.ref = ops, ref
+
+    def __getattr__(self, name):
+        def call(*args):
+            if self.ref is None:
+                return getattr(self.ops, name)(*args)
+            twin = [[t.clone() for t in a] if isinstance(a, list) and a and isinstance(a[0], torch.Tensor)
+                    else a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+            out = getattr(self.ops, name)(*args)
+            expected = getattr(self.ref, name)(*twin)
+            pairs = [(out, expected)] if isinstance(out, torch.Tensor) else []
+            for a, b in zip(args, twin):
+                if isinstance(a, list) and a and isinstance(a[0], torch.Tensor):
+                    pairs += list(zip(a, b))
+            for i, (x, y) in enumerate(pairs):
+                if not x.is_floating_point():
+                    assert torch.equal(x, y), f"{name}: tensor {i} differs from the native CPU op"
+                    continue
+                eps = torch.finfo(y.dtype).eps
+                x, y = x.double(), y.double()
+                bound = 2 * eps * (y.abs() + y.abs().mean())
+                assert ((x - y).abs() <= bound).all(), (f"{name} ({y.dtype}): tensor {i} differs from the native "
+                                                        f"CPU op by up to {(x - y).abs().max().item():.3g}")
+            return out
+        return call
+
+
+def sweep(ops, ref=None):
+    """One call of every op for every storage-type combination the host code dispatches to, AMP and not;
+    with `ref` (torch.ops.fused_optim on the CPU) every call is checked against the native CPU kernels."""
+    ops = _Twin(ops, ref)
+    fp = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+    sizes = (5, 1030)  # a vector body and a scalar tail
+
+    def rnd(dt, positive=False):
+        return [(torch.rand(n) + 0.5 if positive else torch.randn(n)).to(dt) for n in sizes]
+
+    for p_dt in fp:
+        m_dt = torch.float64 if p_dt == torch.float64 else torch.float32  # the math type
+        for s_dt in {p_dt, m_dt}:
+            for amp in (False, True):
+                gs, fi = (torch.full((1,), 2.0), torch.zeros(1)) if amp else (None, None)
+                p, g = rnd(p_dt), rnd(p_dt)
+                stats = ops.multi_tensor_stats(g, p, 0.1, False, gs)
+                ops.lion_(p, g, rnd(s_dt), 1e-3, 0.9, 0.99, 0.1, False, gs, fi)
+                ops.gravity_(p, g, rnd(s_dt), stats, 1e-3, 0.9, False, gs, fi)
+                adan_state = [rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt)]
+                ops.adan_(p, g, *adan_state, 1e-3, 0.98, 0.92, 0.99, 0.1, 0.1, 0.3, 1e-8, 0.02, False, None,
+                          False, gs, fi)
+                ops.gradient_equilibrium_(p, g, stats, 1e-3, 0.0, False, gs, fi)
+            ops.lookahead_sync_(rnd(p_dt), rnd(s_dt), 0.5)
+            neuro_state = [rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt)]
+            ops.neuro_optima_(rnd(p_dt), rnd(p_dt), *neuro_state, 1e-3, 0.9, 0.99, 1e-8, 0.0, False)
+            for u_dt in {torch.bfloat16, p_dt}:
+                ops.muon_momentum_(rnd(p_dt), rnd(s_dt), rnd(u_dt), 0.95, True, False)
+        for u_dt in {torch.bfloat16, p_dt}:
+            ops.muon_apply_(rnd(p_dt), rnd(u_dt), [1.0, 2.0], 1e-3, 0.1)
+        ops.multi_tensor_stats(rnd(p_dt))
+        ops.multi_tensor_l2norm(rnd(p_dt))
+        ops.multi_tensor_l2norm(rnd(p_dt), rnd(p_dt))
+        ops.sam_perturb_(rnd(p_dt), rnd(p_dt), rnd(p_dt), torch.tensor(0.1, dtype=m_dt), True)
+    for dt in (torch.uint8, torch.float16, torch.float32, torch.float64):  # the bit copy: 1, 2, 4, 8 bytes
+        dst, src = [torch.zeros(n, dtype=dt) for n in sizes], [torch.ones(n, dtype=dt) for n in sizes]
+        ops.multi_tensor_copy_(dst, src)
+        assert all(torch.equal(d, s) for d, s in zip(dst, src)), f"multi_tensor_copy_ of {dt}"
