@@ -32,6 +32,8 @@ KERNEL_GRIDS = {
     "quick": (1 << 18, (1, 32, 1024)),
     "cpu": (1 << 22, (1, 16, 256, 4096)),
     "cuda": (1 << 26, (1, 16, 256, 4096, 16384)),
+    # `--preset gpu-window`: the two ends and the middle, in seconds on a GPU
+    "window": (1 << 26, (1, 256, 16384)),
 }
 
 
