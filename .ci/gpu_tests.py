@@ -70,6 +70,7 @@ def _write(record: dict) -> None:
             os.fsync(f.fileno())  # a killed process must leave the start record behind
 
 
+@pytest.hookimpl(trylast=True)  # after -m/-k deselection: order only what runs
 def pytest_collection_modifyitems(session, config, items):
     path = os.environ.get(_ENV_ORDER)
     if not path:
@@ -199,14 +200,17 @@ def main(argv: list[str] | None = None) -> int:
     runs = 0
     while True:
         runs += 1
+        killed_before = sum(1 for v in _results(results)[0].values() if v == "killed")
         # the stage's own `timeout` is the last resort; a run killed by faulthandler returns here
         subprocess.run(base, cwd=REPO, env=env)
         planned = [n for n in order_file.read_text().split("\n") if n] if order_file.exists() else []
         outcome, _ = _results(results)
         left = [n for n in planned if n not in outcome]
-        if not planned or not left or time.time() >= t0 + args.budget or runs > 50:
-            break
-        print(f"correctness: pytest ended with {len(left)} tests left (a killed test?): starting it again", flush=True)
+        killed = sum(1 for v in outcome.values() if v == "killed")
+        if not planned or not left or killed == killed_before or time.time() >= t0 + args.budget or runs > 50:
+            break  # done, out of time, or pytest stopped for another reason than a killed test
+        print(f"correctness: a test was killed (see the log); {len(left)} tests left: starting pytest again",
+              flush=True)
     outcome, dur = _results(results)
     line = summary_line(outcome, len(planned), time.time() - t0)
     bad = [f"{v:8s} {n}" for n, v in outcome.items() if v not in ("passed", "skipped")]
