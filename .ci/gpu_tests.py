@@ -33,7 +33,8 @@ _ENV_ORDER, _ENV_RESULTS, _ENV_DEADLINE, _ENV_LIMIT = ("FUSED_OPTIM_CI_ORDER", "
 #: words naming a kernel family in a test id, most specific first
 FAMILY_WORDS = ("gradient_equilibrium", "equilibrium", "neuro_optima", "neurooptima", "lookahead", "gravity", "lion",
                 "adan", "sam", "muon", "stats", "l2norm")
-KILL_GRACE_S = 15  # after the soft limit: faulthandler ends a process that Python could not interrupt
+# after the soft limit, faulthandler ends a process that Python could not interrupt
+KILL_GRACE_S = float(os.environ.get("FUSED_OPTIM_CI_KILL_GRACE", "15"))
 
 
 def family(nodeid: str) -> tuple[str, str]:

@@ -9,11 +9,13 @@ __all__ = [
     "KERNEL_COLUMNS",
     "META_COLUMNS",
     "kernel_rows",
+    "kernels_figure",
     "STEP_COLUMNS",
     "markdown_table",
     "plot_kernels",
     "plot_steps",
     "step_rows",
+    "steps_figure",
     "summary_table",
     "update_readme",
     "write_csv",
@@ -204,6 +206,14 @@ def _above(r: dict) -> bool:
 def plot_steps(rows: list[dict], path: Path, title: str) -> None:
     """Per (set, dtype): time per step and % of the floor, one bar per optimizer × impl, the same bars in the
     same places in every panel; both y axes linear from 0."""
+    plt = _pyplot()
+    fig = steps_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def steps_figure(rows: list[dict], title: str):
+    """The figure of `plot_steps` (kept open: the caller saves and closes it)."""
     from matplotlib.patches import Patch
 
     plt = _pyplot()
@@ -254,8 +264,7 @@ def plot_steps(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.985 - 0.07 / n))
     fig.legend(handles=[Patch(color=c, label=_SOURCE_LABEL[s]) for s, c in _COLORS.items() if s in present],
                loc="upper left", bbox_to_anchor=(0.01, 0.995 - 0.025 / n), ncol=3, fontsize=8, frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _pow2(n: int) -> str:
@@ -265,6 +274,14 @@ def _pow2(n: int) -> str:
 def plot_kernels(rows: list[dict], path: Path, title: str) -> None:
     """GB/s against tensor count (total elements fixed, stated) for each kernel, one line per impl (the same
     colour for an impl in every panel), the floor and copy_ as lines; y from 0."""
+    plt = _pyplot()
+    fig = kernels_figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def kernels_figure(rows: list[dict], title: str):
+    """The figure of `plot_kernels` (kept open: the caller saves and closes it)."""
     plt = _pyplot()
     groups = _grouped(rows, "kernel", "dtype")
     impls = sorted({r["impl"] for r in rows})
@@ -310,5 +327,4 @@ def plot_kernels(rows: list[dict], path: Path, title: str) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.975 - 0.1 / nrows))
     fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(0.01, 0.99 - 0.03 / nrows), ncol=5, fontsize=7,
                frameon=False)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig
