@@ -30,9 +30,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 _ENV_ORDER, _ENV_RESULTS, _ENV_DEADLINE, _ENV_LIMIT = ("FUSED_OPTIM_CI_ORDER", "FUSED_OPTIM_CI_RESULTS",
                                                       "FUSED_OPTIM_CI_DEADLINE", "FUSED_OPTIM_CI_TEST_LIMIT")
-#: words naming a kernel family in a test id, most specific first
-FAMILY_WORDS = ("gradient_equilibrium", "equilibrium", "neuro_optima", "neurooptima", "lookahead", "gravity", "lion",
-                "adan", "sam", "muon", "stats", "l2norm")
+#: words naming a kernel family in a test id, most specific first; short names the tests use map to one family
+FAMILY_WORDS = ("gradient_equilibrium", "equilibrium", "ge", "neuro_optima", "neurooptima", "lookahead", "gravity",
+                "lion", "adan", "sam", "muon", "stats", "l2norm")
+SYNONYMS = {"equilibrium": "gradient_equilibrium", "ge": "gradient_equilibrium", "neurooptima": "neuro_optima"}
 # after the soft limit, faulthandler ends a process that Python could not interrupt
 KILL_GRACE_S = float(os.environ.get("FUSED_OPTIM_CI_KILL_GRACE", "15"))
 
@@ -43,17 +44,20 @@ def family(nodeid: str) -> tuple[str, str]:
     low = rest.lower()
     for word in FAMILY_WORDS:
         if re.search(rf"(?<![a-z]){word}(?![a-z])", low):
-            return path, word
+            return path, SYNONYMS.get(word, word)
     return path, rest.split("[")[0]
 
 
 def order(nodeids: list[str]) -> list[str]:
-    """The first test of each family (collection order), then every other test in collection order."""
+    """The first test of each family, the kernel test files' (native, triton) before the others' (AMP,
+    capture, compile, checkpoints: slower, and they build on the kernels), then every other test, each
+    part in collection order."""
     seen, first, rest = set(), [], []
     for nid in nodeids:
         fam = family(nid)
         (rest if fam in seen else first).append(nid)
         seen.add(fam)
+    first.sort(key=lambda nid: not re.search(r"native|triton", nid.partition("::")[0]))  # stable: keeps the order
     return first + rest
 
 

@@ -91,11 +91,14 @@ def test_family_order_puts_one_test_per_kernel_family_first():
     ids = ["tests/test_native.py::test_fp32[lion-cuda]", "tests/test_native.py::test_fp32[adan-cuda]",
            "tests/test_native.py::test_amp[lion-cuda]", "tests/test_triton.py::test_lion_matches[cuda]",
            "tests/test_triton_composites.py::test_sam_norms[cuda]", "tests/test_triton.py::test_same_thing[cuda]",
-           "tests/test_native.py::test_fp32[gradient_equilibrium-cuda]"]
+           "tests/test_native.py::test_fp32[gradient_equilibrium-cuda]", "tests/test_amp.py::test_amp[lion]",
+           "tests/test_native.py::test_fp32[ge-cuda]"]
     assert gt.family(ids[4]) == ("tests/test_triton_composites.py", "sam")
     assert gt.family(ids[5]) == ("tests/test_triton.py", "test_same_thing")  # "same" is not SAM
     assert gt.family(ids[6]) == ("tests/test_native.py", "gradient_equilibrium")
-    assert gt.order(ids) == [ids[0], ids[1], ids[3], ids[4], ids[5], ids[6], ids[2]]
+    assert gt.family(ids[8]) == gt.family(ids[6])  # "ge" is GradientEquilibrium's short name in test ids
+    # kernel files' families first (collection order), then the other files', then the rest
+    assert gt.order(ids) == [ids[0], ids[1], ids[3], ids[4], ids[5], ids[6], ids[7], ids[2], ids[8]]
 
 
 def test_correctness_runner_limits_each_test_and_survives_a_hang(tmp_path):
