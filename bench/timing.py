@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FLOOR_TOLERANCE", "Stats", "copy_bandwidth", "rotating", "stats_of", "stream_bandwidth", "time_interleaved",
-           "time_one"]
+__all__ = ["FLOOR_KEY", "FLOOR_TOLERANCE", "Stats", "copy_bandwidth", "floor_stream", "rotating", "stats_of",
+           "stream_bandwidth", "time_interleaved", "time_one"]
 
 
 @dataclass(frozen=True)
@@ -143,6 +143,19 @@ def copy_bandwidth(device: torch.device, nbytes: int, *, reps: int = 15) -> tupl
 
 #: a step or kernel measured above this multiple of the floor is a measurement problem, not a result
 FLOOR_TOLERANCE = 1.05
+
+
+#: the floor's name among the candidates of an interleaved group (never a real candidate's key)
+FLOOR_KEY = "<floor: in-place stream>"
+
+
+def floor_stream(device: torch.device, nbytes: int) -> tuple[Callable[[], None], int]:
+    """`(fn, bytes moved per call)`: the floor's stream (`x.neg_()`) over `nbytes`, to be timed as one more
+    candidate of an interleaved group, so that on a shared machine the floor is measured in the same minutes
+    as the group (a run-wide floor measured before and after let busy minutes flag quiet-minute rows)."""
+    n = max(1, nbytes // 4)
+    buf = torch.rand(n, device=device)
+    return (lambda: buf.neg_()), 2 * n * 4
 
 
 def stream_bandwidth(device: torch.device, nbytes: int, *, reps: int = 15) -> tuple[float, Stats]:
