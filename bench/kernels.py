@@ -177,7 +177,7 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
                      "n_tensors": n, "numel_per_tensor": per, "numel": n * per,
                      "median_us": round(st.median_s * 1e6, 3), "p20_us": round(st.p20_s * 1e6, 3),
                      "p80_us": round(st.p80_s * 1e6, 3), "samples": st.n, "bytes": nbytes,
-                     "achieved_gbps": round(nbytes / st.median_s / 1e9, 3), "floor_gbps": floor_gbps})
+                     "achieved_gbps": float(f"{nbytes / st.median_s / 1e9:.4g}"), "floor_gbps": floor_gbps})
 
     for n in counts:
         per = max(1, total // n)

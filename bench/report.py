@@ -82,7 +82,7 @@ def step_rows(results, meta: dict[str, str], copy_gbps: float, modes: dict, floo
                      "p80_ms": round(r.stats.p80_s * 1e3, 4), "min_ms": round(r.stats.min_s * 1e3, 4),
                      "samples": r.stats.n, "mode": mode, "replicas": n_rep,
                      "bytes_per_param": r.bytes_per_param, "floor_ms": round(floor_s * 1e3, 4),
-                     "achieved_gbps": round(gbps, 3), "pct_of_floor": pct,
+                     "achieved_gbps": float(f"{gbps:.4g}"), "pct_of_floor": pct,
                      "pct_of_copy": round(100 * gbps / copy_gbps, 2), "floor_check": _floor_check(pct),
                      "vs_adamw_fused": round(med / adamw, 3) if adamw else "",
                      "compile_s": round(r.compile_s, 2) if r.compile_s is not None else ""})
