@@ -19,6 +19,13 @@ import time
 from pathlib import Path
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: named argument sets (`--preset NAME`); arguments given after it override its own
+PRESETS = {
+    # the bench stage of `.ci/gpu` (a short GPU window): the sets and dtypes that answer "how fast, against
+    # fused AdamW and the peers, how close to the floor", in about a minute on an H100/H200
+    "gpu-window": ["--sets", "gpt2-124m,many-small", "--dtypes", "fp32,bf16", "--reps", "8", "--warmup", "2",
+                   "--no-compile", "--kernel-grid", "window"],
+}
 DTYPES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
           "fp16": "float16", "float16": "float16"}
 
@@ -35,6 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="a named set of the arguments below (gpu-window: .ci/gpu's bench stage); later ones override")
+    p.add_argument("--dry-run", action="store_true",
+                   help="resolve and check every argument, print what would run, run nothing (no device needed)")
+    p.add_argument("--max-seconds", type=float, default=None,
+                   help="start no new (set, dtype) group or kernel sweep after this many seconds; what ran is written")
+    p.add_argument("--kernel-grid", choices=("quick", "cpu", "cuda", "window"), default=None,
+                   help="kernel sweep: quick, cpu, cuda or window (default: the device's; quick with --quick)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run (about a minute on 2 CPU cores): small sets, few repetitions, no compile")
     p.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
@@ -109,6 +124,25 @@ def _pick_threads(arg: str, quick: bool, notes: list[str]) -> int | None:
     return None
 
 
+def expand_presets(argv: list[str]) -> list[str]:
+    """`--preset NAME` (or `--preset=NAME`) replaced by its arguments, in place: later arguments override."""
+    out: list[str] = []
+    it = iter(range(len(argv)))
+    for i in it:
+        a = argv[i]
+        name = a.split("=", 1)[1] if a.startswith("--preset=") else (argv[i + 1] if a == "--preset" and i + 1 < len(argv)
+                                                                     else None)
+        if name is None:
+            out.append(a)
+            continue
+        if a == "--preset":
+            next(it, None)
+        if name not in PRESETS:
+            raise SystemExit(f"python -m bench: unknown --preset {name!r}; choose from {sorted(PRESETS)}")
+        out += PRESETS[name]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--convergence" in argv:
@@ -119,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m bench --convergence: bench/convergence.py is not available ({exc})", file=sys.stderr)
             return 2
         return convergence.main(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(expand_presets(argv))
 
     import torch
 
@@ -128,20 +162,16 @@ def main(argv: list[str] | None = None) -> int:
     from .kernels import KERNEL_GRIDS, run_kernels
     from .params import PARAM_SETS, default_sets, quick_sets
     from .steps import replicas_for, run_step_group
-    from .timing import copy_bandwidth
+    from .timing import copy_bandwidth, stream_bandwidth
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not args.dry_run:
         print("--device cuda: no CUDA device is available", file=sys.stderr)
         return 2
     if args.list:
         _list(device)
         return 0
     notes: list[str] = []
-    if device.type == "cpu":
-        threads = _pick_threads(args.threads, args.quick, notes)
-        if threads:
-            torch.set_num_threads(threads)
 
     optimizers = _csv_list(args.optimizers) or list(OPTIMIZERS)
     bad = [o for o in optimizers if o not in OPTIMIZERS]
@@ -177,6 +207,21 @@ def main(argv: list[str] | None = None) -> int:
     # --quick is a smoke test: two replicas only (its sets partly sit in cache; the full run rotates up to 8)
     max_replicas = 2 if args.quick else 8
     compile_step = args.compile if args.compile is not None else (device.type == "cuda" and not args.quick)
+    kernel_grid = KERNEL_GRIDS[args.kernel_grid or ("quick" if args.quick else
+                                                    ("cuda" if device.type == "cuda" else "cpu"))]
+    if args.dry_run:
+        print(f"python -m bench on {device}: sets {[s.name for s in sets]}, dtypes "
+              f"{[str(d).removeprefix('torch.') for d in dtypes]}, optimizers {optimizers}, impls {impls or 'all'}, "
+              f"peers {peers or 'all installed'}, reps {reps}, warmup {warmup}, compile {compile_step}, "
+              f"kernels {'off' if args.no_kernels else kernel_grid}, steps {'off' if args.no_steps else 'on'}, "
+              f"max seconds {args.max_seconds}, out {args.out}")
+        for line in notes:
+            print("  " + line)
+        return 0
+    if device.type == "cpu":
+        threads = _pick_threads(args.threads, args.quick, notes)
+        if threads:
+            torch.set_num_threads(threads)
 
     meta = env.run_metadata(device)
     stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
@@ -184,19 +229,24 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
 
-    # the floor: copy bandwidth of a buffer several times the last-level cache, before and after
+    def over_budget() -> bool:
+        return args.max_seconds is not None and time.perf_counter() - t_start > args.max_seconds
+
+    # the floor (an in-place stream) and copy_ beside it, on a buffer several times the last-level cache,
+    # before and after the benchmarks; the best of each is the device's figure
     copy_bytes = max(8 * env.cache_bytes(device), (1 << 30) if device.type == "cuda" else 256 << 20)
     if args.quick:
         copy_bytes = min(copy_bytes, 256 << 20)
+    floor_before, _ = stream_bandwidth(device, copy_bytes)
     bw_before, _ = copy_bandwidth(device, copy_bytes)
     print(f"{meta['hardware']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
-          f"threads {meta['threads']} | copy {bw_before / 1e9:.1f} GB/s", flush=True)
+          f"threads {meta['threads']} | floor {floor_before / 1e9:.1f} GB/s | copy {bw_before / 1e9:.1f} GB/s",
+          flush=True)
 
     try:
         from tqdm import tqdm
     except ImportError:  # the bar is a convenience; the run does not need it
         tqdm = None
-    kernel_grid = KERNEL_GRIDS["quick" if args.quick else ("cuda" if device.type == "cuda" else "cpu")]
     total = (0 if args.no_steps else len(sets) * len(dtypes) * reps) + \
         (0 if args.no_kernels else len(dtypes) * len(kernel_grid[1]) * (3 + len(optimizers)))
     bar = tqdm(total=total, desc="bench", unit="round", dynamic_ncols=True, leave=False) if tqdm else None
@@ -205,10 +255,59 @@ def main(argv: list[str] | None = None) -> int:
         if bar is not None:
             bar.update(n)
 
-    step_results, modes = [], {}
+    step_results, modes, kernel_rows = [], {}, []
+    written: list[Path] = []
+
+    def write(floor_gbps: float, copy_gbps: float, final: bool) -> None:
+        """The CSVs (after every group, so a run cut short keeps what it measured) and, at the end, the
+        tables, plots and the README block."""
+        written.clear()
+        rows = report.step_rows(step_results, meta, copy_gbps, modes, floor_gbps=floor_gbps)
+        title = (f"{meta['hardware']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
+                 f"{meta['run_date']} | floor (in-place stream) {floor_gbps:.1f} GB/s | copy_ {copy_gbps:.1f} GB/s")
+        if rows:
+            path = args.out / f"{base}.csv"
+            report.write_csv(path, rows, report.STEP_COLUMNS)
+            written.append(path)
+        krows = report.kernel_rows([dict(r) for r in kernel_rows], meta, copy_gbps, floor_gbps)
+        if krows:
+            report.write_csv(args.out / f"{base}-kernels.csv", krows, report.KERNEL_COLUMNS)
+            written.append(args.out / f"{base}-kernels.csv")
+        if not final:
+            return
+        if rows:
+            md = report.markdown_table(rows)
+            summary = report.summary_table(rows)
+            (args.out / f"{base}.md").write_text(f"{title}\n\n{summary}\n\n{md}")
+            written.append(args.out / f"{base}.md")
+            print(md)
+            print(summary + "\n")
+            if args.update_readme:
+                readme = Path(__file__).resolve().parent.parent / "README.md"
+                path = args.out / f"{base}.csv"
+                rel = path.relative_to(readme.parent) if path.is_relative_to(readme.parent) else path
+                block = (f"{meta['hardware']}, torch {meta['torch']}, {meta['threads']} thread(s), commit "
+                         f"{meta['commit']}, {meta['run_date'][:10]}; floor (in-place stream) {floor_gbps:.1f} GB/s, "
+                         f"copy_ {copy_gbps:.1f} GB/s. Time per step (median) and its ratio to AdamW(fused) in the "
+                         f"same run; every impl, peer and spread in [{rel.name}]({rel}).\n\n{summary}")
+                if not report.update_readme(readme, device.type, block):
+                    notes.append(f"--update-readme: no bench-table:{device.type} markers in {readme}")
+            if not args.no_plot:
+                report.plot_steps(rows, args.out / f"{base}.png", title)
+                written.append(args.out / f"{base}.png")
+        if krows and not args.no_plot:
+            report.plot_kernels(krows, args.out / f"{base}-kernels.png", title)
+            written.append(args.out / f"{base}-kernels.png")
+
+    cut = False
     if not args.no_steps:
         for pset in sets:
             for dtype in dtypes:
+                if over_budget():
+                    cut = True
+                    notes.append(f"set {pset.name} {str(dtype).removeprefix('torch.')}: not run, --max-seconds "
+                                 f"{args.max_seconds:g} reached")
+                    continue
                 if bar is not None:
                     bar.set_postfix_str(f"{pset.name} {str(dtype).removeprefix('torch.')}")
                 mode: dict = {}
@@ -224,67 +323,47 @@ def main(argv: list[str] | None = None) -> int:
                                      max_replicas=max_replicas)
                 modes[(pset.name, dtype)] = (mode.get("mode", ""), replicas_for(pset, dtype, device, max_replicas))
                 step_results += res
-    kernel_rows = []
+                write(floor_before / 1e9, bw_before / 1e9, final=False)
     if not args.no_kernels:
         for dtype in dtypes:
+            if over_budget():
+                cut = True
+                notes.append(f"kernels {str(dtype).removeprefix('torch.')}: not run, --max-seconds "
+                             f"{args.max_seconds:g} reached")
+                continue
             if bar is not None:
                 bar.set_postfix_str(f"kernels {str(dtype).removeprefix('torch.')}")
             kernel_rows += run_kernels(device, dtype, kernel_grid, optimizers, impls, warmup, reps, notes,
                                        seed=args.seed, progress=progress, max_replicas=max_replicas)
+            write(floor_before / 1e9, bw_before / 1e9, final=False)
     if bar is not None:
         bar.close()
+    floor_after, _ = stream_bandwidth(device, copy_bytes)
     bw_after, _ = copy_bandwidth(device, copy_bytes)
-    copy_gbps = max(bw_before, bw_after) / 1e9  # the hardware's limit is the best copy seen in this run
+    # the hardware's limit is the best seen in this run
+    floor_gbps, copy_gbps = max(floor_before, floor_after) / 1e9, max(bw_before, bw_after) / 1e9
     elapsed = time.perf_counter() - t_start
-
-    rows = report.step_rows(step_results, meta, copy_gbps, modes)
-    title = (f"{meta['hardware']} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['commit']} | "
-             f"{meta['run_date']} | copy {copy_gbps:.1f} GB/s")
-    written = []
-    if rows:
-        path = args.out / f"{base}.csv"
-        report.write_csv(path, rows, report.STEP_COLUMNS)
-        written.append(path)
-        md = report.markdown_table(rows)
-        summary = report.summary_table(rows)
-        (args.out / f"{base}.md").write_text(f"{title}\n\n{summary}\n\n{md}")
-        written.append(args.out / f"{base}.md")
-        print(md)
-        print(summary + "\n")
-        if args.update_readme:
-            readme = Path(__file__).resolve().parent.parent / "README.md"
-            rel = path.relative_to(readme.parent) if path.is_relative_to(readme.parent) else path
-            block = (f"{meta['hardware']}, torch {meta['torch']}, {meta['threads']} thread(s), commit "
-                     f"{meta['commit']}, {meta['run_date'][:10]}; copy floor {copy_gbps:.1f} GB/s. "
-                     f"Time per step (median) and its ratio to AdamW(fused) in the same run; every impl, peer "
-                     f"and spread in [{rel.name}]({rel}).\n\n{summary}")
-            if not report.update_readme(readme, device.type, block):
-                notes.append(f"--update-readme: no bench-table:{device.type} markers in {readme}")
-        if not args.no_plot:
-            report.plot_steps(rows, args.out / f"{base}.png", title)
-            written.append(args.out / f"{base}.png")
-    if kernel_rows:
-        for r in kernel_rows:
-            r.update(meta, copy_gbps=round(copy_gbps, 2),
-                     pct_of_floor=round(100 * r["achieved_gbps"] / copy_gbps, 2))
-        path = args.out / f"{base}-kernels.csv"
-        report.write_csv(path, kernel_rows, report.KERNEL_COLUMNS)
-        written.append(path)
-        if not args.no_plot:
-            report.plot_kernels(kernel_rows, args.out / f"{base}-kernels.png", title)
-            written.append(args.out / f"{base}-kernels.png")
-    run_info = {**meta, "copy_gbps_before": round(bw_before / 1e9, 2), "copy_gbps_after": round(bw_after / 1e9, 2),
-                "copy_bytes": copy_bytes, "elapsed_s": round(elapsed, 1), "argv": argv,
+    write(floor_gbps, copy_gbps, final=True)
+    run_info = {**meta, "floor_gbps_before": round(floor_before / 1e9, 2), "floor_gbps_after": round(floor_after / 1e9, 2),
+                "copy_gbps_before": round(bw_before / 1e9, 2), "copy_gbps_after": round(bw_after / 1e9, 2),
+                "copy_bytes": copy_bytes, "elapsed_s": round(elapsed, 1), "argv": argv, "cut_short": cut,
                 "sets": [s.name for s in sets], "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-                "reps": reps, "warmup": warmup, "compile": compile_step, "notes": notes}
-    (args.out / f"{base}.json").write_text(json.dumps(run_info, indent=2) + "\n")
+                "reps": reps, "warmup": warmup, "compile": compile_step, "kernel_grid": list(kernel_grid),
+                "notes": notes}
+    (args.out / f"{base}.json").write_text(json.dumps(run_info, indent=2, default=str) + "\n")
     written.append(args.out / f"{base}.json")
     if notes:
         print("notes:")
         for line in notes:
             print("  " + line)
-    print(f"copy floor {copy_gbps:.1f} GB/s (before {bw_before / 1e9:.1f}, after {bw_after / 1e9:.1f}); "
-          f"{elapsed:.0f} s; wrote " + ", ".join(str(p) for p in written))
+    above = sum(1 for r in report.step_rows(step_results, meta, copy_gbps, modes, floor_gbps=floor_gbps)
+                if r["floor_check"] != "ok")
+    if above:
+        print(f"{above} step row(s) measured above the floor: a measurement problem (see bench/NOTES.md, "
+              "'The floor'); their GB/s and % are not shown")
+    print(f"floor (in-place stream) {floor_gbps:.1f} GB/s (before {floor_before / 1e9:.1f}, after "
+          f"{floor_after / 1e9:.1f}); copy_ {copy_gbps:.1f} GB/s (before {bw_before / 1e9:.1f}, after "
+          f"{bw_after / 1e9:.1f}); {elapsed:.0f} s; wrote " + ", ".join(str(p) for p in written))
     return 0
 
 

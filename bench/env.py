@@ -33,8 +33,8 @@ def _git_commit() -> str:
         out = subprocess.run(["git", "-C", str(_REPO), "rev-parse", "--short=12", "HEAD"], capture_output=True,
                              text=True, timeout=10, check=False)
         commit = out.stdout.strip()
-        if not commit:
-            return "unknown"
+        if not commit:  # a copied working tree (the GPU machine's) has no .git: whoever copied it names the commit
+            return os.environ.get("FUSED_OPTIM_COMMIT", "unknown")
         dirty = subprocess.run(["git", "-C", str(_REPO), "status", "--porcelain", "--untracked-files=no"],
                                capture_output=True, text=True, timeout=10, check=False).stdout.strip()
         return commit + ("-dirty" if dirty else "")

@@ -23,7 +23,7 @@ from fused_optim import registry
 
 from .candidates import OPTIMIZERS, ours_impls
 from .env import cache_bytes
-from .timing import rotating, stats_of, time_interleaved, time_one
+from .timing import FLOOR_KEY, floor_stream, rotating, stats_of, time_interleaved, time_one
 
 __all__ = ["KERNEL_GRIDS", "reduction_impls", "run_kernels", "update_impls"]
 
@@ -32,6 +32,8 @@ KERNEL_GRIDS = {
     "quick": (1 << 18, (1, 32, 1024)),
     "cpu": (1 << 22, (1, 16, 256, 4096)),
     "cuda": (1 << 26, (1, 16, 256, 4096, 16384)),
+    # `--preset gpu-window`: the two ends and the middle, in seconds on a GPU
+    "window": (1 << 26, (1, 256, 16384)),
 }
 
 
@@ -160,18 +162,22 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
             if line not in notes:
                 notes.append(line)
 
-    def measure(fns: dict[str, Callable]) -> dict[str, list[float]]:
+    def measure(fns: dict[str, Callable], working_set: int) -> tuple[dict[str, list[float]], float | None]:
+        """Samples per fn and, interleaved (CPU), the floor timed in the same rounds over the same bytes."""
         if interleave:
-            return time_interleaved(fns, device=device, warmup=warmup, reps=reps, min_sample_s=1e-3, seed=seed)[0]
-        return {k: time_one(f, device=device, warmup=warmup, reps=reps)[0] for k, f in fns.items()}
+            floor_fn, floor_bytes = floor_stream(device, max(working_set, 2 * cache_bytes(device)))
+            s = time_interleaved({**fns, FLOOR_KEY: floor_fn}, device=device, warmup=warmup, reps=reps,
+                                 min_sample_s=1e-3, seed=seed)[0]
+            return s, floor_bytes / stats_of(s.pop(FLOOR_KEY)).median_s / 1e9
+        return {k: time_one(f, device=device, warmup=warmup, reps=reps)[0] for k, f in fns.items()}, None
 
-    def add(kind, kernel, impl, n, per, samples, nbytes):
+    def add(kind, kernel, impl, n, per, samples, nbytes, floor_gbps):
         st = stats_of(samples)
         rows.append({"kind": kind, "kernel": kernel, "impl": impl, "dtype": str(dtype).removeprefix("torch."),
                      "n_tensors": n, "numel_per_tensor": per, "numel": n * per,
                      "median_us": round(st.median_s * 1e6, 3), "p20_us": round(st.p20_s * 1e6, 3),
                      "p80_us": round(st.p80_s * 1e6, 3), "samples": st.n, "bytes": nbytes,
-                     "achieved_gbps": round(nbytes / st.median_s / 1e9, 3)})
+                     "achieved_gbps": float(f"{nbytes / st.median_s / 1e9:.4g}"), "floor_gbps": floor_gbps})
 
     for n in counts:
         per = max(1, total // n)
@@ -195,8 +201,9 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
                     continue
                 # torch has no multi-tensor sum: its "sum" is a per-tensor loop, labelled as such
                 fns["torch.sum loop" if (impl == "torch._foreach_norm" and op == "sum") else impl] = rotating(made)
-            for impl, s in measure(fns).items():
-                add("reduce", op, impl, n, per, s, n * per * es)
+            got, floor = measure(fns, r_rep * n * per * es)
+            for impl, s in got.items():
+                add("reduce", op, impl, n, per, s, n * per * es, floor)
             del grads_r
             if progress:
                 progress(1)
@@ -217,8 +224,9 @@ def run_kernels(device: torch.device, dtype: torch.dtype, grid: tuple[int, tuple
                     continue
                 fns[impl] = rotating(reps_fns)
                 bpp[impl] = spec.bytes_per_param(es, torch.finfo(sdt).bits // 8)
-            for impl, s in measure(fns).items():
-                add("update", name, impl, n, per, s, n * per * bpp[impl])
+            got, floor = measure(fns, n_rep * n * per * es * 3)
+            for impl, s in got.items():
+                add("update", name, impl, n, per, s, n * per * bpp[impl], floor)
             if progress:
                 progress(1)
     return rows

@@ -19,7 +19,7 @@ import torch
 from .candidates import OPTIMIZERS, Candidate, candidates_for, state_elem_size
 from .env import available_memory_bytes, cache_bytes
 from .params import ParamSet, make_params
-from .timing import Stats, rotating, stats_of, time_interleaved, time_one
+from .timing import FLOOR_KEY, Stats, floor_stream, rotating, stats_of, time_interleaved, time_one
 
 __all__ = ["StepResult", "replicas_for", "run_step_group"]
 
@@ -33,6 +33,7 @@ class StepResult:
     bytes_per_param: int
     compile_s: float | None
     replicas: int = 1
+    floor_gbps: float | None = None  # the floor timed in the same rounds (interleaved groups); else the run's
 
 
 def replicas_for(pset: ParamSet, dtype: torch.dtype, device: torch.device, max_replicas: int = 8) -> int:
@@ -134,12 +135,18 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
             b = build(c)
             if b is not None:
                 built[c.key] = (c, *b)
-        samples, warm = time_interleaved({k: guarded(k, v[1]) for k, v in built.items()}, device=device,
-                                         warmup=warmup, reps=reps, seed=seed,
+        fns = {k: guarded(k, v[1]) for k, v in built.items()}
+        # the floor over the group's working set (params, grads, one state per replica; >= 2x the cache)
+        floor_fn, floor_bytes = floor_stream(device, max(n_rep * pset.numel * 3 * elem, 2 * cache_bytes(device)))
+        fns[FLOOR_KEY] = floor_fn
+        samples, warm = time_interleaved(fns, device=device, warmup=warmup, reps=reps, seed=seed,
                                          on_round=(lambda: progress(1)) if progress else None)
+        floor_gbps = floor_bytes / stats_of(samples.pop(FLOOR_KEY)).median_s / 1e9
+        del fns, floor_fn
         for k, (c, _fn, opt, probe_s) in built.items():
             if keep(c):
                 results.append(result(c, samples[k], opt, probe_s, warm[k]))
+                results[-1].floor_gbps = floor_gbps
     else:
         for c in cands:
             b = build(c)

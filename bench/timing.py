@@ -18,7 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Stats", "copy_bandwidth", "rotating", "stats_of", "time_interleaved", "time_one"]
+__all__ = ["FLOOR_KEY", "FLOOR_TOLERANCE", "Stats", "copy_bandwidth", "floor_stream", "rotating", "stats_of",
+           "stream_bandwidth", "time_interleaved", "time_one"]
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,45 @@ def time_one(fn: Callable[[], None], *, device: torch.device, warmup: int, reps:
 
 
 def copy_bandwidth(device: torch.device, nbytes: int, *, reps: int = 15) -> tuple[float, Stats]:
-    """The device's copy bandwidth in bytes/s (read + write counted: 2·nbytes per copy), median of reps.
-
-    `nbytes` should be several times the last-level cache so the copy streams from memory. This is
-    the floor every step is compared against: an optimizer step is a streaming kernel over its
-    params, grads and state, and cannot beat a copy of the same bytes.
-    """
+    """`dst.copy_(src)` in bytes/s (read + write counted: 2·nbytes per copy), median of reps: the reference
+    beside the floor (`stream_bandwidth`). Not a limit on a CPU: its destination pays a read-for-ownership
+    that an in-place update does not (committed CPU runs showed fused steps at 187-212 % of it)."""
     n = max(1, nbytes // 4)
     src = torch.rand(n, device=device)
     dst = torch.empty_like(src)
     samples, _ = time_one(lambda: dst.copy_(src), device=device, warmup=3, reps=reps, min_sample_s=0.0)
+    st = stats_of(samples)
+    return 2 * n * 4 / st.median_s, st
+
+
+#: a step or kernel measured above this multiple of the floor is a measurement problem, not a result
+FLOOR_TOLERANCE = 1.05
+
+
+#: the floor's name among the candidates of an interleaved group (never a real candidate's key)
+FLOOR_KEY = "<floor: in-place stream>"
+
+
+def floor_stream(device: torch.device, nbytes: int) -> tuple[Callable[[], None], int]:
+    """`(fn, bytes moved per call)`: the floor's stream (`x.neg_()`) over `nbytes`, to be timed as one more
+    candidate of an interleaved group, so that on a shared machine the floor is measured in the same minutes
+    as the group (a run-wide floor measured before and after let busy minutes flag quiet-minute rows)."""
+    n = max(1, nbytes // 4)
+    buf = torch.rand(n, device=device)
+    return (lambda: buf.neg_()), 2 * n * 4
+
+
+def stream_bandwidth(device: torch.device, nbytes: int, *, reps: int = 15) -> tuple[float, Stats]:
+    """The floor: an in-place read-modify-write stream (`x.neg_()`) in bytes/s, read + write counted, on
+    the threads torch uses in this process (the steps' threads), over a buffer of 2·nbytes (the working
+    set of `copy_bandwidth(nbytes)`: several times the last-level cache, so it streams from memory).
+
+    Every optimizer step and kernel here reads each byte it writes (in place) and reads some bytes it
+    does not write: at best its bytes move at this rate, whether the memory system is limited by the
+    reads (then the writes ride along, as here) or by the total traffic (GPUs). Per-tensor costs are
+    left out on purpose: they are what a multi-tensor kernel is there to remove."""
+    n = max(1, 2 * nbytes // 4)
+    buf = torch.rand(n, device=device)
+    samples, _ = time_one(lambda: buf.neg_(), device=device, warmup=3, reps=reps, min_sample_s=0.0)
     st = stats_of(samples)
     return 2 * n * 4 / st.median_s, st

@@ -55,7 +55,9 @@ def test_quick_end_to_end(tmp_path):
         gbps = float(r["achieved_gbps"])
         expected = int(r["bytes_per_param"]) * int(r["numel"]) / (med * 1e-3) / 1e9
         assert gbps == pytest.approx(expected, rel=1e-2)
-        assert float(r["pct_of_floor"]) == pytest.approx(100 * gbps / float(r["copy_gbps"]), rel=2e-2)
+        assert float(r["pct_of_floor"]) == pytest.approx(100 * gbps / float(r["floor_gbps"]), rel=2e-2)
+        assert float(r["pct_of_copy"]) == pytest.approx(100 * gbps / float(r["copy_gbps"]), rel=2e-2)
+        assert r["floor_check"] == ("ok" if float(r["pct_of_floor"]) <= 105 else "above floor: measurement problem")
         assert float(r["vs_adamw_fused"]) > 0
     kcols, krows = _read(next(tmp_path.glob("*-cpu-kernels.csv")))
     assert kcols == KERNEL_COLUMNS
@@ -66,7 +68,7 @@ def test_quick_end_to_end(tmp_path):
         path = next(tmp_path.glob(png))
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
     meta = json.loads(next(tmp_path.glob("*-cpu.json")).read_text())
-    assert meta["copy_gbps_before"] > 0 and meta["threads"] == "1"
+    assert meta["copy_gbps_before"] > 0 and meta["floor_gbps_before"] > 0 and meta["threads"] == "1"
     assert "| optimizer | impl |" in proc.stdout
     for peer in PEERS:  # every peer is either timed or skipped with a note saying why
         if "cpu" not in peer.devices:
@@ -240,3 +242,137 @@ def test_triton_reduction_makers_run(monkeypatch):
     grads = [torch.randn(n) for n in (0, 3, 2049)]
     for op in ("absmax", "sum", "sumsq"):
         makers["triton"](grads, op)()
+
+
+def _step_result(optimizer, impl, source, median_s, pset="many-small-tiny", dtype=torch.float32):
+    from bench.candidates import Candidate
+    from bench.steps import StepResult
+    from bench.timing import Stats
+
+    return StepResult(PARAM_SETS[pset], dtype, Candidate(optimizer, impl, source, lambda ps: None),
+                      Stats(median_s, median_s * 0.9, median_s * 1.1, median_s * 0.8, 5),
+                      OPTIMIZERS[optimizer].bytes_per_param(4, 4), None)
+
+
+def test_a_row_faster_than_the_floor_is_flagged_not_printed():
+    """At 10 GB/s of floor, a step moving its bytes at 20 GB/s is a measurement problem: the table says so
+    instead of printing 200 %; rows under the floor print their percentage."""
+    from bench import report
+
+    numel = PARAM_SETS["many-small-tiny"].numel
+    fast = _step_result("lion", "native", "fused_optim", 20 * numel / 20e9)   # 20 B/param at 20 GB/s
+    slow = _step_result("adamw", "torch-fused", "torch", 28 * numel / 5e9)   # 28 B/param at 5 GB/s
+    rows = report.step_rows([fast, slow], {}, copy_gbps=4.0, modes={}, floor_gbps=10.0)
+    by = {r["optimizer"]: r for r in rows}
+    assert by["lion"]["pct_of_floor"] == pytest.approx(200) and by["lion"]["floor_check"] != "ok"
+    assert by["adamw"]["pct_of_floor"] == pytest.approx(50) and by["adamw"]["floor_check"] == "ok"
+    assert by["adamw"]["pct_of_copy"] == pytest.approx(125)  # copy_ is a reference, not the floor
+    md = report.markdown_table(rows)
+    lion_line = next(line for line in md.splitlines() if line.startswith("| lion"))
+    assert "measurement problem" in lion_line and "200" not in lion_line
+    assert "| 50 |" in next(line for line in md.splitlines() if line.startswith("| adamw"))
+    krows = report.kernel_rows([{"achieved_gbps": 10.6}, {"achieved_gbps": 10.4}], {}, copy_gbps=5.0, floor_gbps=10.0)
+    assert [r["floor_check"] for r in krows] == ["above floor: measurement problem", "ok"]
+
+
+def test_the_floor_is_a_floor_for_the_native_steps():
+    """Measured: native Lion moves its 20 B/param at most ~the in-place stream's rate (it read 179 % of
+    `copy_`'s on this CPU, which is why `copy_` is no floor). Interleaved, so load hits both alike."""
+    from bench.timing import stream_bandwidth, time_interleaved
+
+    if not fused_optim.available_impls("cpu")["native"].available:
+        pytest.skip("native extension not built")
+    n = (96 << 20) // 12  # p, g, m: 96 MiB, several times the last-level cache
+    p, g, m = torch.randn(n), torch.randn(n) * 1e-2, torch.randn(n) * 1e-3
+    buf = torch.rand(2 * (48 << 20) // 4)  # stream_bandwidth's working set for 48 MiB: the same 96 MiB
+    ops = torch.ops.fused_optim
+    samples, _ = time_interleaved(
+        {"lion": lambda: ops.lion_([p], [g], [m], 1e-9, 0.9, 0.99, 0.0, False), "floor": lambda: buf.neg_()},
+        device=torch.device("cpu"), warmup=2, reps=9, min_sample_s=0)
+    lion_gbps = 20 * n / stats_of(samples["lion"]).median_s / 1e9
+    floor_gbps = 2 * buf.numel() * 4 / stats_of(samples["floor"]).median_s / 1e9
+    assert lion_gbps <= 1.25 * floor_gbps, (lion_gbps, floor_gbps)
+    assert stream_bandwidth(torch.device("cpu"), 8 << 20, reps=3)[0] > 0
+
+
+def test_gpu_window_preset_parses_and_resolves(capsys):
+    """.ci/gpu's bench stage: the preset's sets, dtypes and kernel grid exist; --dry-run needs no GPU."""
+    from bench.__main__ import PRESETS, expand_presets, main
+
+    assert main(["--preset", "gpu-window", "--device", "cuda", "--dry-run", "--reps", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "sets ['gpt2-124m', 'many-small']" in out and "'bfloat16'" in out and "reps 3" in out
+    assert expand_presets(["--preset=gpu-window", "--reps", "3"]) == PRESETS["gpu-window"] + ["--reps", "3"]
+    with pytest.raises(SystemExit):
+        expand_presets(["--preset", "nope"])
+
+
+def test_max_seconds_writes_what_ran_and_says_what_did_not(tmp_path):
+    from bench.__main__ import main
+
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["--quick", "--max-seconds", "0", "--no-plot", "--out", str(tmp_path), "--optimizers", "lion"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    meta = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert meta["cut_short"] and any("not run, --max-seconds 0 reached" in n for n in meta["notes"])
+
+
+def _rows_for_plots(peer: bool):
+    from bench import report
+
+    res = []
+    for pset in ("many-small-tiny", "gpt2-tiny"):
+        # the two sets measure different orderings: the bars must still stand in one order
+        k = 1 if pset == "gpt2-tiny" else -1
+        res += [_step_result("adamw", "torch-fused", "torch", 1e-3, pset),
+                _step_result("lion", "foreach", "fused_optim", 1e-3 * (2 + k), pset),
+                _step_result("lion", "native", "fused_optim", 1e-3 * (2 - k), pset),
+                _step_result("lion", "forloop", "fused_optim", 0.2, pset)]  # past 5x AdamW: cut, labelled
+        if peer:
+            res.append(_step_result("lion", "timm", "peer", 3e-3, pset))
+    return report.step_rows(res, {}, copy_gbps=1.0, modes={}, floor_gbps=2.0)
+
+
+def test_step_plot_reads_without_the_issue_beside_it():
+    from bench import report
+
+    plt = report._pyplot()
+    fig = report.steps_figure(_rows_for_plots(peer=False), "t")
+    try:
+        legend = [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+        assert legend == ["fused_optim (ours)", "torch (yardstick)"]  # no "peer" when none ran
+        axes = fig.axes
+        ticks = [[t.get_text() for t in ax.get_xticklabels()] for ax in axes]
+        assert all(t == ticks[0] for t in ticks) and ticks[0][0] == "adamw/torch-fused"
+        assert ticks[0][1:] == ["lion/forloop", "lion/foreach", "lion/native"]  # by impl, never by time
+        for ax in axes:
+            assert ax.get_ylim()[0] == 0 and ax.get_yscale() == "linear"
+        assert "lower is better" in axes[0].get_ylabel() and "higher is better" in axes[1].get_ylabel()
+        assert any("200" in t.get_text() for t in axes[0].texts)  # the cut forloop bar carries its value
+    finally:
+        plt.close(fig)
+    fig = report.steps_figure(_rows_for_plots(peer=True), "t")
+    try:
+        assert "peer" in [t.get_text() for lg in fig.legends for t in lg.get_texts()]
+    finally:
+        plt.close(fig)
+
+
+def test_kernel_plot_states_the_element_count_and_starts_at_zero():
+    from bench import report
+
+    rows = [{"kind": "update", "kernel": "lion", "impl": impl, "dtype": "float32", "n_tensors": n,
+             "numel": 1 << 18, "achieved_gbps": g} for impl, g0 in (("foreach", 3.0), ("native", 9.0))
+            for n, g in ((1, g0), (32, g0 / 2), (1024, g0 / 4))]
+    rows = report.kernel_rows(rows, {}, copy_gbps=4.0, floor_gbps=10.0)
+    plt = report._pyplot()
+    fig = report.kernels_figure(rows, "t")
+    try:
+        ax = fig.axes[0]
+        assert "2^18" in ax.get_xlabel() and "0.262M elements" in ax.get_xlabel()
+        assert ax.get_ylim()[0] == 0 and "higher is better" in ax.get_ylabel()
+    finally:
+        plt.close(fig)

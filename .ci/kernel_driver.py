@@ -1,0 +1,339 @@
+"""Launch every native CUDA op and every Triton kernel of fused_optim once, on small adversarial lists.
+
+`.ci/gpu` runs it under compute-sanitizer (memcheck over everything, then racecheck over the
+reductions); `.ci/gpu --rehearse` runs it on the CPU (the native CPU ops, Triton interpreted), so a
+wrong signature or a missing case shows up before a GPU minute is spent.
+
+    python .ci/kernel_driver.py [--device cuda|cpu] [--only all|reductions] [--list]
+
+The kernels are enumerated from the sources, not listed here: every `m.impl("op", ...)` registered
+for CUDA in csrc/cuda/*.cu and every kernel a launcher in fused_optim/kernels/*.py passes to
+`kernel_for`. Each launch is recorded (the native ops through the namespace `fused_optim._native`
+calls, the Triton kernels through `kernel_for`), and the run fails if any enumerated kernel of the
+selection was not launched, so a new kernel without a case here fails CI.
+
+Adversarial lists: sizes 0, 1, 3 and 5 (below one vector), 2,047, 65,536 (one native chunk) and
+65,537 / 131,075 (one element or a partial vector past a chunk); fp32 and bf16 params (fp32 state);
+every tensor once at a 16-byte aligned address and once one element off (the scalar paths); the
+update ops once more with AMP (grad scale, found_inf) and device-tensor scalars (capturable).
+Exit status 0 when every launch returned and every enumerated kernel of the selection ran.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:  # run as a script from anywhere: the checkout's package wins
+    sys.path.insert(0, str(REPO))
+
+SIZES = (0, 1, 3, 5, 2047, 65536, 65537, 131075)
+#: --small (the CPU rehearsal: interpreted Triton takes ~0.3 s per 1M elements): the same cases, no chunk edges
+SMALL_SIZES = (0, 1, 3, 5, 2047)
+
+
+# ------------------------------------------------------------------------------ enumeration (no torch)
+def native_cuda_ops(root: Path = REPO) -> list[str]:
+    """Ops with a CUDA kernel: every m.impl inside a TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) block."""
+    ops: list[str] = []
+    for src in sorted((root / "csrc" / "cuda").glob("*.cu")):
+        text = src.read_text()
+        for block in re.finditer(r"TORCH_LIBRARY_IMPL\(\s*fused_optim\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\n\}",
+                                 text, re.S):
+            ops += re.findall(r'\.impl\(\s*"(\w+)"', block.group(1))
+    return sorted(set(ops))
+
+
+def triton_kernels(root: Path = REPO) -> list[str]:
+    """Kernels the launchers of fused_optim/kernels launch: the names passed to `kernel_for`. Every
+    @triton.jit function of a kernel module (multi_tensor.py holds the shared device functions) must be
+    one of them, or be called by one: a kernel launched some other way would escape the sanitizer."""
+    launched: set[str] = set()
+    jitted: dict[str, str] = {}
+    for src in sorted((root / "fused_optim" / "kernels").glob("*.py")):
+        text = src.read_text()
+        launched |= set(re.findall(r"(?<!def )\bkernel_for\(\s*(\w+)\s*,", text))
+        if src.name != "multi_tensor.py":
+            for name in re.findall(r"@triton\.jit\s*\ndef\s+(\w+)", text):
+                jitted[name] = src.name
+    stray = sorted(f"{jitted[n]}:{n}" for n in set(jitted) - launched)
+    if stray:
+        raise SystemExit(f"kernel_driver: @triton.jit kernels not launched through kernel_for: {stray}; "
+                         "launch them with kernel_for so that this driver sees them")
+    return sorted(launched)
+
+
+# ------------------------------------------------------------------------------ cases
+@dataclass(frozen=True)
+class Case:
+    name: str            # the functional name: fused_optim._native._native_<name>, kernels._triton_<name>
+    run: Callable        # run(fn, make, device, variant) -> None
+    reduction: bool      # reads a reduction (shared memory: racecheck's business)
+
+
+class Lists:
+    """Fresh tensors of SIZES (plus `extra` sizes) on `device`, aligned or one element off."""
+
+    def __init__(self, device, misaligned: bool, sizes=SIZES, seed: int = 0):
+        import torch
+
+        self.torch, self.device, self.misaligned, self.sizes = torch, device, misaligned, sizes
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, dtype, scale: float = 1.0, positive: bool = False):
+        torch = self.torch
+        out = []
+        for n in self.sizes:
+            x = torch.randn(n + 1, generator=self.gen) * scale
+            if positive:
+                x = x.abs() + 1e-3
+            x = x.to(device=self.device, dtype=dtype)
+            out.append(x[1:] if self.misaligned else x[:n].clone())  # clone: a fresh, aligned allocation
+        return out
+
+
+def _scalar(torch, device, x: float, variant: str):
+    """A per-step scalar: a Python float, or (capturable variant) a 0-d fp32 device tensor."""
+    return torch.tensor(x, dtype=torch.float32, device=device) if variant == "amp" else x
+
+
+def _amp(torch, device, variant: str) -> dict:
+    if variant != "amp":
+        return {}
+    return {"grad_scale": torch.tensor([1024.0], device=device), "found_inf": torch.zeros(1, device=device)}
+
+
+def _state_dtype(torch, dtype):
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def case_lion(fn, make, dtype, variant):
+    import torch
+    d = make.device
+    p, g, m = make(dtype), make(dtype, 1e-2), make(_state_dtype(torch, dtype), 1e-3)
+    fn(p, g, m, lr=_scalar(torch, d, 1e-3, variant), beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False,
+       **_amp(torch, d, variant))
+
+
+def case_gravity(fn, make, dtype, variant):
+    import torch
+    d = make.device
+    p, g, v = make(dtype), make(dtype, 1e-2), make(_state_dtype(torch, dtype), 1e-3)
+    fn(p, g, v, lr=_scalar(torch, d, 1e-3, variant), beta_hat=_scalar(torch, d, 0.9, variant), maximize=False,
+       **_amp(torch, d, variant))
+
+
+def case_adan(fn, make, dtype, variant):
+    import torch
+    d = make.device
+    sd = _state_dtype(torch, dtype)
+    p, g = make(dtype), make(dtype, 1e-2)
+    m, v, dd, npg = make(sd, 1e-3), make(sd, 1e-3, positive=True), make(sd, 1e-3), make(sd, 1e-2)
+    b1, b2, b3, step = 0.98, 0.92, 0.99, 3
+    extra = {}
+    if variant == "amp":  # capturable: every per-step scalar a device tensor, and the device first-step flag
+        extra["first_step"] = torch.zeros((), device=d)
+    fn(p, g, m, v, dd, npg, lr=_scalar(torch, d, 1e-3, variant), beta1=b1, beta2=b2, beta3=b3,
+       bias_correction1=_scalar(torch, d, 1 - b1 ** step, variant),
+       bias_correction2=_scalar(torch, d, 1 - b2 ** step, variant),
+       bias_correction3_sqrt=_scalar(torch, d, math.sqrt(1 - b3 ** step), variant), eps=1e-8, weight_decay=0.02,
+       no_prox=False, clip=(torch.tensor([0.5], device=d) if variant == "amp" else 0.5), maximize=False,
+       **_amp(torch, d, variant), **extra)
+
+
+def case_gradient_equilibrium(fn, make, dtype, variant):
+    import torch
+    d = make.device
+    p, g = make(dtype), make(dtype, 1e-2)
+    fn(p, g, lr=_scalar(torch, d, 1e-3, variant), weight_decay=0.01, maximize=False, **_amp(torch, d, variant))
+
+
+def case_neuro_optima(fn, make, dtype, variant):
+    import torch
+    sd = _state_dtype(torch, dtype)
+    p, g = make(dtype), make(dtype, 1e-2)
+    m, v, dd, prev = make(sd, 1e-3), make(sd, 1e-3, positive=True), make(sd, 1e-3), make(sd, 1e-2)
+    fn(p, g, m, v, dd, prev, lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, maximize=False)
+
+
+def case_lookahead_sync(fn, make, dtype, variant):
+    import torch
+    fn(make(dtype), make(_state_dtype(torch, dtype)), alpha=0.5)
+
+
+def case_sam_norms(fn, make, dtype, variant):
+    p, g = make(dtype), make(dtype, 1e-2)
+    for adaptive in (False, True):
+        norms = fn(p, g, adaptive=adaptive)
+        assert norms.numel() == len(p), (norms.shape, len(p))
+
+
+def case_sam_perturb(fn, make, dtype, variant):
+    import torch
+    p, g, old = make(dtype), make(dtype, 1e-2), make(dtype)
+    for adaptive in (False, True):
+        fn(p, g, old, scale=torch.tensor(0.05, device=make.device), adaptive=adaptive)
+
+
+def case_sam_restore(fn, make, dtype, variant):
+    fn(make(dtype), make(dtype))
+
+
+def case_muon_momentum(fn, make, dtype, variant):
+    import torch
+    g, buf, u = make(dtype, 1e-2), make(_state_dtype(torch, dtype), 1e-2), make(torch.bfloat16)
+    for nesterov in (True, False):
+        fn(g, buf, u, momentum=0.95, nesterov=nesterov, maximize=False)
+
+
+def case_muon_apply(fn, make, dtype, variant):
+    import torch
+    p, u = make(dtype), make(torch.bfloat16, 1e-2)
+    fn(p, u, scales=[0.2 + 0.1 * i for i in range(len(p))], lr=1e-3, weight_decay=0.1)
+
+
+CASES = [
+    Case("lion", case_lion, False),
+    Case("gravity", case_gravity, True),
+    Case("adan", case_adan, False),
+    Case("gradient_equilibrium", case_gradient_equilibrium, True),
+    Case("neuro_optima", case_neuro_optima, False),
+    Case("lookahead_sync", case_lookahead_sync, False),
+    Case("sam_norms", case_sam_norms, True),
+    Case("sam_perturb", case_sam_perturb, False),
+    Case("sam_restore", case_sam_restore, False),
+    Case("muon_momentum", case_muon_momentum, False),
+    Case("muon_apply", case_muon_apply, False),
+]
+#: the cases with AMP / device-scalar variants (the base optimizers' update ops)
+AMP_CASES = {"lion", "gravity", "adan", "gradient_equilibrium"}
+
+
+# ------------------------------------------------------------------------------ recording launches
+def _install_recorders(launched: set[str]) -> None:
+    """Record each native op called through fused_optim._native and each Triton kernel handed to
+    `kernel_for` (the launchers call it right before the launch)."""
+    import importlib
+    import pkgutil
+
+    import torch
+
+    import fused_optim._native as native
+    import fused_optim.kernels as kernels
+
+    class _Ops:
+        def __getattr__(self, name):
+            real = getattr(torch.ops.fused_optim, name)
+
+            def call(*args, **kwargs):
+                launched.add(f"native:{name}")
+                return real(*args, **kwargs)
+            return call
+
+    real_ops = native._ops
+    native._ops = lambda: (real_ops(), _Ops())[1]  # real_ops() loads (or reports) the extension first
+    for info in pkgutil.iter_modules(kernels.__path__):
+        mod = kernels.kernel_module(info.name) if info.name != "multi_tensor" else \
+            importlib.import_module("fused_optim.kernels.multi_tensor")
+        kf = getattr(mod, "kernel_for", None)
+        if kf is None or getattr(kf, "_recording", False):
+            continue
+
+        def recording(fn, device, _kf=kf):
+            launched.add(f"triton:{getattr(fn, 'fn', fn).__name__}")
+            return _kf(fn, device)
+        recording._recording = True
+        mod.kernel_for = recording
+
+
+def impl_fns(name: str) -> dict[str, Callable]:
+    import fused_optim._native as native
+    import fused_optim.kernels as kernels
+
+    tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
+    return {"native": getattr(native, f"_native_{name}"), "triton": tri}
+
+
+def expected(only: str) -> set[str]:
+    """The kernels a run of selection `only` must launch (racecheck: the ones that reduce)."""
+    nat = {f"native:{o}" for o in native_cuda_ops()}
+    tri = {f"triton:{k}" for k in triton_kernels()}
+    if only == "reductions":
+        nat = {f"native:{o}" for o in ("multi_tensor_stats", "multi_tensor_l2norm")}
+        tri = {f"triton:{k}" for k in ("_partials_kernel", "_sam_norms_finish_kernel", "_gravity_kernel",
+                                       "_gradient_equilibrium_kernel")}
+    return nat | tri
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    ap.add_argument("--only", choices=("all", "reductions"), default="all")
+    ap.add_argument("--impls", default="native,triton")
+    ap.add_argument("--small", action="store_true", help=f"sizes {SMALL_SIZES} only (the CPU rehearsal)")
+    ap.add_argument("--list", action="store_true", help="enumerate the kernels and the cases, run nothing")
+    args = ap.parse_args(argv)
+
+    want = expected(args.only)
+    cases = [c for c in CASES if args.only == "all" or c.reduction]
+    if args.list:
+        print(f"native CUDA ops ({len(native_cuda_ops())}): {', '.join(native_cuda_ops())}")
+        print(f"Triton kernels ({len(triton_kernels())}): {', '.join(triton_kernels())}")
+        print(f"cases ({len(cases)}, --only {args.only}): {', '.join(c.name for c in cases)}")
+        print(f"kernels this selection must launch: {len(want)}")
+        return 0
+
+    if args.device == "cpu" and "triton" in args.impls:
+        # Triton on CPU tensors is its interpreter, chosen when triton is imported: before anything imports it
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    import torch
+
+    import fused_optim
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+    status = fused_optim.available_impls(device)
+    for impl in impls:
+        st = status.get(impl)
+        if st is None or not st.available:
+            print(f"kernel_driver: impl {impl} cannot run on {device}: {st.reason if st else 'unknown impl'}")
+            return 1
+    launched: set[str] = set()
+    _install_recorders(launched)
+    failures = 0
+    t0 = time.perf_counter()
+    for case in cases:
+        fns = impl_fns(case.name)
+        for impl in impls:
+            for dtype in (torch.float32, torch.bfloat16):
+                for variant in ("plain", "misaligned") + (("amp",) if case.name in AMP_CASES else ()):
+                    label = f"{impl}/{case.name} {str(dtype).removeprefix('torch.')} {variant}"
+                    try:
+                        make = Lists(device, variant == "misaligned", SMALL_SIZES if args.small else SIZES)
+                        case.run(fns[impl], make, dtype, variant)
+                        if device.type == "cuda":
+                            torch.cuda.synchronize(device)  # a kernel fault is charged to this case
+                        print(f"ok    {label}", flush=True)
+                    except Exception as exc:  # noqa: BLE001 - every case runs; the summary counts the failures
+                        failures += 1
+                        print(f"FAIL  {label}: {type(exc).__name__}: {exc}", flush=True)
+                        traceback.print_exc(limit=4)
+    want = {k for k in want if k.split(":")[0] in impls}
+    missing = sorted(want - launched)
+    print(f"kernel_driver on {device}: {len(cases)} cases, {len(launched & want)}/{len(want)} kernels launched, "
+          f"{failures} failed, {time.perf_counter() - t0:.1f} s")
+    if missing:
+        print(f"kernel_driver: never launched: {', '.join(missing)} (add a case for them)")
+    return 1 if failures or missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
