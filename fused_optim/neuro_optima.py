@@ -119,7 +119,8 @@ class NeuroOptima(FusedOptimizer):
     closure is required: ``step`` calls it at ``p`` (unless the params already have grads, which are
     then used), perturbs ``p`` along the global gradient direction by ``sam_rho``, calls it again, restores
     ``p`` exactly, applies the core update with the sharpness-aware grads, and sets the grads to None.
-    Returns the loss at ``p`` (None if ``step`` did not compute it). ``step()`` without a closure at
+    Returns the closure's loss: at ``p`` when ``step`` evaluated it there, else (grads on entry) at the
+    perturbed point, the only point ``step`` evaluated. ``step()`` without a closure at
     lr=0 in every group (how torch.distributed.checkpoint materialises state) runs the core alone.
 
     State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``prev_grad`` and Lookahead's ``slow_param``
@@ -174,8 +175,10 @@ class NeuroOptima(FusedOptimizer):
                                    impl_for=self.impl_for)
             self.zero_grad(set_to_none=True)
             with torch.enable_grad():
-                closure()
+                perturbed_loss = closure()
             sam_second_step(saved)
+            if loss is None:
+                loss = perturbed_loss
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()

@@ -790,3 +790,44 @@ def test_neuro_optima_triton_class_bf16_and_state_dtype(monkeypatch):
     for p, q in zip(model.parameters(), ref.parameters()):
         # bf16 sign steps of 1e-2 on O(0.3) weights: a few ulp of drift between fp32 and bf16 state
         torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=0.1)
+
+
+# ------------------------------------------------------------------------- step(closure)'s return value
+def _skipping(opt):
+    opt.skip_if_nonfinite = True
+    return opt
+
+
+def _recording_closure(model, opt, xb, yb, seen):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        seen.append(loss.detach().clone())
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("grads_on_entry", [False, True], ids=["no-grads", "grads-on-entry"])
+@pytest.mark.parametrize("make", [
+    lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1),
+    lambda ps: NeuroOptima(ps, lr=1e-2, sam_rho=0.05),
+    lambda ps: NeuroOptima(ps, lr=1e-2, sam_rho=0.0),
+    lambda ps: _skipping(NeuroOptima(ps, lr=1e-2, sam_rho=0.05)),
+], ids=["sam", "neuro-optima", "neuro-optima-no-sam", "neuro-optima-skip-nonfinite"])
+def test_step_closure_returns_the_closures_loss(make, grads_on_entry):
+    """`loss = opt.step(closure)` (the README's usage) is the closure's loss on every path: the loss at p
+    when step evaluated it there, else the loss of its one evaluation (SAM: at the perturbed point)."""
+    model = make_model(3)
+    xb, yb = batch(0, make_data())
+    opt = make(model.parameters())
+    for step in range(3):
+        seen = []
+        closure = _recording_closure(model, opt, xb, yb, seen)
+        if grads_on_entry:
+            nn.functional.mse_loss(model(xb), yb).backward()
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor), f"step {step}: step(closure) returned {loss!r}"
+        assert seen, "the closure was never called"
+        assert torch.equal(loss.detach(), seen[0]), f"step {step}: not the first evaluation's loss"
+
