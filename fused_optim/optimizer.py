@@ -264,6 +264,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"{seen[id(p)]} (shape {tuple(p.shape)}) of the new group is already in "
                                      f"group {gi}")
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in self._group_counters:  # each group its own counter tensor, from the first step on
+            group[key] = group.get(key, 0)
+            self._counter_tensor(group, key)
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
@@ -329,29 +333,45 @@ class FusedOptimizer(torch.optim.Optimizer):
         impl = self.impl_for(device)
         return self._shard_impl(impl, self._impls[impl])[1] if sharded else self._impls[impl]
 
-    def _advance_counter(self, group: dict, key: str) -> int | Tensor:
-        """Add one to the group's step counter `key` and return it (torch's convention: before use).
-
-        A Python int normally. With ``capturable=True`` a 0-d float32 tensor on the group's device,
-        advanced there: by ``found_inf == 0`` when AMP's skip is taken on the device (the counter must
-        not move on a skipped step), else by 1. A counter of the other kind (a checkpoint saved with
-        the other setting) is converted first."""
+    def _counter_tensor(self, group: dict, key: str) -> Tensor:
+        """The group's step counter `key` as its stored form (class docstring, "Step counters"): a 0-d
+        float32 tensor, on the group's device with capturable=True, else on the CPU. A Python number (a
+        checkpoint of an earlier version or of the upstream optimizer, a user's ``group["step"] = 0``) or
+        a tensor of the other setting is converted, once."""
         value = group.get(key, 0)
-        if not self.capturable:
-            group[key] = (int(value.item()) if isinstance(value, Tensor) else value) + 1
-            return group[key]
-        device = _dist.local(group["params"][0]).device if group["params"] else torch.device("cpu")
+        device = torch.device("cpu")
+        if self.capturable and group["params"]:
+            device = _dist.local(group["params"][0]).device
         if not isinstance(value, Tensor):
             value = torch.full((), float(value), dtype=torch.float32, device=device)
-        elif value.device != device or value.dtype != torch.float32:
-            value = value.to(device=device, dtype=torch.float32)
-        found_inf = (self._amp_kwargs or {}).get("found_inf")
-        if found_inf is not None:
-            value.add_((found_inf.to(device, non_blocking=True) == 0).reshape(()))
+        elif value.device != device or value.dtype != torch.float32 or value.dim() != 0:
+            value = value.detach().to(device=device, dtype=torch.float32).reshape(())
         else:
-            value.add_(1)
+            return value
         group[key] = value
         return value
+
+    def _advance_counter(self, group: dict, key: str, params: list[Tensor]) -> int | Tensor:
+        """Add one to the group's step counter `key` (in place) and return its new value as the class
+        computes its per-step scalars from it (torch's convention: advance, then use).
+
+        - eager, host scalars: a Python int (reading the CPU counter is no sync);
+        - under torch.compile: the counter as a float64 tensor, so the scalars derived from it are traced
+          as tensor ops (Dynamo never guards on the count: no recompile per step), in the doubles the
+          eager path computes;
+        - capturable with an impl that reads device scalars (`_device_scalars`): the float32 device
+          counter itself, advanced by ``found_inf == 0`` when AMP's skip is taken on the device."""
+        value = self._counter_tensor(group, key)
+        found_inf = (self._amp_kwargs or {}).get("found_inf")
+        if self.capturable and found_inf is not None:
+            value.add_((found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
+        else:
+            value.add_(1)
+        if torch.compiler.is_compiling():
+            return value.double()
+        if self.capturable and self._device_scalars(params):
+            return value
+        return int(value.item())
 
     def _device_scalars(self, params: list[Tensor]) -> bool:
         """Whether this split's impl reads step-dependent scalars as device tensors (capturable impls);
@@ -523,9 +543,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:  # checkpoints of upstream optimizers lack our keys (maximize, ...)
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
-            for key in self._group_counters:  # a capturable counter: never shared with the source dict
-                if isinstance(group.get(key), Tensor):
+            for key in self._group_counters:  # never shared with the source dict; an int (older
+                if isinstance(group.get(key), Tensor):  # checkpoints, upstream's) becomes the tensor form
                     group[key] = group[key].clone()
+                self._counter_tensor(group, key)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:
