@@ -278,8 +278,9 @@ class Muon(FusedOptimizer):
             3e-4, (0.9, 0.95), 1e-10); their ``weight_decay`` defaults to `weight_decay`.
         maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
 
-    State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and an int ``step`` (Adam
-    params), upstream's layout. Params without a grad are skipped (upstream fills them with zero grads,
+    State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and ``step`` (Adam params),
+    upstream's layout, with ``step`` a 0-d float32 CPU tensor as in torch's Adam (an int ``step`` of an
+    older or upstream checkpoint is converted at the next step). Params without a grad are skipped (upstream fills them with zero grads,
     i.e. decays and moves them; we never touch ``.grad``).
     """
 
@@ -345,16 +346,31 @@ class Muon(FusedOptimizer):
                            weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                            ns_steps=int(group["ns_steps"]), maximize=group["maximize"])
             return
-        # Adam side: upstream counts steps per param; params that share a count share one call
-        by_step: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
+        # Adam side: upstream counts steps per param; params that share a count share one call. The counts
+        # are 0-d float32 CPU tensors, torch's Adam form (class docstring), advanced by one foreach op.
+        steps = []
+        for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = self._zeros_state(p)
                 state["exp_avg_sq"] = self._zeros_state(p)
-                state["step"] = 0
-            state["step"] += 1
-            by_step[state["step"]].append(i)
+            step = state.get("step", 0)
+            if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device.type != "cpu":
+                # a new param, or an int count of an earlier checkpoint or of upstream's
+                step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            steps.append(step)
+        if not steps:
+            return
+        torch._foreach_add_(steps, 1)
+        by_step: dict[int | Tensor, list[int]] = defaultdict(list)
+        if torch.compiler.is_compiling():
+            # traced: each param's bias corrections from its own counter (float64 tensor ops, no guard on
+            # the count), one call per param; Inductor fuses them
+            for i, step in enumerate(steps):
+                by_step[step.double()].append(i)
+        else:
+            for i, step in enumerate(torch.stack(steps).tolist()):  # one host read of all the counts
+                by_step[int(step)].append(i)
         beta1, beta2 = group["betas"]
         for step, idx in by_step.items():
             ps = [params[i] for i in idx]

@@ -202,7 +202,7 @@ class NeuroOptima(FusedOptimizer):
         return loss
 
     def _step_group(self, group, params, grads) -> None:
-        group["step"] += 1
+        step = self._advance_counter(group, "step", params)  # an int, or a tensor under torch.compile
         exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -219,10 +219,12 @@ class NeuroOptima(FusedOptimizer):
         self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads],
                        lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
-        if group["step"] % group["lookahead_k"] == 0:
+        due = step % group["lookahead_k"] == 0
+        if isinstance(due, Tensor) or due:
             synced = [p for p in group["params"] if "slow_param" in self.state.get(p, ())]
             lookahead_sync(synced, [self.state[p]["slow_param"] for p in synced],
-                           alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for)
+                           alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for,
+                           due=due if isinstance(due, Tensor) else None)
 
     _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima,
               "native": _native_neuro_optima}

@@ -246,3 +246,70 @@ def test_resume_across_devices_in_fresh_process(resumed_across_devices, cls, dir
     assert not isinstance(got, str), f"fresh process failed to resume: {got}"
     assert_identical(exp["params"], got["params"], "params")
     assert_identical(exp["state"], got["state"], "state_dict")
+
+
+# ------------------------------------------------------------------ step counters: saved form, old ints
+_COUNTER_KEYS = ("t", "step", "lookahead_step")
+
+
+def _counters(sd: dict) -> list:
+    found = [g[k] for g in sd["param_groups"] for k in _COUNTER_KEYS if k in g]
+    return found + [s["step"] for s in sd["state"].values() if "step" in s]
+
+
+def _as_int_counters(sd: dict) -> dict:
+    """The checkpoint as earlier versions (and the upstream optimizers) wrote it: Python int counters."""
+    groups = [{k: int(v.item()) if k in _COUNTER_KEYS else v for k, v in g.items()} for g in sd["param_groups"]]
+    state = {pid: {k: int(v.item()) if k == "step" else v for k, v in s.items()} for pid, s in sd["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+_COUNTED = {
+    "gravity": lambda ps: fused_optim.Gravity(ps, lr=0.05, impl="foreach"),
+    "adan": lambda ps: fused_optim.Adan(ps, lr=1e-2, weight_decay=0.02, impl="foreach"),
+    "neuro_optima": lambda ps: fused_optim.NeuroOptima(ps, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="foreach"),
+    "lookahead": lambda ps: fused_optim.Lookahead(fused_optim.Adan(ps, lr=1e-2, impl="foreach"), k=2),
+    "muon": lambda ps: fused_optim.Muon([dict(params=ps[:1]), dict(params=ps[1:], use_muon=False)],
+                                        impl="foreach"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COUNTED))
+def test_counters_are_saved_as_tensors_and_int_counters_still_load(name):
+    """Step counters are saved as 0-d float32 tensors (torch's form for its own ``step``); a checkpoint
+    with Python int counters (earlier versions, upstream's optimizers) loads and resumes the same
+    trajectory bit for bit."""
+    def params():
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+
+    def grads(ps, k):
+        g = torch.Generator().manual_seed(100 + k)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+
+    torch.manual_seed(0)
+    full_ps = params()
+    full = _COUNTED[name](full_ps)
+    for k in range(6):
+        grads(full_ps, k)
+        full.step()
+    torch.manual_seed(0)
+    ps = params()
+    opt = _COUNTED[name](ps)
+    for k in range(3):
+        grads(ps, k)
+        opt.step()
+    sd = opt.state_dict()
+    counters = _counters(sd)
+    assert counters and all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 and c.dim() == 0
+                            and c.item() == 3 for c in counters), counters
+    torch.manual_seed(0)
+    resumed = _COUNTED[name](ps)
+    resumed.load_state_dict(_as_int_counters(sd))
+    for k in range(3, 6):
+        grads(ps, k)
+        resumed.step()
+    for a, b in zip(ps, full_ps):
+        assert torch.equal(a, b)
+    assert all(c.item() == 6 for c in _counters(resumed.state_dict()))

@@ -250,8 +250,9 @@ def test_sam_restore_is_exact_and_uses_existing_grads():
     xb, yb = batch(0, make_data())
     closure_for(model, opt, xb, yb)()  # davda54's contract: the caller ran forward/backward first
     calls = []
-    assert opt.step(closure_for(model, opt, xb, yb, counter=calls)) is None
-    assert len(calls) == 1  # only the perturbed evaluation
+    loss = opt.step(closure_for(model, opt, xb, yb, counter=calls))
+    assert len(calls) == 1  # only the perturbed evaluation, whose loss step returns
+    assert isinstance(loss, torch.Tensor)
     for p, b in zip(model.parameters(), before):
         assert_same(p.detach(), b, "restored")
     opt.step()  # no closure at lr=0 (torch.distributed.checkpoint's state initialisation): base step only
@@ -563,8 +564,11 @@ def test_muon_matches_reference(impl, nesterov):
                             (s["exp_avg_sq"] / (1 - b2 ** s["step"])).sqrt() + group["eps"])
                         p.mul_(1 - lr * wd)
                         p.add_(upd, alpha=-lr)
+        # upstream's int count; ours is stored as torch's Adam stores it, a 0-d float32 CPU tensor
+        ref_view = {p: {k: torch.tensor(float(v)) if k == "step" else v for k, v in s.items()}
+                    for p, s in ref_state.items()}
         assert_models_equal(model, ref, f"params@{step}")
-        assert_states_equal(opt, list(model.parameters()), type("R", (), {"state": ref_state})(),
+        assert_states_equal(opt, list(model.parameters()), type("R", (), {"state": ref_view})(),
                             list(ref.parameters()), f"state@{step}")
         for p, g in zip(model.parameters(), grads_before):
             assert_same(p.grad, g, "p.grad must not be mutated")
