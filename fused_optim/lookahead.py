@@ -266,11 +266,14 @@ class Lookahead(_WrappedOptimizer):
                                "the graph would freeze that choice. Run its step outside the graph")
         self._capture_slow()
         loss = self._inner.step() if closure is None else self._inner.step(closure)
-        with torch.no_grad():
-            self.lookahead_step.add_(1)
         if torch.compiler.is_compiling():  # traced: the every-k choice as data (`_masked_lookahead_sync`)
+            with torch.no_grad():
+                self.lookahead_step.add_(1)
             self._sync(due=self.lookahead_step.double() % self.k == 0)
-        elif int(self.lookahead_step.item()) % self.k == 0:  # a CPU tensor: no sync
+            return loss
+        count = int(self.lookahead_step.item()) + 1  # a CPU tensor: no sync; a fill is cheaper than add_
+        self.lookahead_step.fill_(count)
+        if count % self.k == 0:
             self.sync()
         return loss
 

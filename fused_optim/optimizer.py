@@ -216,10 +216,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return impl
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """Fused impls keep fp32 state for bf16/fp16 params (SPEC §9); the references use p's dtype."""
-        if p.dtype in _LOW_PRECISION and self.impl_for(p.device) in ("triton", "native"):
-            return torch.float32
-        return p.dtype
+        """The dtype of `p`'s state on every impl: float32 for bfloat16/float16 params, else p's dtype.
+
+        One policy for all impls, so a model trains the same way and its checkpoints load into any impl
+        (README, "State dtype"): a bf16 running average with a decay of 0.998 or more never moves (the
+        change is below half a bf16 ulp), so low-precision params keep fp32 moments, as mixed-precision
+        training keeps fp32 master state."""
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
     def _zeros_state(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
@@ -362,16 +365,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         - capturable with an impl that reads device scalars (`_device_scalars`): the float32 device
           counter itself, advanced by ``found_inf == 0`` when AMP's skip is taken on the device."""
         value = self._counter_tensor(group, key)
-        found_inf = (self._amp_kwargs or {}).get("found_inf")
-        if self.capturable and found_inf is not None:
-            value.add_((found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
-        else:
-            value.add_(1)
         if torch.compiler.is_compiling():
+            value.add_(1)
             return value.double()
-        if self.capturable and self._device_scalars(params):
-            return value
-        return int(value.item())
+        if self.capturable:
+            found_inf = (self._amp_kwargs or {}).get("found_inf")
+            value.add_(1 if found_inf is None else (found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
+            # a host-scalar impl runs capturable only on the CPU (`_check_capturable`): no sync to read it
+            return value if self._device_scalars(params) else int(value.item())
+        count = int(value.item()) + 1  # a CPU counter: read, then written back by a fill (cheaper than add_)
+        value.fill_(count)
+        return count
 
     def _device_scalars(self, params: list[Tensor]) -> bool:
         """Whether this split's impl reads step-dependent scalars as device tensors (capturable impls);
