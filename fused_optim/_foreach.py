@@ -23,7 +23,8 @@ def mul_operand(tensors: list[Tensor], value: float | Tensor) -> float | Tensor:
     return value
 
 
-def addcdiv_(tensors: list[Tensor], tensors1: list[Tensor], tensors2: list[Tensor], value: float | Tensor) -> None:
+def addcdiv_(tensors: list[Tensor], tensors1: list[Tensor], tensors2: list[Tensor],
+             value: float | Tensor) -> None:
     """``torch._foreach_addcdiv_(tensors, tensors1, tensors2, value=value)``. A 0-d tensor `value` (a per-step
     scalar traced under torch.compile) would be read on the host (a graph break), and the overload taking
     a tensor of values has no fake kernel: the same ``value * t1 / t2`` (the CPU kernel's order) is then

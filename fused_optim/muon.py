@@ -75,7 +75,7 @@ def _forloop_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
             continue
         if maximize:
             g = -g
-        g = g.to(buf.dtype)  # fp32 momentum of a bf16/fp16 param (`FusedOptimizer._state_dtype`): lerp in fp32
+        g = g.to(buf.dtype)  # fp32 momentum of a bf16/fp16 param (`_state_dtype`): lerp in fp32
         buf.lerp_(g, 1 - momentum)
         u = g.lerp(buf, momentum) if nesterov else buf
         u = zeropower_via_newtonschulz5(_as_matrix(u), steps=ns_steps)
@@ -283,8 +283,8 @@ class Muon(FusedOptimizer):
 
     State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and ``step`` (Adam params),
     upstream's layout, with ``step`` a 0-d float32 CPU tensor as in torch's Adam (an int ``step`` of an
-    older or upstream checkpoint is converted at the next step). Params without a grad are skipped (upstream fills them with zero grads,
-    i.e. decays and moves them; we never touch ``.grad``).
+    older or upstream checkpoint is converted at the next step). Params without a grad are skipped
+    (upstream fills them with zero grads, i.e. decays and moves them; we never touch ``.grad``).
     """
 
     _display_name = "Muon"

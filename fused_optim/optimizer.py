@@ -127,20 +127,27 @@ class FusedOptimizer(torch.optim.Optimizer):
       the step counters named in ``_group_counters`` stay as they were, and ``.grad`` stays scaled.
       The skip is decided on the host (``found_inf.item()``, one sync on an accelerator, the same one
       ``GradScaler`` does for every optimizer it cannot hand ``found_inf`` to) unless every impl of the
-      step is AMP-aware, the optimizer has no Python step counters (Lion, GradientEquilibrium) and no
+      step is AMP-aware, the optimizer has no step counters (Lion, GradientEquilibrium) and no
       param is on the CPU: then ``found_inf`` goes down to the kernels and nothing syncs. Optimizers
-      whose Python scalars depend on a counter (Gravity's ``t``, Adan's ``step``) need ``capturable``
+      whose host scalars depend on a counter (Gravity's ``t``, Adan's ``step``) need ``capturable``
       device counters for a sync-free skip.
     - Clipping before ``step`` (``clip_grad_norm_``) must see unscaled grads: call
       ``scaler.unscale_(opt)`` first; the scaler then passes ``grad_scale=None`` and only ``found_inf``.
     - Subclasses that read grads before `_dispatch` (Adan's global clip) return True from
       `_reads_grads_before_dispatch`, so the grads are unscaled before that read.
 
+    Step counters: the group keys in ``_group_counters`` are 0-d float32 tensors, as torch keeps its
+    ``step`` (created with the group, advanced in place by `_advance_counter`; an int in a checkpoint is
+    converted). On the CPU unless capturable. In eager mode the class reads the count on the host (no
+    sync) and computes its per-step scalars as Python doubles, upstream's; under torch.compile it gets
+    the counter as a float64 tensor and the scalars are traced from it, so Dynamo never guards on the
+    count and a compiled step does not recompile as the count grows.
+
     Capturable (CUDA graphs): classes with ``_supports_capturable`` take ``capturable=True`` (torch's
     flag, kept as the optimizer attribute ``capturable`` rather than a param-group key: Dynamo sets every
-    group's ``"capturable"`` to True while tracing torch optimizers, which must not switch our counters
-    to tensors inside ``torch.compile``). Then the group step counters in ``_group_counters`` are 0-d
-    float32 tensors on the params' device, advanced on the device (`_advance_counter`), and the per-step
+    group's ``"capturable"`` to True while tracing torch optimizers, which must not move our counters
+    inside ``torch.compile``). Then the step counters live on the params' device, are advanced there
+    (`_advance_counter`), and the per-step
     scalars derived from them are computed there in fp32; impls marked ``fn.supports_capturable = True``
     (the Triton and native kernels) read them, and ``lr`` when it is a device tensor, from device memory,
     so a step issues no host sync and can be captured in a CUDA graph and replayed. An AMP ``found_inf`` is then applied on the device
@@ -370,7 +377,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             return value.double()
         if self.capturable:
             found_inf = (self._amp_kwargs or {}).get("found_inf")
-            value.add_(1 if found_inf is None else (found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
+            if found_inf is None:
+                value.add_(1)
+            else:  # a skipped step must not advance it
+                value.add_((found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
             # a host-scalar impl runs capturable only on the CPU (`_check_capturable`): no sync to read it
             return value if self._device_scalars(params) else int(value.item())
         count = int(value.item()) + 1  # a CPU counter: read, then written back by a fill (cheaper than add_)

@@ -264,15 +264,18 @@ def _counters(sd: dict) -> list:
 
 def _as_int_counters(sd: dict) -> dict:
     """The checkpoint as earlier versions (and the upstream optimizers) wrote it: Python int counters."""
-    groups = [{k: int(v.item()) if k in _COUNTER_KEYS else v for k, v in g.items()} for g in sd["param_groups"]]
-    state = {pid: {k: int(v.item()) if k == "step" else v for k, v in s.items()} for pid, s in sd["state"].items()}
+    groups = [{k: int(v.item()) if k in _COUNTER_KEYS else v for k, v in g.items()}
+              for g in sd["param_groups"]]
+    state = {pid: {k: int(v.item()) if k == "step" else v for k, v in s.items()}
+             for pid, s in sd["state"].items()}
     return {"state": state, "param_groups": groups}
 
 
 _COUNTED = {
     "gravity": lambda ps: fused_optim.Gravity(ps, lr=0.05, impl="foreach"),
     "adan": lambda ps: fused_optim.Adan(ps, lr=1e-2, weight_decay=0.02, impl="foreach"),
-    "neuro_optima": lambda ps: fused_optim.NeuroOptima(ps, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="foreach"),
+    "neuro_optima": lambda ps: fused_optim.NeuroOptima(ps, lr=1e-2, sam_rho=0.0, lookahead_k=2,
+                                                       impl="foreach"),
     "lookahead": lambda ps: fused_optim.Lookahead(fused_optim.Adan(ps, lr=1e-2, impl="foreach"), k=2),
     "muon": lambda ps: fused_optim.Muon([dict(params=ps[:1]), dict(params=ps[1:], use_muon=False)],
                                         impl="foreach"),

@@ -275,8 +275,8 @@ COUNTER_CASES = {
     "adan-no-prox": lambda m, impl: Adan(m.parameters(), lr=1e-2, weight_decay=0.02, no_prox=True, impl=impl),
     "lion": lambda m, impl: Lion(m.parameters(), lr=1e-3, impl=impl),
     "equilibrium": lambda m, impl: GradientEquilibrium(m.parameters(), lr=0.1, impl=impl),
-    "neuro_optima": lambda m, impl: fused_optim.NeuroOptima(m.parameters(), lr=1e-2, sam_rho=0.0, lookahead_k=3,
-                                                            impl=impl),
+    "neuro_optima": lambda m, impl: fused_optim.NeuroOptima(m.parameters(), lr=1e-2, sam_rho=0.0,
+                                                            lookahead_k=3, impl=impl),
     "lookahead-adan": lambda m, impl: fused_optim.Lookahead(Adan(m.parameters(), lr=1e-2, impl=impl), k=3),
     "muon": lambda m, impl: fused_optim.Muon(fused_optim.muon_param_groups(m), impl=impl),
 }

@@ -130,7 +130,8 @@ STATE_DTYPE_CASES = {
 
 def _state_run(name, impl, dtype, steps=3):
     g = torch.Generator().manual_seed(5)
-    ps = [torch.randn(6, 5, generator=g).to(dtype).requires_grad_(), torch.randn(7, generator=g).to(dtype).requires_grad_()]
+    ps = [torch.randn(6, 5, generator=g).to(dtype).requires_grad_(),
+          torch.randn(7, generator=g).to(dtype).requires_grad_()]
     torch.manual_seed(0)
     opt = STATE_DTYPE_CASES[name](ps, impl)
     for k in range(steps):
