@@ -201,8 +201,9 @@ def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | N
 
 
 def state_elem_size(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
-    """Element size of the optimizer's per-element state for `p` (fused impls keep fp32 state for bf16
-    params; references keep the param's dtype). Falls back to the param's when it has none."""
+    """Element size of the optimizer's per-element state for `p` (ours keep fp32 state for bf16 params
+    on every impl; torch's and most peers keep the param's dtype). Falls back to the param's when it has
+    none."""
     for v in opt.state.get(p, {}).values():
         if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() == p.numel() and v.numel() > 1:
             return v.element_size()

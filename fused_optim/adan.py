@@ -13,7 +13,7 @@ from torch import Tensor
 from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
 from .distributed import all_reduce_sum_, local
 from ._native import _native_adan
-from ._foreach import mul_operand
+from ._foreach import addcdiv_, mul_operand
 from .optimizer import FusedOptimizer, _check_betas, _check_range
 
 __all__ = ["Adan"]
@@ -75,11 +75,11 @@ def _foreach_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     torch._foreach_add_(denom, eps)
     if no_prox:
         torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
-        torch._foreach_addcdiv_(params, exp_avg_diffs, denom, value=-step_size_diff)
+        addcdiv_(params, exp_avgs, denom, -step_size)
+        addcdiv_(params, exp_avg_diffs, denom, -step_size_diff)
     else:
-        torch._foreach_addcdiv_(params, exp_avgs, denom, value=-step_size)
-        torch._foreach_addcdiv_(params, exp_avg_diffs, denom, value=-step_size_diff)
+        addcdiv_(params, exp_avgs, denom, -step_size)
+        addcdiv_(params, exp_avg_diffs, denom, -step_size_diff)
         torch._foreach_div_(params, 1 + lr * weight_decay)
     torch._foreach_zero_(neg_pre_grads)
     torch._foreach_add_(neg_pre_grads, grads, alpha=-1.0)
@@ -122,12 +122,11 @@ class Adan(FusedOptimizer):
         # Capturable: the group's own first step (step == 1, only known on the device) is taken in the
         # kernel from the unscaled grad; a param seen for the first time is still initialised here (a
         # late param joins at step > 1), so that step reads its grads — a warm-up step, never a captured one.
+        # (A group at step 0 has no neg_pre_grad unless capturable: `restart_opt` and `load_state_dict` drop
+        # it there, so reading the counter, a tensor, is never needed.)
         if self.defaults["max_grad_norm"] > 0:
             return True
         for group in self.param_groups:
-            # capturable first: its step counter is a device tensor, and `== 0` on it would sync the host
-            if not self.capturable and group.get("step", 0) == 0:
-                return True
             for p in group["params"]:
                 if p.grad is not None and "neg_pre_grad" not in self.state.get(p, ()):
                     return True
@@ -155,8 +154,8 @@ class Adan(FusedOptimizer):
         """Zero the three moments and every group's step (upstream's restart); `neg_pre_grad` is
         re-initialised at the next step because the step count is back to 1 then."""
         for group in self.param_groups:
-            # a capturable counter is zeroed in place: a captured CUDA graph keeps reading its address
-            group["step"] = group["step"].zero_() if isinstance(group.get("step"), Tensor) else 0
+            # zeroed in place: a captured CUDA graph (capturable) keeps reading the counter's address
+            self._counter_tensor(group, "step").zero_()
             for p in group["params"]:
                 state = self.state.get(p)
                 if not state:
@@ -164,6 +163,19 @@ class Adan(FusedOptimizer):
                 for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
                     if key in state:
                         state[key].zero_()
+                if not self.capturable:
+                    # set again from the grad at the next step, as at a param's first (capturable keeps the
+                    # buffer, whose address a graph holds, and its kernel reads step == 1 on the device)
+                    state.pop("neg_pre_grad", None)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        if self.capturable:
+            return
+        for group in self.param_groups:  # a checkpoint taken after a restart (upstream's keeps the buffer)
+            if group["step"].item() == 0:  # CPU counter: no sync
+                for p in group["params"]:
+                    self.state.get(p, {}).pop("neg_pre_grad", None)
 
     def _global_clip(self, batches) -> float | Tensor:
         """``min(max_grad_norm / (||g||_2 + eps), 1)`` over every grad of every group, or 1.0.
@@ -202,10 +214,9 @@ class Adan(FusedOptimizer):
             self._adan_group(group, params, grads, clip)
 
     def _adan_group(self, group, params, grads, clip) -> None:
-        step = self._advance_counter(group, "step")
-        device_scalars = isinstance(step, Tensor) and self._device_scalars(params)
-        if isinstance(step, Tensor) and not device_scalars:
-            step = int(step.item())  # capturable on the CPU with a host-scalar impl: no sync to avoid here
+        step = self._advance_counter(group, "step", params)
+        # a tensor: capturable device scalars (fp32), or the float64 counter under torch.compile
+        device_scalars = isinstance(step, Tensor) and self.capturable and not torch.compiler.is_compiling()
         beta1, beta2, beta3 = group["betas"]
         exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads = [], [], [], []
         for p, g in zip(params, grads):
@@ -214,8 +225,9 @@ class Adan(FusedOptimizer):
                 state["exp_avg"] = self._zeros_state(p)
                 state["exp_avg_sq"] = self._zeros_state(p)
                 state["exp_avg_diff"] = self._zeros_state(p)
-            if "neg_pre_grad" not in state or (not device_scalars and step == 1):
-                # (capturable: the kernel also sets it where the group's step is 1, read on the device)
+            if "neg_pre_grad" not in state or (not isinstance(step, Tensor) and step == 1):
+                # (capturable: the kernel also sets it where the group's step is 1, read on the device; under
+                # torch.compile a group at step 0 has no neg_pre_grad: see `restart_opt`)
                 # -clip*g (of the maximized g): the first difference is then exactly 0
                 sign_g = g if group["maximize"] else -g
                 state["neg_pre_grad"] = sign_g.to(self._state_dtype(p)) * clip
@@ -223,8 +235,8 @@ class Adan(FusedOptimizer):
             exp_avg_sqs.append(state["exp_avg_sq"])
             exp_avg_diffs.append(state["exp_avg_diff"])
             neg_pre_grads.append(state["neg_pre_grad"])
-        if device_scalars:  # fp32 on the device (torch's capturable Adam computes them the same way)
-            first = {"first_step": (step == 1).float()}
+        if isinstance(step, Tensor):  # capturable: fp32 on the device, as torch's capturable Adam
+            first = {"first_step": (step == 1).float()} if device_scalars else {}
             bias_corrections = (1.0 - torch.pow(beta1, step), 1.0 - torch.pow(beta2, step),
                                 torch.sqrt(1.0 - torch.pow(beta3, step)))
         else:

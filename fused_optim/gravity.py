@@ -116,11 +116,11 @@ class Gravity(FusedOptimizer):
             state["v"] = v.to(self._state_dtype(p))
 
     def _step_group(self, group, params, grads) -> None:
-        t = self._advance_counter(group, "t")  # every step() call, before use, even with no grads (upstream)
-        if isinstance(t, Tensor) and not self._device_scalars(params):
-            t = int(t.item())  # capturable on the CPU with a host-scalar impl: no sync to avoid here
+        # every step() call, before use, even with no grads (upstream)
+        t = self._advance_counter(group, "t", params)
         beta = group["beta"]
-        beta_hat = (beta * t + 1) / (t + 2)  # a Python double, or fp32 on the device (capturable)
+        # a Python double; a float64 tensor under torch.compile; fp32 on the device (capturable)
+        beta_hat = (beta * t + 1) / (t + 2)
         vs = [self.state[p]["v"] for p in params]
         self._dispatch(params, grads, [vs], lr=group["lr"], beta_hat=beta_hat,
                        maximize=group["maximize"])

@@ -84,10 +84,26 @@ def _impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict
     return impl if impl in impls else "foreach"
 
 
+def _masked_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float, due: Tensor) -> None:
+    """The sync where the 0-d bool tensor `due` is true, else nothing changes: the every-k choice as data,
+    for a step traced by torch.compile (a Python branch on a tensor counter would be a graph break, one
+    on an int counter a recompile per step). Same op order as the reference; Inductor fuses it."""
+    synced = torch._foreach_mul(params, mul_operand(params, alpha))
+    torch._foreach_add_(synced, slows, alpha=1 - alpha)
+    synced = [torch.where(due, s, p) for s, p in zip(synced, params)]
+    torch._foreach_copy_(slows, [torch.where(due, s.to(slow.dtype), slow) for s, slow in zip(synced, slows)])
+    torch._foreach_copy_(params, synced)
+
+
 def lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float,
-                   impl_for: Callable[[torch.device], str]) -> None:
-    """Run the sync once per (device, dtype) split of `params` (`slows` match `params` one to one)."""
+                   impl_for: Callable[[torch.device], str], due: Tensor | None = None) -> None:
+    """Run the sync once per (device, dtype) split of `params` (`slows` match `params` one to one); with
+    `due` (a 0-d bool tensor, under torch.compile) only where it is true (`_masked_lookahead_sync`)."""
     for (device, dtype), idx in split_by_device_dtype(params).items():
+        if due is not None:
+            _masked_lookahead_sync(impl_views(params, idx, dtype), impl_views(slows, idx, dtype), alpha=alpha,
+                                   due=due.to(device))
+            continue
         impl = impl_for(device)
         fn = _sync_impls.get(impl, _foreach_lookahead_sync)
         # DTensor (FSDP2) params: an elementwise update of the local shards is the whole update
@@ -218,7 +234,8 @@ class Lookahead(_WrappedOptimizer):
 
     ``step(closure)`` passes the closure to the inner optimizer and returns its loss. ``state_dict()``
     is the inner optimizer's in torch's layout, with each param's slow weight (``lookahead_slow``) in its
-    state entry and ``lookahead_k``, ``lookahead_alpha``, ``lookahead_step`` in every group, so it
+    state entry and ``lookahead_k``, ``lookahead_alpha``, ``lookahead_step`` (a 0-d float32 tensor, like
+    every step counter here; an int one loads) in every group, so it
     survives torch.distributed.checkpoint's helpers; a round trip resumes bit-exactly. A checkpoint of
     the bare inner optimizer also loads (the slow weights are then captured at the next step).
     """
@@ -235,7 +252,10 @@ class Lookahead(_WrappedOptimizer):
         self._bind(optimizer, dict(optimizer.defaults, lookahead_k=k, lookahead_alpha=alpha))
         self.k = int(k)
         self.alpha = float(alpha)
-        self.lookahead_step = 0
+        #: syncs counted so far; a 0-d float32 CPU tensor advanced in place, like the other step counters
+        #: (README, "torch.compile"): under torch.compile an int attribute is guarded on or, mutated in a
+        #: compiled frame, lost, so the slow weights never synced
+        self.lookahead_step = torch.zeros((), dtype=torch.float32)
         self._impl_request = impl
         self._slow: dict[Tensor, Tensor] = {}
 
@@ -296,16 +316,26 @@ class Lookahead(_WrappedOptimizer):
         new_slow = self._new_slow()  # kept only once the inner step succeeded: a refused step changes nothing
         loss = self._inner.step() if closure is None else self._inner.step(closure)
         self._slow.update(new_slow)
-        self.lookahead_step += 1
-        if self.lookahead_step % self.k == 0:
+        if torch.compiler.is_compiling():  # traced: the every-k choice as data (`_masked_lookahead_sync`)
+            with torch.no_grad():
+                self.lookahead_step.add_(1)
+            self._sync(due=self.lookahead_step.double() % self.k == 0)
+            return loss
+        count = int(self.lookahead_step.item()) + 1  # a CPU tensor: no sync; a fill is cheaper than add_
+        self.lookahead_step.fill_(count)
+        if count % self.k == 0:
             self.sync()
         return loss
 
-    @torch.no_grad()
     def sync(self) -> None:
         """Pull every param toward its slow weight and store the result as the new slow weight."""
+        self._sync(None)
+
+    @torch.no_grad()
+    def _sync(self, due: Tensor | None) -> None:
         params = [p for p in self._param_list() if p in self._slow]
-        lookahead_sync(params, [self._slow[p] for p in params], alpha=self.alpha, impl_for=self._impl_for)
+        lookahead_sync(params, [self._slow[p] for p in params], alpha=self.alpha, impl_for=self._impl_for,
+                       due=due)
 
     def state_dict(self) -> dict[str, Any]:
         """torch's layout, so torch.distributed.checkpoint's helpers (which keep only ``state`` and
@@ -313,17 +343,19 @@ class Lookahead(_WrappedOptimizer):
         plus ``lookahead_k``, ``lookahead_alpha`` and ``lookahead_step`` (one counter, repeated)."""
         return self._pack_extra({p: {"lookahead_slow": s} for p, s in self._slow.items()},
                                 {"lookahead_k": self.k, "lookahead_alpha": self.alpha,
-                                 "lookahead_step": self.lookahead_step})
+                                 "lookahead_step": self.lookahead_step.clone()})
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         extra, group_extra = self._load_with_extra(state_dict, ("lookahead_slow",), _GROUP_KEYS, _check_group_extra)
         if "lookahead_step" not in group_extra:  # the bare inner optimizer's checkpoint: slow weights
             self._slow = {}                      # are captured again at the next step
-            self.lookahead_step = 0
+            self.lookahead_step = torch.zeros((), dtype=torch.float32)
             return
         self.k = int(group_extra["lookahead_k"])
         self.alpha = float(group_extra["lookahead_alpha"])
-        self.lookahead_step = int(group_extra["lookahead_step"])
+        step = group_extra["lookahead_step"]  # an int in checkpoints of earlier versions
+        self.lookahead_step = torch.tensor(float(step.item() if isinstance(step, Tensor) else step),
+                                           dtype=torch.float32)
         self._slow = {p: e["lookahead_slow"] for p, e in extra.items()}
 
     def __repr__(self) -> str:

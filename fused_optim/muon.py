@@ -75,6 +75,7 @@ def _forloop_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
             continue
         if maximize:
             g = -g
+        g = g.to(buf.dtype)  # fp32 momentum of a bf16/fp16 param (`_state_dtype`): lerp in fp32
         buf.lerp_(g, 1 - momentum)
         u = g.lerp(buf, momentum) if nesterov else buf
         u = zeropower_via_newtonschulz5(_as_matrix(u), steps=ns_steps)
@@ -121,6 +122,8 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     momentum_buffers = [momentum_buffers[i] for i in keep]
     if maximize:
         grads = torch._foreach_neg(grads)
+    if grads[0].dtype != momentum_buffers[0].dtype:  # fp32 momentum of bf16/fp16 params: lerp in fp32
+        grads = [g.to(momentum_buffers[0].dtype) for g in grads]
     torch._foreach_lerp_(momentum_buffers, grads, 1 - momentum)
     us = torch._foreach_lerp(grads, momentum_buffers, momentum) if nesterov else momentum_buffers
     us = _batched_newton_schulz([_as_matrix(u) for u in us], ns_steps, [_scale(g) for g in grads])
@@ -278,9 +281,10 @@ class Muon(FusedOptimizer):
             3e-4, (0.9, 0.95), 1e-10); their ``weight_decay`` defaults to `weight_decay`.
         maximize, impl, foreach, fused: see :class:`fused_optim.Lion`.
 
-    State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and an int ``step`` (Adam
-    params), upstream's layout. Params without a grad are skipped (upstream fills them with zero grads,
-    i.e. decays and moves them; we never touch ``.grad``).
+    State: ``momentum_buffer`` (Muon params); ``exp_avg``, ``exp_avg_sq`` and ``step`` (Adam params),
+    upstream's layout, with ``step`` a 0-d float32 CPU tensor as in torch's Adam (an int ``step`` of an
+    older or upstream checkpoint is converted at the next step). Params without a grad are skipped
+    (upstream fills them with zero grads, i.e. decays and moves them; we never touch ``.grad``).
     """
 
     _display_name = "Muon"
@@ -346,16 +350,33 @@ class Muon(FusedOptimizer):
                            weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
                            ns_steps=int(group["ns_steps"]), maximize=group["maximize"])
             return
-        # Adam side: upstream counts steps per param; params that share a count share one call
-        by_step: dict[int, list[int]] = defaultdict(list)
-        for i, p in enumerate(params):
+        # Adam side: upstream counts steps per param; params that share a count share one call. The counts
+        # are 0-d float32 CPU tensors, torch's Adam form (class docstring).
+        steps = []
+        for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
                 state["exp_avg"] = self._zeros_state(p)
                 state["exp_avg_sq"] = self._zeros_state(p)
-                state["step"] = 0
-            state["step"] += 1
-            by_step[state["step"]].append(i)
+            step = state.get("step", 0)
+            if not isinstance(step, Tensor) or step.dtype != torch.float32 or step.device.type != "cpu":
+                # a new param, or an int count of an earlier checkpoint or of upstream's
+                step = state["step"] = torch.tensor(float(step), dtype=torch.float32)
+            steps.append(step)
+        if not steps:
+            return
+        by_step: dict[int | Tensor, list[int]] = defaultdict(list)
+        if torch.compiler.is_compiling():
+            # traced: each param's bias corrections from its own counter (float64 tensor ops, no guard on
+            # the count), one call per param; Inductor fuses them
+            torch._foreach_add_(steps, 1)
+            for i, step in enumerate(steps):
+                by_step[step.double()].append(i)
+        else:
+            for i, step in enumerate(steps):  # CPU counters: read, written back by a fill (cheapest)
+                count = int(step.item()) + 1
+                step.fill_(count)
+                by_step[count].append(i)
         beta1, beta2 = group["betas"]
         for step, idx in by_step.items():
             ps = [params[i] for i in idx]
@@ -373,8 +394,8 @@ class Muon(FusedOptimizer):
             fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
             gs, states = [grads[i] for i in idx], [exp_avgs[i] for i in idx]
             if states[0].dtype != gs[0].dtype:
-                # fused impls keep fp32 state for bf16/fp16 params (`_state_dtype`); the Adam side has no
-                # kernel of its own yet, so its multi-tensor ops run in fp32 on upcast grads
+                # fp32 state for bf16/fp16 params (`_state_dtype`): the Adam side's multi-tensor ops run
+                # in fp32 on upcast grads
                 gs = [g.to(states[0].dtype) for g in gs]
             fn([params[i] for i in idx], gs, states, [exp_avg_sqs[i] for i in idx], **scalars)
 

@@ -119,7 +119,8 @@ class NeuroOptima(FusedOptimizer):
     closure is required: ``step`` calls it at ``p`` (unless the params already have grads, which are
     then used), perturbs ``p`` along the global gradient direction by ``sam_rho``, calls it again, restores
     ``p`` exactly, applies the core update with the sharpness-aware grads, and sets the grads to None.
-    Returns the loss at ``p`` (None if ``step`` did not compute it). ``step()`` without a closure at
+    Returns the closure's loss: at ``p`` when ``step`` evaluated it there, else (grads on entry) at the
+    perturbed point, the only point ``step`` evaluated. ``step()`` without a closure at
     lr=0 in every group (how torch.distributed.checkpoint materialises state) runs the core alone.
 
     State: ``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``prev_grad`` and Lookahead's ``slow_param``
@@ -178,12 +179,14 @@ class NeuroOptima(FusedOptimizer):
             self.zero_grad(set_to_none=True)
             try:
                 with torch.enable_grad():
-                    closure()
+                    perturbed_loss = closure()
             except BaseException:  # KeyboardInterrupt too: params and grads back as before the step
                 sam_second_step(saved)
                 _restore_grads(grads)
                 raise
             sam_second_step(saved)
+            if loss is None:
+                loss = perturbed_loss
         elif closure is not None:
             with torch.enable_grad():
                 loss = closure()
@@ -207,7 +210,7 @@ class NeuroOptima(FusedOptimizer):
         return loss
 
     def _step_group(self, group, params, grads) -> None:
-        group["step"] += 1
+        step = self._advance_counter(group, "step", params)  # an int, or a tensor under torch.compile
         exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads = [], [], [], []
         for p in params:
             state = self.state[p]
@@ -224,10 +227,12 @@ class NeuroOptima(FusedOptimizer):
         self._dispatch(params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads],
                        lr=_as_float(group["lr"]), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
-        if group["step"] % group["lookahead_k"] == 0:
+        due = step % group["lookahead_k"] == 0
+        if isinstance(due, Tensor) or due:
             synced = [p for p in group["params"] if "slow_param" in self.state.get(p, ())]
             lookahead_sync(synced, [self.state[p]["slow_param"] for p in synced],
-                           alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for)
+                           alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for,
+                           due=due if isinstance(due, Tensor) else None)
 
     _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima,
               "native": _native_neuro_optima}

@@ -150,6 +150,12 @@ def op_for(cls: type) -> str | None:
     return None
 
 
+def _f64(x: float | Tensor) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach().to(device="cpu", dtype=torch.float64).reshape(())
+    return torch.scalar_tensor(x, dtype=torch.float64)
+
+
 def run_as_op(cls: type, impl: str, params: list[Tensor], grads: list[Tensor], states: list[list[Tensor]],
               scalars: dict[str, Any], amp: dict[str, Tensor | None]) -> bool:
     """Call the op of `cls` for one (device, dtype) split; False when `cls` has no op (call the impl)."""
@@ -163,6 +169,8 @@ def run_as_op(cls: type, impl: str, params: list[Tensor], grads: list[Tensor], s
     # The float scalars travel as one float64 CPU tensor: a `float` argument of a custom op is
     # specialized by Dynamo (a recompile whenever Gravity's beta_hat or Adan's bias corrections change,
     # i.e. every step), a tensor is a graph input. float64 keeps the Python doubles exact.
-    packed = torch.stack([torch.scalar_tensor(kwargs.pop(k), dtype=torch.float64) for k in _FLOATS[name]])
+    # A scalar derived from a step counter under torch.compile is already a float64 CPU tensor (the class
+    # computed it from the counter): it joins the pack as a graph value, never read on the host.
+    packed = torch.stack([_f64(kwargs.pop(k)) for k in _FLOATS[name]])
     _OPS[name](params, grads, *states, impl, packed, **kwargs, **amp)
     return True

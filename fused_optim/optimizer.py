@@ -154,20 +154,27 @@ class FusedOptimizer(torch.optim.Optimizer):
       the step counters named in ``_group_counters`` stay as they were, and ``.grad`` stays scaled.
       The skip is decided on the host (``found_inf.item()``, one sync on an accelerator, the same one
       ``GradScaler`` does for every optimizer it cannot hand ``found_inf`` to) unless every impl of the
-      step is AMP-aware, the optimizer has no Python step counters (Lion, GradientEquilibrium) and no
+      step is AMP-aware, the optimizer has no step counters (Lion, GradientEquilibrium) and no
       param is on the CPU: then ``found_inf`` goes down to the kernels and nothing syncs. Optimizers
-      whose Python scalars depend on a counter (Gravity's ``t``, Adan's ``step``) need ``capturable``
+      whose host scalars depend on a counter (Gravity's ``t``, Adan's ``step``) need ``capturable``
       device counters for a sync-free skip.
     - Clipping before ``step`` (``clip_grad_norm_``) must see unscaled grads: call
       ``scaler.unscale_(opt)`` first; the scaler then passes ``grad_scale=None`` and only ``found_inf``.
     - Subclasses that read grads before `_dispatch` (Adan's global clip) return True from
       `_reads_grads_before_dispatch`, so the grads are unscaled before that read.
 
+    Step counters: the group keys in ``_group_counters`` are 0-d float32 tensors, as torch keeps its
+    ``step`` (created with the group, advanced in place by `_advance_counter`; an int in a checkpoint is
+    converted). On the CPU unless capturable. In eager mode the class reads the count on the host (no
+    sync) and computes its per-step scalars as Python doubles, upstream's; under torch.compile it gets
+    the counter as a float64 tensor and the scalars are traced from it, so Dynamo never guards on the
+    count and a compiled step does not recompile as the count grows.
+
     Capturable (CUDA graphs): classes with ``_supports_capturable`` take ``capturable=True`` (torch's
     flag, kept as the optimizer attribute ``capturable`` rather than a param-group key: Dynamo sets every
-    group's ``"capturable"`` to True while tracing torch optimizers, which must not switch our counters
-    to tensors inside ``torch.compile``). Then the group step counters in ``_group_counters`` are 0-d
-    float32 tensors on the params' device, advanced on the device (`_advance_counter`), and the per-step
+    group's ``"capturable"`` to True while tracing torch optimizers, which must not move our counters
+    inside ``torch.compile``). Then the step counters live on the params' device, are advanced there
+    (`_advance_counter`), and the per-step
     scalars derived from them are computed there in fp32; impls marked ``fn.supports_capturable = True``
     (the Triton and native kernels) read them, and ``lr`` when it is a device tensor, from device memory,
     so a step issues no host sync and can be captured in a CUDA graph and replayed. An AMP ``found_inf`` is then applied on the device
@@ -253,10 +260,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         return impl
 
     def _state_dtype(self, p: Tensor) -> torch.dtype:
-        """Fused impls keep fp32 state for bf16/fp16 params (SPEC §9); the references use p's dtype."""
-        if p.dtype in _LOW_PRECISION and self.impl_for(p.device) in ("triton", "native"):
-            return torch.float32
-        return p.dtype
+        """The dtype of `p`'s state on every impl: float32 for bfloat16/float16 params, else p's dtype.
+
+        One policy for all impls, so a model trains the same way and its checkpoints load into any impl
+        (README, "State dtype"): a bf16 running average with a decay of 0.998 or more never moves (the
+        change is below half a bf16 ulp), so low-precision params keep fp32 moments, as mixed-precision
+        training keeps fp32 master state."""
+        return torch.float32 if p.dtype in _LOW_PRECISION else p.dtype
 
     def _zeros_state(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
@@ -331,6 +341,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                                      f"group {gi}")
         _check_no_overlap(self._display_name, params, getattr(self, "param_groups", []))
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for key in self._group_counters:  # each group its own counter tensor, from the first step on
+            group[key] = group.get(key, 0)
+            self._counter_tensor(group, key)
 
     def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
         raise NotImplementedError
@@ -508,29 +522,49 @@ class FusedOptimizer(torch.optim.Optimizer):
         impl = self.impl_for(device)
         return self._shard_impl(impl, self._impls[impl])[1] if sharded else self._impls[impl]
 
-    def _advance_counter(self, group: dict, key: str) -> int | Tensor:
-        """Add one to the group's step counter `key` and return it (torch's convention: before use).
-
-        A Python int normally. With ``capturable=True`` a 0-d float32 tensor on the group's device,
-        advanced there: by ``found_inf == 0`` when AMP's skip is taken on the device (the counter must
-        not move on a skipped step), else by 1. A counter of the other kind (a checkpoint saved with
-        the other setting) is converted first."""
+    def _counter_tensor(self, group: dict, key: str) -> Tensor:
+        """The group's step counter `key` as its stored form (class docstring, "Step counters"): a 0-d
+        float32 tensor, on the group's device with capturable=True, else on the CPU. A Python number (a
+        checkpoint of an earlier version or of the upstream optimizer, a user's ``group["step"] = 0``) or
+        a tensor of the other setting is converted, once."""
         value = group.get(key, 0)
-        if not self.capturable:
-            group[key] = (int(value.item()) if isinstance(value, Tensor) else value) + 1
-            return group[key]
-        device = _dist.local(group["params"][0]).device if group["params"] else torch.device("cpu")
+        device = torch.device("cpu")
+        if self.capturable and group["params"]:
+            device = _dist.local(group["params"][0]).device
         if not isinstance(value, Tensor):
             value = torch.full((), float(value), dtype=torch.float32, device=device)
-        elif value.device != device or value.dtype != torch.float32:
-            value = value.to(device=device, dtype=torch.float32)
-        found_inf = (self._amp_kwargs or {}).get("found_inf")
-        if found_inf is not None:
-            value.add_((found_inf.to(device, non_blocking=True) == 0).reshape(()))
+        elif value.device != device or value.dtype != torch.float32 or value.dim() != 0:
+            value = value.detach().to(device=device, dtype=torch.float32).reshape(())
         else:
-            value.add_(1)
+            return value
         group[key] = value
         return value
+
+    def _advance_counter(self, group: dict, key: str, params: list[Tensor]) -> int | Tensor:
+        """Add one to the group's step counter `key` (in place) and return its new value as the class
+        computes its per-step scalars from it (torch's convention: advance, then use).
+
+        - eager, host scalars: a Python int (reading the CPU counter is no sync);
+        - under torch.compile: the counter as a float64 tensor, so the scalars derived from it are traced
+          as tensor ops (Dynamo never guards on the count: no recompile per step), in the doubles the
+          eager path computes;
+        - capturable with an impl that reads device scalars (`_device_scalars`): the float32 device
+          counter itself, advanced by ``found_inf == 0`` when AMP's skip is taken on the device."""
+        value = self._counter_tensor(group, key)
+        if torch.compiler.is_compiling():
+            value.add_(1)
+            return value.double()
+        if self.capturable:
+            found_inf = (self._amp_kwargs or {}).get("found_inf")
+            if found_inf is None:
+                value.add_(1)
+            else:  # a skipped step must not advance it
+                value.add_((found_inf.to(value.device, non_blocking=True) == 0).reshape(()))
+            # a host-scalar impl runs capturable only on the CPU (`_check_capturable`): no sync to read it
+            return value if self._device_scalars(params) else int(value.item())
+        count = int(value.item()) + 1  # a CPU counter: read, then written back by a fill (cheaper than add_)
+        value.fill_(count)
+        return count
 
     def _device_scalars(self, params: list[Tensor]) -> bool:
         """Whether this split's impl reads step-dependent scalars as device tensors (capturable impls);
@@ -724,9 +758,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 group.setdefault(key, value)
             for key, value in self._group_defaults.items():
                 group.setdefault(key, value)
-            for key in self._group_counters:  # a capturable counter: never shared with the source dict
-                if isinstance(group.get(key), Tensor):
+            for key in self._group_counters:  # never shared with the source dict; an int (older
+                if isinstance(group.get(key), Tensor):  # checkpoints, upstream's) becomes the tensor form
                     group[key] = group[key].clone()
+                self._counter_tensor(group, key)
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             if pid not in saved_state:

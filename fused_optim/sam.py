@@ -202,7 +202,8 @@ class SAM(_WrappedOptimizer):
     ``step(closure)``: the closure zeroes the grads, computes the loss, calls ``backward`` and returns
     the loss; it runs under ``torch.enable_grad()``. If no param has a grad, ``step`` first calls the
     closure; if they have (the caller ran forward/backward, davda54's contract) those grads are used.
-    Returns the loss at the unperturbed point when ``step`` computed it, else None (the caller has it).
+    Returns the closure's loss: at the unperturbed point ``p`` when ``step`` evaluated it there (no grads
+    on entry), else at the perturbed point ``p + e(p)``, the only point ``step`` evaluated.
     The grads are set to None at the end, so a later ``step(closure)`` never mistakes the perturbed
     gradients for fresh ones. Without a closure ``step`` raises, except at lr=0 in every group (how
     torch.distributed.checkpoint materialises state): then it is the base step alone. ``first_step()`` / ``second_step()`` are davda54's two halves.
@@ -312,7 +313,7 @@ class SAM(_WrappedOptimizer):
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
-                closure()
+                perturbed_loss = closure()
         except BaseException:  # KeyboardInterrupt too: never leave the params at the perturbed point
             with torch.no_grad():
                 sam_second_step(self._saved)
@@ -321,7 +322,7 @@ class SAM(_WrappedOptimizer):
             raise
         self.second_step()
         self.zero_grad(set_to_none=True)
-        return loss
+        return perturbed_loss if loss is None else loss
 
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's, in torch's layout; between ``first_step`` and ``second_step`` each

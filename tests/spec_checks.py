@@ -116,13 +116,15 @@ def roundtrip(state_dict: dict) -> dict:
 LOWP_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 
-def assert_lowp_close(actual: Tensor, lowp_ref: Tensor, high_ref: Tensor, what: str = "") -> None:
+def assert_lowp_close(actual: Tensor, lowp_ref: Tensor, high_ref: Tensor, what: str = "",
+                      dtype: torch.dtype | None = None) -> None:
     """SPEC §9 for bf16/fp16: the error against a float64 reference is at most twice the error of the
-    reference run in the same low precision, plus the dtype's atol."""
+    reference run in the same low precision, plus the atol of `dtype`, the params' dtype (default:
+    `actual`'s; the fp32 state of bf16/fp16 params is held to its params' atol)."""
     if actual.numel() == 0:
         return
     hi = high_ref.double()
     err = (actual.double() - hi).abs().max().item()
     ref_err = (lowp_ref.double() - hi).abs().max().item()
-    bound = 2 * ref_err + LOWP_ATOL[actual.dtype]
+    bound = 2 * ref_err + LOWP_ATOL[dtype or actual.dtype]
     assert err <= bound, f"{what}: error {err:.3g} > 2 x reference error {ref_err:.3g} + atol"

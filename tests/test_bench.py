@@ -135,14 +135,14 @@ def test_bytes_per_param_is_the_spec_floor():
     fp32 = {name: spec.bytes_per_param(4, 4) for name, spec in OPTIMIZERS.items()}
     assert fp32 == {"adamw": 28, "lion": 20, "gravity": 24, "adan": 44, "gradient_equilibrium": 16,
                     "neurooptima": 44}
-    # bf16 params with the fused impls' fp32 state: p read+write 2+2, grad(s) 2 each, state 4+4 each
+    # bf16 params with their fp32 state: p read+write 2+2, grad(s) 2 each, state 4+4 each
     assert OPTIMIZERS["lion"].bytes_per_param(2, 4) == 14
     assert OPTIMIZERS["adan"].bytes_per_param(2, 4) == 38
     p = torch.zeros(4, dtype=torch.bfloat16)
     p.grad = torch.ones(4, dtype=torch.bfloat16)
     opt = fused_optim.Lion([p], impl="foreach")
     opt.step()
-    assert bc.state_elem_size(opt, p) == 2  # references keep bf16 state: the bytes follow the real state
+    assert bc.state_elem_size(opt, p) == 4  # fp32 state for bf16 params on every impl: the bytes follow it
 
 
 def test_param_sets_have_the_shapes_users_train():

@@ -3,7 +3,7 @@
 - same impl: the resumed run is bit-identical to the uninterrupted one (every impl on CPU);
 - across impls (a checkpoint of impl A loaded by impl B): the fresh-process continuation is
   bit-identical to an in-process continuation of B from the same checkpoint, so the state layout and
-  dtype policy (fp32 state of fused impls) round-trip through `torch.save`;
+  dtype policy (fp32 state for bf16/fp16 params on every impl) round-trip through `torch.save`;
 - torch.distributed.checkpoint's `get_optimizer_state_dict` / `set_optimizer_state_dict` (which call
   `step()` with lr=0 and zero grads on a fresh optimizer) save and restore the same trajectory;
 - CPU <-> GPU (marked gpu).
@@ -159,9 +159,10 @@ def test_dcp_init_step_changes_nothing(cls, impl, request):
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS if has_impl(fused_optim.Adan, i)])
-def test_load_state_dict_recasts_to_the_impl_state_dtype(impl):
-    """A bf16 checkpoint of the reference (bf16 state) loads into every impl and back with the impl's
-    state dtype (fused impls keep fp32 state; SPEC §9), and the values survive exactly."""
+def test_load_state_dict_recasts_to_the_state_dtype(impl):
+    """A bf16-param checkpoint of the reference loads into every impl with the one state dtype (fp32 for
+    bf16 params, README "State dtype"), values exact; so does one written with bf16 state (earlier
+    versions kept the reference's state in the param dtype), recast from the saved values."""
     params = make_params(fused_optim.Adan, 3, dtype=torch.bfloat16)
     opt = make_optimizer(fused_optim.Adan, params, "forloop")
     from reliability_util import Problem
@@ -169,21 +170,25 @@ def test_load_state_dict_recasts_to_the_impl_state_dtype(impl):
     run_steps(opt, Problem(params, seed=4), 3)
     import io
 
-    buf = io.BytesIO()
-    torch.save(opt.state_dict(), buf)
-    buf.seek(0)
-    other = make_optimizer(fused_optim.Adan, params, impl)
-    other.load_state_dict(torch.load(buf, weights_only=True))
-    saved = opt.state_dict()["state"]
-    for pid, st in other.state_dict()["state"].items():
-        for key, value in st.items():
-            if not isinstance(value, torch.Tensor):
-                continue
-            p = params[pid]
-            want_dtype = torch.float32 if impl in ("native", "triton") and p.dtype == torch.bfloat16 else p.dtype
-            assert value.dtype == want_dtype, (key, value.dtype, want_dtype)
-            assert torch.equal(value.float(), saved[pid][key].float()), key
-            assert value.numel() == 0 or value.data_ptr() != saved[pid][key].data_ptr()  # never shared
+    sd = opt.state_dict()
+    old_style = {"state": {pid: {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.dim() else v
+                                 for k, v in st.items()} for pid, st in sd["state"].items()},
+                 "param_groups": sd["param_groups"]}
+    for saved_sd in (sd, old_style):
+        buf = io.BytesIO()
+        torch.save(saved_sd, buf)
+        buf.seek(0)
+        other = make_optimizer(fused_optim.Adan, params, impl)
+        other.load_state_dict(torch.load(buf, weights_only=True))
+        saved = saved_sd["state"]
+        for pid, st in other.state_dict()["state"].items():
+            for key, value in st.items():
+                if not isinstance(value, torch.Tensor):
+                    continue
+                want_dtype = torch.float32 if params[pid].dtype == torch.bfloat16 else params[pid].dtype
+                assert value.dtype == want_dtype, (key, value.dtype, want_dtype)
+                assert torch.equal(value.float(), saved[pid][key].float()), key
+                assert value.numel() == 0 or value.data_ptr() != saved[pid][key].data_ptr()  # never shared
 
 
 DIRECTIONS = ["cuda-to-cpu", "cpu-to-cuda"]
@@ -246,3 +251,73 @@ def test_resume_across_devices_in_fresh_process(resumed_across_devices, cls, dir
     assert not isinstance(got, str), f"fresh process failed to resume: {got}"
     assert_identical(exp["params"], got["params"], "params")
     assert_identical(exp["state"], got["state"], "state_dict")
+
+
+# ------------------------------------------------------------------ step counters: saved form, old ints
+_COUNTER_KEYS = ("t", "step", "lookahead_step")
+
+
+def _counters(sd: dict) -> list:
+    found = [g[k] for g in sd["param_groups"] for k in _COUNTER_KEYS if k in g]
+    return found + [s["step"] for s in sd["state"].values() if "step" in s]
+
+
+def _as_int_counters(sd: dict) -> dict:
+    """The checkpoint as earlier versions (and the upstream optimizers) wrote it: Python int counters."""
+    groups = [{k: int(v.item()) if k in _COUNTER_KEYS else v for k, v in g.items()}
+              for g in sd["param_groups"]]
+    state = {pid: {k: int(v.item()) if k == "step" else v for k, v in s.items()}
+             for pid, s in sd["state"].items()}
+    return {"state": state, "param_groups": groups}
+
+
+_COUNTED = {
+    "gravity": lambda ps: fused_optim.Gravity(ps, lr=0.05, impl="foreach"),
+    "adan": lambda ps: fused_optim.Adan(ps, lr=1e-2, weight_decay=0.02, impl="foreach"),
+    "neuro_optima": lambda ps: fused_optim.NeuroOptima(ps, lr=1e-2, sam_rho=0.0, lookahead_k=2,
+                                                       impl="foreach"),
+    "lookahead": lambda ps: fused_optim.Lookahead(fused_optim.Adan(ps, lr=1e-2, impl="foreach"), k=2),
+    "muon": lambda ps: fused_optim.Muon([dict(params=ps[:1]), dict(params=ps[1:], use_muon=False)],
+                                        impl="foreach"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_COUNTED))
+def test_counters_are_saved_as_tensors_and_int_counters_still_load(name):
+    """Step counters are saved as 0-d float32 tensors (torch's form for its own ``step``); a checkpoint
+    with Python int counters (earlier versions, upstream's optimizers) loads and resumes the same
+    trajectory bit for bit."""
+    def params():
+        g = torch.Generator().manual_seed(3)
+        return [torch.randn(4, 3, generator=g).requires_grad_(), torch.randn(5, generator=g).requires_grad_()]
+
+    def grads(ps, k):
+        g = torch.Generator().manual_seed(100 + k)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=g)
+
+    torch.manual_seed(0)
+    full_ps = params()
+    full = _COUNTED[name](full_ps)
+    for k in range(6):
+        grads(full_ps, k)
+        full.step()
+    torch.manual_seed(0)
+    ps = params()
+    opt = _COUNTED[name](ps)
+    for k in range(3):
+        grads(ps, k)
+        opt.step()
+    sd = opt.state_dict()
+    counters = _counters(sd)
+    assert counters and all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 and c.dim() == 0
+                            and c.item() == 3 for c in counters), counters
+    torch.manual_seed(0)
+    resumed = _COUNTED[name](ps)
+    resumed.load_state_dict(_as_int_counters(sd))
+    for k in range(3, 6):
+        grads(ps, k)
+        resumed.step()
+    for a, b in zip(ps, full_ps):
+        assert torch.equal(a, b)
+    assert all(c.item() == 6 for c in _counters(resumed.state_dict()))

@@ -259,3 +259,104 @@ def test_tensor_lr_on_the_triton_class_path(monkeypatch):
         opt_b.step()
         for x, y in zip(a, b):
             assert torch.equal(x, y)
+
+
+# ------------------------------------------------------------------ step counters never recompile
+def _counter_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 5))
+
+
+#: every optimizer and composite with a step counter of its own or of what it wraps (Lion and
+#: GradientEquilibrium have none: they are the controls)
+COUNTER_CASES = {
+    "gravity": lambda m, impl: Gravity(m.parameters(), lr=0.05, impl=impl),
+    "adan": lambda m, impl: Adan(m.parameters(), lr=1e-2, weight_decay=0.02, max_grad_norm=0.5, impl=impl),
+    "adan-no-prox": lambda m, impl: Adan(m.parameters(), lr=1e-2, weight_decay=0.02, no_prox=True, impl=impl),
+    "lion": lambda m, impl: Lion(m.parameters(), lr=1e-3, impl=impl),
+    "equilibrium": lambda m, impl: GradientEquilibrium(m.parameters(), lr=0.1, impl=impl),
+    "neuro_optima": lambda m, impl: fused_optim.NeuroOptima(m.parameters(), lr=1e-2, sam_rho=0.0,
+                                                            lookahead_k=3, impl=impl),
+    "lookahead-adan": lambda m, impl: fused_optim.Lookahead(Adan(m.parameters(), lr=1e-2, impl=impl), k=3),
+    "muon": lambda m, impl: fused_optim.Muon(fused_optim.muon_param_groups(m), impl=impl),
+}
+
+
+def _counter_run(name, impl, mode, steps, compiled):
+    model = _counter_model()
+    opt = COUNTER_CASES[name](model, impl)
+    g = torch.Generator().manual_seed(1)
+    data = [(torch.randn(8, 6, generator=g), torch.randn(8, 5, generator=g)) for _ in range(steps)]
+    counter = CompileCounterWithBackend("aot_eager")
+    counts = []
+
+    def train(x, y):
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if mode == "step":  # torch.compile(opt.step), fullgraph: a graph break fails the test
+        step = torch.compile(opt.step, backend=counter, fullgraph=True) if compiled else opt.step
+        for x, y in data:
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            step()
+            counts.append(counter.frame_count)
+    else:  # a whole training step compiled (Dynamo breaks the graph at backward, for every optimizer)
+        fn = torch.compile(train, backend=counter) if compiled else train
+        for x, y in data:
+            fn(x, y)
+            counts.append(counter.frame_count)
+    return counts, [p.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize("mode", ["step", "train"])
+@pytest.mark.parametrize("name", sorted(COUNTER_CASES))
+def test_step_counters_never_recompile(name, mode):
+    """12 compiled steps: everything is compiled by the end of step 2 (step 1 creates the state, which
+    step 2's guards see), never again, as for torch's own AdamW, whose counters are tensors too. Before
+    counters were tensors Dynamo guarded on ``param_groups[0]['step'] == 7`` and recompiled every step
+    (Adan, Gravity, NeuroOptima, Muon's Adam side). The compiled run equals the eager one."""
+    torch._dynamo.reset()
+    counts, compiled = _counter_run(name, "foreach", mode, 12, compiled=True)
+    assert counts[-1] == counts[1], f"{name}: compilations after each step: {counts}"
+    _, eager = _counter_run(name, "foreach", mode, 12, compiled=False)
+    for i, (a, b) in enumerate(zip(compiled, eager)):
+        assert torch.equal(a, b), f"{name}: param {i} differs from the eager run"
+
+
+@pytest.mark.skipif(not impl_status("native", "cpu").available,
+                    reason="the native extension is not built here: " + impl_status("native", "cpu").reason)
+@pytest.mark.parametrize("name", ["gravity", "adan", "lion", "equilibrium"])
+def test_step_counters_never_recompile_through_the_custom_op(name):
+    """The compiled kernels run as custom ops under compile: the per-step scalars join the op's packed
+    float64 tensor as graph values, never as guarded Python floats."""
+    torch._dynamo.reset()
+    counts, compiled = _counter_run(name, "native", "train", 12, compiled=True)
+    assert counts[-1] == counts[1], f"{name}: compilations after each step: {counts}"
+    _, eager = _counter_run(name, "native", "train", 12, compiled=False)
+    for a, b in zip(compiled, eager):
+        assert torch.equal(a, b)
+
+
+def test_torch_adamw_baseline_compiles_the_same_way():
+    """The yardstick the test above holds us to: torch's AdamW compiles a whole training step without
+    recompiling after its first steps."""
+    torch._dynamo.reset()
+    model = _counter_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    counter = CompileCounterWithBackend("aot_eager")
+
+    @torch.compile(backend=counter)
+    def train(x, y):
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    counts = []
+    for _ in range(12):
+        train(torch.randn(8, 6), torch.randn(8, 5))
+        counts.append(counter.frame_count)
+    assert counts[-1] == counts[1], counts

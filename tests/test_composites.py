@@ -250,8 +250,9 @@ def test_sam_restore_is_exact_and_uses_existing_grads():
     xb, yb = batch(0, make_data())
     closure_for(model, opt, xb, yb)()  # davda54's contract: the caller ran forward/backward first
     calls = []
-    assert opt.step(closure_for(model, opt, xb, yb, counter=calls)) is None
-    assert len(calls) == 1  # only the perturbed evaluation
+    loss = opt.step(closure_for(model, opt, xb, yb, counter=calls))
+    assert len(calls) == 1  # only the perturbed evaluation, whose loss step returns
+    assert isinstance(loss, torch.Tensor)
     for p, b in zip(model.parameters(), before):
         assert_same(p.detach(), b, "restored")
     opt.step()  # no closure at lr=0 (torch.distributed.checkpoint's state initialisation): base step only
@@ -563,8 +564,11 @@ def test_muon_matches_reference(impl, nesterov):
                             (s["exp_avg_sq"] / (1 - b2 ** s["step"])).sqrt() + group["eps"])
                         p.mul_(1 - lr * wd)
                         p.add_(upd, alpha=-lr)
+        # upstream's int count; ours is stored as torch's Adam stores it, a 0-d float32 CPU tensor
+        ref_view = {p: {k: torch.tensor(float(v)) if k == "step" else v for k, v in s.items()}
+                    for p, s in ref_state.items()}
         assert_models_equal(model, ref, f"params@{step}")
-        assert_states_equal(opt, list(model.parameters()), type("R", (), {"state": ref_state})(),
+        assert_states_equal(opt, list(model.parameters()), type("R", (), {"state": ref_view})(),
                             list(ref.parameters()), f"state@{step}")
         for p, g in zip(model.parameters(), grads_before):
             assert_same(p.grad, g, "p.grad must not be mutated")
@@ -788,5 +792,47 @@ def test_neuro_optima_triton_class_bf16_and_state_dtype(monkeypatch):
     for p in model.parameters():
         assert all(v.dtype == torch.float32 for v in opt.state[p].values())  # fp32 state for bf16 params
     for p, q in zip(model.parameters(), ref.parameters()):
-        # bf16 sign steps of 1e-2 on O(0.3) weights: a few ulp of drift between fp32 and bf16 state
+        # fp32 state on both; bf16 sign steps of 1e-2 on O(0.3) weights: a few ulp of drift between the
+        # kernel's one rounding of p and the reference's rounding after each op
         torch.testing.assert_close(p.float(), q.float(), rtol=0, atol=0.1)
+
+
+# ------------------------------------------------------------------------- step(closure)'s return value
+def _skipping(opt):
+    opt.skip_if_nonfinite = True
+    return opt
+
+
+def _recording_closure(model, opt, xb, yb, seen):
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(xb), yb)
+        loss.backward()
+        seen.append(loss.detach().clone())
+        return loss
+    return closure
+
+
+@pytest.mark.parametrize("grads_on_entry", [False, True], ids=["no-grads", "grads-on-entry"])
+@pytest.mark.parametrize("make", [
+    lambda ps: SAM(ps, torch.optim.SGD, rho=0.05, lr=0.1),
+    lambda ps: NeuroOptima(ps, lr=1e-2, sam_rho=0.05),
+    lambda ps: NeuroOptima(ps, lr=1e-2, sam_rho=0.0),
+    lambda ps: _skipping(NeuroOptima(ps, lr=1e-2, sam_rho=0.05)),
+], ids=["sam", "neuro-optima", "neuro-optima-no-sam", "neuro-optima-skip-nonfinite"])
+def test_step_closure_returns_the_closures_loss(make, grads_on_entry):
+    """`loss = opt.step(closure)` (the README's usage) is the closure's loss on every path: the loss at p
+    when step evaluated it there, else the loss of its one evaluation (SAM: at the perturbed point)."""
+    model = make_model(3)
+    xb, yb = batch(0, make_data())
+    opt = make(model.parameters())
+    for step in range(3):
+        seen = []
+        closure = _recording_closure(model, opt, xb, yb, seen)
+        if grads_on_entry:
+            nn.functional.mse_loss(model(xb), yb).backward()
+        loss = opt.step(closure)
+        assert isinstance(loss, torch.Tensor), f"step {step}: step(closure) returned {loss!r}"
+        assert seen, "the closure was never called"
+        assert torch.equal(loss.detach(), seen[0]), f"step {step}: not the first evaluation's loss"
+

@@ -108,3 +108,71 @@ def test_load_across_devices(cls, kw):
     b.load_state_dict(roundtrip(a.state_dict()))
     for (ka, x), (_, y) in zip(state_tensors(b, q), state_tensors(a, p)):
         assert x.device.type == "cuda" and torch.equal(x.cpu(), y), ka
+
+
+# ------------------------------------------------------------------ one state dtype on every impl
+def _impls_here():
+    from fused_optim._backends import impl_status
+
+    return [i for i in ("forloop", "foreach", "triton", "native") if impl_status(i, "cpu").available]
+
+
+STATE_DTYPE_CASES = {
+    "gravity": lambda ps, i: fo.Gravity(ps, lr=0.05, impl=i),
+    "lion": lambda ps, i: fo.Lion(ps, lr=1e-3, impl=i),
+    "adan": lambda ps, i: fo.Adan(ps, lr=1e-2, max_grad_norm=1.0, impl=i),
+    "neuro_optima": lambda ps, i: fo.NeuroOptima(ps, lr=1e-2, sam_rho=0.0, impl=i),
+    "muon": lambda ps, i: fo.Muon([dict(params=ps[:1]), dict(params=ps[1:], use_muon=False)], impl=i),
+    "lookahead": lambda ps, i: fo.Lookahead(fo.Adan(ps, lr=1e-2, impl=i), k=2),
+    "sam": lambda ps, i: fo.SAM(ps, fo.Lion, rho=0.05, lr=1e-3, impl=i),
+}
+
+
+def _state_run(name, impl, dtype, steps=3):
+    g = torch.Generator().manual_seed(5)
+    ps = [torch.randn(6, 5, generator=g).to(dtype).requires_grad_(),
+          torch.randn(7, generator=g).to(dtype).requires_grad_()]
+    torch.manual_seed(0)
+    opt = STATE_DTYPE_CASES[name](ps, impl)
+    for k in range(steps):
+        gk = torch.Generator().manual_seed(50 + k)
+        grads = [torch.randn(p.shape, generator=gk).to(dtype) for p in ps]
+        for p, gr in zip(ps, grads):
+            p.grad = gr.clone()
+        if name == "sam":
+            def closure():
+                for p, gr in zip(ps, grads):
+                    p.grad = (gr * 0.5).clone()
+                return torch.zeros(())
+            opt.step(closure)
+        else:
+            opt.step()
+    return ps, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("name", sorted(STATE_DTYPE_CASES))
+def test_one_state_dtype_on_every_impl(name, dtype, monkeypatch):
+    """bf16/fp16 params: fp32 state on every impl (README "State dtype"); other dtypes: the param's. A
+    checkpoint of any impl loads into any other with every state tensor unchanged (dtype and bits)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # impl="triton" runs on CPU tensors interpreted
+    impls = [i for i in _impls_here() if not (i == "triton" and dtype == torch.float64)]  # no fp64 kernels
+    want = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    for impl in impls:
+        ps, opt = _state_run(name, impl, dtype)
+        sd = opt.state_dict()
+        tensors = [(k, v) for st in sd["state"].values() for k, v in st.items()
+                   if isinstance(v, torch.Tensor) and v.dim() and k != "lookahead_slow"]
+        assert tensors, f"{name}/{impl}: no state"
+        for key, value in tensors:
+            assert value.dtype == want, f"{name}/{impl}: state {key!r} is {value.dtype}, expected {want}"
+        for other in impls:
+            q = [p.detach().clone().requires_grad_() for p in ps]
+            torch.manual_seed(0)
+            dst = STATE_DTYPE_CASES[name](q, other)
+            dst.load_state_dict(roundtrip(sd))
+            for pid, st in dst.state_dict()["state"].items():
+                for key, value in st.items():
+                    if isinstance(value, torch.Tensor) and value.dim():
+                        src = sd["state"][pid][key]
+                        assert value.dtype == src.dtype and torch.equal(value, src), (impl, other, key)
