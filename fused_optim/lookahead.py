@@ -14,6 +14,8 @@ fp32 element), against 40 B for the three foreach passes.
 """
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 from typing import Any
 
@@ -372,8 +374,12 @@ def _check_group_extra(group_extra: dict[str, Any]) -> None:
     try:
         _check_k(group_extra.get("lookahead_k"))
         _check_range("alpha", group_extra.get("lookahead_alpha"), lo=0.0, hi=1.0, label="Lookahead alpha")
-        step = group_extra["lookahead_step"]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        step = group_extra["lookahead_step"]  # a 0-d tensor, or an int in checkpoints of earlier versions
+        if isinstance(step, Tensor):
+            value = step.item() if step.numel() == 1 else -1.0
+            if not (math.isfinite(value) and value >= 0 and value == int(value)):
+                raise ValueError(f"Invalid lookahead_step: {step!r} (expected one whole number >= 0)")
+        elif isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"Invalid lookahead_step: {step!r} (expected an int >= 0)")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"Lookahead: cannot load the state dict: {exc}; nothing was changed") from None

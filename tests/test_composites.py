@@ -836,3 +836,29 @@ def test_step_closure_returns_the_closures_loss(make, grads_on_entry):
         assert seen, "the closure was never called"
         assert torch.equal(loss.detach(), seen[0]), f"step {step}: not the first evaluation's loss"
 
+
+
+def test_lookahead_counter_loads_as_saved_tensor_or_earlier_int():
+    """Lookahead saves its counter as a 0-d tensor; a state_dict of the current version and one of an
+    earlier version (an int) both load, and a counter that is not a whole number >= 0 is refused."""
+    import pytest as _pytest
+    from fused_optim import Lion, Lookahead
+
+    p = torch.nn.Parameter(torch.randn(4))
+    p.grad = torch.randn(4)
+    src = Lookahead(Lion([p], lr=1e-3, impl="foreach"), k=2)
+    for _ in range(3):
+        src.step()
+    sd = src.state_dict()
+    assert isinstance(sd["param_groups"][0]["lookahead_step"], torch.Tensor)
+    for step in (sd["param_groups"][0]["lookahead_step"], 3):
+        for g in sd["param_groups"]:
+            g["lookahead_step"] = step
+        dst = Lookahead(Lion([p], lr=1e-3, impl="foreach"), k=2)
+        dst.load_state_dict(sd)
+        assert float(dst.lookahead_step) == 3.0
+    for bad in (torch.tensor(-1.0), torch.tensor(1.5), -1):
+        for g in sd["param_groups"]:
+            g["lookahead_step"] = bad
+        with _pytest.raises(ValueError, match="lookahead_step"):
+            Lookahead(Lion([p], lr=1e-3, impl="foreach"), k=2).load_state_dict(sd)
