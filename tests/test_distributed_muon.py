@@ -1,0 +1,371 @@
+"""Whole-tensor updates on FSDP2 shards (2 processes, gloo, CPU): Muon, and every composite whose update
+reads more than one element (SAM's norm, NeuroOptima, Lookahead, the non-finite skip).
+
+One spawn runs every case (process start-up dominates). Each case trains a sharded model (fully_shard per
+layer) and an unsharded copy on the same batches (both ranks feed the same batch, so FSDP2's averaged
+gradient is the unsharded one exactly) and records, per step, the largest difference of params and
+state, and how far the params moved. The Muon model mixes matrix shapes: square, tall with an odd row
+count (uneven shards), wide, one row (fewer rows than ranks: rank 1's shard is empty) and a 3-D batch
+of matrices sharded on its batch dim; embeddings and biases go to the Adam side.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections import Counter
+
+import pytest
+import torch
+from torch import nn
+
+WORLD = 2
+STEPS = 4
+# Newton–Schulz runs in bf16; a sharded step may batch matrices differently from the unsharded one
+NS_TOL = 1e-3
+
+
+class _Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(11, 6)
+        self.square = nn.Linear(6, 6)
+        self.tall = nn.Linear(6, 9)       # weight (9, 6): 5 + 4 rows
+        self.wide = nn.Linear(9, 4)       # weight (4, 9)
+        self.row = nn.Linear(4, 1)        # weight (1, 4): rank 1 holds no row
+        self.stack = nn.Parameter(torch.randn(3, 4, 5) * 0.3)  # 3 matrices: 2 + 1 per rank
+
+    def forward(self, x):
+        h = torch.tanh(self.square(self.embed(x)))
+        h = torch.tanh(self.wide(torch.tanh(self.tall(h))))
+        side = torch.einsum("btk,skn->btn", h, self.stack).square().mean()
+        return self.row(h).squeeze(-1).mean(-1) + side
+
+
+def _batch(step):
+    g = torch.Generator().manual_seed(200 + step)
+    return torch.randint(0, 11, (3, 5), generator=g), torch.randn(3, generator=g)
+
+
+def _loss(model, step):
+    x, y = _batch(step)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def _full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _compare(model, opt, ref_model, ref_opt, p0):
+    diff = moved = 0.0
+    for p, q, q0 in zip(model.parameters(), ref_model.parameters(), p0):
+        diff = max(diff, (_full(p.detach()) - q.detach()).abs().max().item())
+        moved = max(moved, (q.detach() - q0).abs().max().item())
+        for key, v in ref_opt.state[q].items():
+            if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim:
+                diff = max(diff, (_full(opt.state[p][key]) - v).abs().max().item())
+    return diff, moved
+
+
+def _muon(impl, cls="Muon", **kw):
+    def make(model):
+        import fused_optim
+
+        groups = fused_optim.muon_param_groups(model, lr=0.02, weight_decay=kw.get("weight_decay", 0.0),
+                                               adam_lr=1e-2, adam_weight_decay=kw.get("weight_decay", 0.0))
+        extra = {k: v for k, v in kw.items() if k != "weight_decay"}
+        return getattr(fused_optim, cls)(groups, impl=impl, **extra)
+    return make
+
+
+MUON_CASES = {
+    "muon_forloop": (_muon("forloop"), "cpu"),
+    "muon_foreach_wd": (_muon("foreach", weight_decay=0.1, nesterov=False), "cpu"),
+    "muon_foreach_aux": (_muon("foreach", cls="MuonWithAuxAdam", weight_decay=0.1), "cpu"),
+    "muon_triton": (_muon("triton", weight_decay=0.1, maximize=True), "cpu"),
+    "muon_native": (_muon("native", weight_decay=0.1), "cpu"),
+    "muon_hsdp_1x2": (_muon("foreach", weight_decay=0.1), (1, 2)),   # Replicate x Shard(0)
+    "muon_hsdp_2x1": (_muon("foreach"), (2, 1)),                      # replicas only: every rank whole
+}
+
+
+def _other(name):
+    import fused_optim as fo
+
+    return {
+        "lookahead_lion": lambda m: fo.Lookahead(fo.Lion(m.parameters(), lr=1e-2, weight_decay=0.1), k=2, alpha=0.5),
+        "neuro_optima": lambda m: fo.NeuroOptima(m.parameters(), lr=1e-2, weight_decay=0.01, sam_rho=0.05,
+                                                 lookahead_k=2, impl="foreach"),
+        "sam_adaptive_adan": lambda m: fo.SAM(m.parameters(), fo.Adan, rho=0.05, adaptive=True, lr=1e-2,
+                                              max_grad_norm=0.5),
+        "lion_skip_nonfinite": lambda m: fo.Lion(m.parameters(), lr=1e-2),
+    }[name]
+
+
+OTHER_CASES = ["lookahead_lion", "neuro_optima", "sam_adaptive_adan", "lion_skip_nonfinite"]
+CLOSURE = {"neuro_optima", "sam_adaptive_adan"}
+
+
+def _shard(model, mesh):
+    from torch.distributed.fsdp import fully_shard
+
+    for m in (model.embed, model.square, model.tall, model.wide, model.row):
+        fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def _step(model, opt, step, closure_based, poison=False):
+    def closure():
+        opt.zero_grad()
+        loss = _loss(model, step)
+        loss.backward()
+        return loss
+    if closure_based:
+        return opt.step(closure)
+    closure()
+    if poison:  # a NaN in rank 0's shard only: every rank must skip the step
+        import torch.distributed as dist
+
+        p = model.square.weight
+        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+        if not hasattr(p.grad, "to_local") or dist.get_rank() == 0:
+            g.view(-1)[0] = float("nan")
+    opt.step()
+
+
+def _run_pair(make, mesh, steps, closure_based=False, poison_step=None, skip_nonfinite=False, ns_log=None):
+    ref_model = _Net()
+    ref = make(ref_model)
+    model = _shard(_Net(), mesh) if mesh is not None else _Net()
+    opt = make(model)
+    for o in (ref, opt):
+        o.skip_if_nonfinite = skip_nonfinite
+    p0 = [q.detach().clone() for q in ref_model.parameters()]
+    diffs, moved, counts, ref_counts = [], [], [], []
+    for step in range(steps):
+        if ns_log is not None:
+            ns_log.clear()
+        _step(ref_model, ref, step, closure_based, poison=step == poison_step)
+        if ns_log is not None:
+            ref_counts.append(sorted(ns_log))
+            ns_log.clear()
+        _step(model, opt, step, closure_based, poison=step == poison_step)
+        if ns_log is not None:
+            counts.append(sorted(ns_log))
+        d, mv = _compare(model, opt, ref_model, ref, p0)
+        diffs.append(d)
+        moved.append(mv)
+    return dict(diffs=diffs, moved=moved, counts=counts, ref_counts=ref_counts), (model, opt, ref_model, ref)
+
+
+def _worker(rank, port, out_dir):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(int(os.environ.get("DM_TIMEOUT", 240)), exit=True)  # a rank stuck in a collective fails the test
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), TRITON_INTERPRET="1")
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial, Shard, distribute_tensor
+
+    import fused_optim
+    import fused_optim.muon as muon_mod
+    from fused_optim._backends import impl_status
+
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    mesh = init_device_mesh("cpu", (WORLD,))
+    results = {}
+
+    # every matrix Newton–Schulz sees, as (rows, cols), batches unrolled
+    ns_log: list = []
+    real_ns = muon_mod.zeropower_via_newtonschulz5
+
+    def counting_ns(G, steps):
+        shape = tuple(G.shape)
+        ns_log.extend([shape[-2:]] * (shape[0] if len(shape) == 3 else 1))
+        return real_ns(G, steps)
+    muon_mod.zeropower_via_newtonschulz5 = counting_ns
+
+    for name, (make, mesh_shape) in MUON_CASES.items():
+        impl = name.split("_")[1]
+        if impl in ("triton", "native") and not impl_status(impl, "cpu").available:
+            results[name] = {"skip": f"{impl}: {impl_status(impl, 'cpu').reason}"}
+            continue
+        try:
+            m = mesh if mesh_shape == "cpu" else init_device_mesh("cpu", mesh_shape, mesh_dim_names=("rep", "shard"))
+            results[name], _ = _run_pair(make, m, STEPS, ns_log=ns_log)
+        except Exception as exc:  # noqa: BLE001 - recorded per case
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            import traceback; traceback.print_exc()
+    muon_mod.zeropower_via_newtonschulz5 = real_ns
+
+    for name in OTHER_CASES:
+        try:
+            results[name], _ = _run_pair(_other(name), mesh, STEPS, closure_based=name in CLOSURE,
+                                         poison_step=1 if name == "lion_skip_nonfinite" else None,
+                                         skip_nonfinite=name == "lion_skip_nonfinite")
+        except Exception as exc:  # noqa: BLE001
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            import traceback; traceback.print_exc()
+
+    # DDP: plain tensors, averaged grads: the single-device step as it is
+    try:
+        from torch.nn.parallel import DistributedDataParallel
+
+        make = _muon("foreach", weight_decay=0.1)
+        ref_model, ddp = _Net(), DistributedDataParallel(_Net())
+        ref, opt = make(ref_model), make(ddp.module)
+        diffs = []
+        for step in range(STEPS):
+            for mdl, o in ((ref_model, ref), (ddp, opt)):
+                o.zero_grad()
+                _loss(mdl, step).backward()
+                o.step()
+            diffs.append(_compare(ddp.module, opt, ref_model, ref, [q for q in ref_model.parameters()])[0])
+        results["muon_ddp"] = {"diffs": diffs}
+    except Exception as exc:  # noqa: BLE001
+        results["muon_ddp"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    # sharded checkpoint round trip: 2 steps, save, a fresh model + optimizer load it, 2 more steps ==
+    # 4 uninterrupted steps
+    try:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        make = _muon("foreach", weight_decay=0.1)
+        _, (model, opt, _, _) = _run_pair(make, mesh, 2)
+        path = os.path.join(out_dir, "ckpt")
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=path)
+        model2 = _shard(_Net(), mesh)
+        opt2 = make(model2)
+        sd = {"model": get_model_state_dict(model2), "optim": get_optimizer_state_dict(model2, opt2)}
+        dcp.load(sd, checkpoint_id=path)
+        set_model_state_dict(model2, sd["model"])
+        set_optimizer_state_dict(model2, opt2, sd["optim"])
+        for step in (2, 3):
+            _step(model, opt, step, False)
+            _step(model2, opt2, step, False)
+        worst = 0.0
+        for p, q in zip(model.parameters(), model2.parameters()):
+            worst = max(worst, (_full(p.detach()) - _full(q.detach())).abs().max().item())
+            for key, v in opt.state[p].items():
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and v.ndim:
+                    worst = max(worst, (_full(v) - _full(opt2.state[q][key])).abs().max().item())
+                    assert isinstance(opt2.state[q][key], DTensor), key
+        results["checkpoint"] = {"diff": worst}
+    except Exception as exc:  # noqa: BLE001
+        results["checkpoint"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    # layouts a row exchange cannot assemble: refused, naming the param and its placement
+    refusals = {}
+    for label, make_p in (("shard1", lambda: distribute_tensor(torch.randn(6, 4), mesh, [Shard(1)])),
+                          ("partial", lambda: DTensor.from_local(torch.randn(6, 4), mesh, [Partial()]))):
+        try:
+            fused_optim.Muon([nn.Parameter(torch.randn(5, 5)), nn.Parameter(make_p())], lr=0.02)
+            refusals[label] = None
+        except ValueError as exc:
+            refusals[label] = str(exc)
+    results["refusals"] = refusals
+
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    out = tmp_path_factory.mktemp("dist_muon")
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
+    per_rank = []
+    for rank in range(WORLD):
+        with open(out / f"rank{rank}.json") as f:
+            per_rank.append(json.load(f))
+    return per_rank
+
+
+def _case(results, name):
+    if "skip" in results[0][name]:
+        pytest.skip(results[0][name]["skip"])
+    for rank, res in enumerate(results):
+        assert "error" not in res[name], f"rank {rank}: {res[name]['error']}"
+    return [res[name] for res in results]
+
+
+@pytest.mark.parametrize("name", sorted(MUON_CASES))
+def test_muon_sharded_equals_unsharded(results, name):
+    for rank, r in enumerate(_case(results, name)):
+        for step, (d, mv) in enumerate(zip(r["diffs"], r["moved"])):
+            assert mv > 0.01, "the params must move for the comparison to mean anything"
+            assert d <= NS_TOL, f"{name} rank {rank} step {step}: sharded differs by {d} (params moved {mv})"
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, shape) in MUON_CASES.items() if shape != (2, 1)))
+def test_muon_each_matrix_orthogonalized_once(results, name):
+    """Over both ranks, the matrices Newton–Schulz sees in a step are exactly the unsharded step's
+    matrices (each whole, each once), and both ranks get work."""
+    per_rank = _case(results, name)
+    for step in range(STEPS):
+        together = Counter()
+        for r in per_rank:
+            together.update(tuple(s) for s in r["counts"][step])
+            assert r["counts"][step], f"step {step}: a rank orthogonalized nothing (the work is not split)"
+        assert together == Counter(tuple(s) for s in per_rank[0]["ref_counts"][step]), step
+
+
+def test_muon_replicas_orthogonalize_whole_matrices(results):
+    # a (2, 1) mesh: the rows are not sharded; each replica runs the single-device step
+    for r in _case(results, "muon_hsdp_2x1"):
+        assert r["counts"] == r["ref_counts"]
+
+
+@pytest.mark.parametrize("name", OTHER_CASES)
+def test_composites_sharded_equals_unsharded(results, name):
+    for rank, r in enumerate(_case(results, name)):
+        for step, (d, mv) in enumerate(zip(r["diffs"], r["moved"])):
+            # sums of per-shard partials (SAM's and Adan's norms) round differently from one sum
+            assert d <= 1e-6, f"{name} rank {rank} step {step}: sharded differs by {d} (params moved {mv})"
+        assert r["moved"][-1] > 1e-3
+
+
+def test_skip_nonfinite_skips_on_every_rank(results):
+    # step 1 has a NaN in rank 0's shard only: the params after step 1 equal those after step 0 on both
+    # ranks and equal the unsharded run (which skipped too)
+    for r in _case(results, "lion_skip_nonfinite"):
+        assert r["moved"][1] == r["moved"][0]
+        assert r["diffs"][1] == 0.0
+
+
+def test_muon_ddp_unchanged(results):
+    for r in _case(results, "muon_ddp"):
+        assert r["diffs"] == [0.0] * STEPS
+
+
+def test_muon_sharded_checkpoint_round_trip(results):
+    for r in _case(results, "checkpoint"):
+        assert r["diff"] == 0.0
+
+
+@pytest.mark.parametrize("label,placement", [("shard1", "Shard(dim=1)"), ("partial", "Partial")])
+def test_muon_refuses_layouts_it_cannot_assemble(results, label, placement):
+    for res in results:
+        msg = res["refusals"][label]
+        assert msg is not None, f"{label} was accepted"
+        assert "parameter 1 of param group 0" in msg and placement in msg and "use_muon=False" in msg, msg
