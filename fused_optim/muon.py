@@ -19,6 +19,11 @@ Muon update per ≥2-D param (upstream's op order; ``p.grad`` is never mutated, 
 over same-shape matrices (one batched matmul per iteration). Around it, `foreach` runs one multi-tensor op
 per elementwise stage; `triton` and `native` (`_fused_muon`) run two multi-tensor kernels in all: momentum +
 Nesterov + the bf16 cast into Newton–Schulz's input, then scale + decay + update.
+
+On FSDP2 (DTensor) params every impl runs its two elementwise stages on the local shards and
+Newton–Schulz on each whole matrix, once in the shard group (`_row_sharded_muon`,
+`distributed.orthogonalize_row_shards`); layouts whose matrix cannot be assembled from row shards are
+refused (`_refuse_unassemblable`). README, "FSDP2 / DDP".
 """
 from __future__ import annotations
 

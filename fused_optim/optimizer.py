@@ -496,6 +496,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._display_name}: capturable=True inside torch.compile is not supported "
                                    "yet; compile the capturable=False step, or capture the eager capturable step "
                                    "with torch.cuda.graph")
+            if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling() and self._per_tensor_reduction
+                    and _dist.is_dtensor(params[idx[0]]) and _ops.op_for(type(self)) is not None):
+                # the compiled op runs its kernel at run time, outside the shard context: its per-tensor
+                # reduction would see only this rank's shard
+                raise RuntimeError(f"{self._display_name}: impl={impl!r} inside torch.compile cannot finish its "
+                                   "per-tensor reduction over sharded (DTensor, FSDP2) parameters; compile the "
+                                   "step with impl='foreach', or run it eagerly")
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
                     and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, dict(kwargs, lr=_as_float(lr))
                                        if lr is not None else kwargs, amp)):

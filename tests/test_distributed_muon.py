@@ -187,7 +187,17 @@ def _worker(rank, port, out_dir):
         return real_ns(G, steps)
     muon_mod.zeropower_via_newtonschulz5 = counting_ns
 
+    # bytes this rank sends through all_to_all_single (its own part excluded), per Muon case and step
+    sent: list = []
+    real_a2a = dist.all_to_all_single
+
+    def counting_a2a(output, input, output_split_sizes=None, input_split_sizes=None, group=None, **kw):
+        sent.append(sum(input_split_sizes) - input_split_sizes[dist.get_rank(group)])
+        return real_a2a(output, input, output_split_sizes, input_split_sizes, group=group, **kw)
+    dist.all_to_all_single = counting_a2a
+
     for name, (make, mesh_shape) in MUON_CASES.items():
+        sent.clear()
         impl = name.split("_")[1]
         if impl in ("triton", "native") and not impl_status(impl, "cpu").available:
             results[name] = {"skip": f"{impl}: {impl_status(impl, 'cpu').reason}"}
@@ -195,10 +205,12 @@ def _worker(rank, port, out_dir):
         try:
             m = mesh if mesh_shape == "cpu" else init_device_mesh("cpu", mesh_shape, mesh_dim_names=("rep", "shard"))
             results[name], _ = _run_pair(make, m, STEPS, ns_log=ns_log)
+            results[name]["a2a_bytes"] = list(sent)
         except Exception as exc:  # noqa: BLE001 - recorded per case
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             import traceback; traceback.print_exc()
     muon_mod.zeropower_via_newtonschulz5 = real_ns
+    dist.all_to_all_single = real_a2a
 
     for name in OTHER_CASES:
         try:
@@ -262,6 +274,27 @@ def _worker(rank, port, out_dir):
         results["checkpoint"] = {"diff": worst}
     except Exception as exc:  # noqa: BLE001
         results["checkpoint"] = {"error": f"{type(exc).__name__}: {exc}"}
+
+    # a compiled step runs a fused impl as an opaque op, at run time, outside the shard context: a
+    # per-tensor reduction (Gravity's max|g|) must be refused there, not computed on the shard alone
+    # (the tracing is simulated: the step runs eagerly with torch.compiler.is_compiling() True)
+    fused = next((i for i in ("native", "triton") if impl_status(i, "cpu").available
+                  and getattr(fused_optim.Gravity._impls[i], "shard_aware", False)), None)
+    if fused is None:
+        results["compiled_reduction"] = {"skip": "no shard-aware fused Gravity impl on this machine"}
+    else:
+        model = _shard(_Net(), mesh)
+        opt = fused_optim.Gravity(model.parameters(), lr=0.05, impl=fused)
+        _loss(model, 0).backward()
+        real_is_compiling = torch.compiler.is_compiling
+        torch.compiler.is_compiling = lambda: True
+        try:
+            opt.step()
+            results["compiled_reduction"] = {"error_message": None}
+        except RuntimeError as exc:
+            results["compiled_reduction"] = {"error_message": str(exc)}
+        finally:
+            torch.compiler.is_compiling = real_is_compiling
 
     # layouts a row exchange cannot assemble: refused, naming the param and its placement
     refusals = {}
@@ -330,6 +363,35 @@ def test_muon_each_matrix_orthogonalized_once(results, name):
         assert together == Counter(tuple(s) for s in per_rank[0]["ref_counts"][step]), step
 
 
+@pytest.mark.parametrize("name", ["muon_foreach_wd", "muon_hsdp_1x2", "muon_triton"])
+def test_muon_exchange_bytes_match_the_documented_formula(results, name):
+    """Two all_to_all_single per step, each rank sending what `row_exchange_bytes` says (bf16)."""
+    from fused_optim.distributed import row_exchange_bytes
+
+    shapes = [(9, 6), (6, 6), (4, 9), (1, 4)]  # the model's row-sharded Muon matrices (the 3-D one stays)
+    expected = row_exchange_bytes(shapes, WORLD)
+    for rank, r in enumerate(_case(results, name)):
+        per_call = r["a2a_bytes"]
+        assert len(per_call) == 2 * STEPS, per_call
+        assert [per_call[2 * s] + per_call[2 * s + 1] for s in range(STEPS)] == [expected[rank]] * STEPS
+
+
+def test_owner_plan_balances_and_counts():
+    from fused_optim.distributed import assign_owners, row_exchange_bytes
+
+    gpt2 = [(3 * 768, 768), (768, 768), (4 * 768, 768), (768, 4 * 768)] * 12
+    S = sum(m * n for m, n in gpt2)
+    for w in (2, 4, 8):
+        owners = assign_owners(gpt2, w)
+        assert sorted(Counter(owners)) == list(range(w))  # every rank owns matrices
+        # even shards, byte-balanced owners: 4S(w-1)/w^2 bytes per rank (README)
+        assert max(row_exchange_bytes(gpt2, w)) <= 1.05 * 4 * S * (w - 1) / w ** 2
+    # uneven rows (2 + 1, rank 0 owns): rank 1 sends its row, rank 0 sends it back its row of the result
+    assert row_exchange_bytes([(3, 4)], 2) == [8, 8]
+    # fewer rows than ranks: the owner (rank 0, the least loaded) holds every row, nothing moves
+    assert row_exchange_bytes([(1, 4)], 2) == [0, 0]
+
+
 def test_muon_replicas_orthogonalize_whole_matrices(results):
     # a (2, 1) mesh: the rows are not sharded; each replica runs the single-device step
     for r in _case(results, "muon_hsdp_2x1"):
@@ -361,6 +423,12 @@ def test_muon_ddp_unchanged(results):
 def test_muon_sharded_checkpoint_round_trip(results):
     for r in _case(results, "checkpoint"):
         assert r["diff"] == 0.0
+
+
+def test_compiled_fused_reduction_on_shards_is_refused(results):
+    for r in _case(results, "compiled_reduction"):
+        msg = r["error_message"]
+        assert msg and "torch.compile" in msg and "impl='foreach'" in msg, msg
 
 
 @pytest.mark.parametrize("label,placement", [("shard1", "Shard(dim=1)"), ("partial", "Partial")])
