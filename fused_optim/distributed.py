@@ -11,7 +11,10 @@ norm and SAM's norm over every tensor. So:
   of the mesh dimensions the tensors are sharded over and each tensor's global element count;
 - impls with a per-tensor reduction finish it with `reduce_per_tensor`: ONE all-reduce (MAX or SUM)
   of a buffer holding every tensor's local value, whatever the number of tensors;
-- global norms (Adan's clip, SAM) finish with `all_reduce_sum_` over the grads' shard groups;
+- global norms (Adan's clip, SAM) finish with `global_sum`: the DTensors' partials all-reduced over
+  their shard group, the partials of plain tensors (params FSDP2 left unsharded, whole on every rank)
+  added once; `FusedOptimizer._dispatch` splits plain tensors and DTensors of different layouts into
+  separate impl calls (`shard_splits`), so a per-tensor reduction never all-reduces a plain tensor;
 - every rank calls every collective in the same order, also when some or all of its shards are empty
   (FSDP2 gives a rank an empty shard when a dim-0 size is smaller than the world size): empty shards
   contribute 0 (MAX over ``|g| >= 0``, or SUM), and impls call `reduce_per_tensor` before returning
@@ -38,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ShardContext", "all_reduce_max_", "all_reduce_sum_", "host_values_to", "is_dtensor", "local",
-           "orthogonalize_row_shards", "reduce_per_tensor", "row_exchange_bytes", "row_shard_refusal",
-           "shard_context", "shard_groups"]
+__all__ = ["ShardContext", "all_reduce_max_", "all_reduce_sum_", "global_sum", "host_values_to", "is_dtensor",
+           "local", "orthogonalize_row_shards", "reduce_per_tensor", "row_exchange_bytes", "row_shard_refusal",
+           "shard_context", "shard_groups", "shard_splits"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -138,6 +141,36 @@ def all_reduce_max_(flag: Tensor, like: Sequence[Tensor]) -> Tensor:
     for group in groups:
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     return flag
+
+
+def global_sum(partials: Tensor, like: Sequence[Tensor]) -> Tensor:
+    """The sum of `partials` (1-D: ``partials[k]`` is this rank's partial sum over tensor ``like[k]``) over
+    whole tensors: DTensors' partials summed over their shard group, plain tensors' (the same on every
+    rank: a param FSDP2 left unsharded) counted once, not once per rank."""
+    sharded = [k for k, t in enumerate(like) if is_dtensor(t)]
+    if len(sharded) == len(like):
+        return all_reduce_sum_(partials.sum(), like)
+    if not sharded:
+        return partials.sum()
+    plain = [k for k in range(len(like)) if k not in set(sharded)]
+    sharded_sum = partials[host_values_to(sharded, torch.long, partials.device)].sum()
+    return (all_reduce_sum_(sharded_sum, [like[k] for k in sharded])
+            + partials[host_values_to(plain, torch.long, partials.device)].sum())
+
+
+def shard_splits(tensors: Sequence[Tensor], idx: list[int]) -> list[list[int]]:
+    """`idx` split into runs that share a layout: plain tensors together, DTensors by (mesh, sharded mesh
+    dims), so every impl call of a split reduces over one set of process groups (and plain tensors,
+    whole on every rank, over none). `[idx]` itself when `idx` holds no DTensor."""
+    if not any(is_dtensor(tensors[i]) for i in idx):
+        return [idx]
+    parts: dict[tuple | None, list[int]] = {}
+    for i in idx:
+        t = tensors[i]
+        key = ((id(t.device_mesh), tuple(d for d, pl in enumerate(t.placements) if pl.is_shard()))
+               if is_dtensor(t) else None)
+        parts.setdefault(key, []).append(i)
+    return list(parts.values())
 
 
 def all_reduce_sum_(total: Tensor, like: Sequence[Tensor]) -> Tensor:

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, impl_views
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
 
@@ -485,14 +485,15 @@ class Muon(FusedOptimizer):
         splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             splits[(p.device, p.dtype)].append(i)
-        for (device, _), idx in splits.items():
+        for (device, dtype), idx in splits.items():
             fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
-            gs, states = [grads[i] for i in idx], [exp_avgs[i] for i in idx]
+            # elementwise: DTensors (FSDP2) update through their local shards, also next to plain tensors
+            gs, states = impl_views(grads, idx, dtype), impl_views(exp_avgs, idx, dtype)
             if states[0].dtype != gs[0].dtype:
                 # fused impls keep fp32 state for bf16/fp16 params (`_state_dtype`); the Adam side has no
                 # kernel of its own yet, so its multi-tensor ops run in fp32 on upcast grads
                 gs = [g.to(states[0].dtype) for g in gs]
-            fn([params[i] for i in idx], gs, states, [exp_avg_sqs[i] for i in idx], **scalars)
+            fn(impl_views(params, idx, dtype), gs, states, impl_views(exp_avg_sqs, idx, dtype), **scalars)
 
 
 def _refuse_unassemblable(group_index: int, group_params: list, params: list) -> None:

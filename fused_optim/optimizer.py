@@ -465,7 +465,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         if not params:
             return
-        for (device, dtype), idx in split_by_device_dtype(params).items():
+        splits = [(device, dtype, part) for (device, dtype), idx in split_by_device_dtype(params).items()
+                  for part in _dist.shard_splits(params, idx)]
+        for device, dtype, idx in splits:
             impl = self.impl_for(device)
             fn = self._impls[impl]
             shard_ctx = contextlib.nullcontext()

@@ -104,15 +104,34 @@ def _other(name):
 
 
 OTHER_CASES = ["lookahead_lion", "neuro_optima", "sam_adaptive_adan", "lion_skip_nonfinite"]
+
+
+def _mixed(name):
+    import fused_optim as fo
+
+    return {
+        "mixed_equilibrium": lambda m: fo.GradientEquilibrium(m.parameters(), lr=0.1, impl="foreach"),
+        "mixed_adan_clip": lambda m: fo.Adan(m.parameters(), lr=1e-2, max_grad_norm=0.1, impl="foreach"),
+        "mixed_adan_clip_forloop": lambda m: fo.Adan(m.parameters(), lr=1e-2, max_grad_norm=0.1, impl="forloop"),
+        "mixed_sam": lambda m: fo.SAM(m.parameters(), fo.Lion, rho=0.05, lr=1e-2),
+        "mixed_muon": _muon("foreach", weight_decay=0.1),
+    }[name]
+
+
+# a model only partly wrapped: the params of unwrapped modules stay plain tensors, whole on every rank,
+# next to DTensors in the same lists (a sum must count them once, not once per rank)
+MIXED_CASES = ["mixed_equilibrium", "mixed_adan_clip", "mixed_adan_clip_forloop", "mixed_sam", "mixed_muon"]
 CLOSURE = {"neuro_optima", "sam_adaptive_adan"}
 
 
-def _shard(model, mesh):
+def _shard(model, mesh, partly=False):
     from torch.distributed.fsdp import fully_shard
 
     for m in (model.embed, model.square, model.tall, model.wide, model.row):
-        fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        if not partly or m in (model.square, model.tall):
+            fully_shard(m, mesh=mesh)
+    if not partly:
+        fully_shard(model, mesh=mesh)
     return model
 
 
@@ -135,10 +154,11 @@ def _step(model, opt, step, closure_based, poison=False):
     opt.step()
 
 
-def _run_pair(make, mesh, steps, closure_based=False, poison_step=None, skip_nonfinite=False, ns_log=None):
+def _run_pair(make, mesh, steps, closure_based=False, poison_step=None, skip_nonfinite=False, ns_log=None,
+              partly=False):
     ref_model = _Net()
     ref = make(ref_model)
-    model = _shard(_Net(), mesh) if mesh is not None else _Net()
+    model = _shard(_Net(), mesh, partly) if mesh is not None else _Net()
     opt = make(model)
     for o in (ref, opt):
         o.skip_if_nonfinite = skip_nonfinite
@@ -217,6 +237,13 @@ def _worker(rank, port, out_dir):
             results[name], _ = _run_pair(_other(name), mesh, STEPS, closure_based=name in CLOSURE,
                                          poison_step=1 if name == "lion_skip_nonfinite" else None,
                                          skip_nonfinite=name == "lion_skip_nonfinite")
+        except Exception as exc:  # noqa: BLE001
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            import traceback; traceback.print_exc()
+
+    for name in MIXED_CASES:
+        try:
+            results[name], _ = _run_pair(_mixed(name), mesh, STEPS, closure_based=name == "mixed_sam", partly=True)
         except Exception as exc:  # noqa: BLE001
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
             import traceback; traceback.print_exc()
@@ -405,6 +432,13 @@ def test_composites_sharded_equals_unsharded(results, name):
             # sums of per-shard partials (SAM's and Adan's norms) round differently from one sum
             assert d <= 1e-6, f"{name} rank {rank} step {step}: sharded differs by {d} (params moved {mv})"
         assert r["moved"][-1] > 1e-3
+
+
+@pytest.mark.parametrize("name", MIXED_CASES)
+def test_partly_sharded_model_equals_unsharded(results, name):
+    for rank, r in enumerate(_case(results, name)):
+        for step, (d, mv) in enumerate(zip(r["diffs"], r["moved"])):
+            assert d <= 1e-6, f"{name} rank {rank} step {step}: sharded differs by {d} (params moved {mv})"
 
 
 def test_skip_nonfinite_skips_on_every_rank(results):
