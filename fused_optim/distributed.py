@@ -152,7 +152,7 @@ def global_sum(partials: Tensor, like: Sequence[Tensor]) -> Tensor:
         return all_reduce_sum_(partials.sum(), like)
     if not sharded:
         return partials.sum()
-    plain = [k for k in range(len(like)) if k not in set(sharded)]
+    plain = [k for k, t in enumerate(like) if not is_dtensor(t)]
     sharded_sum = partials[host_values_to(sharded, torch.long, partials.device)].sum()
     return (all_reduce_sum_(sharded_sum, [like[k] for k in sharded])
             + partials[host_values_to(plain, torch.long, partials.device)].sum())

@@ -5,8 +5,9 @@ One spawn runs every case (process start-up dominates). Each case trains a shard
 layer) and an unsharded copy on the same batches (both ranks feed the same batch, so FSDP2's averaged
 gradient is the unsharded one exactly) and records, per step, the largest difference of params and
 state, and how far the params moved. The Muon model mixes matrix shapes: square, tall with an odd row
-count (uneven shards), wide, one row (fewer rows than ranks: rank 1's shard is empty) and a 3-D batch
-of matrices sharded on its batch dim; embeddings and biases go to the Adam side.
+count (uneven shards), wide, one row (fewer rows than ranks: rank 1's shard is empty), a 4-D filter
+bank (flattened to a matrix) and a 3-D batch of matrices sharded on its batch dim; embeddings and
+biases go to the Adam side.
 """
 from __future__ import annotations
 
@@ -35,11 +36,13 @@ class _Net(nn.Module):
         self.wide = nn.Linear(9, 4)       # weight (4, 9)
         self.row = nn.Linear(4, 1)        # weight (1, 4): rank 1 holds no row
         self.stack = nn.Parameter(torch.randn(3, 4, 5) * 0.3)  # 3 matrices: 2 + 1 per rank
+        self.filters = nn.Parameter(torch.randn(3, 2, 2, 2) * 0.3)  # conv-like: a (3, 8) matrix, 2 + 1 rows
 
     def forward(self, x):
         h = torch.tanh(self.square(self.embed(x)))
         h = torch.tanh(self.wide(torch.tanh(self.tall(h))))
         side = torch.einsum("btk,skn->btn", h, self.stack).square().mean()
+        side = side + (self.filters.reshape(3, -1)[:, :4] @ h.mean((0, 1))).square().sum()
         return self.row(h).squeeze(-1).mean(-1) + side
 
 
@@ -180,6 +183,13 @@ def _run_pair(make, mesh, steps, closure_based=False, poison_step=None, skip_non
     return dict(diffs=diffs, moved=moved, counts=counts, ref_counts=ref_counts), (model, opt, ref_model, ref)
 
 
+def _error(exc):
+    import traceback
+
+    traceback.print_exc()  # on stderr: the other rank may then hang in a collective and time out
+    return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _worker(rank, port, out_dir):
     import faulthandler
 
@@ -227,8 +237,7 @@ def _worker(rank, port, out_dir):
             results[name], _ = _run_pair(make, m, STEPS, ns_log=ns_log)
             results[name]["a2a_bytes"] = list(sent)
         except Exception as exc:  # noqa: BLE001 - recorded per case
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            import traceback; traceback.print_exc()
+            results[name] = _error(exc)
     muon_mod.zeropower_via_newtonschulz5 = real_ns
     dist.all_to_all_single = real_a2a
 
@@ -238,15 +247,13 @@ def _worker(rank, port, out_dir):
                                          poison_step=1 if name == "lion_skip_nonfinite" else None,
                                          skip_nonfinite=name == "lion_skip_nonfinite")
         except Exception as exc:  # noqa: BLE001
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            import traceback; traceback.print_exc()
+            results[name] = _error(exc)
 
     for name in MIXED_CASES:
         try:
             results[name], _ = _run_pair(_mixed(name), mesh, STEPS, closure_based=name == "mixed_sam", partly=True)
         except Exception as exc:  # noqa: BLE001
-            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            import traceback; traceback.print_exc()
+            results[name] = _error(exc)
 
     # DDP: plain tensors, averaged grads: the single-device step as it is
     try:
@@ -264,7 +271,7 @@ def _worker(rank, port, out_dir):
             diffs.append(_compare(ddp.module, opt, ref_model, ref, [q for q in ref_model.parameters()])[0])
         results["muon_ddp"] = {"diffs": diffs}
     except Exception as exc:  # noqa: BLE001
-        results["muon_ddp"] = {"error": f"{type(exc).__name__}: {exc}"}
+        results["muon_ddp"] = _error(exc)
 
     # sharded checkpoint round trip: 2 steps, save, a fresh model + optimizer load it, 2 more steps ==
     # 4 uninterrupted steps
@@ -300,7 +307,7 @@ def _worker(rank, port, out_dir):
                     assert isinstance(opt2.state[q][key], DTensor), key
         results["checkpoint"] = {"diff": worst}
     except Exception as exc:  # noqa: BLE001
-        results["checkpoint"] = {"error": f"{type(exc).__name__}: {exc}"}
+        results["checkpoint"] = _error(exc)
 
     # a compiled step runs a fused impl as an opaque op, at run time, outside the shard context: a
     # per-tensor reduction (Gravity's max|g|) must be refused there, not computed on the shard alone
@@ -395,7 +402,8 @@ def test_muon_exchange_bytes_match_the_documented_formula(results, name):
     """Two all_to_all_single per step, each rank sending what `row_exchange_bytes` says (bf16)."""
     from fused_optim.distributed import row_exchange_bytes
 
-    shapes = [(9, 6), (6, 6), (4, 9), (1, 4)]  # the model's row-sharded Muon matrices (the 3-D one stays)
+    # the model's row-sharded Muon matrices (the 3-D one stays where it is)
+    shapes = [(6, 6), (9, 6), (4, 9), (1, 4), (3, 8)]
     expected = row_exchange_bytes(shapes, WORLD)
     for rank, r in enumerate(_case(results, name)):
         per_call = r["a2a_bytes"]
