@@ -479,3 +479,17 @@ def test_muon_refuses_layouts_it_cannot_assemble(results, label, placement):
         msg = res["refusals"][label]
         assert msg is not None, f"{label} was accepted"
         assert "parameter 1 of param group 0" in msg and placement in msg and "use_muon=False" in msg, msg
+
+
+def test_bench_naive_scheme_bytes():
+    """`python -m bench --distributed`'s naive scheme: every rank sends its rows of every matrix to each
+    other rank, 2S(w-1)/w bytes (README); the owner scheme's prediction for gpt2-124m on 2 ranks equals it."""
+    from bench.distributed import gather_all_bytes, gpt2_muon_shapes
+    from fused_optim.distributed import row_exchange_bytes
+
+    shapes = gpt2_muon_shapes()
+    S = sum(m * n for m, n in shapes)
+    assert len(shapes) == 48 and S == 84_934_656
+    for w in (2, 4, 8):
+        assert gather_all_bytes(shapes, w) == [2 * S * (w - 1) // w] * w
+    assert row_exchange_bytes(shapes, 2) == gather_all_bytes(shapes, 2)
