@@ -493,3 +493,54 @@ def test_bench_naive_scheme_bytes():
     for w in (2, 4, 8):
         assert gather_all_bytes(shapes, w) == [2 * S * (w - 1) // w] * w
     assert row_exchange_bytes(shapes, 2) == gather_all_bytes(shapes, 2)
+
+
+def _hsdp_worker(rank, port, out_dir):
+    import faulthandler
+
+    faulthandler.dump_traceback_later(int(os.environ.get("DM_TIMEOUT", 240)), exit=True)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import fused_optim.muon as muon_mod
+
+    dist.init_process_group("gloo", rank=rank, world_size=4)
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
+    ns_log: list = []
+    real_ns = muon_mod.zeropower_via_newtonschulz5
+
+    def counting_ns(G, steps):
+        shape = tuple(G.shape)
+        ns_log.extend([shape[-2:]] * (shape[0] if len(shape) == 3 else 1))
+        return real_ns(G, steps)
+    muon_mod.zeropower_via_newtonschulz5 = counting_ns
+    try:
+        res, _ = _run_pair(_muon("foreach", weight_decay=0.1), mesh, 3, ns_log=ns_log)
+    except Exception as exc:  # noqa: BLE001
+        res = _error(exc)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_muon_hsdp_2x2_four_ranks(tmp_path):
+    """HSDP with 2 replicas x 2 shards (4 processes): equal to unsharded; in each shard group the two
+    ranks orthogonalize the step's matrices between them, each once."""
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_hsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True, start_method="spawn")
+    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for rank, r in enumerate(per_rank):
+        assert "error" not in r, f"rank {rank}: {r.get('error')}"
+        assert max(r["diffs"]) <= NS_TOL, (rank, r["diffs"])
+    for group in ((0, 1), (2, 3)):  # mesh rows: the shard groups
+        for step in range(3):
+            together = Counter()
+            for rank in group:
+                together.update(tuple(s) for s in per_rank[rank]["counts"][step])
+            assert together == Counter(tuple(s) for s in per_rank[group[0]]["ref_counts"][step])
