@@ -158,11 +158,15 @@ def global_sum(partials: Tensor, like: Sequence[Tensor]) -> Tensor:
             + partials[host_values_to(plain, torch.long, partials.device)].sum())
 
 
+_PLAIN = frozenset((Tensor, torch.nn.Parameter))
+
+
 def shard_splits(tensors: Sequence[Tensor], idx: list[int]) -> list[list[int]]:
     """`idx` split into runs that share a layout: plain tensors together, DTensors by (mesh, sharded mesh
     dims), so every impl call of a split reduces over one set of process groups (and plain tensors,
     whole on every rank, over none). `[idx]` itself when `idx` holds no DTensor."""
-    if not any(is_dtensor(tensors[i]) for i in idx):
+    sel = tensors if len(idx) == len(tensors) else [tensors[i] for i in idx]
+    if _PLAIN.issuperset(map(type, sel)):  # runs every step of every optimizer: one C-level type test each
         return [idx]
     parts: dict[tuple | None, list[int]] = {}
     for i in idx:
