@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="put this run's summary table into README.md (between its bench-table markers)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--list", action="store_true", help="list parameter sets, optimizers, impls and peers, then exit")
+    p.add_argument("--distributed", action="store_true",
+                   help="run Muon's FSDP2 benchmark instead (python -m bench.distributed; other args go to it)")
     p.add_argument("--convergence", action="store_true",
                    help="run the convergence benchmark instead (python -m bench.convergence; other args go to it)")
     return p
@@ -145,6 +147,11 @@ def expand_presets(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--distributed" in argv:
+        argv.remove("--distributed")
+        from . import distributed
+
+        return distributed.main(argv)
     if "--convergence" in argv:
         argv.remove("--convergence")
         try:

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
-from .distributed import all_reduce_sum_, local
+from .distributed import all_reduce_sum_, is_dtensor, local
 from ._native import _native_adan
 from ._foreach import addcdiv_, mul_operand
 from .optimizer import FusedOptimizer, _check_betas, _check_range
@@ -191,22 +191,29 @@ class Adan(FusedOptimizer):
         device = grads[0].device
         eps = self.param_groups[0]["eps"]
         if self.impl_for(device) == "forloop":
-            total = torch.zeros(1, device=device)
-            for g in grads:
-                total.add_(_real_flat(local(g)).pow(2).sum().to(device))
-            norm = torch.sqrt(all_reduce_sum_(total, grads))  # FSDP2: sum of the shards' partial sums
+            total = None
+            for part in _sharded_then_plain(grads):  # FSDP2: shards' partial sums all-reduced, plain once
+                sub = torch.zeros(1, device=device)
+                for g in part:
+                    sub.add_(_real_flat(local(g)).pow(2).sum().to(device))
+                sub = all_reduce_sum_(sub, part)
+                total = sub if total is None else total + sub
+            norm = torch.sqrt(total)
             return torch.clamp(torch.tensor(max_grad_norm, device=device) / (norm + eps), max=1.0).item()
         return self._device_clip(grads, max_grad_norm, eps)
 
     def _device_clip(self, grads: list[Tensor], max_grad_norm: float, eps: float) -> Tensor:
         device = grads[0].device
-        by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
-            by_device.setdefault(g.device, []).append(_real_flat(local(g)))
-        sq = [torch.stack(torch._foreach_norm(gs, 2)).float().square().sum().to(device)
-              for gs in by_device.values()]
-        norm = all_reduce_sum_(torch.stack(sq).sum(), grads).sqrt()  # FSDP2: one all-reduce of the partials
-        return torch.clamp(max_grad_norm / (norm + eps), max=1.0)
+        total = None
+        for part in _sharded_then_plain(grads):  # FSDP2: one all-reduce of the shards' partials, plain once
+            by_device: dict[torch.device, list[Tensor]] = {}
+            for g in part:
+                by_device.setdefault(g.device, []).append(_real_flat(local(g)))
+            sq = [torch.stack(torch._foreach_norm(gs, 2)).float().square().sum().to(device)
+                  for gs in by_device.values()]
+            sub = all_reduce_sum_(torch.stack(sq).sum(), part)
+            total = sub if total is None else total + sub
+        return torch.clamp(max_grad_norm / (total.sqrt() + eps), max=1.0)
 
     def _update(self, batches) -> None:
         clip = self._global_clip(batches)
@@ -251,6 +258,15 @@ class Adan(FusedOptimizer):
 
     _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan,
               "native": _native_adan}
+
+
+def _sharded_then_plain(grads: list[Tensor]) -> list[list[Tensor]]:
+    """The grads as [DTensors, plain tensors], leaving out an empty part: a plain grad is whole on every
+    rank, so its square sum must not join the shards' all-reduce."""
+    sharded = [g for g in grads if is_dtensor(g)]
+    if not sharded or len(sharded) == len(grads):
+        return [grads]
+    return [sharded, [g for g in grads if not is_dtensor(g)]]
 
 
 def _real_flat(t: Tensor) -> Tensor:

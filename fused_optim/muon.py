@@ -19,18 +19,24 @@ Muon update per ≥2-D param (upstream's op order; ``p.grad`` is never mutated, 
 over same-shape matrices (one batched matmul per iteration). Around it, `foreach` runs one multi-tensor op
 per elementwise stage; `triton` and `native` (`_fused_muon`) run two multi-tensor kernels in all: momentum +
 Nesterov + the bf16 cast into Newton–Schulz's input, then scale + decay + update.
+
+On FSDP2 (DTensor) params every impl runs its two elementwise stages on the local shards and
+Newton–Schulz on each whole matrix, once in the shard group (`_row_sharded_muon`,
+`distributed.orthogonalize_row_shards`); layouts whose matrix cannot be assembled from row shards are
+refused (`_refuse_unassemblable`). README, "FSDP2 / DDP".
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
+from . import distributed as _dist
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range
+from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, impl_views
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
 
@@ -70,6 +76,9 @@ def _scale(g: Tensor) -> float:
 def _forloop_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
                   momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
     """Upstream's `muon_update` + step, one tensor at a time (the reference)."""
+    if _dist.current() is not None:
+        return _row_sharded_muon(_forloop_stages, params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                                 weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps, maximize=maximize)
     for p, g, buf in zip(params, grads, momentum_buffers):
         if p.numel() == 0:
             continue
@@ -114,6 +123,9 @@ def _batched_newton_schulz(us: list[Tensor], steps: int, scales: list[float]) ->
 def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
                   momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
     """One multi-tensor op per elementwise stage; Newton–Schulz batched by shape."""
+    if _dist.current() is not None:
+        return _row_sharded_muon(_foreach_stages, params, grads, momentum_buffers, lr=lr, momentum=momentum,
+                                 weight_decay=weight_decay, nesterov=nesterov, ns_steps=ns_steps, maximize=maximize)
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
@@ -144,6 +156,10 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     3. `apply_kernel`: ``u·scale`` (rounded to bf16, as upstream's ``u *= scale``), the decoupled decay and
        ``p − lr·u`` in one pass.
     """
+    if _dist.current() is not None:
+        return _row_sharded_muon(_fused_stages(momentum_kernel, apply_kernel), params, grads, momentum_buffers,
+                                 lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
+                                 ns_steps=ns_steps, maximize=maximize)
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
@@ -189,6 +205,100 @@ def _native_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: li
     _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
                 nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, momentum_kernel=_native_muon_momentum,
                 apply_kernel=_native_muon_apply)
+
+
+# ------------------------------------------------------------------------------------- FSDP2 (DTensor)
+class _Stages(NamedTuple):
+    """An impl's two elementwise stages, on local shards, for the sharded pipeline (same op order and
+    rounding as the impl's single-device step, so a sharded step equals the unsharded one).
+
+    momentum(grads, bufs, outs, momentum=, nesterov=, maximize=): update `bufs`, write Newton–Schulz's
+        input (the momentum, or its Nesterov blend) rounded to bf16 into `outs`.
+    apply(params, updates, scales=, lr=, weight_decay=): ``u·scale`` rounded to bf16, the decoupled
+        decay, ``p − lr·u``.
+    batched: whether Newton–Schulz batches same-shape matrices (the forloop reference does not).
+    """
+    momentum: Any
+    apply: Any
+    batched: bool
+
+
+def _forloop_momentum(grads, bufs, outs, *, momentum, nesterov, maximize):
+    for g, buf, out in zip(grads, bufs, outs):
+        if maximize:
+            g = -g
+        buf.lerp_(g, 1 - momentum)
+        out.copy_(g.lerp(buf, momentum) if nesterov else buf)  # X = G.bfloat16(): one rounding
+
+
+def _forloop_apply(params, updates, *, scales, lr, weight_decay):
+    for p, u, scale in zip(params, updates, scales):
+        u = u * scale  # upstream's bf16 `u *= scale`
+        p.mul_(1 - lr * weight_decay)
+        p.add_(u, alpha=-lr)
+
+
+def _foreach_momentum(grads, bufs, outs, *, momentum, nesterov, maximize):
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_lerp_(bufs, grads, 1 - momentum)
+    torch._foreach_copy_(outs, torch._foreach_lerp(grads, bufs, momentum) if nesterov else bufs)
+
+
+def _foreach_apply(params, updates, *, scales, lr, weight_decay):
+    # per tensor mul_, not _foreach_mul_: see `_batched_newton_schulz` (the scalar's rounding)
+    updates = [u if scale == 1 else u * scale for u, scale in zip(updates, scales)]
+    if weight_decay != 0:
+        torch._foreach_mul_(params, mul_operand(params, 1 - lr * weight_decay))
+    torch._foreach_add_(params, updates, alpha=-lr)
+
+
+def _fused_stages(momentum_kernel, apply_kernel) -> _Stages:
+    return _Stages(momentum_kernel, apply_kernel, True)
+
+
+_forloop_stages = _Stages(_forloop_momentum, _forloop_apply, False)
+_foreach_stages = _Stages(_foreach_momentum, _foreach_apply, True)
+
+
+def _newton_schulz_list(mats: list[Tensor], steps: int, batched: bool) -> list[Tensor]:
+    # looked up through the module at call time (tests count the matrices it sees)
+    if batched:
+        return _batched_newton_schulz(mats, steps, [1.0] * len(mats))
+    return [zeropower_via_newtonschulz5(m, steps) for m in mats]
+
+
+def _row_sharded_muon(stages: _Stages, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
+                      *, lr: float, momentum: float, weight_decay: float, nesterov: bool, ns_steps: int,
+                      maximize: bool) -> None:
+    """Muon on DTensor (FSDP2) local shards, whole-matrix: momentum on the shards; each 2-D (or flattened
+    4-D) matrix gathered to one owner rank of its shard group, orthogonalized there once, its rows sent
+    back (`distributed.orthogonalize_row_shards`); the update applied on the shards. A 3-D param sharded
+    on dim 0 holds whole matrices on each rank: orthogonalized where they are. Every rank calls the
+    exchange, also with empty shards. The scale comes from the global shape."""
+    whole = _dist.current().tensors
+    outs = [torch.empty(g.shape, dtype=torch.bfloat16, device=g.device) for g in grads]
+    keep = [i for i, g in enumerate(grads) if g.numel() > 0]
+    if keep:
+        stages.momentum([grads[i] for i in keep], [momentum_buffers[i] for i in keep], [outs[i] for i in keep],
+                        momentum=momentum, nesterov=nesterov, maximize=maximize)
+    rows_sharded = [i for i, t in enumerate(whole) if t.ndim != 3]
+    batch_sharded = [i for i, t in enumerate(whole) if t.ndim == 3 and outs[i].numel() > 0]
+    updates: list[Tensor | None] = [None] * len(params)
+    if rows_sharded:
+        # (local rows, global columns): 4-D filters flatten as `_as_matrix`; an empty shard keeps its width
+        mats = [outs[i].reshape(len(outs[i]), whole[i].numel() // max(len(whole[i]), 1)) for i in rows_sharded]
+        results = _dist.orthogonalize_row_shards(mats, [whole[i] for i in rows_sharded],
+                                                 lambda full: _newton_schulz_list(full, ns_steps, stages.batched))
+        for i, r in zip(rows_sharded, results):
+            updates[i] = r
+    if batch_sharded:
+        for i, r in zip(batch_sharded, _newton_schulz_list([outs[i] for i in batch_sharded], ns_steps,
+                                                           stages.batched)):
+            updates[i] = r
+    if keep:
+        stages.apply([params[i] for i in keep], [updates[i].reshape(params[i].shape) for i in keep],
+                     scales=[_scale(whole[i]) for i in keep], lr=lr, weight_decay=weight_decay)
 
 
 # ------------------------------------------------------------------------------------- Adam side
@@ -311,12 +421,28 @@ class Muon(FusedOptimizer):
         if not param_group.get("use_muon", True):
             for key, value in self._adam_defaults.items():
                 param_group.setdefault(key, value)
+        else:
+            params = param_group["params"]
+            if isinstance(params, set):  # torch's rule and message, before a set is listed
+                raise TypeError("optimizer parameters need to be organized in ordered collections, but the "
+                                "ordering of tensors in sets will change between runs. Please use a list instead.")
+            params = [params] if isinstance(params, Tensor) else list(params)
+            param_group["params"] = params
+            # (name, tensor) pairs are unpacked by the base class; the layout check needs the tensors
+            tensors = [q[1] if isinstance(q, tuple) and len(q) == 2 else q for q in params]
+            _refuse_unassemblable(len(getattr(self, "param_groups", [])), tensors, tensors)
         super().add_param_group(param_group)  # a use_muon=True group's params are checked in _validate_group
 
     def _state_spec(self, group: dict) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
         if group["use_muon"]:
             return ("momentum_buffer",), (), ()
         return ("exp_avg", "exp_avg_sq", "step"), (), ("step",)
+
+    def _check_group(self, group: dict, params: list[Tensor], changed: list[Tensor] | None = None) -> None:
+        super()._check_group(group, params, changed)
+        if group["use_muon"]:  # a layout changed after construction is refused before anything moves
+            _refuse_unassemblable(next(i for i, g in enumerate(self.param_groups) if g is group), group["params"],
+                                  params)
 
     def _validate_group(self, group: dict) -> None:
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")
@@ -390,14 +516,30 @@ class Muon(FusedOptimizer):
         splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
         for i, p in enumerate(params):
             splits[(p.device, p.dtype)].append(i)
-        for (device, _), idx in splits.items():
+        for (device, dtype), idx in splits.items():
             fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
-            gs, states = [grads[i] for i in idx], [exp_avgs[i] for i in idx]
+            # elementwise: DTensors (FSDP2) update through their local shards, also next to plain tensors
+            gs, states = impl_views(grads, idx, dtype), impl_views(exp_avgs, idx, dtype)
             if states[0].dtype != gs[0].dtype:
                 # fp32 state for bf16/fp16 params (`_state_dtype`): the Adam side's multi-tensor ops run
                 # in fp32 on upcast grads
                 gs = [g.to(states[0].dtype) for g in gs]
-            fn([params[i] for i in idx], gs, states, [exp_avg_sqs[i] for i in idx], **scalars)
+            fn(impl_views(params, idx, dtype), gs, states, impl_views(exp_avg_sqs, idx, dtype), **scalars)
+
+
+def _refuse_unassemblable(group_index: int, group_params: list, params: list) -> None:
+    """Muon's update of a DTensor is computed on its whole matrix, assembled from row shards; refuse,
+    naming the param and its placement, a layout that cannot be assembled that way."""
+    for p in params:
+        why = _dist.row_shard_refusal(p) if isinstance(p, Tensor) else None
+        if why is not None:
+            i = next(j for j, q in enumerate(group_params) if q is p)
+            raise ValueError(f"Muon: parameter {i} of param group {group_index} (shape {tuple(p.shape)}, placements "
+                             f"{tuple(p.placements)} on a mesh of shape {tuple(p.device_mesh.shape)}) cannot be "
+                             f"orthogonalized as a whole matrix: {why}. Muon supports DTensor params sharded on "
+                             "dim 0 over one mesh dim, replicated over the others (fully_shard's default "
+                             "Shard(0), FSDP2 or HSDP); put this param in a use_muon=False (Adam) group, or "
+                             "shard it on dim 0")
 
 
 class MuonWithAuxAdam(Muon):

@@ -636,6 +636,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         grads = [g for _, _, gs in batches for g in gs]
         devices = {g.device for g in grads}
         sharded = any(_dist.is_dtensor(g) for g in grads)
+        if sharded and found_inf is not None:
+            # each rank found its own shards' inf/NaN: every rank must take the same skip decision (one
+            # rank skipping alone would leave the shards of one tensor a step apart)
+            found_inf = _dist.all_reduce_max_(found_inf.to(torch.float32, copy=True).reshape(()), grads)
         in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
                      and all(getattr(self._runs(d, sharded), "supports_amp", False) for d in devices))
         # counters advance on the device only when capturable (`_advance_counter`); a CPU skip is decided
@@ -674,14 +678,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         if not params:
             return
-        for (device, dtype), idx in split_by_device_dtype(params).items():
+        splits = [(device, dtype, part) for (device, dtype), idx in split_by_device_dtype(params).items()
+                  for part in _dist.shard_splits(params, idx)]
+        for device, dtype, idx in splits:
             impl = self.impl_for(device)
             fn = self._impls[impl]
             shard_ctx = contextlib.nullcontext()
             if _dist.is_dtensor(params[idx[0]]):
                 impl, fn = self._shard_impl(impl, fn)
                 numels = [params[i].numel() * (2 if params[i].is_complex() else 1) for i in idx]
-                shard_ctx = _dist.shard_context(_dist.shard_groups(params[idx[0]]), device, numels)
+                shard_ctx = _dist.shard_context(_dist.shard_groups(params[idx[0]]), device, numels,
+                                                [params[i] for i in idx])
                 device = _dist.local(params[idx[0]]).device
             sub_p = impl_views(params, idx, dtype)
             sub_g = impl_views(grads, idx, dtype)
@@ -704,6 +711,13 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._display_name}: capturable=True inside torch.compile is not supported "
                                    "yet; compile the capturable=False step, or capture the eager capturable step "
                                    "with torch.cuda.graph")
+            if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling() and self._per_tensor_reduction
+                    and _dist.is_dtensor(params[idx[0]]) and _ops.op_for(type(self)) is not None):
+                # the compiled op runs its kernel at run time, outside the shard context: its per-tensor
+                # reduction would see only this rank's shard
+                raise RuntimeError(f"{self._display_name}: impl={impl!r} inside torch.compile cannot finish its "
+                                   "per-tensor reduction over sharded (DTensor, FSDP2) parameters; compile the "
+                                   "step with impl='foreach', or run it eagerly")
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
                     and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, dict(kwargs, lr=_as_float(lr))
                                        if lr is not None else kwargs, amp)):
@@ -951,16 +965,25 @@ def impl_views(tensors: Sequence[Tensor], idx: list[int] | None, dtype: torch.dt
 
 def _nonfinite_flag(grads: list[Tensor], found_inf: Tensor | None) -> Tensor | None:
     """1.0 when any grad holds NaN/Inf (or `found_inf` is already set), else 0.0: a 0-d fp32 tensor on the
-    first grad's device, computed without a host read (max|g| of each tensor is NaN/Inf iff it is)."""
+    first grad's device, computed without a host read (max|g| of each tensor is NaN/Inf iff it is).
+    On DTensor (FSDP2) grads it reads this rank's shards, and returns a flag even when they are all
+    empty: `_begin_amp_step` shares it over the shard group."""
     by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
+    sharded = any(_dist.is_dtensor(g) for g in grads)
     for g in grads:
+        g = impl_view(g)
         if g.numel():  # _foreach_norm(inf) raises on an empty tensor
-            by_device[g.device].append(_real(g))
-    if not by_device:
+            by_device[g.device].append(g)
+    if not by_device and not sharded:
         return found_inf
-    device = next(iter(by_device))
-    flags = [(~torch.stack(torch._foreach_norm(gs, ord=float("inf"))).isfinite()).any().to(device, non_blocking=True)
-             for gs in by_device.values()]
+    if not by_device:  # only empty shards here: still join the other ranks' reduction
+        device = _dist.local(grads[0]).device
+        flags = [torch.zeros((), dtype=torch.bool, device=device)]
+    else:
+        device = next(iter(by_device))
+        flags = [(~torch.stack(torch._foreach_norm(gs, ord=float("inf"))).isfinite()).any().to(device,
+                                                                                              non_blocking=True)
+                 for gs in by_device.values()]
     flag = torch.stack(flags).any().float()
     if found_inf is not None:
         flag = torch.maximum(flag, found_inf.to(device, torch.float32, non_blocking=True).reshape(()))

@@ -136,7 +136,7 @@ def sam_first_step(groups: list[dict], *, rho_of: Callable[[dict], float], adapt
     all_grads = [g for _, _, gs in batches for g in gs]
     if any(_dist.is_dtensor(g) for g in all_grads):
         # shard norms -> one all-reduced sum of squares over the shard group (every rank joins)
-        grad_norm = _dist.all_reduce_sum_(norms.square().sum(), all_grads).sqrt()
+        grad_norm = _dist.global_sum(norms.square(), all_grads).sqrt()
     else:
         grad_norm = torch.norm(norms, p=2)
     saved: list[_Saved] = []

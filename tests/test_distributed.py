@@ -42,9 +42,10 @@ CASES = {
     "sam": (lambda groups, impl: SAM(groups, Lion, rho=0.05, lr=1e-2, impl=impl), False),
 }
 IMPL = {"lion_triton": "triton"}
-# collectives one step() issues on the shards: one per per-tensor reduction split, one for a global norm
+# collectives one step() issues on the shards: one per per-tensor reduction split, one for a global norm,
+# one to share AMP's found_inf (each rank checked only its shards)
 EXPECTED_ALL_REDUCES = {"gravity": 2, "lion": 0, "adan": 0, "adan_clip": 1, "equilibrium": 2, "lion_triton": 0,
-                        "gravity_amp": 2, "sam": 1}
+                        "gravity_amp": 3, "sam": 1}
 
 
 def _model():
