@@ -1,7 +1,7 @@
 """Ecosystem: torch LR schedulers, Hugging Face Trainer, Lightning, timm registration.
 
 The Trainer/Lightning/timm tests run the examples in `examples/` (so the examples stay working) and are
-skipped, with the reason, where those packages are not installed; the `test` extra installs them.
+skipped, with the reason, where those packages are not installed; the `test` and `examples` extras install them.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _example(name: str):
 
 
 def _importorskip(name: str):
-    return pytest.importorskip(name, reason=f"{name} is not installed (pip install -e '.[test]' installs it)")
+    return pytest.importorskip(name, reason=f"{name} is not installed (the `test` and `examples` extras install it)")
 
 
 # ---------------------------------------------------------------------------------------------- schedulers
