@@ -215,6 +215,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._impl_cache[device_type] = impl
         return impl
 
+    def __repr__(self) -> str:
+        """torch's listing of the param groups, headed by the impl: the request (auto = None) and what
+        runs on each device of the params, e.g. `impl: auto (cpu: native)`."""
+        def runs(device_type: str) -> str:
+            try:
+                return self.impl_for(device_type)
+            except RuntimeError:
+                return "cannot run here (step() raises why)"
+
+        devices = sorted({p.device.type for g in self.param_groups for p in g["params"]})
+        where = ", ".join(f"{d}: {runs(d)}" for d in devices) or "no parameters"
+        head, _, rest = super().__repr__().partition("\n")
+        return f"{head}\nimpl: {self._impl_request or 'auto'} ({where})\n{rest}"
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """Fused impls keep fp32 state for bf16/fp16 params (SPEC §9); the references use p's dtype."""
         if p.dtype in _LOW_PRECISION and self.impl_for(p.device) in ("triton", "native"):
