@@ -316,3 +316,25 @@ def test_repr_shows_the_impl_that_runs_per_device():
     assert "lr: 0.001" in text  # torch's group listing stays
     assert "impl: foreach (cpu: foreach)" in repr(fused_optim.Lion([p], lr=1e-3, impl="foreach"))
     assert "impl: auto (no parameters)" in repr(fused_optim.Lion([{"params": []}], lr=1e-3))
+
+
+def test_gpu_tests_without_cuda_are_one_summary_line(tmp_path):
+    """Without CUDA the gpu tests are deselected with one line saying why (not one skip line each);
+    `-m gpu` keeps them, each skipped with that reason."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device: its gpu tests run")
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
+    (tmp_path / "test_x.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n\n"
+                                       "@pytest.mark.gpu\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n")
+
+    def run(*args):
+        env = _env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "conftest", "-q", "-ra", "-p",
+                               "no:cacheprovider", "test_x.py", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300).stdout
+
+    out = run()
+    assert "1 passed, 2 deselected" in out and "2 gpu tests deselected: no CUDA device here" in out, out
+    assert "SKIPPED" not in out
+    out = run("-m", "gpu")
+    assert "2 skipped" in out and out.count("no CUDA device here") == 2, out
