@@ -240,8 +240,7 @@ def _compile(spec: BuildSpec) -> None:
     """Compile and link spec's snapshot in its directory and load the library (the caller holds the lock)."""
     src = spec.directory / "src"
     if src.exists():  # a snapshot is only ever of the hashed content: rewrite it only if it differs
-        stale = any(not (src / rel).is_file() or (src / rel).read_bytes() != data for rel, data in spec.files.items())
-        if stale:
+        if any(not (src / rel).is_file() or (src / rel).read_bytes() != data for rel, data in spec.files.items()):
             shutil.rmtree(src)
     if not src.exists():
         tmp = spec.directory / f"src.tmp{os.getpid()}"
@@ -340,7 +339,7 @@ def probe(device_type: str = "cpu") -> ImplStatus:
         return ImplStatus(True, "built" + (" ahead of time" if aot else ", in the JIT cache"))
     if os.environ.get("FUSED_OPTIM_NO_JIT", "0") not in ("", "0"):
         return ImplStatus(False, "not built ahead of time and FUSED_OPTIM_NO_JIT is set")
-    return ImplStatus(False, "not built yet: the first native step builds it (about a minute, once), or "
+    return ImplStatus(False, "not built yet: the first native step builds it (once, announced), or "
                              "`python -m fused_optim._ext` now")
 
 

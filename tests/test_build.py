@@ -99,7 +99,8 @@ def test_cuda_build_key_covers_the_cuda_sources_and_targets(tmp_path, cache, mon
 
 
 # ------------------------------------------------------------------------------------ build, reuse, announce
-def test_first_use_builds_once_announced_then_reuses_silently(tmp_path, cache, fake_compiler, monkeypatch, capsys):
+def test_first_use_builds_once_announced_then_reuses_silently(tmp_path, cache, fake_compiler, monkeypatch,
+                                                              capsys):
     calls, loaded = fake_compiler
     root = _tree(tmp_path / "checkout1")
     monkeypatch.setattr(_ext, "csrc_dir", lambda: root)
@@ -112,7 +113,8 @@ def test_first_use_builds_once_announced_then_reuses_silently(tmp_path, cache, f
     assert len(lines) == 2, lines
     assert "building the native CPU kernels" in lines[0] and "about" in lines[0], lines[0]
     assert str(spec.directory) in lines[0]
-    assert lines[1].startswith("fused_optim: built the native extension in") and str(spec.directory) in lines[1]
+    assert lines[1].startswith("fused_optim: built the native extension in")
+    assert str(spec.directory) in lines[1]
     assert path == str(spec.directory / f"{spec.name}.so") and loaded == [path]
     # it compiled a snapshot of the sources inside its own directory, not the checkout
     (name, sources, build_directory), = calls
@@ -192,7 +194,8 @@ def test_two_processes_building_at_once_build_once(tmp_path):
         out_a, _ = a.communicate(timeout=120)
     finally:
         a.kill()
-    assert a.returncode == 0 and b.returncode == 0, (tmp_path / "a.err").read_text() + (tmp_path / "b.err").read_text()
+    errs = (tmp_path / "a.err").read_text() + (tmp_path / "b.err").read_text()
+    assert a.returncode == 0 and b.returncode == 0, errs
     assert log.read_text() == "build\n"  # compiled once
     lib_a, lib_b = (next(ln for ln in out.splitlines() if ln.startswith("LOADED")) for out in (out_a, out_b))
     assert lib_a == lib_b
@@ -220,7 +223,8 @@ def toolkit(tmp_path, monkeypatch) -> Path:
     ("1", "", False, True),     # asked for explicitly
     ("0", "9.0", True, False),  # switched off wins
 ])
-def test_cuda_part_is_built_where_a_gpu_is_visible_or_asked_for(toolkit, monkeypatch, switch, arch, visible, built):
+def test_cuda_part_is_built_where_a_gpu_is_visible_or_asked_for(toolkit, monkeypatch, switch, arch, visible,
+                                                                built):
     if switch:
         monkeypatch.setenv("FUSED_OPTIM_WITH_CUDA", switch)
     if arch:
@@ -261,8 +265,8 @@ def test_collecting_tests_and_bench_list_build_nothing(tmp_path, what):
     if what == "bench --list":
         code = "from bench.__main__ import main; raise SystemExit(main(['--list']))"
     else:
-        code = ("import pytest; raise SystemExit(pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', "
-                f"{str(ROOT / 'tests')!r}]))")
+        code = ("import pytest; raise SystemExit(pytest.main(['--collect-only', '-q', '-p', "
+                f"'no:cacheprovider', {str(ROOT / 'tests')!r}]))")
     cache = tmp_path / "cache"
     proc = subprocess.run([sys.executable, "-c", _no_aot(code)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=_env(TORCH_EXTENSIONS_DIR=str(cache), CXX="false"))
@@ -325,7 +329,8 @@ def test_gpu_tests_without_cuda_are_one_summary_line(tmp_path):
         pytest.skip("this machine has a CUDA device: its gpu tests run")
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    gpu: needs CUDA\n")
     (tmp_path / "test_x.py").write_text("import pytest\n\n@pytest.mark.gpu\ndef test_a():\n    pass\n\n"
-                                       "@pytest.mark.gpu\ndef test_b():\n    pass\n\ndef test_c():\n    pass\n")
+                                       "@pytest.mark.gpu\ndef test_b():\n    pass\n\n"
+                                       "def test_c():\n    pass\n")
 
     def run(*args):
         env = _env(PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))

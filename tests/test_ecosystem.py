@@ -1,7 +1,8 @@
 """Ecosystem: torch LR schedulers, Hugging Face Trainer, Lightning, timm registration.
 
 The Trainer/Lightning/timm tests run the examples in `examples/` (so the examples stay working) and are
-skipped, with the reason, where those packages are not installed; the `test` and `examples` extras install them.
+skipped, with the reason, where those packages are not installed; the `test` and `examples` extras
+install them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _example(name: str):
 
 
 def _importorskip(name: str):
-    return pytest.importorskip(name, reason=f"{name} is not installed (the `test` and `examples` extras install it)")
+    return pytest.importorskip(name, reason=f"{name} is not installed (the `test` and `examples` extras "
+                                            "install it)")
 
 
 # ---------------------------------------------------------------------------------------------- schedulers
