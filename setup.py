@@ -6,11 +6,13 @@ inside it (fused_optim/csrc) so that `impl="native"` can JIT-build them on first
 
     pip install --no-build-isolation .        # needs torch installed first (the build links to it)
 
-builds `fused_optim._C`: a CUDAExtension when a CUDA toolkit (CUDA_HOME, or nvcc on the PATH) and a
-CUDA build of torch are present, else a CppExtension. With build isolation (plain `pip install .`)
-torch is not importable here and only the Python package installs. Switches:
+builds `fused_optim._C`: a CUDAExtension when the CUDA kernels are wanted (a CUDA device is visible,
+or TORCH_CUDA_ARCH_LIST / FUSED_OPTIM_WITH_CUDA=1 asks for them) and a CUDA toolkit (CUDA_HOME, or
+nvcc on the PATH) and a CUDA build of torch are present, else a CppExtension (the rule of
+fused_optim/_ext_flags.py's want_cuda, shared with the JIT build). With build isolation (plain
+`pip install .`) torch is not importable here and only the Python package installs. Switches:
   FUSED_OPTIM_BUILD=0      skip the ahead-of-time build
-  FUSED_OPTIM_WITH_CUDA=0  build the CPU kernels only
+  FUSED_OPTIM_WITH_CUDA=0  build the CPU kernels only (=1: the CUDA ones too, without a visible GPU)
   FUSED_OPTIM_PORTABLE=1   no -march=native / AVX2 (a binary for other machines; the CPU kernels are
                            then much slower, see bench/NOTES.md)
   MAX_JOBS, TORCH_CUDA_ARCH_LIST as for any torch extension.

@@ -89,8 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _list(device) -> None:
-    import fused_optim
-
     from .candidates import OPTIMIZERS, PEERS, _importable
     from .params import PARAM_SETS
 
@@ -99,14 +97,45 @@ def _list(device) -> None:
         print(f"  {s.name:16s} {s.n_tensors:5d} tensors {s.numel / 1e6:9.2f}M  {s.description}"
               + ("  [cuda only]" if s.cuda_only else ""))
     print("optimizers:", ", ".join(OPTIMIZERS))
+    from fused_optim import _backends, _ext
+
     print(f"impls on {device}:")
-    for impl, st in fused_optim.available_impls(device).items():
+    for impl in _backends.IMPLS:  # listing builds nothing: native says whether it is built yet
+        st = _ext.probe(device.type) if impl == "native" else _backends.impl_status(impl, device.type)
         print(f"  {impl:8s} {'yes' if st.available else 'no '} {st.reason}")
     print("peers:")
     for peer in PEERS:
         ok, why = _importable(peer.module)
         print(f"  {peer.optimizer}/{peer.impl:22s} {'installed' if ok else why}"
               + ("" if device.type in peer.devices else f" (runs on {'/'.join(peer.devices)} only)"))
+
+
+def collapse_notes(notes: list[str]) -> list[str]:
+    """Each note once: "lion/triton: skipped, why" and "adan/triton: skipped, why" (the same reason for
+    several optimizers) print as "triton (lion, adan): skipped, why". The JSON keeps every note."""
+    import re
+
+    groups: dict[tuple[str, str], list[str]] = {}
+    order: list[tuple[str, str] | str] = []
+    for line in notes:
+        m = re.match(r"([\w.-]+)/([^:\s]+): (.*)$", line, flags=re.S)
+        if m is None:
+            order.append(line)
+            continue
+        key = (m.group(2), m.group(3))
+        if key not in groups:
+            groups[key] = []
+            order.append(key)
+        groups[key].append(m.group(1))
+    out = []
+    for item in order:
+        if isinstance(item, str):
+            out.append(item)
+        else:
+            names = groups[item]
+            out.append(f"{names[0]}/{item[0]}: {item[1]}" if len(names) == 1
+                       else f"{item[0]} ({', '.join(names)}): {item[1]}")
+    return out
 
 
 def _pick_threads(arg: str, quick: bool, notes: list[str]) -> int | None:
@@ -361,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     written.append(args.out / f"{base}.json")
     if notes:
         print("notes:")
-        for line in notes:
+        for line in collapse_notes(notes):
             print("  " + line)
     above = sum(1 for r in report.step_rows(step_results, meta, copy_gbps, modes, floor_gbps=floor_gbps)
                 if r["floor_check"] != "ok")

@@ -1,8 +1,9 @@
 // The op schemas of the fused_optim extension: every op the Python package calls, in one place.
 //
-// Kernels are registered per backend next to their code (csrc/cpu/*.cpp for CPU, csrc/cuda/*.cu
-// for CUDA); Python reaches them as torch.ops.fused_optim.<name>. Mutation annotations (a!) name
-// every list written in place, so torch.compile / functionalization know what changes.
+// Kernels are registered per backend: the CPU ones below (code in csrc/cpu/), the CUDA ones next to
+// their code (csrc/cuda/*.cu); Python reaches them as torch.ops.fused_optim.<name>. Mutation
+// annotations (a!) name every list written in place, so torch.compile / functionalization know what
+// changes.
 //
 // Conventions shared by the update ops (`*_`):
 // - row i of every list belongs to one parameter; all tensors of one call share a device and the
@@ -30,6 +31,8 @@
 //   Between the two calls a caller may all-reduce it (sharded tensors, FSDP2).
 
 #include <torch/library.h>
+
+#include "cpu/kernels.h"
 
 TORCH_LIBRARY(fused_optim, m) {
   // Per-tensor [max|x|, sum(x), sum(x^2)] of x = (negate ? -u : u) (+ alpha * addend), for every t in
@@ -112,6 +115,23 @@ TORCH_LIBRARY(fused_optim, m) {
   m.def("neuro_optima_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] prev_grads, float lr, float beta1, float beta2, float eps, "
         "float weight_decay, bool maximize) -> ()");
+}
+
+// The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/).
+TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
+  using namespace fused_optim::cpu;
+  m.impl("multi_tensor_stats", &multi_tensor_stats_cpu);
+  m.impl("gravity_", &gravity_cpu);
+  m.impl("lion_", &lion_cpu);
+  m.impl("adan_", &adan_cpu);
+  m.impl("gradient_equilibrium_", &gradient_equilibrium_cpu);
+  m.impl("multi_tensor_l2norm", &multi_tensor_l2norm_cpu);
+  m.impl("multi_tensor_copy_", &multi_tensor_copy_cpu);
+  m.impl("lookahead_sync_", &lookahead_sync_cpu);
+  m.impl("sam_perturb_", &sam_perturb_cpu);
+  m.impl("muon_momentum_", &muon_momentum_cpu);
+  m.impl("muon_apply_", &muon_apply_cpu);
+  m.impl("neuro_optima_", &neuro_optima_cpu);
 }
 
 #ifdef FUSED_OPTIM_PYTHON_MODULE

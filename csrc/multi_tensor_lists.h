@@ -6,7 +6,7 @@
 // contiguous copies that are copied back after the kernel: slower, but never wrong.
 #pragma once
 
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>

@@ -2,8 +2,9 @@
 
 1. ``optimizers=(optimizer, scheduler)``: you build both (any torch LR scheduler works, ours read the
    group's ``lr`` every step);
-2. ``optimizer_cls_and_kwargs=(Lion, {...})``: Trainer builds the optimizer over the params it chooses
-   (weight-decay groups included) and its own scheduler from ``TrainingArguments``.
+2. ``optimizer_cls_and_kwargs=(Adan, {...})``: Trainer builds the optimizer over the params it chooses
+   (weight-decay groups included) and its own scheduler from ``TrainingArguments``. It does not pass
+   ``learning_rate`` to the class: put ``"lr"`` in the kwargs.
 
 The model is a tiny GPT-2 built from a config (no download); the data is random token sequences.
 Run: ``python examples/hf_trainer.py``.
@@ -60,12 +61,14 @@ def train_with_optimizer_and_scheduler(out_dir: str, max_steps: int = 20):
     return trainer
 
 
-def train_with_optimizer_cls(out_dir: str, max_steps: int = 20):
+def train_with_optimizer_cls(out_dir: str, max_steps: int = 20, lr: float = 3e-3):
     model = tiny_gpt2()
-    trainer = Trainer(model=model, args=_args(out_dir, max_steps, learning_rate=3e-3, weight_decay=0.02,
-                                              lr_scheduler_type="linear"),
-                      train_dataset=RandomTokens(),
-                      optimizer_cls_and_kwargs=(Adan, {"betas": (0.98, 0.92, 0.99), "max_grad_norm": 1.0}))
+    args = _args(out_dir, max_steps, learning_rate=lr, weight_decay=0.02, lr_scheduler_type="linear")
+    # Trainer passes the weight-decay groups but not `learning_rate` to the class: without "lr" here the
+    # optimizer would train at its default lr while the logs show args.learning_rate
+    trainer = Trainer(model=model, args=args, train_dataset=RandomTokens(),
+                      optimizer_cls_and_kwargs=(Adan, {"lr": args.learning_rate, "betas": (0.98, 0.92, 0.99),
+                                                       "max_grad_norm": 1.0}))
     trainer.train()
     return trainer
 

@@ -72,13 +72,24 @@ def _is_toolkit(root: Path) -> bool:
 
 
 def want_cuda() -> tuple[bool, str]:
-    """Build the CUDA sources? Only with nvcc and a CUDA build of torch (and not switched off)."""
+    """Build the CUDA sources? Asked for (FUSED_OPTIM_WITH_CUDA=1, or TORCH_CUDA_ARCH_LIST naming the
+    targets) or a CUDA device visible, and then only with nvcc and a CUDA build of torch. Compiling
+    them takes longer than the CPU part, so a machine with a toolkit but no GPU skips them unless asked.
+    Returns (build them, why not)."""
     import torch
 
-    if os.environ.get("FUSED_OPTIM_WITH_CUDA", "1") == "0":
+    switch = os.environ.get("FUSED_OPTIM_WITH_CUDA", "").strip()
+    if switch == "0":
         return False, "FUSED_OPTIM_WITH_CUDA=0"
+    if switch not in ("", "1"):
+        raise ValueError(f"FUSED_OPTIM_WITH_CUDA={switch!r}: use 1 (build the CUDA kernels), 0 (skip them) "
+                         "or leave it unset (build them where a CUDA device is visible)")
+    asked = switch == "1" or bool(os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip())
     if torch.version.cuda is None:
         return False, "this torch is not a CUDA build"
+    if not asked and not torch.cuda.is_available():
+        return False, ("no CUDA device is visible (set TORCH_CUDA_ARCH_LIST or FUSED_OPTIM_WITH_CUDA=1 "
+                       "to build them anyway)")
     root = cuda_toolkit_root()
     if root is None or not os.path.exists(os.path.join(root, "bin", "nvcc")):
         return False, "nvcc was not found (set CUDA_HOME to the CUDA toolkit root)"

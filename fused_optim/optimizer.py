@@ -259,6 +259,20 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._impl_cache[device_type] = impl
         return impl
 
+    def __repr__(self) -> str:
+        """torch's listing of the param groups, headed by the impl: the request (auto = None) and what
+        runs on each device of the params, e.g. `impl: auto (cpu: native)`."""
+        def runs(device_type: str) -> str:
+            try:
+                return self.impl_for(device_type)
+            except RuntimeError:
+                return "cannot run here (step() raises why)"
+
+        devices = sorted({p.device.type for g in self.param_groups for p in g["params"]})
+        where = ", ".join(f"{d}: {runs(d)}" for d in devices) or "no parameters"
+        head, _, rest = super().__repr__().partition("\n")
+        return f"{head}\nimpl: {self._impl_request or 'auto'} ({where})\n{rest}"
+
     def _state_dtype(self, p: Tensor) -> torch.dtype:
         """The dtype of `p`'s state on every impl: float32 for bfloat16/float16 params, else p's dtype.
 

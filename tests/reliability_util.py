@@ -23,14 +23,18 @@ SLOW_IMPLS = ("triton",)
 
 
 def cpu_impls() -> list[str]:
-    """Impls that can run on CPU. Triton counts when its kernels are importable: the tests that take it
-    set TRITON_INTERPRET=1 themselves (`triton_interpreter`), never for the whole session."""
-    out = [name for name, st in fused_optim.available_impls("cpu").items() if st.available]
-    if "triton" not in out:
-        from fused_optim._backends import _triton_import
+    """Impls that can run on CPU, decided without building anything (this runs at collection). Triton
+    counts when its kernels are importable: the tests that take it set TRITON_INTERPRET=1 themselves
+    (`triton_interpreter`), never for the whole session. Native counts when the extension is built or
+    can be built; should its build then fail, conftest.py skips the native tests with the reason."""
+    from fused_optim import _ext
+    from fused_optim._backends import _triton_import
 
-        if _triton_import().available:
-            out.insert(min(2, len(out)), "triton")
+    out = ["forloop", "foreach"]
+    if _triton_import().available:
+        out.append("triton")
+    if _ext.buildable().available:
+        out.append("native")
     return out
 
 

@@ -93,8 +93,11 @@ def test_missing_peers_are_skipped_with_a_note(tmp_path, monkeypatch, capsys):
         torch.set_num_threads(threads)
     assert rc == 0
     out = capsys.readouterr().out
-    assert "lion/pytorch_optimizer: skipped, not installed (pip install pytorch_optimizer)" in out
-    assert "adan/timm: skipped, not installed (pip install timm)" in out
+    # one line per reason: the optimizers that share it are listed in it
+    assert "pytorch_optimizer (lion, adan): skipped, not installed (pip install pytorch_optimizer)" in out
+    assert "timm (lion, adan): skipped, not installed (pip install timm)" in out
+    notes = out.split("notes:\n", 1)[1].splitlines()
+    assert len(notes) == len(set(notes)), notes
     _, rows = _read(next(tmp_path.glob("*.csv")))
     assert {r["source"] for r in rows} == {"fused_optim", "torch"}
     assert {(r["optimizer"], r["impl"]) for r in rows} >= {("lion", "foreach"), ("adan", "forloop")}
@@ -376,3 +379,13 @@ def test_kernel_plot_states_the_element_count_and_starts_at_zero():
         assert ax.get_ylim()[0] == 0 and "higher is better" in ax.get_ylabel()
     finally:
         plt.close(fig)
+
+
+def test_collapse_notes_prints_each_reason_once():
+    from bench.__main__ import collapse_notes
+
+    why = "skipped, Triton runs on CPU tensors only under TRITON_INTERPRET=1 (set before: import)"
+    notes = ["threads: 1 (load average 3.0)", f"lion/triton: {why}", "lion/native: skipped, built: no",
+             f"adan/triton: {why}", f"gravity/triton: {why}", "set big: skipped, GPU only"]
+    assert collapse_notes(notes) == ["threads: 1 (load average 3.0)", f"triton (lion, adan, gravity): {why}",
+                                     "lion/native: skipped, built: no", "set big: skipped, GPU only"]

@@ -1,7 +1,8 @@
 """Ecosystem: torch LR schedulers, Hugging Face Trainer, Lightning, timm registration.
 
 The Trainer/Lightning/timm tests run the examples in `examples/` (so the examples stay working) and are
-skipped, with the reason, where those packages are not installed; the `test` extra installs them.
+skipped, with the reason, where those packages are not installed; the `test` and `examples` extras
+install them.
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def _example(name: str):
 
 
 def _importorskip(name: str):
-    return pytest.importorskip(name, reason=f"{name} is not installed (pip install -e '.[test]' installs it)")
+    return pytest.importorskip(name, reason=f"{name} is not installed (the `test` and `examples` extras "
+                                            "install it)")
 
 
 # ---------------------------------------------------------------------------------------------- schedulers
@@ -103,9 +105,25 @@ def test_hf_trainer_with_optimizer_cls_and_kwargs(tmp_path):
     _importorskip("transformers")
     _importorskip("accelerate")
     ex = _example("hf_trainer")
-    trainer = ex.train_with_optimizer_cls(str(tmp_path), max_steps=12)
+    used = []  # the lr of every group at every Adan step, as the step reads it
+
+    def record(opt, args, kwargs):
+        if isinstance(opt, Adan):
+            used.append([g["lr"] for g in opt.param_groups])
+
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hook = register_optimizer_step_pre_hook(record)
+    try:
+        trainer = ex.train_with_optimizer_cls(str(tmp_path), max_steps=12, lr=3e-3)
+    finally:
+        hook.remove()
     opt = getattr(trainer.optimizer, "optimizer", trainer.optimizer)
     assert isinstance(opt, Adan)
+    # the example's learning_rate is what the optimizer trained at: 3e-3 at the first step, then the
+    # linear decay of it (not Adan's default 1e-3)
+    assert len(used) == 12 and all(lrs == [3e-3, 3e-3] for lrs in used[:1]), used[:2]
+    assert all(math.isclose(lrs[0], 3e-3 * (12 - k) / 12, rel_tol=1e-9) for k, lrs in enumerate(used))
     # Trainer split the params into decay / no-decay groups and passed its learning rate
     assert sorted(g["weight_decay"] for g in opt.param_groups) == [0.0, 0.02]
     assert opt.defaults["max_grad_norm"] == 1.0 and opt.param_groups[0]["step"] == 12

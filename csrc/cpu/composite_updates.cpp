@@ -10,8 +10,7 @@
 
 #include "capability.h"  // first: before any ATen header
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "kernels.h"
 
 #include <cstring>
 
@@ -31,6 +30,8 @@ const at::Device kCPU(at::kCPU);
 
 template <typename M>
 constexpr int64_t kPair = 2 * at::vec::Vectorized<M>::size();  // elements per load2/store2
+
+}  // namespace
 
 void lookahead_sync_cpu(at::TensorList params, at::TensorList slows, double alpha) {
   const char* op = "fused_optim::lookahead_sync_";
@@ -72,6 +73,8 @@ void lookahead_sync_cpu(at::TensorList params, at::TensorList slows, double alph
   pl.finish();
 }
 
+namespace {
+
 // SAM's scale: one float32 (or float64, for float64 params) element on the CPU.
 double sam_scale(const char* op, const at::Tensor& scale, const at::Device& device) {
   TORCH_CHECK(scale.numel() == 1, op, ": scale must have one element, got ", scale.numel());
@@ -80,6 +83,8 @@ double sam_scale(const char* op, const at::Tensor& scale, const at::Device& devi
   TORCH_CHECK(scale.device() == device, op, ": scale is on ", scale.device(), ", expected ", device);
   return scale.item<double>();
 }
+
+}  // namespace
 
 void sam_perturb_cpu(at::TensorList params, at::TensorList grads, at::TensorList old_params,
                      const at::Tensor& scale, bool adaptive) {
@@ -300,15 +305,6 @@ void neuro_optima_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   pl.finish();
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace fused_optim
 
-TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("lookahead_sync_", &fused_optim::cpu::lookahead_sync_cpu);
-  m.impl("sam_perturb_", &fused_optim::cpu::sam_perturb_cpu);
-  m.impl("multi_tensor_copy_", &fused_optim::cpu::multi_tensor_copy_cpu);
-  m.impl("muon_momentum_", &fused_optim::cpu::muon_momentum_cpu);
-  m.impl("muon_apply_", &fused_optim::cpu::muon_apply_cpu);
-  m.impl("neuro_optima_", &fused_optim::cpu::neuro_optima_cpu);
-}

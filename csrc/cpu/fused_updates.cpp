@@ -16,8 +16,7 @@
 
 #include "capability.h"  // first: before any ATen header
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "kernels.h"
 
 #include "../math/common.h"
 #include "vec_ops.h"
@@ -90,6 +89,8 @@ struct GradIO {
 
 // The value of an optional device-scalar tensor (a CPU tensor here: reading it is no sync).
 inline float device_scalar(const c10::optional<at::Tensor>& t) { return host_scalar(t, 0.0f); }
+
+}  // namespace
 
 void lion_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
               double beta2, double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
@@ -395,13 +396,6 @@ void gradient_equilibrium_cpu(at::TensorList params, at::TensorList grads, const
   pl.finish();
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace fused_optim
 
-TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("gravity_", &fused_optim::cpu::gravity_cpu);
-  m.impl("lion_", &fused_optim::cpu::lion_cpu);
-  m.impl("adan_", &fused_optim::cpu::adan_cpu);
-  m.impl("gradient_equilibrium_", &fused_optim::cpu::gradient_equilibrium_cpu);
-}

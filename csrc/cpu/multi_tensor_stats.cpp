@@ -8,8 +8,10 @@
 
 #include "capability.h"  // first: before any ATen header
 
-#include <ATen/ATen.h>
-#include <torch/library.h>
+#include "kernels.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/zeros.h>
 
 #include <array>
 #include <cmath>
@@ -109,6 +111,8 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
   return {static_cast<double>(amax), sum, sumsq};
 }
 
+}  // namespace
+
 at::Tensor multi_tensor_stats_cpu(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
                                   bool negate, const c10::optional<at::Tensor>& grad_scale) {
   const char* op = "fused_optim::multi_tensor_stats";
@@ -162,6 +166,8 @@ at::Tensor multi_tensor_stats_cpu(at::TensorList tensors, c10::optional<at::Tens
   return out;
 }
 
+namespace {
+
 // Sum of squares of x = |w| * t (WEIGHTED: SAM's adaptive norm) or x = t over one chunk, with the
 // accumulation scheme of stats_chunk: fp32 fma chains over short blocks, fp64 across them.
 template <typename P, bool WEIGHTED>
@@ -204,6 +210,8 @@ double sumsq_chunk(const P* t, const P* w, int64_t begin, int64_t end) {
   return sumsq;
 }
 
+}  // namespace
+
 at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
   const char* op = "fused_optim::multi_tensor_l2norm";
   std::vector<at::TensorList> in{tensors};
@@ -245,11 +253,6 @@ at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors, c10::optional<at::Ten
   return out;
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace fused_optim
 
-TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  m.impl("multi_tensor_stats", &fused_optim::cpu::multi_tensor_stats_cpu);
-  m.impl("multi_tensor_l2norm", &fused_optim::cpu::multi_tensor_l2norm_cpu);
-}
