@@ -117,7 +117,10 @@ TORCH_LIBRARY(fused_optim, m) {
         "float weight_decay, bool maximize) -> ()");
 }
 
-// The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/).
+// The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/). The emulated CUDA
+// test build (csrc/cuda/emulation/) compiles this file for the schemas only: there the CUDA kernels take
+// the CPU key of their own namespace, and the CPU kernels are not linked in.
+#ifndef FUSED_OPTIM_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   using namespace fused_optim::cpu;
   m.impl("multi_tensor_stats", &multi_tensor_stats_cpu);
@@ -133,6 +136,7 @@ TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
   m.impl("muon_apply_", &muon_apply_cpu);
   m.impl("neuro_optima_", &neuro_optima_cpu);
 }
+#endif  // FUSED_OPTIM_CUDA_EMULATION
 
 #ifdef FUSED_OPTIM_PYTHON_MODULE
 // The ahead-of-time build (setup.py) is imported as the Python module fused_optim._C; importing it
