@@ -24,7 +24,7 @@ __all__ = ["OPTIMIZERS", "PEERS", "Candidate", "OptSpec", "candidates_for", "our
 class OptSpec:
     """One optimizer: how ours is built, the hyperparameters every implementation gets, and its floor.
 
-    The floor counts the bytes a step must move per parameter (SPEC's bandwidth floor): the param
+    The floor counts the bytes a step must move per parameter (docs/spec.md's bandwidth floor): the param
     read and written, the grad read `grad_reads` times (a per-tensor reduction reads it once more),
     and each of `n_states` state tensors read and written. fp32: AdamW 28 B, Lion 20 B, Gravity 24 B,
     Adan 44 B, GradientEquilibrium 16 B, NeuroOptima's core 44 B.
@@ -47,7 +47,7 @@ OPTIMIZERS: dict[str, OptSpec] = {s.name: s for s in [
             grad_reads=1, n_states=4),
     OptSpec("gradient_equilibrium", "gradient_equilibrium", dict(lr=0.01, weight_decay=0.0),
             grad_reads=2, n_states=0),
-    # NeuroOptima's per-step core update (SPEC §7): SAM's second forward/backward is the model's cost, not
+    # NeuroOptima's per-step core update (docs/spec.md §7): SAM's second forward/backward is the model's cost, not
     # the optimizer's, and Lookahead's sync runs every k steps; both are off here (sam_rho=0, a k that is
     # never reached) so the rows time the fused core, 44 B/param like Adan
     OptSpec("neurooptima", "neurooptima", dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,

@@ -169,7 +169,7 @@ def load_char_data() -> Data:
 
 
 # Every model names its output layer `head` and any lookup table `embed`: `muon_param_groups` sends
-# those (and every 1-D param) to Muon's Adam side, as Muon's authors prescribe (SPEC §8).
+# those (and every 1-D param) to Muon's Adam side, as Muon's authors prescribe (docs/spec.md §8).
 class MLP(nn.Module):
     def __init__(self, d_in: int, hidden: Sequence[int], d_out: int):
         super().__init__()
@@ -277,7 +277,7 @@ def _fo(name: str):
 def _build_muon(model: nn.Module, lr: float):
     """Muon on hidden >=2-D weights, Adam on the head, embeddings and 1-D params, through the library's
     own `muon_param_groups` (what a user calls). The Adam side runs at lr/20 (1e-3 at Muon's default
-    0.02) so one grid scales both sides together; betas/eps stay Muon's Adam-side defaults (SPEC §8).
+    0.02) so one grid scales both sides together; betas/eps stay Muon's Adam-side defaults (docs/spec.md §8).
     Top-level raw parameters (the transformer's learned positions) are embeddings too."""
     fo = __import__("fused_optim")
     top_level = [p for n, p in model.named_parameters() if "." not in n]

@@ -38,7 +38,7 @@ KERNEL_GRIDS = {
 
 
 def _scalars(optimizer: str, step: int = 5) -> dict:
-    """The Python scalars the class would pass at `step` (SPEC: kernels receive them, never recompute)."""
+    """The Python scalars the class would pass at `step` (docs/spec.md: kernels receive them, never recompute)."""
     kw = OPTIMIZERS[optimizer].kwargs
     if optimizer == "lion":
         b1, b2 = kw["betas"]

@@ -11,7 +11,7 @@
 //   math runs in fp32 (fp64 for fp64 params). Zero-size rows are skipped. Any strides work (rows
 //   whose tensors do not share one dense layout go through contiguous copies).
 // - the Python doubles (lr, betas, bias corrections...) are computed by the optimizer class and
-//   rounded once to the math type, never recomputed here (SPEC).
+//   rounded once to the math type, never recomputed here (docs/spec.md).
 // - capturable / device scalars (`*_tensor`, `first_step`: optional, 1 float32 element each, on the
 //   kernels' device): given, they replace the float argument of the same name (which is then ignored),
 //   and the scalars derived from them (1 - beta_hat, -lr/bc1, -lr*beta2/bc2, 1 -/+ lr*wd) are computed
@@ -44,20 +44,20 @@ TORCH_LIBRARY(fused_optim, m) {
   m.def("multi_tensor_stats(Tensor[] tensors, Tensor[]? addends=None, float alpha=0., bool negate=False, "
         "Tensor? grad_scale=None) -> Tensor");
 
-  // Gravity (SPEC §1): per tensor m = 1/stats[i,0]; zeta = g / (1 + (g/m)^2);
+  // Gravity (docs/spec.md §1): per tensor m = 1/stats[i,0]; zeta = g / (1 + (g/m)^2);
   // v = beta_hat*v + (1-beta_hat)*zeta; p -= lr*v.
   // Device scalars: lr_tensor, beta_hat_tensor.
   m.def("gravity_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] vs, Tensor stats, float lr, "
         "float beta_hat, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
         "Tensor? lr_tensor=None, Tensor? beta_hat_tensor=None) -> ()");
 
-  // Lion (SPEC §2): p *= 1-lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
+  // Lion (docs/spec.md §2): p *= 1-lr*wd; p -= lr*sign(b1*m + (1-b1)*g); m = b2*m + (1-b2)*g.
   // Device scalar: lr_tensor.
   m.def("lion_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, float lr, float beta1, "
         "float beta2, float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
         "Tensor? lr_tensor=None) -> ()");
 
-  // Adan (SPEC §3), sail-sg op order. `clip` is the global clip factor as a 1-element float32
+  // Adan (docs/spec.md §3), sail-sg op order. `clip` is the global clip factor as a 1-element float32
   // tensor on the kernels' device (read there, no host sync), or None for no clipping.
   // neg_pre_grads holds -clip*g of the previous step and is rewritten with this step's. Device scalars:
   // lr_tensor; the three bias corrections (all or none); first_step (!= 0: the group's first step, the
@@ -70,14 +70,14 @@ TORCH_LIBRARY(fused_optim, m) {
         "Tensor? bias_correction1_tensor=None, Tensor? bias_correction2_tensor=None, "
         "Tensor? bias_correction3_sqrt_tensor=None, Tensor? first_step=None) -> ()");
 
-  // GradientEquilibrium (SPEC §4): x = g (+ wd*p); p -= lr*(x - mean(x)), mean = stats[i,1]/numel
+  // GradientEquilibrium (docs/spec.md §4): x = g (+ wd*p); p -= lr*(x - mean(x)), mean = stats[i,1]/numel
   // with stats = multi_tensor_stats(grads, params if wd else None, wd, maximize, grad_scale). Device
   // scalar: lr_tensor.
   m.def("gradient_equilibrium_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor stats, float lr, "
         "float weight_decay, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
         "Tensor? lr_tensor=None) -> ()");
 
-  // ---- composites (issue #6): the fused parts of Lookahead, SAM, Muon and NeuroOptima ----
+  // ---- composites: the fused parts of Lookahead, SAM, Muon and NeuroOptima ----
 
   // Per-tensor L2 norm of x = |w| * t (abs_weights given: SAM's adaptive |p| * g) or x = t, for every t
   // in `tensors` (non-empty list): a 1-D [n] tensor on their device, float32 (float64 for float64
@@ -88,28 +88,28 @@ TORCH_LIBRARY(fused_optim, m) {
   // dst[i] = src[i], bit for bit (SAM's restore). One dtype per call (src the dst's); any strides.
   m.def("multi_tensor_copy_(Tensor(a!)[] dst, Tensor[] src) -> ()");
 
-  // Lookahead (SPEC §5): p = fma(slow, 1-alpha, p*alpha) (p.mul_(alpha).add_(slow, alpha=1-alpha)),
+  // Lookahead (docs/spec.md §5): p = fma(slow, 1-alpha, p*alpha) (p.mul_(alpha).add_(slow, alpha=1-alpha)),
   // then slow = p (the stored p). slows: the params' dtype, or float32 for bf16/fp16 params.
   m.def("lookahead_sync_(Tensor(a!)[] params, Tensor(b!)[] slows, float alpha) -> ()");
 
-  // SAM (SPEC §6): old = p; p += ((p*p if adaptive else 1) * g) * scale. `scale` is 1 float32 element
+  // SAM (docs/spec.md §6): old = p; p += ((p*p if adaptive else 1) * g) * scale. `scale` is 1 float32 element
   // on the params' device (rho / (norm + 1e-12), read there: no host sync). old_params: the params' dtype.
   m.def("sam_perturb_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] old_params, Tensor scale, "
         "bool adaptive) -> ()");
 
-  // Muon (SPEC §8), before Newton-Schulz: g' = maximize ? -g : g; buf = lerp(buf, g', 1-momentum);
+  // Muon (docs/spec.md §8), before Newton-Schulz: g' = maximize ? -g : g; buf = lerp(buf, g', 1-momentum);
   // updates = lerp(g', buf, momentum) if nesterov else buf, rounded to the updates' dtype (bfloat16 or
   // the grads'). Lerp with torch's roundings (csrc/math/muon.h). grads are read only; momentum_buffers:
   // the grads' dtype, or float32 for bf16/fp16 grads.
   m.def("muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, float momentum, "
         "bool nesterov, bool maximize) -> ()");
 
-  // Muon (SPEC §8), after Newton-Schulz: u = round_to_updates_dtype(updates * float32(scales[i]));
+  // Muon (docs/spec.md §8), after Newton-Schulz: u = round_to_updates_dtype(updates * float32(scales[i]));
   // p *= 1 - lr*wd (skipped when wd == 0: exact); p = fma(u, -lr, p). updates: bfloat16 or the params'
   // dtype, params[i]'s numel, any strides (read in row-major order, as u.reshape(p.shape)).
   m.def("muon_apply_(Tensor(a!)[] params, Tensor[] updates, float[] scales, float lr, float weight_decay) -> ()");
 
-  // NeuroOptima's core (SPEC §7), the reference's op order: g' = (maximize ? -g : g) (+ wd*p);
+  // NeuroOptima's core (docs/spec.md §7), the reference's op order: g' = (maximize ? -g : g) (+ wd*p);
   // d = g' - prev; m = b1*m + (1-b1)*g'; diff = b2*diff + (1-b2)*d; v = b2*v + (1-b2)*g'^2;
   // p -= lr*sign((m + b2*diff) / (sqrt(v) + eps)); prev = g'.
   m.def("neuro_optima_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "

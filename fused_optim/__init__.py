@@ -1,7 +1,7 @@
 """fused_optim: fast, faithful multi-tensor fused optimizers for PyTorch.
 
 Every optimizer is a `torch.optim.Optimizer` with impls "forloop" (the reference), "foreach",
-"triton" and "native", chosen per device (SPEC §0). Importing this package is cheap: Triton and the
+"triton" and "native", chosen per device (docs/spec.md §0). Importing this package is cheap: Triton and the
 compiled extension are probed on first use, never at import.
 """
 from __future__ import annotations

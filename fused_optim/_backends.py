@@ -95,7 +95,7 @@ def available_impls(device: str | torch.device | None = None) -> dict[str, ImplS
 
 
 def auto_impl(device_type: str) -> str:
-    """SPEC §0 auto mode: CUDA -> triton, else native, else foreach; CPU -> native if built, else foreach.
+    """docs/spec.md §0 auto mode: CUDA -> triton, else native, else foreach; CPU -> native if built, else foreach.
 
     Interpreted Triton is never chosen automatically: it is a test vehicle, not a fast path.
     """

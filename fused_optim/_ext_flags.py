@@ -23,7 +23,7 @@ def sources(with_cuda: bool, root: Path) -> list[str]:
 def cxx_flags(native: bool = True) -> list[str]:
     """Host compiler flags. at::vec::Vectorized<float> is a scalar emulation and at::parallel_for is
     serial unless the translation unit gets a CPU capability (csrc/cpu/capability.h derives it from
-    the -march target) and OpenMP (FACTS.md: 636 ms vs 35 ms for a Lion step on GPT-2 small).
+    the -march target) and OpenMP (docs/toolchain.md: 636 ms vs 35 ms for a Lion step on GPT-2 small).
     -ffp-contract=off stops the compiler from fusing a*b+c where
     torch rounds twice, so fp32 results match the reference bit for bit. `native=False` (portable
     builds) drops -march=native, hence the vector capability: correct on any x86-64, much slower."""

@@ -155,9 +155,9 @@ for _fn in (_native_gravity, _native_lion, _native_adan, _native_gradient_equili
     _fn.supports_capturable = True
 
 
-# ------------------------------------------------------------------ composites' fused parts (issue #6)
+# ------------------------------------------------------------------ composites' fused parts
 def _native_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
-    """Lookahead's sync (SPEC §5) in one op: ``p = p*alpha + (1-alpha)*slow``, then ``slow = p``."""
+    """Lookahead's sync (docs/spec.md §5) in one op: ``p = p*alpha + (1-alpha)*slow``, then ``slow = p``."""
     if not params:
         return
     with torch.no_grad():
@@ -165,7 +165,7 @@ def _native_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: 
 
 
 def _native_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
-    """Per-tensor L2 norms of ``(|p| if adaptive else 1) * g`` (SPEC §6) in one reduction: a 1-D tensor on
+    """Per-tensor L2 norms of ``(|p| if adaptive else 1) * g`` (docs/spec.md §6) in one reduction: a 1-D tensor on
     the params' device, float32 (float64 for float64 params, as the reference's norms)."""
     if not params:
         return torch.zeros(0, dtype=torch.float32)
@@ -194,7 +194,7 @@ def _native_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
 
 def _native_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], updates: list[Tensor], *,
                           momentum: float, nesterov: bool, maximize: bool) -> None:
-    """Muon before Newton-Schulz (SPEC §8): ``buf.lerp_(g, 1 - momentum)``; ``updates[i]`` = the Nesterov
+    """Muon before Newton-Schulz (docs/spec.md §8): ``buf.lerp_(g, 1 - momentum)``; ``updates[i]`` = the Nesterov
     ``g.lerp(buf, momentum)`` (or buf), rounded to its dtype. grads are never written."""
     if not grads:
         return
@@ -204,7 +204,7 @@ def _native_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], u
 
 def _native_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: list[float], lr: float,
                        weight_decay: float) -> None:
-    """Muon after Newton-Schulz (SPEC §8): ``u = updates[i] * scales[i]`` (one rounding to u's dtype),
+    """Muon after Newton-Schulz (docs/spec.md §8): ``u = updates[i] * scales[i]`` (one rounding to u's dtype),
     ``p.mul_(1 - lr*wd)``, ``p.add_(u, alpha=-lr)``."""
     if not params:
         return
@@ -216,7 +216,7 @@ def _native_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: li
                          exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
                          maximize: bool) -> None:
-    """NeuroOptima's core (SPEC §7) in one op, the reference's op order."""
+    """NeuroOptima's core (docs/spec.md §7) in one op, the reference's op order."""
     if not params:
         return
     with torch.no_grad():

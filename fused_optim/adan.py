@@ -1,6 +1,6 @@
 """Adan (Xie et al. 2022, arXiv 2208.06677): Nesterov-style adaptive momentum on g and its difference.
 
-Reference: sail-sg `adan.py` (timm's `Adan` follows it); SPEC §3. State keys and layout match theirs,
+Reference: sail-sg `adan.py` (timm's `Adan` follows it); docs/spec.md §3. State keys and layout match theirs,
 so their checkpoints load here and continue the same trajectory. Betas are the code's (1 − the paper's).
 """
 from __future__ import annotations

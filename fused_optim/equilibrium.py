@@ -1,6 +1,6 @@
 """GradientEquilibrium (seed package `gradient-equilibrum`): ``p ← p − lr·(g − mean(g))`` per tensor.
 
-SPEC §4. Upstream's weight decay is a no-op (the result of `grad.add(...)` is discarded); ours applies
+docs/spec.md §4. Upstream's weight decay is a no-op (the result of `grad.add(...)` is discarded); ours applies
 the L2 term its docstring promises, ``g + wd·p``. With ``weight_decay=0`` it matches upstream bit for bit.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Gravity (Bahrami & Zadeh 2021, arXiv 2101.09192): a kinematic step bounded by the per-tensor max |g|.
 
-Reference: the PyTorch port in the seed (SPEC §1). The velocity is drawn at construction from the
+Reference: the PyTorch port in the seed (docs/spec.md §1). The velocity is drawn at construction from the
 global RNG, in group then parameter order, so that with the same `torch.manual_seed` this class follows
 the seed's trajectory exactly.
 """

@@ -1,6 +1,6 @@
 """Lion (Chen et al. 2023, arXiv 2302.06675): sign of an interpolated momentum.
 
-Reference: google/automl `lion_pytorch.py` (lucidrains' default `Lion` is bit-identical); SPEC §2.
+Reference: google/automl `lion_pytorch.py` (lucidrains' default `Lion` is bit-identical); docs/spec.md §2.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ class Lion(FusedOptimizer):
             (default: (0.9, 0.99)).
         weight_decay (float): decoupled weight decay, ``>= 0`` (default: 0).
         maximize (bool): maximize the objective instead of minimizing; ``.grad`` is never modified.
-        impl (str, optional): "forloop", "foreach", "triton", "native" or None for auto (SPEC §0).
+        impl (str, optional): "forloop", "foreach", "triton", "native" or None for auto (docs/spec.md §0).
         foreach, fused (bool, optional): torch-style spellings of ``impl``.
         capturable (bool): keep every per-step value on the device so a step can be captured in a CUDA
             graph (``FusedOptimizer`` docstring, "Capturable"): on CUDA it needs ``impl="triton"`` or

@@ -1,6 +1,6 @@
 """Lookahead (Zhang et al. 2019, arXiv 1907.08610): k fast steps forward, one interpolation back.
 
-SPEC §5. `Lookahead(optimizer, k=5, alpha=0.5)` wraps any optimizer, ours or torch's. Its
+docs/spec.md §5. `Lookahead(optimizer, k=5, alpha=0.5)` wraps any optimizer, ours or torch's. Its
 `param_groups` and `state` *are* the inner optimizer's (the same objects), so LR schedulers, `zero_grad`
 and code that reads `optimizer.state[p]` work through the wrapper. Every k inner steps:
 ``p.mul_(alpha).add_(slow, alpha=1 - alpha)``, then ``slow.copy_(p)``. Slow weights are captured at the
@@ -36,7 +36,7 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def _forloop_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float) -> None:
-    """SPEC §5, one tensor at a time: ``p = alpha*p + (1-alpha)*slow`` then ``slow = p``."""
+    """docs/spec.md §5, one tensor at a time: ``p = alpha*p + (1-alpha)*slow`` then ``slow = p``."""
     for p, slow in zip(params, slows):
         p.mul_(alpha).add_(slow, alpha=1 - alpha)
         slow.copy_(p)

@@ -1,6 +1,6 @@
 """Muon (Keller Jordan 2024, KellerJordan/Muon `muon.py`): momentum orthogonalized by Newton–Schulz.
 
-SPEC §8. For ≥2-D hidden weights; embeddings, output heads and 1-D params (gains, biases) belong to an
+docs/spec.md §8. For ≥2-D hidden weights; embeddings, output heads and 1-D params (gains, biases) belong to an
 Adam side, as upstream's `MuonWithAuxAdam`: groups carry ``use_muon`` and `Muon` runs upstream's Adam
 update for ``use_muon=False`` groups. :func:`muon_param_groups` builds both groups from a model.
 

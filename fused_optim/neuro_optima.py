@@ -1,6 +1,6 @@
 """NeuroOptima (seed `003_f15a17b62b033e5a.txt`): SAM + Adan-style momentum + Lion sign step + Lookahead.
 
-SPEC §7. The seed's README usage runs verbatim. The only published code (NeuroGhostOutput/NeuroOptima
+docs/spec.md §7. The seed's README usage runs verbatim. The only published code (NeuroGhostOutput/NeuroOptima
 `neurooptima.py`) calls ``loss.backward()`` on the closure's already-backpropagated loss (it crashes on
 the README's own closure) and its "SAM" adds ``rho·g/||g||`` to p after every update and never takes
 it back (a permanent gradient ascent). Ours is the true composition: real SAM (perturb by `sam_rho`,

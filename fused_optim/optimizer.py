@@ -138,7 +138,7 @@ def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
-    """A `torch.optim.Optimizer` with pluggable implementations (SPEC §0).
+    """A `torch.optim.Optimizer` with pluggable implementations (docs/spec.md §0).
 
     Subclasses set `_impls` (impl name -> functional step), implement `_validate_group(group)` and
     `_step_group(group, params, grads)` (or `_update(batches)` when a step couples groups, like Adan's

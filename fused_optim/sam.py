@@ -1,6 +1,6 @@
 """SAM, sharpness-aware minimization (Foret et al. 2021, arXiv 2010.01412), adaptive variant (ASAM).
 
-SPEC §6; reference: davda54 `sam.py`. ``step(closure)``: global gradient norm (on the device, never
+docs/spec.md §6; reference: davda54 `sam.py`. ``step(closure)``: global gradient norm (on the device, never
 read on the host), perturb ``p += (p² if adaptive else 1)·g·rho/(norm + 1e-12)``, re-evaluate the closure
 at the perturbed point, restore the exact old params (a copy, not ``p.data = old`` as upstream, which
 swaps storage under anything holding a reference), then the base optimizer's step.

@@ -18,7 +18,7 @@ import torch
 import fused_optim
 
 # Interpreted Triton is ~1000x slower than compiled: the reliability tests give it tiny tensors and few
-# steps (SPEC §0: it is a test vehicle on CPU).
+# steps (docs/spec.md §0: it is a test vehicle on CPU).
 SLOW_IMPLS = ("triton",)
 
 
@@ -83,7 +83,7 @@ def exported_optimizers() -> list[type]:
 
 
 # The constructor arguments each test uses: non-default values, so that every option's code path runs
-# (weight decay, Adan's global clip, ...). Composites follow SPEC §5-8 signatures.
+# (weight decay, Adan's global clip, ...). Composites follow docs/spec.md §5-8 signatures.
 _KWARGS: dict[str, dict] = {
     "Gravity": dict(lr=0.1, alpha=0.01, beta=0.9),
     "Lion": dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1),
@@ -95,7 +95,7 @@ _KWARGS: dict[str, dict] = {
     "Muon": dict(lr=0.02, momentum=0.95, weight_decay=0.01),
     "MuonWithAuxAdam": dict(lr=0.02, momentum=0.95, weight_decay=0.01),
 }
-# composites whose step() needs a closure (SPEC §6-7)
+# composites whose step() needs a closure (docs/spec.md §6-7)
 NEEDS_CLOSURE = ("SAM", "NeuroOptima")
 FACTORY_NAMES = set(_KWARGS) | {"Lookahead", "SAM"}
 
@@ -116,7 +116,7 @@ def make_optimizer(cls: type, params: list[torch.Tensor], impl: str | None, **ov
 
 
 def param_shapes(cls: type) -> list[tuple[int, ...]]:
-    """Odd sizes, a scalar-like tensor and a zero-size one; Muon takes only matrices (SPEC §8): a batch
+    """Odd sizes, a scalar-like tensor and a zero-size one; Muon takes only matrices (docs/spec.md §8): a batch
     of matrices and a zero-size matrix stand in for the odd cases there."""
     if issubclass(cls, getattr(fused_optim, "Muon", ())):
         return [(5, 7), (8, 3), (3, 4, 2), (4, 4), (0, 3)]

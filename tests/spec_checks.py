@@ -1,4 +1,4 @@
-"""SPEC §9 comparison helpers shared by the test files: ulp distances, sign-flip accounting,
+"""docs/spec.md §9 comparison helpers shared by the test files: ulp distances, sign-flip accounting,
 adversarial tensor lists and a small driver that runs an optimizer for k steps."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-# sizes of SPEC §9: 0, 1, primes, block±1, a 4-D tensor and a non-contiguous view (made in make_params)
+# sizes of docs/spec.md §9: 0, 1, primes, block±1, a 4-D tensor and a non-contiguous view (made in make_params)
 ADVERSARIAL_SHAPES = [(0,), (1,), (7,), (13, 17), (127,), (129,), (1023,), (1025,), (2, 3, 5, 7), (31, 37)]
 
 
@@ -106,7 +106,7 @@ def state_tensors(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[tupl
 
 
 def roundtrip(state_dict: dict) -> dict:
-    """Through torch.save/torch.load as a real checkpoint does (FACTS: never share live tensors)."""
+    """Through torch.save/torch.load as a real checkpoint does (docs/toolchain.md: never share live tensors)."""
     buf = io.BytesIO()
     torch.save(state_dict, buf)
     buf.seek(0)
@@ -118,7 +118,7 @@ LOWP_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
 def assert_lowp_close(actual: Tensor, lowp_ref: Tensor, high_ref: Tensor, what: str = "",
                       dtype: torch.dtype | None = None) -> None:
-    """SPEC §9 for bf16/fp16: the error against a float64 reference is at most twice the error of the
+    """docs/spec.md §9 for bf16/fp16: the error against a float64 reference is at most twice the error of the
     reference run in the same low precision, plus the atol of `dtype`, the params' dtype (default:
     `actual`'s; the fp32 state of bf16/fp16 params is held to its params' atol)."""
     if actual.numel() == 0:

@@ -1,4 +1,4 @@
-"""``capturable=True`` (issue #7; `FusedOptimizer` docstring, "Capturable"): step counters live on the device,
+"""``capturable=True`` (`FusedOptimizer` docstring, "Capturable"): step counters live on the device,
 the per-step scalars derived from them are computed there, the Triton and native kernels read them from
 device memory, an AMP skip is taken on the device, and a step can be captured in a CUDA graph.
 

@@ -1,6 +1,6 @@
-"""Composites (SPEC §5–8): Lookahead, SAM, NeuroOptima, Muon.
+"""Composites (docs/spec.md §5–8): Lookahead, SAM, NeuroOptima, Muon.
 
-Each is compared over >= 7 steps with an independent for-loop reference of the SPEC rule written here
+Each is compared over >= 7 steps with an independent for-loop reference of the docs/spec.md rule written here
 (not the library's own functions), on a small model with real forward/backward closures, on params and
 every state tensor; state_dict round trips go through torch.save/torch.load and must resume bit-exactly.
 """
@@ -104,7 +104,7 @@ def test_lookahead_matches_reference(inner, impl):
     for step in range(1, 11):
         xb, yb = batch(step, data)
         loss = opt.step(closure_for(model, opt, xb, yb))
-        # reference: SPEC §5 literally, slow weights captured at the start of the first step
+        # reference: docs/spec.md §5 literally, slow weights captured at the start of the first step
         if slow is None:
             slow = [p.detach().clone() for p in ref_params]
         ref_loss = ref_inner.step(closure_for(ref_model, ref_inner, xb, yb))
@@ -289,7 +289,7 @@ def test_sam_state_dict_roundtrip_and_mid_step():
 
 # ----------------------------------------------------------------------------------------- NeuroOptima
 def _ref_neuro_optima(model, xb, yb, st, *, lr, wd, rho, k, alpha, b1, b2, eps):
-    """SPEC §7 for one group: SAM (davda54 norm, non-adaptive), upstream's per-tensor core, Lookahead."""
+    """docs/spec.md §7 for one group: SAM (davda54 norm, non-adaptive), upstream's per-tensor core, Lookahead."""
     params = list(model.parameters())
     loss = closure_for(model, params, xb, yb)()
     with torch.no_grad():
@@ -417,7 +417,7 @@ def test_neuro_optima_closure_without_zero_grad_and_sam_off():
 
 
 def test_neuro_optima_core_foreach_matches_forloop_on_adversarial_shapes():
-    """The core's functional impls alone, SPEC §9 lists (0, 1, primes, block±1, non-contiguous)."""
+    """The core's functional impls alone, docs/spec.md §9 lists (0, 1, primes, block±1, non-contiguous)."""
     from fused_optim.neuro_optima import _foreach_neuro_optima, _forloop_neuro_optima
 
     p1 = [p.detach() for p in make_params(3)]
@@ -587,7 +587,7 @@ def test_muon_foreach_batches_newton_schulz_like_forloop():
         _forloop_muon(p1, grads, b1, **kw)
         _foreach_muon(p2, grads, b2, **kw)
         for i, (a, b) in enumerate(zip(p1 + b1, p2 + b2)):
-            # batched bf16 matmuls may round differently from single ones on other backends: SPEC §8's
+            # batched bf16 matmuls may round differently from single ones on other backends: docs/spec.md §8's
             # bf16 tolerance (the per-step update is lr*O(1), so compare the displacement scale)
             torch.testing.assert_close(a, b, rtol=1e-2, atol=0.02 * 1e-2, msg=f"tensor{i}@{step}")
 
@@ -672,10 +672,10 @@ def test_create_optimizer_knows_composites():
     torch.save(la.state_dict(), buf)
 
 
-# ----------------------------------------------------------------------------------------- bf16 (SPEC §9)
+# ----------------------------------------------------------------------------------------- bf16 (docs/spec.md §9)
 def _lowp_lockstep(step_fn, n_states: int, shapes, steps: int = 8, name: str = ""):
     """Run `step_fn(params, grads, states, step)` in float64, bf16 via forloop and bf16 via foreach on
-    the same fresh draws; check SPEC §9's low-precision rule on params and every state tensor."""
+    the same fresh draws; check docs/spec.md §9's low-precision rule on params and every state tensor."""
     base = [p.detach() for p in make_params(11, shapes=shapes)]
     runs = {}
     for key, dtype in (("hi", torch.float64), ("lo", torch.bfloat16), ("fe", torch.bfloat16)):
@@ -742,7 +742,7 @@ def _triton_or_skip():
 
 
 def test_neuro_optima_triton_core_matches_forloop():
-    """The Triton core (interpreted on CPU) against the reference, SPEC §9: per step from the same
+    """The Triton core (interpreted on CPU) against the reference, docs/spec.md §9: per step from the same
     inputs, states within 4 ulp of their scale (the kernel's fused multiply-adds round once where the
     interpreter's emulation and torch's separate ops may round twice), params exact except sign flips
     where ``|exp_avg + b2·exp_avg_diff|`` is within 8 ulp of its operands."""

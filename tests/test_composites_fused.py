@@ -1,8 +1,8 @@
-"""The composites (SPEC §5-8) on their fused impls, end to end: Lookahead, SAM, NeuroOptima and Muon with
+"""The composites (docs/spec.md §5-8) on their fused impls, end to end: Lookahead, SAM, NeuroOptima and Muon with
 ``triton`` (interpreted on the CPU) and ``native`` against the same classes on ``forloop``, on a small model
 with real closures, over >= 7 steps, with a spy that shows the fused parts really ran.
 
-The fused parts themselves are held to SPEC §9 at the functional level (bit for bit where the op order
+The fused parts themselves are held to docs/spec.md §9 at the functional level (bit for bit where the op order
 allows) in tests/test_triton_composites.py and tests/test_native_composites.py; here the question is
 whether the classes route every part to them and still follow the reference. Where every part is exact on
 the CPU (Lookahead's sync, Muon's two stages around torch's Newton–Schulz) the whole trajectory must be

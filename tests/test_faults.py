@@ -69,7 +69,7 @@ def _check_fallback(out: dict, why: str) -> None:
     available, reason = out["native"]
     assert not available
     assert why in reason, reason
-    assert set(out["auto"].values()) == {"foreach"}, out["auto"]  # SPEC §0: CPU auto -> native, else foreach
+    assert set(out["auto"].values()) == {"foreach"}, out["auto"]  # docs/spec.md §0: CPU auto -> native, else foreach
     assert len(out["warnings"]) == 1, out["warnings"]  # one warning for the process, not one per optimizer
     assert "native extension is unavailable" in out["warnings"][0] and why in out["warnings"][0]
     assert why in out["explicit"], out["explicit"]  # an explicit impl says why it cannot run

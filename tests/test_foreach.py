@@ -1,4 +1,4 @@
-"""foreach vs forloop (SPEC §9): same op order on CPU, so params and every state tensor are bit-equal
+"""foreach vs forloop (docs/spec.md §9): same op order on CPU, so params and every state tensor are bit-equal
 after every step, over adversarial lists with a missing grad on one step."""
 import pytest
 import torch
@@ -81,7 +81,7 @@ def test_foreach_matches_forloop_fp32(name, cls, kw):
 def test_foreach_bf16(name, cls, kw):
     """bf16 params (fp32 state on both, README "State dtype"): bit-equal to forloop (in-place foreach
     multiplies take a 0-d fp32 factor, see fused_optim._foreach.mul_operand); with clipping, whose factor
-    differs in its last bits, the SPEC §9 low-precision rule against a float64 forloop run, the state
+    differs in its last bits, the docs/spec.md §9 low-precision rule against a float64 forloop run, the state
     held to bf16's atol."""
     impls = [("forloop", torch.float64), ("forloop", torch.bfloat16), ("foreach", torch.bfloat16)]
     for step, runs in _lockstep(cls, kw, torch.bfloat16, impls):

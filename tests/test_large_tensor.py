@@ -1,5 +1,5 @@
 """A tensor with more than 2^31 elements updates correctly: element offsets are int64 everywhere (apex's
-multi-tensor kernels crash above 2^31, DESIGN.md).
+multi-tensor kernels crash above 2^31, docs/design.md).
 
 Values depend on the index (a pattern, not a constant), so an offset that wrapped at 2^31 reads or
 writes the wrong element and shows up in the checked windows: the start, both sides of 2^31, the end.

@@ -1,4 +1,4 @@
-"""The native extension (csrc/) against the forloop reference (SPEC §9) and torch's reductions.
+"""The native extension (csrc/) against the forloop reference (docs/spec.md §9) and torch's reductions.
 
 CPU kernels always run (CI builds the extension; a build failure fails this file with the compiler's
 output). CUDA kernels: the same checks, marked ``gpu``.
@@ -9,7 +9,7 @@ sqrt goes through MKL and is not correctly rounded; ours is) and GradientEquilib
 rounding of the per-tensor sum: for those, after step k, ``|native - ref| <= 4·k·eps·(|ref| +
 mean|ref|)`` per element (4 ulp per element per step at the tensor's scale). CUDA: the tolerance
 everywhere (nvcc contracts a*b+c into fma where torch's CPU kernels round twice), and for Lion's sign
-step SPEC §9's tie rule: an element whose ``c = m·β1 + g·(1−β1)`` is within 8 ulp of 0 at the operands'
+step docs/spec.md §9's tie rule: an element whose ``c = m·β1 + g·(1−β1)`` is within 8 ulp of 0 at the operands'
 scale may flip (its param then differs by lr or 2·lr); it is counted, excused and re-synced, and any
 other difference fails.
 """
@@ -116,7 +116,7 @@ def _rows(lists, keep):
 
 
 def _assert_close(actual, expected, step, what, exact=False):
-    """Exact, or SPEC §9's 4 ulp per element per step at the tensor's scale."""
+    """Exact, or docs/spec.md §9's 4 ulp per element per step at the tensor's scale."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         if a.numel() == 0:
             continue
@@ -210,7 +210,7 @@ def _run_case(name, device, dtype, state_dtype, *, steps=STEPS):
 
 
 def _lion_sign_ties(grads, kw, pre_m):
-    """SPEC §9: the elements whose sign argument ``c = m·β1 + g·(1−β1)`` (the reference's, from the state
+    """docs/spec.md §9: the elements whose sign argument ``c = m·β1 + g·(1−β1)`` (the reference's, from the state
     the step read) is within 8 ulp of 0 at the operands' scale; their sign may flip where the two sides
     round ``c`` differently (CUDA: nvcc contracts one product into an fma)."""
     b1 = kw["beta1"]
@@ -273,7 +273,7 @@ def test_fp64_matches_forloop(name, device):
 @pytest.mark.parametrize("name", ["lion", "gravity", "adan", "equilibrium_wd_max"])
 def test_low_precision_spec9(name, dtype, device):
     """bf16/fp16 params with fp32 state: error vs a float64 forloop run <= 2x the error of the forloop
-    run in the same low precision + atol (SPEC §9)."""
+    run in the same low precision + atol (docs/spec.md §9)."""
     _need(device)
     case = CASES[name]
     vals = _values(1 + case["n_state"], torch.float64, seed=7, sizes=[1, 7, 33, 1000, 16385])

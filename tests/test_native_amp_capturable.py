@@ -1,4 +1,4 @@
-"""The native update ops under AMP (issue #4) and with device scalars (capturable, issue #7).
+"""The native update ops under AMP and with device scalars (capturable).
 
 AMP (`fused_optim.optimizer.supports_amp`): with ``grad_scale`` the kernels write ``g / grad_scale``
 back into the grads with the bits of torch's in-place unscale (``torch._foreach_div_``: an IEEE
@@ -10,7 +10,7 @@ bf16/fp16). With ``found_inf != 0`` nothing is written: params, state, grads.
 
 Device scalars: ``lr`` (all four), Gravity's ``beta_hat``, Adan's bias corrections and ``first_step``
 as 1-element fp32 tensors, read by the kernel (from the CPU tensor on the CPU); the derived scalars are
-computed in fp32, so the result tracks the forloop reference within SPEC §9's 4 ulp per element per
+computed in fp32, so the result tracks the forloop reference within docs/spec.md §9's 4 ulp per element per
 step, and is exact where fp32 and the double path agree (Gravity: ``1 - beta_hat`` is exact in fp32 for
 ``beta_hat`` in [0.5, 1]). CUDA variants are marked ``gpu``.
 """
@@ -336,7 +336,7 @@ def _device_kwargs(name, kw, k, device):
 
 
 def _close(actual, expected, k, what):
-    """SPEC §9: 4 ulp per element per step at the tensor's scale."""
+    """docs/spec.md §9: 4 ulp per element per step at the tensor's scale."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         if e.numel() == 0:
             continue
@@ -351,7 +351,7 @@ def _close(actual, expected, k, what):
 def test_device_scalars_track_forloop(name, device):
     """8 steps with every per-step scalar a device tensor (Adan's neg_pre_grad poisoned with NaN: the
     kernel sets it at the first step) against the forloop reference with Python doubles: params and every
-    state tensor within SPEC §9; Adan's first difference exactly 0."""
+    state tensor within docs/spec.md §9; Adan's first difference exactly 0."""
     _need(device)
     native, forloop, state_spec, kwargs = CASES[name]
     shapes = [(n,) for n in (1, 7, 33, 1025, 4099)] + STRIDED

@@ -1,4 +1,4 @@
-"""The composites' fused parts in csrc/ (issue #6) against their forloop references (SPEC §5-9).
+"""The composites' fused parts in csrc/ against their forloop references (docs/spec.md §5-9).
 
 Functions under test (fused_optim/_native.py, driven by fused_optim/lookahead.py, sam.py, muon.py and neuro_optima.py):
 ``_native_lookahead_sync``, ``_native_sam_norms``, ``_native_sam_perturb``, ``_native_sam_restore``,
@@ -9,8 +9,8 @@ STEPS calls with fresh random inputs, except the SAM norms (a reduction: torch's
 several ulp off for long tensors; ours sums in fp64) which are held within 2 ulp of the exact norm and
 within 4 ulp + torch's own error of the reference. NeuroOptima's params are exact too although torch's
 CPU sqrt is not correctly rounded (ours is): the denominator is positive and only its sign-free
-quotient's sign reaches p. CUDA: SPEC §9's 4 ulp per element per call (nvcc contracts into fma).
-bf16/fp16 params: SPEC §9's low-precision rule (spec_checks.assert_lowp_close vs a float64 run of the
+quotient's sign reaches p. CUDA: docs/spec.md §9's 4 ulp per element per call (nvcc contracts into fma).
+bf16/fp16 params: docs/spec.md §9's low-precision rule (spec_checks.assert_lowp_close vs a float64 run of the
 reference), with fp32 state where the interface allows it.
 """
 from __future__ import annotations
@@ -43,7 +43,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,
                                              pytest.mark.skipif(not _HAS_CUDA, reason="no CUDA device")])]
 STEPS = 7
 GUARD = 8  # NaN band around each tensor's storage: an out-of-bounds write shows
-# SPEC §9's sizes, one tensor over the 65536-element chunk, then a transposed view (dense, not
+# docs/spec.md §9's sizes, one tensor over the 65536-element chunk, then a transposed view (dense, not
 # contiguous) and a strided one (every other column: not dense, runs through contiguous copies)
 SHAPES = list(ADVERSARIAL_SHAPES) + [(65537,)]
 LAYOUTS = ["contiguous"] * len(SHAPES) + ["transposed", "strided"]
@@ -135,7 +135,7 @@ def _assert_exact(actual, expected, what):
 
 
 def _lowp_close(actual, lowp_ref, high_ref, dtype, what):
-    """SPEC §9 (spec_checks.assert_lowp_close) on the stored values: `actual` may be fp32 state for
+    """docs/spec.md §9 (spec_checks.assert_lowp_close) on the stored values: `actual` may be fp32 state for
     `dtype` params (compared as stored, not rounded to `dtype`)."""
     if actual.numel() == 0:
         return
@@ -147,7 +147,7 @@ def _lowp_close(actual, lowp_ref, high_ref, dtype, what):
 
 
 def _assert_close(actual, expected, step, what):
-    """SPEC §9: 4 ulp per element per call, at the tensor's scale."""
+    """docs/spec.md §9: 4 ulp per element per call, at the tensor's scale."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         if a.numel() == 0:
             continue
@@ -492,7 +492,7 @@ def _neuro_state(device, dtype, place=None, shapes=None):
 
 
 def _assert_sign_steps_close(nat_p, ref_p, ref_s, kw):
-    """SPEC §9 for sign steps (CUDA: nvcc contracts m + b2*diff into one fma): params within 4 ulp, except
+    """docs/spec.md §9 for sign steps (CUDA: nvcc contracts m + b2*diff into one fma): params within 4 ulp, except
     elements whose sign argument m + b2*diff (the reference's new state) is within 8 ulp of 0 at the
     operands' scale, which may flip (a difference of lr or 2*lr)."""
     for i, (a, e) in enumerate(zip(nat_p, ref_p)):
@@ -556,7 +556,7 @@ def test_neuro_optima_lowp(device, dtype, state):
 # ------------------------------------------------------------------------------------------- float64
 @pytest.mark.parametrize("device", DEVICES)
 def test_float64_all(device):
-    """float64 params and state (native only): SPEC §9's tolerance, every op from the same inputs."""
+    """float64 params and state (native only): docs/spec.md §9's tolerance, every op from the same inputs."""
     _need(device)
     pv, gv = _randn(1), _randn(2)
 

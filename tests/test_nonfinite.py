@@ -2,10 +2,10 @@
 
 - by default NaN/Inf in a grad flow through the update exactly as through the reference (`forloop`),
   on every impl: same NaN/Inf positions (and signs) in params and state, the finite rest within the
-  SPEC §9 tolerance;
+  docs/spec.md §9 tolerance;
 - `found_inf` (AMP) and `skip_if_nonfinite=True` skip the whole step: params, state, lazily created
   state and step counters as before, and the next good step equals a run that never saw the bad one;
-- Gravity with an all-zero grad stays finite (SPEC §1: m = inf, zeta = 0), on every impl.
+- Gravity with an all-zero grad stays finite (docs/spec.md §1: m = inf, zeta = 0), on every impl.
 """
 from __future__ import annotations
 
@@ -137,7 +137,7 @@ def test_found_inf_skips_cleanly(cls, impl):
 
 @pytest.mark.parametrize("impl", [i for i in IMPLS])
 def test_gravity_all_zero_grad_stays_finite(impl):
-    """SPEC §1: m = 1/max|g| = inf, zeta = g / (1 + (g/m)^2) = 0: v decays, p moves by -lr*beta_hat*v."""
+    """docs/spec.md §1: m = 1/max|g| = inf, zeta = g / (1 + (g/m)^2) = 0: v decays, p moves by -lr*beta_hat*v."""
     params = make_params(fused_optim.Gravity, 3)
     results = {}
     for name in {"forloop", impl}:

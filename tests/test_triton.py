@@ -1,4 +1,4 @@
-"""The Triton impls against the forloop reference (SPEC §9), on CPU through the interpreter and, marked
+"""The Triton impls against the forloop reference (docs/spec.md §9), on CPU through the interpreter and, marked
 ``gpu``, compiled on CUDA.
 
 CPU tensors always run the interpreted copy of the kernels (`fused_optim.kernels.multi_tensor.kernel_for`),
@@ -92,7 +92,7 @@ def _make_group(device, dtype, buffers: Buffers, sizes=SIZES, strided=True, gen=
 
 
 def _assert_close_steps(actual, expected, step, what, ulps=4):
-    """|a - e| <= ulps·step·eps·(|e| + mean|e|): SPEC §9's per-step ulp budget at the tensor's scale."""
+    """|a - e| <= ulps·step·eps·(|e| + mean|e|): docs/spec.md §9's per-step ulp budget at the tensor's scale."""
     for i, (a, e) in enumerate(zip(actual, expected)):
         if e.numel() == 0:
             continue
@@ -206,7 +206,7 @@ def test_adan_matches_forloop(device, opts):
 
 
 def test_gravity_zero_grad_tensor_moves_without_nan():
-    """All-zero grad: max|g| = 0, m = inf, zeta = 0 (SPEC §1): v decays, p moves by -lr*beta_hat*v."""
+    """All-zero grad: max|g| = 0, m = inf, zeta = 0 (docs/spec.md §1): v decays, p moves by -lr*beta_hat*v."""
     p, v, g = torch.randn(3000), torch.randn(3000), torch.zeros(3000)
     p_ref, v_ref = p.clone(), v.clone()
     _triton_gravity([p], [g], [v], lr=0.1, beta_hat=0.6, maximize=False)
@@ -376,13 +376,13 @@ def test_kernels_compile_for_cuda_without_a_gpu():
             assert "st.global.v4" in ptx, kernel.fn.__name__
         if kernel is adan._adan_kernel:
             # g·clip rounded on its own (`_mul_rn`): contracted into d's fma, a param's first difference
-            # was the product's rounding error instead of 0 (SPEC §3)
+            # was the product's rounding error instead of 0 (docs/spec.md §3)
             assert "mul.rn.f32" in ptx
 
 
 # ------------------------------------------------------------------------------------------ low precision
 def _lowp_run(name, dtype, device, steps=STEPS):
-    """SPEC §9: |triton(lowp, fp32 state) - forloop(fp64)| <= 2·|forloop(lowp) - forloop(fp64)| + atol."""
+    """docs/spec.md §9: |triton(lowp, fp32 state) - forloop(fp64)| <= 2·|forloop(lowp) - forloop(fp64)| + atol."""
     tri_fn, ref_fn, _ = _spec(name)
     gen = torch.Generator().manual_seed(99)
     sizes = [1, 7, 1025, 2049]

@@ -9,7 +9,7 @@ compiled on CUDA. Three runs side by side, over 8 steps:
   `FusedOptimizer` does for impls that are not AMP-aware): must be bit-identical to ``amp`` (params,
   every state tensor, and ``.grad``), in fp32 and bf16, also for a scale that is not a power of two
   (the unscaled grad is rounded to the grad's dtype exactly as torch rounds it);
-- ``ref``: forloop on the pre-unscaled grads, within SPEC §9's fp32 budget (tests/test_triton.py).
+- ``ref``: forloop on the pre-unscaled grads, within docs/spec.md §9's fp32 budget (tests/test_triton.py).
 
 One step has ``found_inf = 1`` with an inf planted in the scaled grads: every param, state tensor and
 grad of ``amp`` must be unchanged, bit for bit (the other runs skip that step).
@@ -141,7 +141,7 @@ def test_in_kernel_amp_matches_pre_unscaled_and_forloop(name, opts, dtype, devic
 def test_tensor_lr_is_read_on_the_device(name, opts, device):
     """``lr`` as a 0-d device tensor (`supports_tensor_lr`), changed every step like a scheduler would:
     Gravity and GE use it as is (bit-identical to the float lr); Lion's 1 - lr*wd and Adan's step sizes
-    are then computed in fp32 in the kernel instead of in double on the host (SPEC §9 budget). Under
+    are then computed in fp32 in the kernel instead of in double on the host (docs/spec.md §9 budget). Under
     AMP at the same time."""
     tri_fn, _, n_states = _spec(name)
     gen = torch.Generator().manual_seed(8)

@@ -1,5 +1,5 @@
-"""The Triton kernels of the composites' fused parts (issue #6)
-against their forloop references (SPEC §5, §6, §8, tolerances §9), on CPU through the interpreter and,
+"""The Triton kernels of the composites' fused parts
+against their forloop references (docs/spec.md §5, §6, §8, tolerances §9), on CPU through the interpreter and,
 marked ``gpu``, compiled on CUDA.
 
 Every function runs >= 7 calls with fresh random inputs on `spec_checks.ADVERSARIAL_SHAPES` plus a
@@ -9,7 +9,7 @@ params), poisoned with NaN first (an unwritten element shows).
 
 fp32 on CPU is asserted bit for bit: the kernels follow torch's CPU roundings op for op (fma for
 ``add(alpha=)`` and ``lerp``, products rounded one by one), and the interpreter computes the fma in fp64
-(`multi_tensor._fma`). On CUDA the fma-based results are held to SPEC §9's 4 ulp (torch's CUDA kernels
+(`multi_tensor._fma`). On CUDA the fma-based results are held to docs/spec.md §9's 4 ulp (torch's CUDA kernels
 get their fmas from nvcc's contraction, not from an explicit op); copies and SAM's perturbation (compiled
 without fp fusion) stay exact. Norms: within a few ulp of the float64 norm of the fp32 product and of
 torch's. bf16/fp16: `spec_checks.assert_lowp_close` against a float64 forloop run.

@@ -1,4 +1,4 @@
-"""Upstream compatibility (SPEC §1-4): with the same seed and gradients, our optimizers follow the
+"""Upstream compatibility (docs/spec.md §1-4): with the same seed and gradients, our optimizers follow the
 implementations users run today, step for step."""
 import importlib.util
 

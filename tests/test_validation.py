@@ -30,7 +30,7 @@ IMPLS = cpu_impls()
 OPTIMIZERS = exported_optimizers()
 NAN, INF = float("nan"), float("inf")
 
-# (constructor kwarg, a bad value, the text that names it in the message). Composites per SPEC §5-8.
+# (constructor kwarg, a bad value, the text that names it in the message). Composites per docs/spec.md §5-8.
 _BETA2 = [("betas", (1.0, 0.9), "betas[0]"), ("betas", (0.9, -0.1), "betas[1]"), ("betas", (NAN, 0.9), "betas[0]"),
           ("betas", (0.9,), "betas"), ("betas", "0.9", "betas")]
 # non-finite values where a finite one is required (no update rule here is defined at infinity, and the
@@ -187,7 +187,7 @@ def test_bad_hyperparameter_edited_into_a_group_is_refused_at_step(cls, kw, bad,
     """A value written into `param_groups` after construction (by hand, a buggy scheduler) is refused
     by step() before any group updates, so group 0 is not half-stepped."""
     if cls.__name__ == "Gravity" and kw == "lr" and bad == 0.0:
-        pytest.skip("SPEC §1: lr=0 is refused at construction only; schedulers may set it later")
+        pytest.skip("docs/spec.md §1: lr=0 is refused at construction only; schedulers may set it later")
     _known_gap(request, cls, "edited-group")
     opt, params = _two_group_optimizer(cls, "forloop")
     opt.param_groups[1][kw] = bad
@@ -394,7 +394,7 @@ SIGN_STEP = ("Lion", "NeuroOptima")
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, cls, scale: float) -> bool:
-    """SPEC §9: a few ulp per step, judged against the scale of what moved (`scale`: the largest
+    """docs/spec.md §9: a few ulp per step, judged against the scale of what moved (`scale`: the largest
     displacement of the params, or the largest state value): a division by a denominator that is a
     cancellation (Adan's ``|b2*d + g| + eps`` with tiny eps) turns a 1-ulp difference of a reduction
     order into a larger one of the quotient. A sign step may flip where its argument is ~0 (a handful

@@ -1,5 +1,5 @@
 """Upstream optimizers as their users run them, restated from the published code for the compatibility
-tests (SPEC §1-4). Each keeps upstream's quirks that matter for trajectories: Gravity's out-of-place
+tests (docs/spec.md §1-4). Each keeps upstream's quirks that matter for trajectories: Gravity's out-of-place
 velocity and construction-time draw, Adan's in-place clip of .grad and its state keys."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch.optim import Optimizer
 
 
 class SeedGravity(Optimizer):
-    """The seed's PyTorch Gravity (shared/seeds/001), unchanged in behaviour."""
+    """The seed's PyTorch Gravity (seed 001), unchanged in behaviour."""
 
     def __init__(self, params, lr=0.1, alpha=0.01, beta=0.9):
         super().__init__(params, dict(lr=lr, alpha=alpha, beta=beta, t=0))

@@ -1,6 +1,6 @@
 // Included first by every CPU translation unit, before any ATen header: selects the widest
 // at::vec::Vectorized implementation the compiler targets (-march=native in fused_optim/_ext_flags.py).
-// Without a CPU_CAPABILITY_* macro, Vectorized<float> is a scalar emulation (FACTS.md: 18x slower).
+// Without a CPU_CAPABILITY_* macro, Vectorized<float> is a scalar emulation (docs/toolchain.md: 18x slower).
 // AVX512 needs F/BW/DQ/VL, like torch's own AVX512 kernels.
 #pragma once
 

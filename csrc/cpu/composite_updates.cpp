@@ -1,4 +1,4 @@
-// CPU kernels of the composites' fused parts (issue #6): lookahead_sync_, sam_perturb_,
+// CPU kernels of the composites' fused parts: lookahead_sync_, sam_perturb_,
 // multi_tensor_copy_ (SAM's restore), muon_momentum_, muon_apply_, neuro_optima_.
 //
 // Same driver as fused_updates.cpp: host checks, then one parallel pass over (row, chunk) items.

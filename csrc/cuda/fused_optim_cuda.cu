@@ -6,7 +6,7 @@
 // chunk order: deterministic, no atomics. The update ops are one multi_tensor_apply launch each,
 // with the per-element rules of csrc/math/ in fp32 (fp64 for fp64) registers. grad_scale,
 // found_inf, the Adan clip factor and the stats are read from device memory: no host sync.
-// The composites' fused parts (issue #6) follow the same pattern at the end of this file.
+// The composites' fused parts follow the same pattern at the end of this file.
 
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -472,7 +472,7 @@ at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::Ten
   return out;
 }
 
-// ---- composites (issue #6): Lookahead, SAM, Muon, NeuroOptima ------------------------------------
+// ---- composites: Lookahead, SAM, Muon, NeuroOptima ------------------------------------
 //
 // Update functors over elementwise_typed (per-list storage types: these ops mix fp32 state or bf16
 // Newton-Schulz buffers with the params' dtype), the rules of csrc/math/, one launch per op. The SAM

@@ -1,4 +1,4 @@
-// Adan (Xie et al. 2022; sail-sg adan.py, = timm), SPEC §3, one element.
+// Adan (Xie et al. 2022; sail-sg adan.py, = timm), docs/spec.md §3, one element.
 #pragma once
 
 #include "common.h"

@@ -5,7 +5,7 @@
 // helpers below, so one source serves both backends; the Vectorized overloads live in
 // csrc/cpu/vec_ops.h, which the CPU kernels include before these headers.
 //
-// The op order mirrors the reference (SPEC, fused_optim/*.py `_forloop_x`) one torch op at a time:
+// The op order mirrors the reference (docs/spec.md, fused_optim/*.py `_forloop_x`) one torch op at a time:
 // torch's CPU kernels compute `add_(x, alpha=a)` as fma(x, a, self), `addcmul_` as fma(v*t1, t2, self)
 // and `addcdiv_` as self + (v*t1)/t2 (measured against torch 2.14), so the same roundings here give bit-equal fp32 results on the
 // CPU (the CPU build uses -ffp-contract=off so the compiler adds no fma of its own).
@@ -43,7 +43,7 @@ C10_HOST_DEVICE inline T fo_sign(T x) {
 
 // a*b rounded on its own. nvcc's default --fmad=true may fuse a product with an add of another
 // statement into one fma; where a rule needs the rounded product itself (Adan's d = -clip*g + clip*g,
-// exactly 0 at a param's first step, SPEC §3) it says so with this. The CPU build never contracts
+// exactly 0 at a param's first step, docs/spec.md §3) it says so with this. The CPU build never contracts
 // (-ffp-contract=off); the Vectorized overloads are in csrc/cpu/vec_ops.h.
 C10_HOST_DEVICE inline float fo_mul_rn(float a, float b) {
 #if defined(__CUDA_ARCH__) || defined(FUSED_OPTIM_CUDA_EMULATION)

@@ -1,4 +1,4 @@
-// GradientEquilibrium (seed package gradient-equilibrum), SPEC §4, one element.
+// GradientEquilibrium (seed package gradient-equilibrum), docs/spec.md §4, one element.
 #pragma once
 
 #include "common.h"

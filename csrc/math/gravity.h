@@ -1,4 +1,4 @@
-// Gravity (Bahrami & Zadeh 2021, arXiv 2101.09192), SPEC §1, one element.
+// Gravity (Bahrami & Zadeh 2021, arXiv 2101.09192), docs/spec.md §1, one element.
 #pragma once
 
 #include "common.h"
@@ -26,7 +26,7 @@ struct GravityCoeffs {
 // m = 1 / max|g| of the tensor, computed once per tensor from the reduction buffer.
 template <typename M>
 C10_HOST_DEVICE inline M gravity_m(M absmax) {
-  return M(1) / absmax;  // 1/0 = inf: then g/m = 0 and zeta = 0, no NaN (SPEC §1)
+  return M(1) / absmax;  // 1/0 = inf: then g/m = 0 and zeta = 0, no NaN (docs/spec.md §1)
 }
 
 template <typename T, typename M>

@@ -1,4 +1,4 @@
-// Lion (Chen et al. 2023; google/automl lion_pytorch.py), SPEC §2, one element.
+// Lion (Chen et al. 2023; google/automl lion_pytorch.py), docs/spec.md §2, one element.
 #pragma once
 
 #include "common.h"

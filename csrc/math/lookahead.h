@@ -1,4 +1,4 @@
-// Lookahead (Zhang et al. 2019, arXiv 1907.08610), SPEC §5, one element of the sync.
+// Lookahead (Zhang et al. 2019, arXiv 1907.08610), docs/spec.md §5, one element of the sync.
 #pragma once
 
 #include "common.h"

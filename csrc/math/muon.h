@@ -1,4 +1,4 @@
-// Muon (Keller Jordan, KellerJordan/Muon muon.py), SPEC §8: the elementwise stages around
+// Muon (Keller Jordan, KellerJordan/Muon muon.py), docs/spec.md §8: the elementwise stages around
 // Newton-Schulz (which stays on torch matmuls).
 #pragma once
 

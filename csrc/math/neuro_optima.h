@@ -1,4 +1,4 @@
-// NeuroOptima's per-tensor core (seed 003; NeuroGhostOutput/NeuroOptima neurooptima.py), SPEC §7,
+// NeuroOptima's per-tensor core (seed 003; NeuroGhostOutput/NeuroOptima neurooptima.py), docs/spec.md §7,
 // one element: Adan-style moments, a Lion sign step. Reference: _forloop_neuro_optima.
 #pragma once
 

@@ -1,4 +1,4 @@
-// SAM (Foret et al. 2021; davda54 sam.py), SPEC §6, one element of the norm and of the perturbation.
+// SAM (Foret et al. 2021; davda54 sam.py), docs/spec.md §6, one element of the norm and of the perturbation.
 #pragma once
 
 #include "common.h"

@@ -1,4 +1,4 @@
-"""Triton multi-tensor kernels: one launch per (device, dtype) group (SPEC §0).
+"""Triton multi-tensor kernels: one launch per (device, dtype) group (docs/spec.md §0).
 
 Importing this package does not import triton: the optimizer modules register these launchers in
 their ``_impls`` at import, and triton is loaded on the first triton step. Each launcher has exactly
@@ -6,7 +6,7 @@ the signature of the optimizer's reference (``_forloop_x``); the kernel and the 
 one file per optimizer, the shared tables in `multi_tensor.py`. All four are AMP-aware
 (`supports_amp`): the grad scale is divided out and the found_inf skip taken inside the kernels.
 
-The composites' fused parts (issue #6; `lookahead.py`, `sam.py`, `muon.py` here) follow the functional
+The composites' fused parts (`lookahead.py`, `sam.py`, `muon.py` here) follow the functional
 interface the composite classes call (``_triton_lookahead_sync``, ``_triton_sam_norms`` / ``_perturb`` /
 ``_restore``, ``_triton_muon_momentum`` / ``_apply``); they take no grad scale (the composites run
 after the base optimizer's unscale, or around it).

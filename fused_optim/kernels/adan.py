@@ -1,4 +1,4 @@
-"""Adan as one Triton launch per (device, dtype) group (SPEC §3; sail-sg `adan.py` op order).
+"""Adan as one Triton launch per (device, dtype) group (docs/spec.md §3; sail-sg `adan.py` op order).
 
 The global clip factor stays on the device: the kernel reads the 0-d fp32 tensor the class computed
 (no `.item()`), and ``neg_pre_grad`` (``-clip·g`` of this step, for the next one) is written by the same

@@ -1,4 +1,4 @@
-"""GradientEquilibrium in two Triton launches per (device, dtype) group (SPEC §4): per-tensor sums of
+"""GradientEquilibrium in two Triton launches per (device, dtype) group (docs/spec.md §4): per-tensor sums of
 ``±g (+ wd·p)`` into slots, then ``p − lr·(g − mean)``, the update finishing each tensor's sum from its
 slots. Bytes per element (fp32): reduction reads g (and p with weight decay), update reads p, g and
 writes p: 16 B (20 B with weight decay); +4 B under AMP (the unscaled grad is written back).
@@ -61,7 +61,7 @@ def _gradient_equilibrium_kernel(
     grad_scale_ptr,   # fp32 0-d: AMP's loss scale (read when HAS_GRAD_SCALE)
     found_inf_ptr,    # fp32 0-d: AMP's inf flag; nonzero skips the step (read when HAS_FOUND_INF)
     MAXIMIZE: tl.constexpr,
-    DECAY: tl.constexpr,      # weight_decay != 0: L2 term g + wd*p (SPEC §4 decision)
+    DECAY: tl.constexpr,      # weight_decay != 0: L2 term g + wd*p (docs/spec.md §4 decision)
     P_KIND: tl.constexpr,     # dtype code of params and grads (0 fp32, 1 fp16, 2 bf16)
     ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
     ROW: tl.constexpr,

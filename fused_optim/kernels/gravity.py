@@ -1,4 +1,4 @@
-"""Gravity in two Triton launches per (device, dtype) group (SPEC §1): per-tensor max|g| into slots,
+"""Gravity in two Triton launches per (device, dtype) group (docs/spec.md §1): per-tensor max|g| into slots,
 then the update, which finishes each tensor's max from its slots (no `.item()`, no host sync).
 
 Per element, in the seed's op order: ``m = 1/max|g|``, ``ζ = g / (1 + (g/m)²)``,
@@ -90,7 +90,7 @@ def _gravity_kernel(
             one_minus_beta_hat = 1.0 - beta_hat  # in fp32 (the float path rounds the double 1 - beta_hat)
         t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
         amax = _vmax(_load_partials(row, partials_ptr, MAX_PARTS))
-        # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (SPEC §1)
+        # m = 1/max|g| is inf for an all-zero grad: g/m = 0, zeta = 0, no NaN (docs/spec.md §1)
         m = _div_rn(tl.full([BLOCK], 1.0, tl.float32), amax)
         p_addr = tl.load(row + 4)
         v_addr = tl.load(row + 5)

@@ -1,4 +1,4 @@
-"""Lion as one Triton launch per (device, dtype) group (SPEC §2; google/automl `lion_pytorch.py`).
+"""Lion as one Triton launch per (device, dtype) group (docs/spec.md §2; google/automl `lion_pytorch.py`).
 
 Per element, in the reference's op order: ``p·(1 − lr·wd)``, ``c = m·β1 + g·(1 − β1)``,
 ``p − lr·sign(c)``, ``m·β2 + g·(1 − β2)``. Bytes per element (fp32): read p, g, m, write p, m = 20 B

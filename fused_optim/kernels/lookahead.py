@@ -1,4 +1,4 @@
-"""Lookahead's sync as one Triton launch per (device, dtype) group (SPEC §5; Zhang et al. 2019).
+"""Lookahead's sync as one Triton launch per (device, dtype) group (docs/spec.md §5; Zhang et al. 2019).
 
 Per element, in the reference's op order (`fused_optim.lookahead._forloop_lookahead_sync`):
 ``p.mul_(alpha).add_(slow, alpha=1 - alpha)`` is ``fma(slow, 1 - alpha, p·alpha)`` on CPU (at::vec::fmadd),

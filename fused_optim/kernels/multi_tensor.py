@@ -128,7 +128,7 @@ else:
 # A product rounded on its own. LLVM's NVPTX backend contracts a product into an fma with a later add
 # even when the product has other uses (Adan's d = neg_pre_grad + g·clip: sm_90 PTX had
 # `fma.rn.f32 d, g, clip, npg` beside the stored `mul.f32 g·clip`), and at a param's first step
-# d = -round(g·clip) + g·clip must be exactly 0 (SPEC §3). PTX never contracts `mul.rn` (an explicit
+# d = -round(g·clip) + g·clip must be exactly 0 (docs/spec.md §3). PTX never contracts `mul.rn` (an explicit
 # rounding modifier); the interpreter (numpy) never contracts at all.
 if _decorating_interpreted():
     @device_fn
@@ -228,7 +228,7 @@ def _load_f32(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKE
 @device_fn
 def _store_f32(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Store fp32 ``x`` in the tensor's dtype, rounding to nearest even. bf16 rounds with integer ops:
-    the interpreter's fp32->bf16 cast truncates (FACTS.md), the GPU's rounds to nearest even, and the
+    the interpreter's fp32->bf16 cast truncates (docs/toolchain.md), the GPU's rounds to nearest even, and the
     integer form gives torch's bits on both."""
     if KIND == 2:
         bits = x.to(tl.uint32, bitcast=True)

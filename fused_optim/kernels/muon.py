@@ -1,4 +1,4 @@
-"""Muon's two elementwise stages around Newton–Schulz (SPEC §8; KellerJordan/Muon `muon.py`), each one
+"""Muon's two elementwise stages around Newton–Schulz (docs/spec.md §8; KellerJordan/Muon `muon.py`), each one
 Triton launch per (device, dtype) group. Newton–Schulz itself stays on torch matmuls.
 
 - momentum (`_muon_momentum_kernel`): ``g' = ±g``; ``buf.lerp_(g', 1 - momentum)``; ``u = g'.lerp(buf,

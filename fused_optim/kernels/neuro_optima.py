@@ -1,4 +1,4 @@
-"""NeuroOptima's core update as one Triton launch per (device, dtype) group (SPEC §7).
+"""NeuroOptima's core update as one Triton launch per (device, dtype) group (docs/spec.md §7).
 
 Per element, in the reference's op order (`fused_optim.neuro_optima._forloop_neuro_optima`): coupled L2
 ``g + wd·p``, ``d = g − prev_grad``, the three moments, ``p − lr·sign((m + b2·m_diff) / (sqrt(v) + eps))``,

@@ -1,4 +1,4 @@
-"""SAM's fused parts (SPEC §6; davda54 `sam.py`): per-tensor gradient norms, the perturbation and the
+"""SAM's fused parts (docs/spec.md §6; davda54 `sam.py`): per-tensor gradient norms, the perturbation and the
 exact restore, each a multi-tensor Triton launch per (device, dtype) group.
 
 - norms: one partials launch over every tensor (`reduce._partials_kernel`, sum of g² or of (|p|·g)²,
