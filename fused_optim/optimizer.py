@@ -271,7 +271,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         # copy may land in a process where other backends are available: it resolves again).
         state = super().__getstate__()
         for key, value in self.__dict__.items():
-            if key not in state and not key.startswith("_optimizer_") and key not in ("_impl_cache", "_state_checked", "_state_map"):
+            if (key not in state and not key.startswith("_optimizer_")
+                    and key not in ("_impl_cache", "_state_checked", "_state_map")):
                 state[key] = value
         return state
 
@@ -342,9 +343,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """Params with a grad and their grads; raises before anything changes.
 
         Each param's state is checked in the same pass (`_check_state`), through a record of its last
-        check (`_state_checked`, keyed by id(p): a tensor's __hash__ is a Python call): a param whose
-        grad and param (dtype, shape, device) still match the record, and whose state dict holds the
-        same tensors, costs one tuple comparison; any other goes through the grad and state checks.
+        check (`_state_checked`, keyed by id(p): a tensor's __hash__ is a Python call): while the state
+        holds the same objects (`_state_unchanged`, once per step), a param whose grad and param (dtype,
+        shape, device) still match its record costs one tuple comparison; any other goes through the
+        grad and state checks.
         `state_unchanged`: `_state_unchanged()` already called for this step (None: call it here)."""
         params, grads = [], []
         strided = torch.strided
