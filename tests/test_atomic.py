@@ -107,16 +107,8 @@ def test_model_converted_to_double_after_the_state_exists_is_refused(cls, impl):
     _refused(opt, params, problem)
 
 
-WARM_EDITS = {
-    **STATE_EDITS,
-    "double": None,
-    # another param's dict, and a fresh dict of the right keys but a wrong shape: `self.state` re-mapped
-    "swapped-dicts": lambda st, key, p: None,
-    "new-dict": lambda st, key, p: None,
-}
-
-
-@pytest.mark.parametrize("edit", list(WARM_EDITS))
+# besides the state edits: the model converted, two params' dicts swapped, a param's dict replaced
+@pytest.mark.parametrize("edit", [*STATE_EDITS, "double", "swapped-dicts", "new-dict"])
 @pytest.mark.parametrize("cls", WITH_STATE, ids=lambda c: c.__name__)
 def test_edit_after_many_steps_is_refused(cls, edit):
     """After a few steps a param's checks are recorded and later steps only compare against the record
@@ -146,7 +138,7 @@ def test_edit_after_many_steps_is_refused(cls, edit):
         return
     if edit == "missing-key" and key in inner._optional_state_keys:
         key = inner._state_spec(next(g for g in opt.param_groups if any(q is p for q in g["params"])))[0][0]
-    WARM_EDITS[edit](st, key, p)
+    STATE_EDITS[edit](st, key, p)
     if not st and not inner._state_from_init:
         pytest.skip("its only state key removed: an empty state is a fresh one, created at the next step")
     name = "momentum" if edit == "unknown-key" else key
