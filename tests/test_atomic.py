@@ -107,6 +107,44 @@ def test_model_converted_to_double_after_the_state_exists_is_refused(cls, impl):
     _refused(opt, params, problem)
 
 
+# besides the state edits: the model converted, two params' dicts swapped, a param's dict replaced
+@pytest.mark.parametrize("edit", [*STATE_EDITS, "double", "swapped-dicts", "new-dict"])
+@pytest.mark.parametrize("cls", WITH_STATE, ids=lambda c: c.__name__)
+def test_edit_after_many_steps_is_refused(cls, edit):
+    """After a few steps a param's checks are recorded and later steps only compare against the record
+    (`_collect`): every edit must still invalidate it."""
+    impl = "foreach" if "foreach" in IMPLS else IMPLS[0]
+    opt, params, problem = _started(cls, impl, steps=4)
+    inner = _fused(opt)
+    p, key = _victim(opt)
+    st = inner.state[p]
+    if edit == "double":
+        for q in params:
+            q.data = q.data.double()
+        problem.targets = [t.double() for t in problem.targets]
+        problem.noise = [[n.double() for n in ns] for ns in problem.noise]
+        _refused(opt, params, problem)
+        return
+    if edit == "swapped-dicts":
+        other = next((q for q in inner.state if q is not p and inner.state[q] and q.shape != p.shape), None)
+        if other is None:
+            pytest.skip("no other param with state of another shape")
+        inner.state[p], inner.state[other] = inner.state[other], inner.state[p]
+        _refused(opt, params, problem, match="parameter \\d+ of group \\d+")
+        return
+    if edit == "new-dict":
+        inner.state[p] = {**st, key: torch.zeros(p.numel() + 1, dtype=st[key].dtype)}
+        _refused(opt, params, problem, match=f"parameter \\d+ of group \\d+.*{key}")
+        return
+    if edit == "missing-key" and key in inner._optional_state_keys:
+        key = inner._state_spec(next(g for g in opt.param_groups if any(q is p for q in g["params"])))[0][0]
+    STATE_EDITS[edit](st, key, p)
+    if not st and not inner._state_from_init:
+        pytest.skip("its only state key removed: an empty state is a fresh one, created at the next step")
+    name = "momentum" if edit == "unknown-key" else key
+    _refused(opt, params, problem, match=f"parameter \\d+ of group \\d+.*{name}")
+
+
 @pytest.mark.skipif("triton" not in IMPLS, reason="triton is not importable")
 @pytest.mark.parametrize("cls", [c for c in OPTIMIZERS if c.__name__ not in ("Muon", "MuonWithAuxAdam")],
                          ids=lambda c: c.__name__)
