@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 
 import pytest
 import torch
 
+from dist_util import run_ranks
 from fused_optim import SAM, Adan, GradientEquilibrium, Gravity, Lion
 
 STEPS = 5
@@ -195,25 +195,9 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("dist")
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    per_rank = []
-    for rank in range(WORLD):
-        with open(out / f"rank{rank}.json") as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections import Counter
 
 import pytest
 import torch
 from torch import nn
+
+from dist_util import run_ranks
 
 WORLD = 2
 STEPS = 4
@@ -347,25 +348,9 @@ def _worker(rank, port, out_dir):
     dist.destroy_process_group()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    out = tmp_path_factory.mktemp("dist_muon")
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True, start_method="spawn")
-    per_rank = []
-    for rank in range(WORLD):
-        with open(out / f"rank{rank}.json") as f:
-            per_rank.append(json.load(f))
-    return per_rank
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("dist_muon"))
 
 
 def _case(results, name):
@@ -529,12 +514,7 @@ def _hsdp_worker(rank, port, out_dir):
 def test_muon_hsdp_2x2_four_ranks(tmp_path):
     """HSDP with 2 replicas x 2 shards (4 processes): equal to unsharded; in each shard group the two
     ranks orthogonalize the step's matrices between them, each once."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    import torch.multiprocessing as mp
-
-    mp.start_processes(_hsdp_worker, args=(_free_port(), str(tmp_path)), nprocs=4, join=True, start_method="spawn")
-    per_rank = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    per_rank = run_ranks(_hsdp_worker, 4, tmp_path)
     for rank, r in enumerate(per_rank):
         assert "error" not in r, f"rank {rank}: {r.get('error')}"
         assert max(r["diffs"]) <= NS_TOL, (rank, r["diffs"])
