@@ -451,7 +451,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._validate_group(group)
         for key in self._group_counters:
             _check_counter(self._display_name, key, group.get(key, 0))
-        devices = set(map(_device_of, params))
+        # attrgetter runs in C in eager mode; Dynamo cannot trace it, so a compiled step reads the attribute
+        devices = {p.device for p in params} if torch.compiler.is_compiling() else set(map(_device_of, params))
         sharded = not _PLAIN_TYPES.issuperset(map(type, params)) and any(_dist.is_dtensor(p) for p in params)
         for device in devices:
             impl = self.impl_for(device)
@@ -978,9 +979,10 @@ def _real(t: Tensor) -> Tensor:
 
 def split_by_device_dtype(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """The indices of `tensors` per (device, dtype), in order: one impl call per split."""
-    dtypes, devices = set(map(_dtype_of, tensors)), set(map(_device_of, tensors))
-    if len(dtypes) == 1 and len(devices) == 1:  # the common case, in C
-        return {(devices.pop(), dtypes.pop()): list(range(len(tensors)))}
+    if not torch.compiler.is_compiling():  # Dynamo cannot trace attrgetter; it traces the loop below
+        dtypes, devices = set(map(_dtype_of, tensors)), set(map(_device_of, tensors))
+        if len(dtypes) == 1 and len(devices) == 1:  # the common case, in C
+            return {(devices.pop(), dtypes.pop()): list(range(len(tensors)))}
     splits: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         splits[(t.device, t.dtype)].append(i)
