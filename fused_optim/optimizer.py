@@ -382,7 +382,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         track = (spec[0] or spec[1] or spec[2]) and not torch.compiler.is_compiling()
         checked = self.__dict__.get("_state_checked")
         if checked is None:
-            checked = self._state_checked = {}
+            checked = {}
+            if track:  # no attribute set while compiling (older Dynamo refuses the mutation)
+                self._state_checked = checked
         if track and state_unchanged is None:
             state_unchanged = self._state_unchanged()
         # a record is only valid while the state holds what it was checked with
@@ -489,7 +491,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         state = self.state
         compiling = torch.compiler.is_compiling()  # then checked while tracing; Dynamo's guards re-trace
-        checked = self.__dict__.setdefault("_state_checked", {})
+        checked = {} if compiling else self.__dict__.setdefault("_state_checked", {})
         for p in params:
             st = state.get(p)
             if self._state_problem(p, st or {}, spec, loading=False) is not None:
