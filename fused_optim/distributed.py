@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -77,6 +78,19 @@ class ShardContext:
 
 
 _CURRENT: contextvars.ContextVar[ShardContext | None] = contextvars.ContextVar("fused_optim_shard", default=None)
+# How many shard contexts are open, in any thread. `current()` reads the ContextVar only when one is:
+# unsharded steps (nearly all) then never call ContextVar.get, which Dynamo cannot trace on every torch
+# (torch 2.11 breaks the graph there, so a compiled step of an unsharded model would stop being one graph).
+_OPEN = [0]
+_OPEN_LOCK = threading.Lock()
+
+
+def _count_open(delta: int) -> None:
+    if torch.compiler.is_compiling():  # traced: a lock is not traceable, and the trace runs in one thread
+        _OPEN[0] += delta
+    else:
+        with _OPEN_LOCK:
+            _OPEN[0] += delta
 
 
 @contextlib.contextmanager
@@ -86,14 +100,17 @@ def shard_context(groups: Sequence, device: torch.device, numels: Sequence[int],
     split's DTensors) let whole-matrix updates find their global shapes and shard groups."""
     token = _CURRENT.set(ShardContext(tuple(groups), torch.device(device), tuple(int(n) for n in numels),
                                       tuple(tensors)))
+    _count_open(1)
     try:
         yield
     finally:
+        _count_open(-1)
         _CURRENT.reset(token)
 
 
 def current() -> ShardContext | None:
-    return _CURRENT.get()
+    """The shard context of this thread's running impl, None outside one."""
+    return _CURRENT.get() if _OPEN[0] else None
 
 
 def reduce_per_tensor(values: Sequence[Tensor], index: Sequence[int], op: str) -> list[Tensor]:
@@ -104,7 +121,7 @@ def reduce_per_tensor(values: Sequence[Tensor], index: Sequence[int], op: str) -
     >= 0, like ``max|g|``) or "sum". Returns the reduced values for `index`, in the dtype of `values`.
     Outside a `shard_context` (no DTensors) returns `values` unchanged.
     """
-    ctx = _CURRENT.get()
+    ctx = current()
     if ctx is None:
         return list(values)
     dtype = values[0].dtype if len(values) else torch.float32
@@ -130,7 +147,7 @@ def host_values_to(values: Sequence[int] | Sequence[float], dtype: torch.dtype, 
 
 def global_numels(index: Sequence[int]) -> list[int] | None:
     """Global element counts of the split's tensors at `index` inside a `shard_context`, else None."""
-    ctx = _CURRENT.get()
+    ctx = current()
     return None if ctx is None else [ctx.numels[i] for i in index]
 
 

@@ -244,6 +244,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         cached = self._impl_cache.get(device_type)
         if cached is not None:
             return cached
+        impl = self._resolve_impl(device_type)
+        self._impl_cache[device_type] = impl
+        return impl
+
+    def _resolve_impl(self, device_type: str) -> str:
+        """What `impl_for` answers, without filling its cache (`__repr__` uses this: Dynamo calls repr
+        on the optimizer while it builds guards, and a cache filled then fails its own guard)."""
         req = self._impl_request
         impl, why = _probe_impl(req, device_type)
         if not impl:
@@ -258,7 +265,6 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 raise RuntimeError(f"{self._display_name} has no {impl!r} implementation yet; "
                                    f"available: {sorted(self._impls)}")
-        self._impl_cache[device_type] = impl
         return impl
 
     def __repr__(self) -> str:
@@ -266,7 +272,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         runs on each device of the params, e.g. `impl: auto (cpu: native)`."""
         def runs(device_type: str) -> str:
             try:
-                return self.impl_for(device_type)
+                return self._impl_cache.get(device_type) or self._resolve_impl(device_type)
             except RuntimeError:
                 return "cannot run here (step() raises why)"
 

@@ -322,6 +322,15 @@ def test_repr_shows_the_impl_that_runs_per_device():
     assert "impl: auto (no parameters)" in repr(fused_optim.Lion([{"params": []}], lr=1e-3))
 
 
+def test_repr_changes_nothing():
+    """Dynamo (torch 2.11) calls repr on the optimizer while it builds a compiled step's guards; a repr that
+    filled the impl cache then failed its own guard ('Guard failed on the same frame it was created')."""
+    opt = fused_optim.Lion([torch.nn.Parameter(torch.randn(3))], lr=1e-3)
+    before = dict(vars(opt))
+    repr(opt)
+    assert vars(opt) == before and opt._impl_cache == {}
+
+
 def test_gpu_tests_without_cuda_are_one_summary_line(tmp_path):
     """Without CUDA the gpu tests are deselected with one line saying why (not one skip line each);
     `-m gpu` keeps them, each skipped with that reason."""

@@ -312,6 +312,22 @@ def _counter_run(name, impl, mode, steps, compiled):
     return counts, [p.detach().clone() for p in model.parameters()]
 
 
+def _torch_compiles_lerp_exactly() -> bool:
+    """Whether torch's own compiled ``_foreach_lerp_`` equals its eager kernel bit for bit. torch 2.11's
+    aot_eager decomposes lerp into ``a + w*(b - a)`` while the eager kernel switches formulas at w = 0.5:
+    the last bit differs there whatever our code does (Muon's momentum and Adam side use lerp, as
+    upstream does). Feature-detected, not version-checked."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4096, generator=g), torch.randn(4096, generator=g)
+
+    def lerp(x, y):
+        out = [x.clone()]
+        torch._foreach_lerp_(out, [y], 0.05)
+        return out[0]
+
+    return torch.equal(lerp(a, b), torch.compile(lerp, backend="aot_eager", fullgraph=True)(a, b))
+
+
 @pytest.mark.parametrize("mode", ["step", "train"])
 @pytest.mark.parametrize("name", sorted(COUNTER_CASES))
 def test_step_counters_never_recompile(name, mode):
@@ -323,8 +339,12 @@ def test_step_counters_never_recompile(name, mode):
     counts, compiled = _counter_run(name, "foreach", mode, 12, compiled=True)
     assert counts[-1] == counts[1], f"{name}: compilations after each step: {counts}"
     _, eager = _counter_run(name, "foreach", mode, 12, compiled=False)
+    exact = name != "muon" or _torch_compiles_lerp_exactly()
     for i, (a, b) in enumerate(zip(compiled, eager)):
-        assert torch.equal(a, b), f"{name}: param {i} differs from the eager run"
+        if exact:
+            assert torch.equal(a, b), f"{name}: param {i} differs from the eager run"
+        else:  # torch's own lerp rounding (above): a few ulp after 12 steps
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"{name}: param {i} vs the eager run")
 
 
 @pytest.mark.parametrize("name", ["gravity", "adan", "lion", "equilibrium"])

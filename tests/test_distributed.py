@@ -232,3 +232,17 @@ def test_ddp_unchanged(results, name):
 
 if __name__ == "__main__":  # pragma: no cover - manual run
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_shard_context_is_seen_only_inside_and_closes_on_error():
+    """`current()` answers None without reading the ContextVar when no shard context is open (Dynamo cannot
+    trace ContextVar.get on every torch: a compiled unsharded step must not reach it), the context inside
+    one, and an impl that raises leaves none open."""
+    from fused_optim import distributed as fd
+
+    assert fd.current() is None and fd._OPEN[0] == 0
+    with pytest.raises(ZeroDivisionError):
+        with fd.shard_context((), torch.device("cpu"), [4]):
+            assert fd.current() is not None and fd.current().numels == (4,)
+            1 / 0
+    assert fd.current() is None and fd._OPEN[0] == 0
