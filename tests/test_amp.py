@@ -8,16 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spec_checks import (
-    ScaledTwin,
-    clone_params,
-    grads_for_step,
-    make_params,
-    seeded_twins,
-    set_grads,
-    state_tensors,
-    tiny_model,
-)
+from spec_checks import (ScaledTwin, clone_params, grads_for_step, make_params, seeded_twins, set_grads,
+                         state_tensors, tiny_model)
 
 import fused_optim
 from fused_optim import Adan, GradientEquilibrium, Gravity, Lion

@@ -9,15 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spec_checks import (
-    clone_params,
-    grads_for_step,
-    make_params,
-    seeded_twins,
-    set_grads,
-    state_tensors,
-    step_together,
-)
+from spec_checks import (clone_params, grads_for_step, make_params, seeded_twins, set_grads, state_tensors,
+                         step_together)
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_optim

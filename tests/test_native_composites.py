@@ -197,9 +197,15 @@ def _lowp_runs(dtype, state_dtype, device, run):
     return (run(torch.float64, torch.float64, False), run(dtype, dtype, False), run(dtype, state_dtype, True))
 
 
-def _lowp_values(seed, dtype):
-    """`_randn(seed, LOWP_SHAPES)` rounded to `dtype`, held in float64 (exact): every run starts equal."""
-    return [v.to(dtype).double() for v in _randn(seed, LOWP_SHAPES)]
+def _lowp_pair(seed, dtype):
+    """Params and grads (`_randn` of `seed` and `seed + 100`, LOWP_SHAPES) rounded to `dtype`, held in
+    float64 (exact), so the float64 and `dtype` runs start from the same values."""
+    return tuple([v.to(dtype).double() for v in _randn(s, LOWP_SHAPES)] for s in (seed, seed + 100))
+
+
+# the SAM low-precision tests' grid: each dtype, plain and adaptive
+SAM_LOWP_GRID = pytest.mark.parametrize("dtype,adaptive", [(d, a) for a in (False, True)
+                                                            for d in (torch.bfloat16, torch.float16)])
 
 
 def _assert_lowp(hi, lowp, nat, dtype):
@@ -253,11 +259,10 @@ def test_sam_norms_fp32(device, adaptive):
     place.check()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("adaptive", [False, True])
+@SAM_LOWP_GRID
 def test_sam_norms_lowp(device, dtype, adaptive):
     for k in range(1, STEPS + 1):
-        pv, gv = _lowp_values(200 + k, dtype), _lowp_values(300 + k, dtype)
+        pv, gv = _lowp_pair(200 + k, dtype)
         hi = (_forloop_sam_norms(pv, gv, adaptive=adaptive))
         lowp = (_forloop_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive))
         nat = _native_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive)
@@ -288,11 +293,10 @@ def test_sam_perturb_and_restore_fp32(device, adaptive):
     place.check()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("adaptive", [False, True])
+@SAM_LOWP_GRID
 def test_sam_perturb_lowp(device, dtype, adaptive):
     for k in range(1, STEPS + 1):
-        pv, gv = _lowp_values(400 + k, dtype), _lowp_values(500 + k, dtype)
+        pv, gv = _lowp_pair(400 + k, dtype)
         scale = 0.05 * k / 7.3
         runs = []
         for p_dtype, native in ((torch.float64, False), (dtype, False), (dtype, True)):
