@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from . import distributed as _dist
 from ._composite import fused_kernel
-from ._foreach import mul_operand
+from ._foreach import mul_operand, take
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, impl_views
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
@@ -130,9 +130,7 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
-    params = [params[i] for i in keep]
-    grads = [grads[i] for i in keep]
-    momentum_buffers = [momentum_buffers[i] for i in keep]
+    params, grads, momentum_buffers = take(keep, params, grads, momentum_buffers)
     if maximize:
         grads = torch._foreach_neg(grads)
     if grads[0].dtype != momentum_buffers[0].dtype:  # fp32 momentum of bf16/fp16 params: lerp in fp32
