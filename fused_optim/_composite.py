@@ -75,7 +75,6 @@ def impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict,
     return impl if impl in impls else "foreach"
 
 
-
 class WrappedOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` whose `param_groups` and `state` are those of `self._inner`.
 

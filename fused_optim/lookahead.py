@@ -23,14 +23,8 @@ from torch import Tensor
 
 from ._composite import WrappedOptimizer, check_k, fused_kernels, impl_of
 from ._foreach import mul_operand
-from .optimizer import (
-    _IMPL_DTYPES,
-    _check_range,
-    _real_dtype,
-    cuda_capturing,
-    impl_views,
-    split_by_device_dtype,
-)
+from .optimizer import (_IMPL_DTYPES, _check_range, _real_dtype, cuda_capturing, impl_views,
+                        split_by_device_dtype)
 
 __all__ = ["Lookahead"]
 

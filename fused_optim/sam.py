@@ -20,15 +20,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
-from ._composite import (
-    WrappedOptimizer,
-    all_lr_zero,
-    fused_kernel,
-    grads_of,
-    has_grads,
-    impl_of,
-    restore_grads,
-)
+from ._composite import (WrappedOptimizer, all_lr_zero, fused_kernel, grads_of, has_grads, impl_of,
+                         restore_grads)
 from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
 
 __all__ = ["SAM"]

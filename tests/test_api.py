@@ -2,9 +2,9 @@
 tensor, impl resolution, add_param_group, create_optimizer."""
 import pytest
 import torch
-from spec_checks import clone_params, grads_for_step, make_params, set_grads, step_together
 
 import fused_optim as fo
+from spec_checks import clone_params, grads_for_step, make_params, set_grads, step_together
 
 ALL = [fo.Gravity, fo.Lion, fo.Adan, fo.GradientEquilibrium]
 

@@ -4,10 +4,10 @@ import importlib.util
 
 import pytest
 import torch
-from spec_checks import clone_params, grads_for_step, make_params, roundtrip, set_grads, step_together
-from upstream_refs import AutomlLion, SailAdan, SeedGradientEquilibrum, SeedGravity
 
 import fused_optim as fo
+from spec_checks import clone_params, grads_for_step, make_params, roundtrip, set_grads, step_together
+from upstream_refs import AutomlLion, SailAdan, SeedGradientEquilibrum, SeedGravity
 
 SHAPES = [(1,), (7,), (13, 17), (129,), (2, 3, 5, 7)]  # upstream crashes on zero-size tensors
 
