@@ -336,16 +336,25 @@ def main(argv: list[str] | None = None) -> int:
             written.append(args.out / f"{base}-kernels.png")
 
     cut = False
+
+    def start(label: str, shown: str) -> bool:
+        """Whether to run the group `label`: not once --max-seconds is spent (said in the notes); else
+        `shown` on the progress bar."""
+        nonlocal cut
+        if over_budget():
+            cut = True
+            notes.append(f"{label}: not run, --max-seconds {args.max_seconds:g} reached")
+            return False
+        if bar is not None:
+            bar.set_postfix_str(shown)
+        return True
+
     if not args.no_steps:
         for pset in sets:
             for dtype in dtypes:
-                if over_budget():
-                    cut = True
-                    notes.append(f"set {pset.name} {str(dtype).removeprefix('torch.')}: not run, --max-seconds "
-                                 f"{args.max_seconds:g} reached")
+                name = f"{pset.name} {str(dtype).removeprefix('torch.')}"
+                if not start(f"set {name}", name):
                     continue
-                if bar is not None:
-                    bar.set_postfix_str(f"{pset.name} {str(dtype).removeprefix('torch.')}")
                 mode: dict = {}
                 # auto: compile on CUDA, where a set has at most 256 tensors (2,000 take many minutes)
                 compile_here = compile_step if args.compile is not None else (compile_step and pset.n_tensors <= 256)
@@ -362,13 +371,9 @@ def main(argv: list[str] | None = None) -> int:
                 write(floor_before / 1e9, bw_before / 1e9, final=False)
     if not args.no_kernels:
         for dtype in dtypes:
-            if over_budget():
-                cut = True
-                notes.append(f"kernels {str(dtype).removeprefix('torch.')}: not run, --max-seconds "
-                             f"{args.max_seconds:g} reached")
+            name = f"kernels {str(dtype).removeprefix('torch.')}"
+            if not start(name, name):
                 continue
-            if bar is not None:
-                bar.set_postfix_str(f"kernels {str(dtype).removeprefix('torch.')}")
             kernel_rows += run_kernels(device, dtype, kernel_grid, optimizers, impls, warmup, reps, notes,
                                        seed=args.seed, progress=progress, max_replicas=max_replicas)
             write(floor_before / 1e9, bw_before / 1e9, final=False)

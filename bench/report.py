@@ -206,13 +206,17 @@ def _above(r: dict) -> bool:
     return r.get("floor_check", "ok") not in ("ok", "")
 
 
+def _save(figure, rows: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
+    fig = figure(rows, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_steps(rows: list[dict], path: Path, title: str) -> None:
     """Per (set, dtype): time per step and % of the floor, one bar per optimizer × impl, the same bars in the
     same places in every panel; both y axes linear from 0."""
-    plt = _pyplot()
-    fig = steps_figure(rows, title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(steps_figure, rows, path, title)
 
 
 def steps_figure(rows: list[dict], title: str):
@@ -277,10 +281,7 @@ def _pow2(n: int) -> str:
 def plot_kernels(rows: list[dict], path: Path, title: str) -> None:
     """GB/s against tensor count (total elements fixed, stated) for each kernel, one line per impl (the same
     colour for an impl in every panel), the floor and copy_ as lines; y from 0."""
-    plt = _pyplot()
-    fig = kernels_figure(rows, title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(kernels_figure, rows, path, title)
 
 
 def kernels_figure(rows: list[dict], title: str):

@@ -8,16 +8,12 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from typing import NamedTuple
 
 import torch
 
+from ._status import ImplStatus
+
 IMPLS = ("forloop", "foreach", "triton", "native")
-
-
-class ImplStatus(NamedTuple):
-    available: bool
-    reason: str
 
 
 _TRITON_IMPORT: list[ImplStatus] = []  # the probe's answer, once known

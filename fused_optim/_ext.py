@@ -44,8 +44,8 @@ from typing import NamedTuple
 
 import torch
 
-from ._backends import ImplStatus
 from ._ext_flags import DEFAULT_CUDA_ARCH, cuda_toolkit_root, cxx_flags, nvcc_flags, sources, want_cuda
+from ._status import ImplStatus
 
 __all__ = ["status", "ops", "load", "loaded", "csrc_dir", "probe", "buildable", "BuildSpec", "build_spec"]
 

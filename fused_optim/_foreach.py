@@ -7,6 +7,12 @@ from torch import Tensor
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
+def take(index: list[int], *lists: list[Tensor]) -> tuple[list[Tensor], ...]:
+    """The entries at `index` of each list: the foreach impls drop the zero-size tensors, which some
+    multi-tensor ops refuse (`_foreach_norm(inf)`) and none needs."""
+    return tuple([[lst[i] for i in index] for lst in lists])
+
+
 def mul_operand(tensors: list[Tensor], value: float | Tensor) -> float | Tensor:
     """`value` as the factor of an in-place `torch._foreach_mul_` over `tensors`.
 

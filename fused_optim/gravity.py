@@ -12,7 +12,7 @@ from torch import Tensor
 from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
 from .distributed import reduce_per_tensor
 from ._native import _native_gravity
-from ._foreach import mul_operand
+from ._foreach import mul_operand, take
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -42,9 +42,7 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
     maxima = reduce_per_tensor(maxima, keep, "max")
     if not keep:
         return
-    params = [params[i] for i in keep]
-    grads = [grads[i] for i in keep]
-    vs = [vs[i] for i in keep]
+    params, grads, vs = take(keep, params, grads, vs)
     if maximize:
         grads = torch._foreach_neg(grads)
     m = torch._foreach_reciprocal(maxima)

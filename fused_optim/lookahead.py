@@ -15,18 +15,15 @@ fp32 element), against 40 B for the three foreach passes.
 from __future__ import annotations
 
 import math
-
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from ._backends import auto_impl, impl_status
+from ._composite import WrappedOptimizer, check_k, fused_kernels, impl_of
 from ._foreach import mul_operand
-from ._native import _native_lookahead_sync
-from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
-from .optimizer import (_IMPL_DTYPES, FusedOptimizer, _check_range, _real_dtype, cuda_capturing, impl_views,
+from .optimizer import (_IMPL_DTYPES, _check_range, _real_dtype, cuda_capturing, impl_views,
                         split_by_device_dtype)
 
 __all__ = ["Lookahead"]
@@ -52,38 +49,8 @@ def _foreach_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha:
 _sync_impls: dict[str, Callable[..., None]] = {
     "forloop": _forloop_lookahead_sync,
     "foreach": _foreach_lookahead_sync,
-    "triton": _triton_lookahead_sync,
-    "native": _native_lookahead_sync,
+    **fused_kernels("lookahead", "lookahead_sync"),  # triton is imported on the first triton sync
 }
-
-
-def _impl_of(optimizer: torch.optim.Optimizer, device: torch.device, impls: dict, requested: str | None) -> str:
-    """The impl a wrapper's own fused part uses on `device`.
-
-    An explicit request wins (and raises, with the reason, where it cannot run); otherwise it follows
-    the wrapped optimizer: ours resolves per device (`impl_for`); torch's ``foreach=False`` means the
-    for-loop, ``fused=True`` the best fused impl of the device (as auto mode picks it), anything else
-    the multi-tensor ``foreach`` form. A part the wrapper has no kernel for runs the ``foreach`` form
-    (same op order, so the same numbers on CPU)."""
-    impl = requested
-    if impl is not None:
-        if impl not in impls:
-            raise RuntimeError(f"no {requested!r} implementation of this composite's fused part; "
-                               f"available: {sorted(impls)}")
-        st = impl_status(impl, torch.device(device).type)
-        if not st.available:
-            raise RuntimeError(f"impl={impl!r} cannot run on {torch.device(device).type}: {st.reason}. Pass "
-                               "impl=None to follow the wrapped optimizer, or impl='foreach'")
-        return impl
-    if isinstance(optimizer, FusedOptimizer):
-        impl = optimizer.impl_for(device)
-    elif isinstance(optimizer, _WrappedOptimizer):
-        return _impl_of(optimizer._inner, device, impls, None)
-    elif optimizer.defaults.get("fused"):
-        impl = auto_impl(torch.device(device).type)
-    else:
-        impl = "forloop" if optimizer.defaults.get("foreach") is False else "foreach"
-    return impl if impl in impls else "foreach"
 
 
 def _masked_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float, due: Tensor) -> None:
@@ -112,117 +79,7 @@ def lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float,
         fn(impl_views(params, idx, dtype), impl_views(slows, idx, dtype), alpha=alpha)
 
 
-class _WrappedOptimizer(torch.optim.Optimizer):
-    """A `torch.optim.Optimizer` whose `param_groups` and `state` are those of `self._inner`.
-
-    torch's `Optimizer.__init__` would copy the groups into a new list (and `load_state_dict` of the
-    inner optimizer replaces its list), so the wrapper reads them through properties instead: an LR
-    scheduler's `group["lr"] = ...` lands in the inner optimizer's groups, always. Only the hook tables
-    and the step patching of torch's base are set up (through `Optimizer.__setstate__`, which is what
-    torch itself uses to rebuild them after unpickling).
-    """
-
-    _inner: torch.optim.Optimizer
-
-    def _bind(self, inner: torch.optim.Optimizer, defaults: dict[str, Any]) -> None:
-        self.__dict__["_inner"] = inner
-        torch.optim.Optimizer.__setstate__(self, {"defaults": dict(defaults)})
-        self._warned_capturable_if_run_uncaptured = True
-
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self._inner.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self._inner.param_groups = value
-
-    @property
-    def state(self):  # type: ignore[override]
-        return self._inner.state
-
-    @state.setter
-    def state(self, value) -> None:
-        self._inner.state = value
-
-    def add_param_group(self, param_group: dict) -> None:
-        self._inner.add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # every attribute but torch's hook tables, which torch's own pickling drops too (hooks are often
-        # unpicklable closures); `__setstate__` rebuilds them empty
-        return {k: v for k, v in self.__dict__.items() if not k.startswith("_optimizer_")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        torch.optim.Optimizer.__setstate__(self, {})
-
-    def _param_list(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
-    def _pack_extra(self, per_param: dict[Tensor, dict[str, Tensor]], per_group: dict[str, Any]) -> dict[str, Any]:
-        """The inner optimizer's state_dict with the wrapper's tensors added to each param's entry and its
-        scalars to each group (copies of the inner dicts: torch's state_dict shares the live ones)."""
-        sd = self._inner.state_dict()
-        ids = {p: i for i, p in enumerate(self._param_list())}
-        saved_ids = [pid for g in sd["param_groups"] for pid in g["params"]]
-        state = dict(sd["state"])
-        for p, extra in per_param.items():
-            if p in ids:
-                pid = saved_ids[ids[p]]
-                state[pid] = {**state.get(pid, {}), **extra}
-        return {"state": state, "param_groups": [{**g, **per_group} for g in sd["param_groups"]]}
-
-    def _load_with_extra(self, state_dict: dict[str, Any], param_keys: tuple[str, ...],
-                         group_keys: tuple[str, ...], check: Callable[[dict[str, Any]], None] | None = None,
-                         ) -> tuple[dict[Tensor, dict[str, Tensor]], dict[str, Any]]:
-        """Load the inner optimizer from `state_dict` minus the wrapper's keys; return those keys per
-        current param (copied onto the param's device and dtype: two live optimizers must never share
-        a buffer) and the first group's wrapper scalars. torch's rule maps saved ids to params: ids are
-        positions in the groups' param lists, group after group.
-
-        Nothing changes when the dict is refused: the wrapper's tensors (shaped like their param) and
-        scalars (`check`) are validated before the inner optimizer loads (and validates) the rest."""
-        name = type(self).__name__
-        if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
-            raise ValueError(f"{name}: a state_dict is a dict with 'state' and 'param_groups'")
-        inner_state, extra = {}, {}
-        for pid, st in state_dict["state"].items():
-            st = dict(st)
-            found = {k: st.pop(k) for k in param_keys if k in st}
-            if found:
-                extra[pid] = found
-            if st:
-                inner_state[pid] = st
-        groups = [{k: v for k, v in g.items() if k not in group_keys} for g in state_dict["param_groups"]]
-        group_extra = {k: v for k, v in state_dict["param_groups"][0].items() if k in group_keys} \
-            if state_dict["param_groups"] else {}
-        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
-        by_id = dict(zip(saved_ids, self._param_list()))
-        same_layout = [len(g["params"]) for g in state_dict["param_groups"]] == [len(g["params"])
-                                                                               for g in self.param_groups]
-        if same_layout:  # else the inner optimizer's loader refuses the dict, with torch's message
-            for pid, found in extra.items():
-                p = by_id.get(pid)
-                for key, v in found.items():
-                    if p is None or not isinstance(v, Tensor) or v.shape != p.shape or v.is_complex() != p.is_complex() \
-                            or not (v.is_floating_point() or v.is_complex()):
-                        what = (f"a {type(v).__name__}" if not isinstance(v, Tensor)
-                                else f"a {v.dtype} tensor of shape {tuple(v.shape)}")
-                        where = "no parameter" if p is None else f"its parameter of shape {tuple(p.shape)}, {p.dtype}"
-                        raise ValueError(f"{name}: cannot load the state dict: {key!r} of parameter {pid} is {what}, "
-                                         f"for {where}; nothing was changed")
-            if check is not None:
-                check(group_extra)
-        self._inner.load_state_dict({"state": inner_state, "param_groups": groups})
-        out = {}
-        for pid, found in extra.items():
-            p = by_id[pid]
-            out[p] = {k: v.to(device=p.device, dtype=p.dtype, copy=True) for k, v in found.items()}
-        return out, group_extra
-
-
-class Lookahead(_WrappedOptimizer):
+class Lookahead(WrappedOptimizer):
     r"""Lookahead around any optimizer: every ``k`` inner steps, ``p ← α·p + (1 − α)·slow``, ``slow ← p``.
 
     Args:
@@ -246,7 +103,7 @@ class Lookahead(_WrappedOptimizer):
                  impl: str | None = None):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"Lookahead wraps a torch.optim.Optimizer, got {type(optimizer).__name__}")
-        _check_k(k)
+        check_k(k)
         _check_range("alpha", alpha, lo=0.0, hi=1.0, label="Lookahead alpha")
         if impl is not None and impl not in _sync_impls:
             raise ValueError(f"Invalid impl for Lookahead's sync: {impl!r} (expected one of "
@@ -277,7 +134,7 @@ class Lookahead(_WrappedOptimizer):
         return cls(_resolve_optimizer(base_optimizer)(params, **base_kwargs), k=k, alpha=alpha)
 
     def _impl_for(self, device: torch.device) -> str:
-        return _impl_of(self._inner, device, _sync_impls, self._impl_request)
+        return impl_of(self._inner, device, _sync_impls, self._impl_request)
 
     @torch.no_grad()
     def _new_slow(self) -> dict[Tensor, Tensor]:
@@ -289,7 +146,7 @@ class Lookahead(_WrappedOptimizer):
         """What the sync needs, checked before the inner step runs (it must not fail after it): k and
         alpha (attributes a user may edit), every slow weight shaped, typed and placed like its param,
         and the sync's impl able to run on the params' dtypes."""
-        _check_k(self.k)
+        check_k(self.k)
         _check_range("alpha", self.alpha, lo=0.0, hi=1.0, label="Lookahead alpha")
         checked: set[tuple[torch.device, torch.dtype]] = set()
         for i, p in enumerate(self._param_list()):
@@ -372,7 +229,7 @@ def _check_group_extra(group_extra: dict[str, Any]) -> None:
     if "lookahead_step" not in group_extra:
         return
     try:
-        _check_k(group_extra.get("lookahead_k"))
+        check_k(group_extra.get("lookahead_k"))
         _check_range("alpha", group_extra.get("lookahead_alpha"), lo=0.0, hi=1.0, label="Lookahead alpha")
         step = group_extra["lookahead_step"]  # a 0-d tensor, or an int in checkpoints of earlier versions
         if isinstance(step, Tensor):
@@ -383,8 +240,3 @@ def _check_group_extra(group_extra: dict[str, Any]) -> None:
             raise ValueError(f"Invalid lookahead_step: {step!r} (expected an int >= 0)")
     except (TypeError, ValueError) as exc:
         raise type(exc)(f"Lookahead: cannot load the state dict: {exc}; nothing was changed") from None
-
-
-def _check_k(k: Any) -> None:
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ValueError(f"Invalid Lookahead k: {k!r} (expected an int >= 1)")

@@ -35,7 +35,8 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
-from ._foreach import mul_operand
+from ._composite import fused_kernel
+from ._foreach import mul_operand, take
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, impl_views
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
@@ -129,9 +130,7 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
-    params = [params[i] for i in keep]
-    grads = [grads[i] for i in keep]
-    momentum_buffers = [momentum_buffers[i] for i in keep]
+    params, grads, momentum_buffers = take(keep, params, grads, momentum_buffers)
     if maximize:
         grads = torch._foreach_neg(grads)
     if grads[0].dtype != momentum_buffers[0].dtype:  # fp32 momentum of bf16/fp16 params: lerp in fp32
@@ -187,24 +186,23 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
                  scales=[_scale(grads[i]) for i in keep], lr=lr, weight_decay=weight_decay)
 
 
+# the two elementwise stages' kernels per fused impl (triton is imported on the first triton step)
+_FUSED_STAGES = {impl: {"momentum_kernel": fused_kernel(impl, "muon", "muon_momentum"),
+                        "apply_kernel": fused_kernel(impl, "muon", "muon_apply")} for impl in ("triton", "native")}
+
+
 def _triton_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
                  momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
     """`_fused_muon` with the Triton kernels (fused_optim/kernels/muon.py); triton loads on first use."""
-    from .kernels import _triton_muon_apply, _triton_muon_momentum
-
     _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, momentum_kernel=_triton_muon_momentum,
-                apply_kernel=_triton_muon_apply)
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, **_FUSED_STAGES["triton"])
 
 
 def _native_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
                  momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
     """`_fused_muon` with the compiled kernels (csrc/, fused_optim/_native.py)."""
-    from ._native import _native_muon_apply, _native_muon_momentum
-
     _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, momentum_kernel=_native_muon_momentum,
-                apply_kernel=_native_muon_apply)
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, **_FUSED_STAGES["native"])
 
 
 # ------------------------------------------------------------------------------------- FSDP2 (DTensor)

@@ -26,11 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._composite import all_lr_zero, check_k, fused_kernels, grads_of, has_grads, restore_grads
 from ._foreach import mul_operand
-from ._native import _native_neuro_optima
-from .lookahead import _check_k, lookahead_sync
+from .lookahead import lookahead_sync
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag, cuda_capturing
-from .sam import _all_lr_zero, _grads_of, _has_grads, _restore_grads, sam_first_step, sam_second_step
+from .sam import sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
 
@@ -82,19 +82,6 @@ def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     torch._foreach_sign_(update)
     torch._foreach_add_(params, update, alpha=-lr)
     torch._foreach_copy_(prev_grads, grads)
-
-
-def _triton_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                         exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
-                         lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                         maximize: bool) -> None:
-    """One Triton launch (fused_optim/kernels/neuro_optima.py); triton is imported on the first call."""
-    from .kernels import kernel_module
-
-    fn = kernel_module("neuro_optima")._triton_neuro_optima
-
-    fn(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-       weight_decay=weight_decay, maximize=maximize)
 
 
 class NeuroOptima(FusedOptimizer):
@@ -150,7 +137,7 @@ class NeuroOptima(FusedOptimizer):
         _check_range("lr", group["lr"], lo=0.0, label="learning rate")
         _check_range("weight_decay", group["weight_decay"], lo=0.0)
         _check_range("sam_rho", group["sam_rho"], lo=0.0)
-        _check_k(group["lookahead_k"])
+        check_k(group["lookahead_k"])
         _check_range("lookahead_alpha", group["lookahead_alpha"], lo=0.0, hi=1.0)
         _check_betas(group["betas"], 2)
         _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
@@ -161,19 +148,19 @@ class NeuroOptima(FusedOptimizer):
         if cuda_capturing():  # the k-step choice and the counters are host values
             raise RuntimeError(self._capture_refusal())
         sam = any(float(g["sam_rho"]) > 0 for g in self.param_groups)
-        if closure is None and _all_lr_zero(self.param_groups):
+        if closure is None and all_lr_zero(self.param_groups):
             sam = False  # a state-initialising call at lr=0 (torch.distributed.checkpoint): see SAM.step
         loss = None
         if sam:
             if closure is None:
                 raise RuntimeError("NeuroOptima with sam_rho > 0 needs a closure (it re-evaluates the loss "
                                    "at the perturbed point): optimizer.step(closure); or pass sam_rho=0")
-            if not _has_grads(self.param_groups):
+            if not has_grads(self.param_groups):
                 with torch.enable_grad():
                     loss = closure()
             for group in self.param_groups:
                 self._collect(group)  # refuse bad grads before SAM moves anything
-            grads = _grads_of(self.param_groups)
+            grads = grads_of(self.param_groups)
             saved = sam_first_step(self.param_groups, rho_of=lambda g: g["sam_rho"], adaptive_of=lambda g: False,
                                    impl_for=self.impl_for)
             self.zero_grad(set_to_none=True)
@@ -182,7 +169,7 @@ class NeuroOptima(FusedOptimizer):
                     perturbed_loss = closure()
             except BaseException:  # KeyboardInterrupt too: params and grads back as before the step
                 sam_second_step(saved)
-                _restore_grads(grads)
+                restore_grads(grads)
                 raise
             sam_second_step(saved)
             if loss is None:
@@ -234,5 +221,5 @@ class NeuroOptima(FusedOptimizer):
                            alpha=float(group["lookahead_alpha"]), impl_for=self.impl_for,
                            due=due if isinstance(due, Tensor) else None)
 
-    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima, "triton": _triton_neuro_optima,
-              "native": _native_neuro_optima}
+    _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima,
+              **fused_kernels("neuro_optima", "neuro_optima")}  # one launch each; triton loads on first use

@@ -20,13 +20,8 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
-from ._native import _native_sam_norms, _native_sam_perturb, _native_sam_restore
-from .kernels import (  # lazy: no triton import here
-    _triton_sam_norms,
-    _triton_sam_perturb,
-    _triton_sam_restore,
-)
-from .lookahead import _impl_of, _WrappedOptimizer
+from ._composite import (WrappedOptimizer, all_lr_zero, fused_kernel, grads_of, has_grads, impl_of,
+                         restore_grads)
 from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
 
 __all__ = ["SAM"]
@@ -89,8 +84,8 @@ class _SamImpl(NamedTuple):
 _impls: dict[str, _SamImpl] = {
     "forloop": _SamImpl(_forloop_sam_norms, _forloop_sam_perturb, _forloop_sam_restore),
     "foreach": _SamImpl(_foreach_sam_norms, _foreach_sam_perturb, _foreach_sam_restore),
-    "triton": _SamImpl(_triton_sam_norms, _triton_sam_perturb, _triton_sam_restore),
-    "native": _SamImpl(_native_sam_norms, _native_sam_perturb, _native_sam_restore),
+    **{impl: _SamImpl(*(fused_kernel(impl, "sam", f"sam_{part}") for part in _SamImpl._fields))
+       for impl in ("triton", "native")},  # triton is imported on the first triton step
 }
 
 
@@ -168,26 +163,8 @@ def sam_second_step(saved: list[_Saved]) -> None:
         _impls[impl].restore(impl_views(params, None, dtype), impl_views(old_params, None, dtype))
 
 
-def _all_lr_zero(groups: list[dict]) -> bool:
-    return all("lr" in g and float(g["lr"]) == 0 for g in groups)
-
-
-def _grads_of(groups: list[dict]) -> list[tuple[Tensor, Tensor | None]]:
-    """Every param with its current grad (a closure that raises gets them back, `_restore_grads`)."""
-    return [(p, p.grad) for g in groups for p in g["params"]]
-
-
-def _restore_grads(grads: list[tuple[Tensor, Tensor | None]]) -> None:
-    for p, g in grads:
-        p.grad = g
-
-
-def _has_grads(groups: list[dict]) -> bool:
-    return any(p.grad is not None for g in groups for p in g["params"])
-
-
 # ---------------------------------------------------------------------------------------- the class
-class SAM(_WrappedOptimizer):
+class SAM(WrappedOptimizer):
     r"""Sharpness-aware minimization around a base optimizer (davda54's API).
 
     Args:
@@ -250,7 +227,7 @@ class SAM(_WrappedOptimizer):
         self._inner.add_param_group(param_group)
 
     def _impl_for(self, device: torch.device) -> str:
-        return _impl_of(self._inner, device, _impls, None)
+        return impl_of(self._inner, device, _impls, None)
 
     def _check_before_perturbing(self) -> None:
         """Everything that could refuse the step, checked before any param moves: SAM's own group
@@ -297,7 +274,7 @@ class SAM(_WrappedOptimizer):
 
     def step(self, closure: Callable[[], Any] | None = None):
         if closure is None:
-            if _all_lr_zero(self.param_groups):
+            if all_lr_zero(self.param_groups):
                 # torch.distributed.checkpoint (and loaders like it) materialise an empty optimizer's
                 # state with step(closure=None) at lr=0: nothing moves and nothing needs evaluating, so
                 # the base step alone does what is asked
@@ -306,10 +283,10 @@ class SAM(_WrappedOptimizer):
                                "backward and returns the loss: optimizer.step(closure); or call "
                                "first_step() and second_step() around your own second forward/backward")
         loss = None
-        if not _has_grads(self.param_groups):
+        if not has_grads(self.param_groups):
             with torch.enable_grad():
                 loss = closure()
-        grads = _grads_of(self.param_groups)
+        grads = grads_of(self.param_groups)
         self.first_step(zero_grad=True)
         try:
             with torch.enable_grad():
@@ -318,7 +295,7 @@ class SAM(_WrappedOptimizer):
             with torch.no_grad():
                 sam_second_step(self._saved)
             self._saved = []
-            _restore_grads(grads)
+            restore_grads(grads)
             raise
         self.second_step()
         self.zero_grad(set_to_none=True)

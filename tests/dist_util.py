@@ -23,3 +23,14 @@ def run_ranks(worker, world: int, out: Path) -> list[dict]:
 
     mp.start_processes(worker, args=(free_port(), str(out)), nprocs=world, join=True, start_method="spawn")
     return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(world)]
+
+
+def finish_rank(results, rank: int, out_dir: str) -> None:
+    """A worker's last act: write `results` as ``rank{rank}.json`` for `run_ranks`, wait for every rank,
+    leave the process group."""
+    import torch.distributed as dist
+
+    with open(Path(out_dir) / f"rank{rank}.json", "w") as f:
+        json.dump(results, f)
+    dist.barrier()
+    dist.destroy_process_group()

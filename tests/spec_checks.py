@@ -96,6 +96,60 @@ def run_steps(make_opt: Callable[[list[Tensor]], torch.optim.Optimizer], params:
     return opt
 
 
+def seeded_twins(make: Callable[..., torch.optim.Optimizer], params_a: list[Tensor], params_b: list[Tensor],
+                 *args, seed: int = 0) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """``make(params_a, *args)`` and ``make(params_b, *args)``, each built right after
+    ``torch.manual_seed(seed)``: Gravity draws v at construction, so both runs must draw the same."""
+    torch.manual_seed(seed)
+    a = make(params_a, *args)
+    torch.manual_seed(seed)
+    return a, make(params_b, *args)
+
+
+def step_together(base: list[Tensor], steps, *runs: tuple[list[Tensor], torch.optim.Optimizer]) -> None:
+    """For each k of `steps`: the same ``grads_for_step(base, k)`` set on every run's params, then every
+    run's optimizer steps, in order."""
+    for k in steps:
+        grads = grads_for_step(base, k)
+        for params, _ in runs:
+            set_grads(params, grads)
+        for _, opt in runs:
+            opt.step()
+
+
+def tiny_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+
+
+class ScaledTwin:
+    """Plain training of one tiny model and ``torch.amp.GradScaler`` training of its twin, with twin
+    optimizers ``make(params, *args)`` (`seeded_twins`, seed 1), on the same data."""
+
+    def __init__(self, make: Callable[..., torch.optim.Optimizer], *args):
+        self.model_ref, self.model_amp = tiny_model(), tiny_model()
+        self.opt_ref, self.opt_amp = seeded_twins(make, list(self.model_ref.parameters()),
+                                                  list(self.model_amp.parameters()), *args, seed=1)
+
+    def steps(self, n: int, scaler, poison_step: int = 2):
+        """Yields ``(step, poison)`` after the plain step (none at the poisoned step) and the scaled
+        backward of the twin (its loss times inf at the poisoned step); the caller steps the scaler."""
+        data = torch.Generator().manual_seed(5)
+        for step in range(n):
+            x, y = torch.randn(4, 6, generator=data), torch.randn(4, 3, generator=data)
+            poison = step == poison_step
+            if not poison:
+                self.opt_ref.zero_grad()
+                torch.nn.functional.mse_loss(self.model_ref(x), y).backward()
+                self.opt_ref.step()
+            self.opt_amp.zero_grad()
+            loss = torch.nn.functional.mse_loss(self.model_amp(x), y)
+            if poison:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            yield step, poison
+
+
 def state_tensors(opt: torch.optim.Optimizer, params: list[Tensor]) -> list[tuple[str, Tensor]]:
     out = []
     for i, p in enumerate(params):

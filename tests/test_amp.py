@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
+from spec_checks import (ScaledTwin, clone_params, grads_for_step, make_params, seeded_twins, set_grads,
+                         state_tensors, tiny_model)
 
 import fused_optim
 from fused_optim import Adan, GradientEquilibrium, Gravity, Lion
@@ -57,13 +58,10 @@ def test_scaled_step_equals_unscaled_and_inf_step_changes_nothing(name, impl, mo
     if impl == "native" and not impl_status("native", "cpu").available:
         pytest.skip(impl_status("native", "cpu").reason)
     make = OPTIMIZERS[name]
-    torch.manual_seed(0)  # Gravity draws v at construction: both runs must draw the same
+    torch.manual_seed(0)
     ref_params = make_params(seed=3, shapes=SHAPES)
     amp_params = clone_params(ref_params)
-    torch.manual_seed(0)
-    ref = make(ref_params, impl)
-    torch.manual_seed(0)
-    amp = make(amp_params, impl)
+    ref, amp = seeded_twins(make, ref_params, amp_params, impl)
     skip_at = 4
     for step in range(1, 9):
         grads = grads_for_step(ref_params, step, missing=1 if step == 3 else None)
@@ -87,48 +85,26 @@ def test_scaled_step_equals_unscaled_and_inf_step_changes_nothing(name, impl, mo
             assert (p.grad is None and q.grad is None) or torch.equal(p.grad, q.grad)
 
 
-def _tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
 @pytest.mark.parametrize("name", ["gravity", "lion", "adan"])
 def test_cpu_grad_scaler_loop_matches_plain_training(name):
     """torch.amp.GradScaler("cpu") drives our step through the attributes it sets; a step whose loss is
     poisoned with inf is skipped (and the scale backs off) while the plain run simply omits it."""
-    make = OPTIMIZERS[name]
-    model_ref, model_amp = _tiny_model(), _tiny_model()
-    torch.manual_seed(1)
-    opt_ref = make(list(model_ref.parameters()), "foreach")
-    torch.manual_seed(1)
-    opt_amp = make(list(model_amp.parameters()), "foreach")
+    run = ScaledTwin(OPTIMIZERS[name], "foreach")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3)
-    data = torch.Generator().manual_seed(5)
-    for step in range(8):
-        x, y = torch.randn(4, 6, generator=data), torch.randn(4, 3, generator=data)
-        poison = step == 2
-        if not poison:
-            opt_ref.zero_grad()
-            torch.nn.functional.mse_loss(model_ref(x), y).backward()
-            opt_ref.step()
-        opt_amp.zero_grad()
-        loss = torch.nn.functional.mse_loss(model_amp(x), y)
-        if poison:
-            loss = loss * float("inf")
-        scale_before = scaler.get_scale()
-        scaler.scale(loss).backward()
-        scaler.step(opt_amp)
+    for step, poison in run.steps(8, scaler):
+        scale_before = scaler.get_scale()  # backward does not change it
+        scaler.step(run.opt_amp)
         scaler.update()
-        assert not hasattr(opt_amp, "found_inf")  # GradScaler removes what it set
+        assert not hasattr(run.opt_amp, "found_inf")  # GradScaler removes what it set
         if poison:
             assert scaler.get_scale() == scale_before / 2
-        for p, q in zip(model_amp.parameters(), model_ref.parameters()):
+        for p, q in zip(run.model_amp.parameters(), run.model_ref.parameters()):
             assert torch.equal(p, q), f"{name}: diverged at step {step}"
 
 
 def test_unscale_then_clip_then_step():
     """The documented recipe for clipping: scaler.unscale_ first; step then gets grad_scale=None."""
-    model_ref, model_amp = _tiny_model(), _tiny_model()
+    model_ref, model_amp = tiny_model(), tiny_model()
     opt_ref = Lion(model_ref.parameters(), lr=1e-2, impl="foreach")
     opt_amp = Lion(model_amp.parameters(), lr=1e-2, impl="foreach")
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
@@ -194,12 +170,9 @@ def test_cuda_fp16_autocast_grad_scaler(name):
     the unscaled grads by hand, and a poisoned step is skipped."""
     make = OPTIMIZERS[name]
     dev = "cuda"
-    model = _tiny_model().to(dev)
-    ref_model = _tiny_model().to(dev)
-    torch.manual_seed(1)
-    opt = make(list(model.parameters()), None)
-    torch.manual_seed(1)
-    ref = make(list(ref_model.parameters()), None)
+    model = tiny_model().to(dev)
+    ref_model = tiny_model().to(dev)
+    opt, ref = seeded_twins(make, list(model.parameters()), list(ref_model.parameters()), None, seed=1)
     scaler = torch.amp.GradScaler("cuda", init_scale=2.0 ** 10)
     data = torch.Generator().manual_seed(5)
     for step in range(7):

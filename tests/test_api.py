@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fused_optim as fo
-from spec_checks import clone_params, grads_for_step, make_params, set_grads
+from spec_checks import clone_params, grads_for_step, make_params, set_grads, step_together
 
 ALL = [fo.Gravity, fo.Lion, fo.Adan, fo.GradientEquilibrium]
 
@@ -138,11 +138,7 @@ def test_lr_as_tensor_changed_mid_run(cls):
             lr_t.fill_(0.01)  # a scheduler writing into the tensor
             for g in b.param_groups:
                 g["lr"] = lr_t.item()
-        grads = grads_for_step(pa, step)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        a.step()
-        b.step()
+        step_together(pa, [step], (pa, a), (pb, b))
     for x, y in zip(pa, pb):
         assert torch.equal(x, y)
 

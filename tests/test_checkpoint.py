@@ -296,18 +296,19 @@ def test_counters_are_saved_as_tensors_and_int_counters_still_load(name):
         for p in ps:
             p.grad = torch.randn(p.shape, generator=g)
 
-    torch.manual_seed(0)
-    full_ps = params()
-    full = _COUNTED[name](full_ps)
-    for k in range(6):
-        grads(full_ps, k)
-        full.step()
-    torch.manual_seed(0)
-    ps = params()
-    opt = _COUNTED[name](ps)
-    for k in range(3):
-        grads(ps, k)
-        opt.step()
+    def run(ps, opt, steps):
+        for k in steps:
+            grads(ps, k)
+            opt.step()
+        return ps, opt
+
+    def fresh():
+        torch.manual_seed(0)
+        ps = params()
+        return ps, _COUNTED[name](ps)
+
+    full_ps, _ = run(*fresh(), range(6))
+    ps, opt = run(*fresh(), range(3))
     sd = opt.state_dict()
     counters = _counters(sd)
     assert counters and all(isinstance(c, torch.Tensor) and c.dtype == torch.float32 and c.dim() == 0
@@ -315,9 +316,7 @@ def test_counters_are_saved_as_tensors_and_int_counters_still_load(name):
     torch.manual_seed(0)
     resumed = _COUNTED[name](ps)
     resumed.load_state_dict(_as_int_counters(sd))
-    for k in range(3, 6):
-        grads(ps, k)
-        resumed.step()
+    run(ps, resumed, range(3, 6))
     for a, b in zip(ps, full_ps):
         assert torch.equal(a, b)
     assert all(c.item() == 6 for c in _counters(resumed.state_dict()))

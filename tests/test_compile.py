@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spec_checks import clone_params, grads_for_step, make_params, set_grads, state_tensors
+from spec_checks import (clone_params, grads_for_step, make_params, seeded_twins, set_grads, state_tensors,
+                         step_together)
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import fused_optim
@@ -97,13 +98,9 @@ def test_op_for_subclass_with_own_impls_is_none():
 
 
 def _compare_compiled(name, impl, backend, steps=7, exact=True):
-    make = OPTIMIZERS[name]
     eager_params = make_params(seed=11, shapes=SHAPES)
     comp_params = clone_params(eager_params)
-    torch.manual_seed(0)
-    eager = make(eager_params, impl)
-    torch.manual_seed(0)
-    comp = make(comp_params, impl)
+    eager, comp = seeded_twins(OPTIMIZERS[name], eager_params, comp_params, impl)
     counter = CompileCounterWithBackend(backend)
     step = torch.compile(comp.step, backend=counter, fullgraph=True)  # fullgraph: a graph break fails
     for k in range(1, steps + 1):
@@ -218,12 +215,7 @@ def test_tensor_lr_reaches_impls_that_read_it_on_the_device(monkeypatch):
     ref_params = clone_params(params)
     opt = SpyLion(params, lr=torch.tensor(1e-2), impl="foreach")
     ref = Lion(ref_params, lr=1e-2, impl="forloop")
-    for k in range(1, 4):
-        grads = grads_for_step(params, k)
-        set_grads(params, grads)
-        set_grads(ref_params, grads)
-        opt.step()
-        ref.step()
+    step_together(params, range(1, 4), (params, opt), (ref_params, ref))
     assert all(isinstance(lr, torch.Tensor) for lr in seen) and len(seen) == 3
     for a, b in zip(params, ref_params):
         assert torch.equal(a, b)

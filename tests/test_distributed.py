@@ -11,14 +11,13 @@ collectives (a rank that skipped one would hang the other: the workers time out 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 import pytest
 import torch
 
-from dist_util import run_ranks
+from dist_util import finish_rank, run_ranks
 from fused_optim import SAM, Adan, GradientEquilibrium, Gravity, Lion
 
 STEPS = 5
@@ -189,10 +188,7 @@ def _worker(rank, port, out_dir):
             diffs.append(_max_diff(opt, ddp.module, ref, ref_model))
         results[f"ddp_{name}"] = {"diffs": diffs}
 
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(results, rank, out_dir)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ biases go to the Adam side.
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 
@@ -19,7 +18,7 @@ import pytest
 import torch
 from torch import nn
 
-from dist_util import run_ranks
+from dist_util import finish_rank, run_ranks
 
 WORLD = 2
 STEPS = 4
@@ -191,6 +190,20 @@ def _error(exc):
     return {"error": f"{type(exc).__name__}: {exc}"}
 
 
+def _count_newton_schulz(muon_mod):
+    """Log every matrix Newton–Schulz sees from now on, as (rows, cols), batches unrolled; returns the
+    log and the original function (to put back)."""
+    log: list = []
+    real = muon_mod.zeropower_via_newtonschulz5
+
+    def counting_ns(G, steps):
+        shape = tuple(G.shape)
+        log.extend([shape[-2:]] * (shape[0] if len(shape) == 3 else 1))
+        return real(G, steps)
+    muon_mod.zeropower_via_newtonschulz5 = counting_ns
+    return log, real
+
+
 def _worker(rank, port, out_dir):
     import faulthandler
 
@@ -208,15 +221,7 @@ def _worker(rank, port, out_dir):
     mesh = init_device_mesh("cpu", (WORLD,))
     results = {}
 
-    # every matrix Newton–Schulz sees, as (rows, cols), batches unrolled
-    ns_log: list = []
-    real_ns = muon_mod.zeropower_via_newtonschulz5
-
-    def counting_ns(G, steps):
-        shape = tuple(G.shape)
-        ns_log.extend([shape[-2:]] * (shape[0] if len(shape) == 3 else 1))
-        return real_ns(G, steps)
-    muon_mod.zeropower_via_newtonschulz5 = counting_ns
+    ns_log, real_ns = _count_newton_schulz(muon_mod)
 
     # bytes this rank sends through all_to_all_single (its own part excluded), per Muon case and step
     sent: list = []
@@ -342,10 +347,7 @@ def _worker(rank, port, out_dir):
             refusals[label] = str(exc)
     results["refusals"] = refusals
 
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(results, rank, out_dir)
 
 
 @pytest.fixture(scope="module")
@@ -492,22 +494,12 @@ def _hsdp_worker(rank, port, out_dir):
 
     dist.init_process_group("gloo", rank=rank, world_size=4)
     mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("rep", "shard"))
-    ns_log: list = []
-    real_ns = muon_mod.zeropower_via_newtonschulz5
-
-    def counting_ns(G, steps):
-        shape = tuple(G.shape)
-        ns_log.extend([shape[-2:]] * (shape[0] if len(shape) == 3 else 1))
-        return real_ns(G, steps)
-    muon_mod.zeropower_via_newtonschulz5 = counting_ns
+    ns_log, _ = _count_newton_schulz(muon_mod)
     try:
         res, _ = _run_pair(_muon("foreach", weight_decay=0.1), mesh, 3, ns_log=ns_log)
     except Exception as exc:  # noqa: BLE001
         res = _error(exc)
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(res, rank, out_dir)
 
 
 @pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from reliability_util import (SLOW_IMPLS, Problem, assert_identical, combos, cpu_impls, exported_optimizers,
-                              make_optimizer, snapshot)
+                              make_optimizer, run_steps, snapshot)
 from reliability_util import triton_interpreter  # noqa: F401 (an autouse fixture)
 
 IMPLS = cpu_impls()
@@ -63,15 +63,9 @@ def _run(cls, impl: str, steps: int, device: str, monitor: bool, traced: int) ->
     torch.manual_seed(0)
     opt = make_optimizer(cls, params, impl)
     problem = Problem(params, seed=1)
-    closure_only = type(opt).__name__ in ("SAM", "NeuroOptima")
 
     def one_step():
-        if closure_only:
-            opt.step(problem.closure)
-        else:
-            problem.closure()
-            opt.step()
-        problem.k += 1
+        run_steps(opt, problem, 1)
 
     if not monitor:
         for _ in range(steps):

@@ -393,7 +393,7 @@ def test_stats_nan_propagates():
 
 
 def test_reductions_hook_uses_native():
-    from fused_optim import reductions
+    import reductions
 
     ts = [torch.randn(n) for n in (0, 1, 9, 1000)]
     for op, fn in (("absmax", lambda x: x.abs().amax()), ("sum", torch.sum), ("sumsq", lambda x: x.square().sum())):
@@ -475,10 +475,10 @@ def test_build_failure_auto_falls_back_with_one_warning_and_native_raises(monkey
 
 # ------------------------------------------------------------------------------------ FSDP2 (DTensor)
 def _fsdp_worker(rank, port, out_dir, finish):
-    import json
     import os
 
     import torch.distributed as dist
+    from dist_util import finish_rank
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
@@ -514,10 +514,7 @@ def _fsdp_worker(rank, port, out_dir, finish):
                 o.step()
         res[name] = max((p.full_tensor() - q.full_tensor()).abs().max().item()
                         for p, q in zip(models[0].parameters(), models[1].parameters()))
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(res, f)
-    dist.barrier()
-    dist.destroy_process_group()
+    finish_rank(res, rank, out_dir)
 
 
 def test_fsdp2_shards_finish_the_per_tensor_reductions(tmp_path):

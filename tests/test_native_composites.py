@@ -65,6 +65,13 @@ def _native_built():
         pytest.skip(f"the loaded native extension predates the composite ops {missing}; rebuild it")
 
 
+@pytest.fixture(params=DEVICES)
+def device(request):
+    """Every test runs on the CPU and, where the CUDA extension has the composite ops, on CUDA."""
+    _need(request.param)
+    return request.param
+
+
 def _need(device):
     if device == "cuda":
         st = _ext.status("cuda")
@@ -166,10 +173,8 @@ def _check(device, actual, expected, step, what):
 
 
 # ------------------------------------------------------------------------------------------- Lookahead
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("alpha", [0.5, 0.3, 0.8])
 def test_lookahead_sync_fp32(device, alpha):
-    _need(device)
     place = Place(device)
     slow0 = _randn(1)
     ref_p, ref_s = _to(slow0, torch.float32, device), _to(slow0, torch.float32, device)
@@ -192,17 +197,26 @@ def _lowp_runs(dtype, state_dtype, device, run):
     return (run(torch.float64, torch.float64, False), run(dtype, dtype, False), run(dtype, state_dtype, True))
 
 
+def _lowp_pair(seed, dtype):
+    """Params and grads (`_randn` of `seed` and `seed + 100`, LOWP_SHAPES) rounded to `dtype`, held in
+    float64 (exact), so the float64 and `dtype` runs start from the same values."""
+    return tuple([v.to(dtype).double() for v in _randn(s, LOWP_SHAPES)] for s in (seed, seed + 100))
+
+
+# the SAM low-precision tests' grid: each dtype, plain and adaptive
+SAM_LOWP_GRID = pytest.mark.parametrize("dtype,adaptive", [(d, a) for a in (False, True)
+                                                            for d in (torch.bfloat16, torch.float16)])
+
+
 def _assert_lowp(hi, lowp, nat, dtype):
     for (name, h), (_, lo), (_, n) in zip(hi, lowp, nat):
         for i, (a, b, c) in enumerate(zip(n, lo, h)):
             _lowp_close(a, b, c, dtype, f"{name}[{i}]")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,state", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                          (torch.float16, torch.float32)])
 def test_lookahead_sync_lowp(device, dtype, state):
-    _need(device)
 
     def run(p_dtype, s_dtype, native):
         slows = [v.to(dtype).to(device=device, dtype=s_dtype) for v in _randn(1, LOWP_SHAPES)]
@@ -221,10 +235,8 @@ def test_lookahead_sync_lowp(device, dtype, state):
 
 # ------------------------------------------------------------------------------------------------ SAM
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_norms_fp32(device, adaptive):
-    _need(device)
     place = Place(device)
     for k in range(1, STEPS + 1):
         pv, gv = _randn(200 + k), _randn(300 + k, scale=3.0)
@@ -247,14 +259,10 @@ def test_sam_norms_fp32(device, adaptive):
     place.check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("adaptive", [False, True])
+@SAM_LOWP_GRID
 def test_sam_norms_lowp(device, dtype, adaptive):
-    _need(device)
     for k in range(1, STEPS + 1):
-        pv, gv = _randn(200 + k, LOWP_SHAPES), _randn(300 + k, LOWP_SHAPES)
-        pv, gv = [v.to(dtype).double() for v in pv], [v.to(dtype).double() for v in gv]
+        pv, gv = _lowp_pair(200 + k, dtype)
         hi = (_forloop_sam_norms(pv, gv, adaptive=adaptive))
         lowp = (_forloop_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive))
         nat = _native_sam_norms(_to(pv, dtype, device), _to(gv, dtype, device), adaptive=adaptive)
@@ -262,10 +270,8 @@ def test_sam_norms_lowp(device, dtype, adaptive):
         _lowp_close(nat, lowp, hi, dtype, f"norms call {k}")
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_sam_perturb_and_restore_fp32(device, adaptive):
-    _need(device)
     place = Place(device)
     for k in range(1, STEPS + 1):
         pv, gv = _randn(400 + k), _randn(500 + k)
@@ -287,14 +293,10 @@ def test_sam_perturb_and_restore_fp32(device, adaptive):
     place.check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("adaptive", [False, True])
+@SAM_LOWP_GRID
 def test_sam_perturb_lowp(device, dtype, adaptive):
-    _need(device)
     for k in range(1, STEPS + 1):
-        pv, gv = [v.to(dtype).double() for v in _randn(400 + k, LOWP_SHAPES)], \
-            [v.to(dtype).double() for v in _randn(500 + k, LOWP_SHAPES)]
+        pv, gv = _lowp_pair(400 + k, dtype)
         scale = 0.05 * k / 7.3
         runs = []
         for p_dtype, native in ((torch.float64, False), (dtype, False), (dtype, True)):
@@ -350,11 +352,9 @@ MUON_CASES = [{"momentum": 0.95, "nesterov": True, "maximize": False}, {"momentu
               {"momentum": 0.3, "nesterov": True, "maximize": True}]
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("upd_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("case", range(len(MUON_CASES)))
 def test_muon_momentum_fp32(device, upd_dtype, case):
-    _need(device)
     kw = MUON_CASES[case]
     place = Place(device)
     b0 = _randn(600, scale=0.1)
@@ -378,11 +378,9 @@ def test_muon_momentum_fp32(device, upd_dtype, case):
     place.check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,state", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                          (torch.float16, torch.float32)])
 def test_muon_momentum_lowp(device, dtype, state):
-    _need(device)
     kw = MUON_CASES[0]
 
     def run(g_dtype, s_dtype, native):
@@ -418,11 +416,9 @@ def _ns_like(values, dtype, device, transposed_every=3):
     return out
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("upd_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_muon_apply_fp32(device, upd_dtype, weight_decay):
-    _need(device)
     place = Place(device)
     p0 = _randn(800)
     ref_p, nat_p = _to(p0, torch.float32, device), place.list(p0, torch.float32)
@@ -439,10 +435,8 @@ def test_muon_apply_fp32(device, upd_dtype, weight_decay):
     place.check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_muon_apply_lowp(device, dtype):
-    _need(device)
 
     def run(p_dtype, _, native):
         params = [v.to(dtype).to(device=device, dtype=p_dtype) for v in _randn(800, LOWP_SHAPES)]
@@ -507,10 +501,8 @@ def _assert_sign_steps_close(nat_p, ref_p, ref_s, kw):
         assert not bad.any(), f"params[{i}]: {int(bad.sum())} elements differ beyond 4 ulp away from sign ties"
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("case", range(len(NEURO_CASES)))
 def test_neuro_optima_fp32(device, case):
-    _need(device)
     kw = NEURO_CASES[case]
     place = Place(device)
     p0 = _randn(1100)
@@ -535,11 +527,9 @@ def test_neuro_optima_fp32(device, case):
     place.check()
 
 
-@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,state", [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
                                          (torch.float16, torch.float32)])
 def test_neuro_optima_lowp(device, dtype, state):
-    _need(device)
     kw = dict(NEURO_CASES[0], lr=1e-3)
 
     def run(p_dtype, s_dtype, native):
@@ -554,10 +544,8 @@ def test_neuro_optima_lowp(device, dtype, state):
 
 
 # ------------------------------------------------------------------------------------------- float64
-@pytest.mark.parametrize("device", DEVICES)
 def test_float64_all(device):
     """float64 params and state (native only): docs/spec.md §9's tolerance, every op from the same inputs."""
-    _need(device)
     pv, gv = _randn(1), _randn(2)
 
     def two(*lists):  # identical float64 inputs for the reference and the native call
@@ -633,11 +621,9 @@ def test_lowp_vector_loops_bit_equal_scalar_loop(dtype, state):
 
 
 # ------------------------------------------------------------------------------------- many tensors
-@pytest.mark.parametrize("device", DEVICES)
 def test_many_tensors_one_call(device):
     """211 tensors of mixed odd sizes (zero-size ones among them) in one call of every op: the CUDA launch
     table's row search and the CPU chunk list, against the references."""
-    _need(device)
     g = torch.Generator().manual_seed(21)
     sizes = [0 if i % 37 == 5 else int(torch.randint(1, 1500, (1,), generator=g)) | 1 for i in range(211)]
     shapes = [(n,) for n in sizes]
@@ -751,9 +737,7 @@ def _bad_calls(device):
     return bad, p, s
 
 
-@pytest.mark.parametrize("device", DEVICES)
 def test_bad_input_raises_before_writing(device):
-    _need(device)
     bad, p, s = _bad_calls(device)
     for name, call, match, _ in bad:
         snapshot = [t.clone() for t in p + s]

@@ -29,7 +29,7 @@ from fused_optim.kernels.equilibrium import _triton_gradient_equilibrium
 from fused_optim.kernels.gravity import _triton_gravity
 from fused_optim.kernels.lion import _triton_lion
 from fused_optim.lion import _forloop_lion
-from fused_optim.reductions import per_tensor_reduce
+from reductions import per_tensor_reduce
 
 _HAS_CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu,

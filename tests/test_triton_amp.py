@@ -21,6 +21,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from spec_checks import ScaledTwin
 from test_triton import Buffers, _assert_close_steps, _compile_for_sm90, _scalars, _spec
 
 import fused_optim as fo
@@ -187,11 +188,6 @@ _LAUNCHERS = {"gravity": ("gravity", "_triton_gravity"), "lion": ("lion", "_trit
               "ge": ("equilibrium", "_triton_gradient_equilibrium")}
 
 
-def _tiny_model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_cpu_grad_scaler_drives_the_triton_kernels(name, interpret, monkeypatch):
     """torch.amp.GradScaler("cpu") with impl="triton": bit-identical to plain training (powers-of-two
@@ -210,26 +206,10 @@ def test_cpu_grad_scaler_drives_the_triton_kernels(name, interpret, monkeypatch)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(mod, attr, spy)
-    make = OPTIMIZERS[name]
-    model_ref, model_amp = _tiny_model(), _tiny_model()
-    torch.manual_seed(1)  # Gravity draws v at construction: both runs draw the same
-    opt_ref = make(list(model_ref.parameters()))
-    torch.manual_seed(1)
-    opt_amp = make(list(model_amp.parameters()))
+    run = ScaledTwin(OPTIMIZERS[name])
+    model_ref, model_amp, opt_ref, opt_amp = run.model_ref, run.model_amp, run.opt_ref, run.opt_amp
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=2)
-    data = torch.Generator().manual_seed(5)
-    for step in range(5):
-        x, y = torch.randn(4, 6, generator=data), torch.randn(4, 3, generator=data)
-        poison = step == 2
-        if not poison:
-            opt_ref.zero_grad()
-            torch.nn.functional.mse_loss(model_ref(x), y).backward()
-            opt_ref.step()
-        opt_amp.zero_grad()
-        loss = torch.nn.functional.mse_loss(model_amp(x), y)
-        if poison:
-            loss = loss * float("inf")
-        scaler.scale(loss).backward()
+    for step, poison in run.steps(5, scaler):
         scaled = [p.grad.clone() for p in model_amp.parameters()]
         groups_before = [{k: v for k, v in g.items() if k != "params"} for g in opt_amp.param_groups]
         scaler.step(opt_amp)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fused_optim as fo
-from spec_checks import clone_params, grads_for_step, make_params, roundtrip, set_grads
+from spec_checks import clone_params, grads_for_step, make_params, roundtrip, set_grads, step_together
 from upstream_refs import AutomlLion, SailAdan, SeedGradientEquilibrum, SeedGravity
 
 SHAPES = [(1,), (7,), (13, 17), (129,), (2, 3, 5, 7)]  # upstream crashes on zero-size tensors
@@ -71,19 +71,12 @@ def test_adan_loads_a_sail_sg_checkpoint_and_continues(impl):
     base = make_params(seed=5, shapes=SHAPES)
     pt = clone_params(base)
     theirs = SailAdan(pt, **kw)
-    for step in range(1, 5):
-        set_grads(pt, grads_for_step(base, step))
-        theirs.step()
+    step_together(base, range(1, 5), (pt, theirs))
     ckpt = roundtrip({"p": [t.detach() for t in pt], "opt": theirs.state_dict()})
     po = [t.clone().requires_grad_() for t in ckpt["p"]]
     ours = fo.Adan(po, impl=impl, **kw)
     ours.load_state_dict(ckpt["opt"])
-    for step in range(5, 11):
-        grads = grads_for_step(base, step)
-        set_grads(pt, grads)
-        set_grads(po, grads)
-        theirs.step()
-        ours.step()
+    step_together(base, range(5, 11), (pt, theirs), (po, ours))
     for a, b in zip(po, pt):
         assert torch.equal(a, b)
 
@@ -111,12 +104,7 @@ def test_adan_close_to_timm():
     base = make_params(seed=9, shapes=SHAPES)
     pa, pb = clone_params(base), clone_params(base)
     ours, theirs = fo.Adan(pa, lr=1e-2, impl="forloop"), TimmAdan(pb, lr=1e-2)
-    for step in range(1, 21):
-        grads = grads_for_step(base, step)
-        set_grads(pa, grads)
-        set_grads(pb, grads)
-        ours.step()
-        theirs.step()
+    step_together(base, range(1, 21), (pa, ours), (pb, theirs))
     for a, b, p0 in zip(pa, pb, base):
         move = (b - p0).abs().max()
         assert (a - b).abs().max() <= 1e-4 * move + 1e-7

@@ -1,9 +1,9 @@
-"""Per-tensor reductions of a tensor list into one device fp32 buffer, with no host sync.
+"""Per-tensor reductions of a tensor list into one device fp32 buffer, with no host sync: the native
+`multi_tensor_stats` op where it can run, else torch's multi-tensor norms.
 
-Fused paths need one number per tensor before their update (Gravity's max|g|, GradientEquilibrium's
-sum, Adan's and SAM's sums of squares for a global norm) and must not call `.item()`. This module is
-the one place that computes them outside a kernel; the Triton impls fuse their own reduction into
-their tables (`fused_optim/kernels/reduce.py`) and do not come through here.
+A test helper, not library code: the library's fused paths compute these numbers inside their own
+kernels (native: `multi_tensor_stats` then the update; Triton: `fused_optim/kernels/reduce.py`);
+tests use this to check the native op's columns and the torch fallback against torch's reductions.
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ def _native_op():
     `torch.ops.fused_optim.multi_tensor_stats` (csrc/fused_optim.cpp) computes all three statistics
     of every tensor in one pass (CPU: parallel over tensors and chunks; CUDA: one launch plus a small
     cleanup) into an [n, 3] buffer; this returns the requested column as fp32."""
-    from . import _ext
+    from fused_optim import _ext
 
     if not _ext.loaded():
         return None
