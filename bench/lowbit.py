@@ -153,9 +153,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not (args.maps or args.speed):
         args.maps = args.speed = True
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     if args.maps:
-        print(f"| tensor | kind | map | rel L2 | median rel | zeroed | Adam direction rel L2 |")
+        print("| tensor | kind | map | rel L2 | median rel | zeroed | Adam direction rel L2 |")
         print("|---|---|---|---|---|---|---|")
         for name, kind, cand, e in run_maps(args.steps):
             d = f"{e['dir_rel_l2']:.4f}" if "dir_rel_l2" in e else ""

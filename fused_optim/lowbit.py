@@ -139,7 +139,7 @@ def _dynamic_values(signed_bits: int, decades: int) -> list[float]:
     return sorted(vals)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tables_cpu(signed: bool) -> tuple[Tensor, Tensor]:
     # signed: 7 magnitude bits (6 decades down to 3.25e-6 of the absmax) and a sign bit;
     # unsigned: 8 bits (7 decades down to 3.25e-7): docs/lowbit.md §3
@@ -198,7 +198,7 @@ def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
                          "that can be negative)")
     blocks = _blocked(x.contiguous())
     scale = blocks.abs().amax(dim=1)
-    mags, thr = quant_tables(signed, x.device)
+    _, thr = quant_tables(signed, x.device)
     a = blocks.abs()
     s = scale[:, None]
     # idx = #{k : a >= fl(thr_k * s)}: the rows of fl(thr * s) ascend (thr ascends, s >= 0), so a

@@ -92,10 +92,10 @@ def test_random_bits_key_layout():
         assert abs(((bits >> b) & 1).float().mean() - 0.5) < 0.008
 
 
-@pytest.mark.parametrize("bad,msg", [(dict(seed=-1), "seed"), (dict(seed=2**63), "seed"), (dict(step=2**32), "step"),
-                                     (dict(tensor_index=-2), "tensor_index"), (dict(seed=1.5), "seed")])
+@pytest.mark.parametrize("bad,msg", [({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"step": 2**32}, "step"),
+                                     ({"tensor_index": -2}, "tensor_index"), ({"seed": 1.5}, "seed")])
 def test_random_bits_rejects_bad_keys(bad, msg):
-    args = dict(seed=1, step=0, tensor_index=0) | bad
+    args = {"seed": 1, "step": 0, "tensor_index": 0} | bad
     with pytest.raises(ValueError, match=msg):
         L.random_bits(args["seed"], args["step"], args["tensor_index"], 4)
 
@@ -179,9 +179,8 @@ def test_maps():
 @pytest.mark.parametrize("signed", [True, False])
 def test_roundtrip_within_bound(signed):
     g = torch.Generator().manual_seed(2)
-    x = _adversarial()
     heavy = torch.distributions.StudentT(2.0).sample((256 * 16,))
-    for x in (x, heavy, torch.randn(1000, generator=g), torch.randn(5, generator=g)):
+    for x in (_adversarial(), heavy, torch.randn(1000, generator=g), torch.randn(5, generator=g)):
         if not signed:
             x = x.abs()
         codes, scales = L.quantize_blockwise(x, signed)
@@ -191,7 +190,7 @@ def test_roundtrip_within_bound(signed):
         assert (err <= bound).all(), (err / bound).max()
         assert torch.equal(torch.signbit(y), torch.signbit(x)) if signed else (y >= 0).all()
     # the bound is tight: values just under a threshold reach most of it
-    mags, thr = L.quant_tables(signed)
+    _, thr = L.quant_tables(signed)
     mid = torch.nextafter(thr, torch.zeros_like(thr))
     x = torch.cat([torch.tensor([1.0]), mid])[:256]
     y = L.dequantize_blockwise(*L.quantize_blockwise(x, signed), signed)
@@ -288,7 +287,8 @@ def test_triton_philox_is_triton_library_philox():
         print(torch.equal(out, L.random_bits(seed, 9, 3, 256, offset=1000, streams=4)))
     """)
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.strip().endswith("True")
 
@@ -394,13 +394,11 @@ def cpp():
 
     build = ROOT / ".ext_cache" / "lowbit_test"
     build.mkdir(parents=True, exist_ok=True)
-    try:
-        return load_inline(name="fused_optim_lowbit_test", cpp_sources=[_CPP],
-                           functions=["random_words_t", "sr_bf16_t", "quantize_t", "dequantize_t"],
-                           extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-ffp-contract=off"],
-                           build_directory=str(build), verbose=False)
-    except Exception as e:  # no compiler here: say so instead of failing every test
-        pytest.skip(f"C++ test module did not build: {e}")
+    # a build error fails these tests: it is an error in the header
+    return load_inline(name="fused_optim_lowbit_test", cpp_sources=[_CPP],
+                       functions=["random_words_t", "sr_bf16_t", "quantize_t", "dequantize_t"],
+                       extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-ffp-contract=off"],
+                       build_directory=str(build), verbose=False)
 
 
 @pytest.mark.slow
@@ -441,3 +439,24 @@ def test_cpp_quantize_identical(cpp, signed):
     c_ref, s_ref = L.quantize_blockwise(x, signed)
     assert torch.equal(c, c_ref) and _same(s, s_ref)
     assert _same(cpp.dequantize_t(c, s, mags, signed), L.dequantize_blockwise(c, s, signed))
+
+
+# ------------------------------------------------------------------------------- the map's choice
+def test_dynamic_map_keeps_heavy_tailed_second_moments():
+    """The measurement behind the map (docs/lowbit.md §3): on a heavy-tailed second moment the linear map
+    zeroes about half the elements, the dynamic map about 1%, and its error stays the smaller one."""
+    from bench.lowbit import _errors, candidates
+
+    torch.manual_seed(5)
+    v = torch.distributions.StudentT(2.0).sample((256 * 64,)) ** 2
+    errs = {name: _errors(v, fn(v)) for name, fn in candidates(False, torch.Generator().manual_seed(0)).items()}
+    assert errs["dynamic (ours)"]["zeroed"] < 0.02
+    assert errs["linear nearest"]["zeroed"] > 0.3 and errs["linear stochastic"]["zeroed"] > 0.3
+    assert errs["dynamic (ours)"]["rel_l2"] < errs["linear nearest"]["rel_l2"]
+
+
+def test_bench_speed_runs():
+    from bench.lowbit import run_speed
+
+    out = run_speed(numel=4096, reps=1)
+    assert set(out) >= {"quantize / copy", "dequantize / copy"} and all(v > 0 for v in out.values())
