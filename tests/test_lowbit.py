@@ -286,7 +286,8 @@ def test_triton_philox_is_triton_library_philox():
         k[(1,)](out, seed, 9, 3, 256, BLOCK=256)
         print(torch.equal(out, L.random_bits(seed, 9, 3, 256, offset=1000, streams=4)))
     """)
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=path)
     r = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
