@@ -89,9 +89,16 @@ def random_bits(seed: int, step: int, tensor_index: int, numel: int, *, offset: 
 # ------------------------------------------------------------------------------- stochastic rounding
 def _f32_bits(x: Tensor) -> Tensor:
     """fp32 bit patterns as int64 values in [0, 2^32)."""
-    if x.dtype != torch.float32:
-        raise TypeError(f"expected an fp32 tensor, got {x.dtype}")
     return x.contiguous().view(torch.int32).to(torch.int64) & _U32
+
+
+def check_sr_args(x: Tensor, bits: Tensor) -> None:
+    """Raise naming the bad argument of a stochastic rounding call."""
+    if x.dtype != torch.float32:
+        raise TypeError(f"stochastic rounding: x must be fp32, got {x.dtype}")
+    if bits.dtype != torch.int64 or bits.shape != x.shape:
+        raise ValueError(f"stochastic rounding: bits must be an int64 tensor of x's shape {tuple(x.shape)} "
+                         f"(from random_bits), got {bits.dtype} {tuple(bits.shape)}")
 
 
 def stochastic_round_bf16_bits(x: Tensor, bits: Tensor) -> Tensor:
@@ -103,6 +110,7 @@ def stochastic_round_bf16_bits(x: Tensor, bits: Tensor) -> Tensor:
     exact bf16 values are unchanged; NaN stays NaN (quiet, sign kept); a finite value above bf16's
     largest finite becomes ±inf with probability proportional to its distance from it.
     """
+    check_sr_args(x, bits)
     b = _f32_bits(x)
     nan = (b & 0x7FFFFFFF) > 0x7F800000
     rounded = ((b + (bits & 0xFFFF)) & _U32) >> 16

@@ -122,6 +122,15 @@ def test_sr_bf16_special_values():
         assert torch.equal(torch.signbit(y), torch.signbit(nans))
 
 
+def test_sr_bf16_checks_inputs():
+    with pytest.raises(TypeError, match="x must be fp32"):
+        L.stochastic_round_bf16(torch.ones(4, dtype=torch.float64), L.random_bits(0, 0, 0, 4))
+    with pytest.raises(ValueError, match="bits must be"):
+        L.stochastic_round_bf16(torch.ones(4), L.random_bits(0, 0, 0, 5))
+    with pytest.raises(ValueError, match="bits must be"):
+        L.stochastic_round_bf16(torch.ones(4), L.random_bits(0, 0, 0, 4).int())
+
+
 def test_sr_bf16_overflow_near_max():
     # between bf16's largest finite and 2^128: that value or inf, with probability by distance (unbiased
     # against inf standing for 2^128)

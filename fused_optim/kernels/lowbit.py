@@ -181,6 +181,7 @@ def random_bits(seed: int, step: int, tensor_index: int, numel: int, *, offset: 
 
 def stochastic_round_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """`fused_optim.lowbit.stochastic_round_bf16` computed by `sr_bf16_bits`."""
+    _ref.check_sr_args(x, bits)
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
     n = x.numel()
