@@ -1,0 +1,131 @@
+// Low-precision optimizer state, host and device: Philox4x32-10 keyed by (seed, step, tensor, element),
+// stochastic rounding fp32 -> bf16, and 8-bit blockwise quantization with the dynamic map. Bit-identical
+// to the torch reference fused_optim/lowbit.py and the Triton helpers fused_optim/kernels/lowbit.py
+// (docs/lowbit.md §1-§4). Scalar (per-element) functions: a kernel calls them on values it holds.
+//
+// The map's tables (magnitudes, thresholds) are not repeated here: the caller passes pointers to the
+// fp32 tensors of `fused_optim.lowbit.quant_tables`, so every implementation uses the same bits.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace fused_optim {
+namespace lowbit {
+
+// elements per quantization block, one fp32 absmax scale each (docs/lowbit.md §3)
+constexpr int kQuantBlock = 256;
+// magnitudes of the signed map (7 bits + sign) and of the unsigned map (8 bits)
+constexpr int kSignedMagnitudes = 128;
+constexpr int kUnsignedMagnitudes = 256;
+
+C10_HOST_DEVICE inline uint32_t f32_bits(float x) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(x);
+#else
+  uint32_t b;
+  std::memcpy(&b, &x, sizeof(b));
+  return b;
+#endif
+}
+
+C10_HOST_DEVICE inline float f32_from_bits(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float x;
+  std::memcpy(&x, &b, sizeof(x));
+  return x;
+#endif
+}
+
+C10_HOST_DEVICE inline uint32_t mulhi32(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __umulhi(a, b);
+#else
+  return static_cast<uint32_t>((static_cast<uint64_t>(a) * b) >> 32);
+#endif
+}
+
+struct Philox4 {
+  uint32_t w[4];
+};
+
+// Philox4x32-10 (Salmon et al., SC'11; the Random123 constants) of counter c under key (k0, k1).
+C10_HOST_DEVICE inline Philox4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                             uint32_t k1) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    const uint32_t hi0 = mulhi32(c0, 0xD2511F53u), lo0 = c0 * 0xD2511F53u;
+    const uint32_t hi1 = mulhi32(c2, 0xCD9E8D57u), lo1 = c2 * 0xCD9E8D57u;
+    c0 = hi1 ^ c1 ^ k0;
+    c1 = lo1;
+    c2 = hi0 ^ c3 ^ k1;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return Philox4{{c0, c1, c2, c3}};
+}
+
+// The four random words of element `elem` of tensor `tensor` at `step` under `seed` (< 2^63): key = seed's
+// low and high 32 bits, counter = (elem low, elem high, tensor, step). Word s is the element's stream s.
+C10_HOST_DEVICE inline Philox4 random_words(uint64_t seed, uint32_t step, uint32_t tensor, uint64_t elem) {
+  return philox4x32_10(static_cast<uint32_t>(elem), static_cast<uint32_t>(elem >> 32), tensor, step,
+                       static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+}
+
+// bf16 bits of x rounded stochastically with the random word r (its low 16 bits): add, truncate. Unbiased;
+// NaN stays NaN (quiet, sign kept); see docs/lowbit.md §2 for inf and overflow.
+C10_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t r) {
+  const uint32_t b = f32_bits(x);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((b | 0x00400000u) >> 16);
+  return static_cast<uint16_t>((b + (r & 0xFFFFu)) >> 16);
+}
+
+// bf16 bits widened to fp32 (exact)
+C10_HOST_DEVICE inline float bf16_bits_to_float(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+
+// max |x| over n values; NaN if any is NaN (torch.amax), so the block's scale carries it
+C10_HOST_DEVICE inline float block_absmax(const float* x, int64_t n) {
+  float m = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float a = f32_from_bits(f32_bits(x[i]) & 0x7FFFFFFFu);
+    if (a != a) return a;
+    if (a > m) m = a;
+  }
+  return m;
+}
+
+// The 8-bit code of x in a block of scale `scale`: the nearest map magnitude to |x|/scale (ties upward),
+// found by binary search on |x| >= thr[k] * scale (no division, so every implementation agrees); signed:
+// 7 magnitude bits (thr: 127 thresholds) and x's sign bit as bit 7; unsigned: 8 bits (thr: 255).
+template <bool Signed>
+C10_HOST_DEVICE inline uint8_t quantize_value(float x, float scale, const float* thr) {
+  const float a = f32_from_bits(f32_bits(x) & 0x7FFFFFFFu);
+  int idx = 0;
+  for (int step = Signed ? 64 : 128; step > 0; step >>= 1) {
+    const int cand = idx + step;
+    const float t = thr[cand - 1] * scale;
+    if (a >= t) idx = cand;
+  }
+  if (Signed) idx |= static_cast<int>(f32_bits(x) >> 31) << 7;
+  return static_cast<uint8_t>(idx);
+}
+
+// The fp32 value of an 8-bit code: ±mag[code] * scale (mag: the 128 signed or 256 unsigned magnitudes).
+template <bool Signed>
+C10_HOST_DEVICE inline float dequantize_value(uint8_t code, float scale, const float* mag) {
+  if (Signed) {
+    const float v = mag[code & 0x7F] * scale;
+    return (code >> 7) ? -v : v;
+  }
+  return mag[code] * scale;
+}
+
+}  // namespace lowbit
+}  // namespace fused_optim
