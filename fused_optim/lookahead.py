@@ -25,6 +25,7 @@ from torch import Tensor
 from ._backends import auto_impl, impl_status
 from ._foreach import mul_operand
 from ._native import _native_lookahead_sync
+from .declaration import Declaration, declare
 from .kernels import _triton_lookahead_sync  # lazy: triton is imported on the first triton sync
 from .optimizer import (_IMPL_DTYPES, FusedOptimizer, _check_range, _real_dtype, cuda_capturing, impl_views,
                         split_by_device_dtype)
@@ -222,6 +223,7 @@ class _WrappedOptimizer(torch.optim.Optimizer):
         return out, group_extra
 
 
+@declare(Declaration("lookahead", factory="from_params"))  # docs/design.md, "One declaration"
 class Lookahead(_WrappedOptimizer):
     r"""Lookahead around any optimizer: every ``k`` inner steps, ``p ← α·p + (1 − α)·slow``, ``slow ← p``.
 

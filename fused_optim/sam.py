@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from ._native import _native_sam_norms, _native_sam_perturb, _native_sam_restore
+from .declaration import Declaration, declare
 from .kernels import (  # lazy: no triton import here
     _triton_sam_norms,
     _triton_sam_perturb,
@@ -187,6 +188,7 @@ def _has_grads(groups: list[dict]) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- the class
+@declare(Declaration("sam"))  # docs/design.md, "One declaration"
 class SAM(_WrappedOptimizer):
     r"""Sharpness-aware minimization around a base optimizer (davda54's API).
 
