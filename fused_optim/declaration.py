@@ -13,7 +13,6 @@ imports no kernel and builds nothing (an impl may be a lazy ``"module:attr"`` re
 """
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -110,14 +109,35 @@ class Hyper:
             check_betas(value, self.n)
 
     def checker(self) -> Callable[[Any], None] | None:
-        """`check` as one precomputed call (the class runs it every step), None for unchecked kinds."""
+        """`check` as one precomputed function (the class runs it every step, so a valid plain float
+        passes in a few comparisons; anything else takes `check`'s path, which raises the message),
+        None for unchecked kinds."""
         if self.kind == "float":
-            return functools.partial(check_range, self.name, lo=self.lo, hi=self.hi, lo_open=self.lo_open,
-                                     hi_open=self.hi_open, label=self.label)
-        if self.kind == "int":
-            return functools.partial(check_int, self.name, lo=int(self.lo or 0), label=self.label)
+            # a missing bound is an open infinite one, so the comparisons alone refuse NaN and +-inf
+            lo, hi = -math.inf if self.lo is None else self.lo, math.inf if self.hi is None else self.hi
+            lo_strict, hi_strict = self.lo_open or self.lo is None, self.hi_open or self.hi is None
+            slow = self.check
+
+            def check_float(value: Any) -> None:
+                if value.__class__ is float and ((lo < value) if lo_strict else (lo <= value)) and (
+                        (value < hi) if hi_strict else (value <= hi)):
+                    return
+                slow(value)
+            return check_float
         if self.kind == "betas":
-            return functools.partial(check_betas, n=self.n)
+            n, slow = self.n, self.check
+
+            def check_betas_fast(value: Any) -> None:
+                if value.__class__ is tuple and len(value) == n:
+                    for b in value:
+                        if not (b.__class__ is float and 0.0 <= b < 1.0):
+                            break
+                    else:
+                        return
+                slow(value)
+            return check_betas_fast
+        if self.kind == "int":
+            return self.check
         return None
 
     def invalid_values(self) -> list[Any]:
