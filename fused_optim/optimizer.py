@@ -115,9 +115,11 @@ def _impl_function(impl: Impl) -> Callable[..., None]:
 class FusedOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` with pluggable implementations (docs/spec.md §0).
 
-    Subclasses set `_impls` (impl name -> functional step), implement `_validate_group(group)` and
-    `_step_group(group, params, grads)` (or `_update(batches)` when a step couples groups, like Adan's
-    global clip), and call `self._dispatch(...)` with their tensor lists and Python scalars.
+    Subclasses set ``declaration`` (fused_optim/declaration.py), from which `__init_subclass__` derives
+    `_impls` (impl name -> functional step), the state keys, the step counters, the capabilities and
+    `_validate_group`; they implement `_step_group(group, params, grads)` (or `_update(batches)` when a
+    step couples groups, like Adan's global clip), and call `self._dispatch(...)` with their tensor
+    lists and Python scalars (docs/design.md, "One declaration").
 
     AMP: ``_step_supports_amp_scaling = True`` tells ``torch.amp.GradScaler`` to hand the optimizer its
     ``grad_scale`` and ``found_inf`` tensors (as attributes, or as ``step()`` keyword arguments) instead
