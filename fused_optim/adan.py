@@ -96,7 +96,7 @@ ADAN = Declaration(
             Hyper("no_prox", False, kind="bool")),
     state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs"),
            State("exp_avg_diff", "exp_avg_diffs"),
-           State("neg_pre_grad", "neg_pre_grads", optional=True)),  # -clip*g of the last step; set when missing
+           State("neg_pre_grad", "neg_pre_grads", optional=True)),  # -clip*g of the last step
     counters=("step",),  # the bias corrections depend on it: an AMP found_inf skip must not advance it
     floats=("lr", "beta1", "beta2", "beta3", "bias_correction1", "bias_correction2", "bias_correction3_sqrt",
             "eps", "weight_decay", "clip"),

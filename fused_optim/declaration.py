@@ -20,8 +20,8 @@ from typing import Any
 
 from torch import Tensor
 
-__all__ = ["FUSED", "Declaration", "Hyper", "Impl", "State", "check_betas", "check_int", "check_range", "declare",
-           "declared", "mark_amp", "register"]
+__all__ = ["FUSED", "Declaration", "Hyper", "Impl", "State", "check_betas", "check_int", "check_range",
+           "declare", "declared", "mark_amp", "register"]
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -83,8 +83,9 @@ class Hyper:
     """One hyperparameter of a param group.
 
     ``kind``: "float" (a number, or a one-element tensor where ``tensor`` is set: ``lr``), "int" (an
-    int ``>= lo``), "betas" (a tuple of ``n`` numbers each in [0, 1)), "bool" or "other" (not checked). ``lo``/``hi`` bound a
-    float, open or closed; ``label`` is the wording of torch's message ("learning rate").
+    int ``>= lo``), "betas" (a tuple of ``n`` numbers each in [0, 1)), "bool" or "other" (not
+    checked). ``lo``/``hi`` bound a float, open or closed; ``label`` is the wording of torch's message
+    ("learning rate").
     """
     name: str
     default: Any
@@ -206,8 +207,9 @@ class Declaration:
     scalars in order (``tensor_floats``: those that may also be a 0-d tensor the op passes through as
     ``<name>_tensor``); ``flags``: its bool arguments, ``maximize`` last. ``impls``: forloop first (the
     reference). ``per_tensor_reduction``: the update reads a reduction over each whole tensor, so on
-    DTensor shards only ``shard_aware`` impls may run. ``factory``: for a composite, the attribute `create_optimizer` calls instead of the
-    class. ``alias_of``: a second spelling of another declared class (no op of its own)."""
+    DTensor shards only ``shard_aware`` impls may run. ``factory``: for a composite, the attribute
+    `create_optimizer` calls instead of the class. ``alias_of``: a second spelling of another declared
+    class (no op of its own)."""
     name: str
     hypers: tuple[Hyper, ...] = ()
     state: tuple[State, ...] = ()

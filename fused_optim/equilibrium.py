@@ -68,7 +68,7 @@ GRADIENT_EQUILIBRIUM = Declaration(
     floats=("lr", "weight_decay"),
     per_tensor_reduction=True,  # mean(g) per tensor
     impls=(Impl("forloop", _forloop_gradient_equilibrium),
-           Impl("foreach", _foreach_gradient_equilibrium, shard_aware=True),  # finishes with reduce_per_tensor
+           Impl("foreach", _foreach_gradient_equilibrium, shard_aware=True),  # reduce_per_tensor
            Impl("triton", "fused_optim.kernels.equilibrium:_triton_gradient_equilibrium", **FUSED),
            Impl("native", _native_gradient_equilibrium, **FUSED, shard_aware=True)),
 )

@@ -87,7 +87,8 @@ def _imports(module: str, path: Path) -> set[str]:
 
 GRAPH = {m: _imports(m, p) for m, p in MODULES.items()}
 
-KERNEL_LAYER = {m for m in MODULES if m == f"{PKG}.kernels" or m.startswith(f"{PKG}.kernels.")} | {f"{PKG}._native"}
+KERNEL_LAYER = {m for m in MODULES if m == f"{PKG}.kernels" or m.startswith(f"{PKG}.kernels.")}
+KERNEL_LAYER.add(f"{PKG}._native")
 API_LAYER = {PKG, f"{PKG}.optimizer", f"{PKG}.registry", f"{PKG}.ops"} | {
     cls.__module__ for _, cls in declared().values()}
 
