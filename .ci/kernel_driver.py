@@ -258,7 +258,15 @@ def impl_fns(name: str) -> dict[str, Callable]:
     import fused_optim._native as native
     import fused_optim.kernels as kernels
 
-    tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
+    from fused_optim.declaration import declared
+
+    # a declared optimizer's launcher is its declaration's (lazy) reference; the composites' parts are
+    # the package's attributes or their kernel module's
+    decl = declared().get(name)
+    if decl is not None and decl[0].impls:
+        tri = decl[1]._impls["triton"]
+    else:
+        tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
     return {"native": getattr(native, f"_native_{name}"), "triton": tri}
 
 

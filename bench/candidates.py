@@ -3,7 +3,9 @@ peers users run today (each only when installed), torch's AdamW as the yardstick
 `torch.compile`d foreach step.
 
 Our impls are discovered, never listed: `fused_optim.available_impls(device)` says what can run and
-each optimizer's `impl=` argument picks it, so impls added to the library show up here unchanged.
+each optimizer's `impl=` argument picks it, so impls added to the library show up here unchanged. So
+are our optimizers: every declared one (fused_optim/declaration.py) gets a row, with its declared
+defaults and a floor from its declared state, unless `_TUNED` gives it tuned hyperparameters.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ class OptSpec:
         return 2 * param_bytes + self.grad_reads * param_bytes + 2 * self.n_states * state_bytes
 
 
-OPTIMIZERS: dict[str, OptSpec] = {s.name: s for s in [
+#: the yardstick and the optimizers whose bench hyperparameters (or floor) are chosen by hand
+_TUNED: list[OptSpec] = [
     OptSpec("adamw", None, dict(lr=1e-3, weight_decay=0.01), grad_reads=1, n_states=2),
     OptSpec("lion", "lion", dict(lr=1e-4, betas=(0.9, 0.99), weight_decay=0.1), grad_reads=1, n_states=1),
     OptSpec("gravity", "gravity", dict(lr=0.1, alpha=0.01, beta=0.9), grad_reads=2, n_states=1),
@@ -52,7 +55,21 @@ OPTIMIZERS: dict[str, OptSpec] = {s.name: s for s in [
     # never reached) so the rows time the fused core, 44 B/param like Adan
     OptSpec("neurooptima", "neurooptima", dict(lr=1e-3, weight_decay=0.01, betas=(0.9, 0.999), eps=1e-8,
                                               sam_rho=0.0, lookahead_k=1 << 30), grad_reads=1, n_states=4),
-]}
+]
+
+
+def _declared_specs() -> list[OptSpec]:
+    """A spec for every declared optimizer with its own impls: its declared defaults, its state tensors,
+    and one more grad read for a per-tensor reduction."""
+    from fused_optim.declaration import declared
+
+    return [OptSpec(name, name, decl.defaults, grad_reads=2 if decl.per_tensor_reduction else 1,
+                    n_states=len(decl.state))
+            for name, (decl, _) in declared().items() if decl.impls and decl.alias_of is None]
+
+
+OPTIMIZERS: dict[str, OptSpec] = {s.name: s for s in _TUNED}
+OPTIMIZERS.update((s.name, s) for s in _declared_specs() if s.name not in OPTIMIZERS)
 
 
 @dataclass

@@ -10,11 +10,11 @@ import math
 import torch
 from torch import Tensor
 
-from .kernels import _triton_adan  # lazy: triton is imported on the first triton step
-from .distributed import all_reduce_sum_, is_dtensor, local
-from ._native import _native_adan
 from ._foreach import addcdiv_, mul_operand
-from .optimizer import FusedOptimizer, _check_betas, _check_range
+from ._native import _native_adan
+from .declaration import FUSED, Declaration, Hyper, Impl, State
+from .distributed import all_reduce_sum_, is_dtensor, local
+from .optimizer import FusedOptimizer, _check_range
 
 __all__ = ["Adan"]
 
@@ -85,6 +85,30 @@ def _foreach_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     torch._foreach_add_(neg_pre_grads, grads, alpha=-1.0)
 
 
+#: docs/design.md, "One declaration"
+ADAN = Declaration(
+    "adan",
+    hypers=(Hyper("lr", 1e-3, lo=0.0, label="learning rate", tensor=True),
+            Hyper("betas", (0.98, 0.92, 0.99), kind="betas", n=3),
+            Hyper("eps", 1e-8, lo=0.0, label="epsilon value"),
+            Hyper("weight_decay", 0.0, lo=0.0),
+            Hyper("max_grad_norm", 0.0, lo=0.0),
+            Hyper("no_prox", False, kind="bool")),
+    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs"),
+           State("exp_avg_diff", "exp_avg_diffs"),
+           State("neg_pre_grad", "neg_pre_grads", optional=True)),  # -clip*g of the last step
+    counters=("step",),  # the bias corrections depend on it: an AMP found_inf skip must not advance it
+    floats=("lr", "beta1", "beta2", "beta3", "bias_correction1", "bias_correction2", "bias_correction3_sqrt",
+            "eps", "weight_decay", "clip"),
+    tensor_floats=("clip",),  # the global clip factor stays on the device on the non-reference paths
+    flags=("no_prox", "maximize"),
+    impls=(Impl("forloop", _forloop_adan),
+           Impl("foreach", _foreach_adan),
+           Impl("triton", "fused_optim.kernels.adan:_triton_adan", **FUSED),
+           Impl("native", _native_adan, **FUSED)),
+)
+
+
 class Adan(FusedOptimizer):
     r"""Adan with sail-sg's op order, proximal (default) or decoupled (``no_prox=True``) weight decay.
 
@@ -110,11 +134,7 @@ class Adan(FusedOptimizer):
     param; ``step`` per group.
     """
 
-    _display_name = "Adan"
-    _group_counters = ("step",)  # the bias corrections depend on it: an AMP found_inf skip must not advance it
-    _state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff")
-    _optional_state_keys = ("neg_pre_grad",)  # -clip*g of the last step; set from the grad when missing
-    _supports_capturable = True
+    declaration = ADAN
 
     def _reads_grads_before_dispatch(self) -> bool:
         # Under AMP these reads must see unscaled grads: the global clip norm, and a param's first step,
@@ -141,13 +161,6 @@ class Adan(FusedOptimizer):
                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
                          capturable=capturable)
-
-    def _validate_group(self, group: dict) -> None:
-        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
-        _check_betas(group["betas"], 3)
-        _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
-        _check_range("weight_decay", group["weight_decay"], lo=0.0)
-        _check_range("max_grad_norm", group["max_grad_norm"], lo=0.0)
 
     @torch.no_grad()
     def restart_opt(self) -> None:
@@ -255,9 +268,6 @@ class Adan(FusedOptimizer):
                        bias_correction1=bc1, bias_correction2=bc2, bias_correction3_sqrt=bc3_sqrt,
                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
                        no_prox=bool(group["no_prox"]), clip=clip, maximize=group["maximize"], **first)
-
-    _impls = {"forloop": _forloop_adan, "foreach": _foreach_adan, "triton": _triton_adan,
-              "native": _native_adan}
 
 
 def _sharded_then_plain(grads: list[Tensor]) -> list[list[Tensor]]:

@@ -5,14 +5,16 @@ the L2 term its docstring promises, ``g + wd·p``. With ``weight_decay=0`` it ma
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from torch import Tensor
 
-from .kernels import _triton_gradient_equilibrium  # lazy: triton is imported on the first triton step
-from .distributed import global_numels, reduce_per_tensor
-from ._native import _native_gradient_equilibrium
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _check_range
+from ._native import _native_gradient_equilibrium
+from .declaration import FUSED, Declaration, Hyper, Impl
+from .distributed import global_numels, reduce_per_tensor
+from .optimizer import FusedOptimizer
 
 __all__ = ["GradientEquilibrium", "GradientEquilibrum"]
 
@@ -57,7 +59,19 @@ def _foreach_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, 
     torch._foreach_sub_(params, eq)
 
 
-_foreach_gradient_equilibrium.shard_aware = True  # finishes its per-tensor reduction with reduce_per_tensor
+#: docs/design.md, "One declaration"
+GRADIENT_EQUILIBRIUM = Declaration(
+    "gradient_equilibrium",
+    aliases=("gradientequilibrium",),
+    hypers=(Hyper("lr", 0.01, lo=0.0, label="learning rate", tensor=True),
+            Hyper("weight_decay", 0.0, lo=0.0)),
+    floats=("lr", "weight_decay"),
+    per_tensor_reduction=True,  # mean(g) per tensor
+    impls=(Impl("forloop", _forloop_gradient_equilibrium),
+           Impl("foreach", _foreach_gradient_equilibrium, shard_aware=True),  # reduce_per_tensor
+           Impl("triton", "fused_optim.kernels.equilibrium:_triton_gradient_equilibrium", **FUSED),
+           Impl("native", _native_gradient_equilibrium, **FUSED, shard_aware=True)),
+)
 
 
 class GradientEquilibrium(FusedOptimizer):
@@ -72,9 +86,7 @@ class GradientEquilibrium(FusedOptimizer):
     No state. A one-element tensor never moves (its gradient equals its mean).
     """
 
-    _display_name = "GradientEquilibrium"
-    _supports_capturable = True
-    _per_tensor_reduction = True
+    declaration = GRADIENT_EQUILIBRIUM
     _supports_complex = False
     _complex_reason = "the mean over a torch.view_as_real view would mix real and imaginary parts"
 
@@ -85,21 +97,16 @@ class GradientEquilibrium(FusedOptimizer):
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
                          capturable=capturable)
 
-    def _validate_group(self, group: dict) -> None:
-        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
-        _check_range("weight_decay", group["weight_decay"], lo=0.0)
-
     def _step_group(self, group, params, grads) -> None:
         self._dispatch(params, grads, [], lr=group["lr"],
                        weight_decay=float(group["weight_decay"]), maximize=group["maximize"])
 
-    _impls = {"forloop": _forloop_gradient_equilibrium, "foreach": _foreach_gradient_equilibrium,
-              "triton": _triton_gradient_equilibrium,
-              "native": _native_gradient_equilibrium}
-
 
 class GradientEquilibrum(GradientEquilibrium):
     """The seed's spelling. Accepts and ignores its unused ``max_iterations`` and ``tol`` arguments."""
+
+    declaration = replace(GRADIENT_EQUILIBRIUM, name="gradientequilibrum", aliases=(),
+                          alias_of=GRADIENT_EQUILIBRIUM.name)
 
     def __init__(self, params, lr: float | Tensor = 0.01, max_iterations: int = 1000, tol: float = 1e-7,
                  weight_decay: float = 0.0, **kwargs):

@@ -9,10 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import _triton_gravity  # lazy: triton is imported on the first triton step
-from .distributed import reduce_per_tensor
-from ._native import _native_gravity
 from ._foreach import mul_operand, take
+from ._native import _native_gravity
+from .declaration import FUSED, Declaration, Hyper, Impl, State
+from .distributed import reduce_per_tensor
 from .optimizer import FusedOptimizer, _as_float, _check_range
 
 __all__ = ["Gravity"]
@@ -56,7 +56,21 @@ def _foreach_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor]
     torch._foreach_add_(params, torch._foreach_mul(vs, lr), alpha=-1)
 
 
-_foreach_gravity.shard_aware = True  # finishes its per-tensor reduction with reduce_per_tensor
+#: docs/design.md, "One declaration"
+GRAVITY = Declaration(
+    "gravity",
+    hypers=(Hyper("lr", 0.1, lo=0.0, label="learning rate", tensor=True),
+            Hyper("alpha", 0.01, lo=0.0),
+            Hyper("beta", 0.9, lo=0.0, hi=1.0, hi_open=True)),
+    state=(State("v", "vs"),),
+    counters=("t",),  # beta_hat depends on t: an AMP found_inf skip must not advance it
+    floats=("lr", "beta_hat"),
+    per_tensor_reduction=True,  # max|g| per tensor
+    impls=(Impl("forloop", _forloop_gravity),
+           Impl("foreach", _foreach_gravity, shard_aware=True),  # finishes max|g| with reduce_per_tensor
+           Impl("triton", "fused_optim.kernels.gravity:_triton_gravity", **FUSED),
+           Impl("native", _native_gravity, **FUSED, shard_aware=True)),
+)
 
 
 class Gravity(FusedOptimizer):
@@ -76,12 +90,8 @@ class Gravity(FusedOptimizer):
     ``t`` per group (in ``state_dict()["param_groups"]``).
     """
 
-    _display_name = "Gravity"
-    _per_tensor_reduction = True
-    _group_counters = ("t",)  # beta_hat depends on t: an AMP found_inf skip must not advance it
-    _state_keys = ("v",)
+    declaration = GRAVITY
     _state_from_init = True  # drawn in add_param_group: a state_dict without it cannot be resumed
-    _supports_capturable = True
     _supports_complex = False
     _complex_reason = "its per-tensor max|g| and g/(1+(g/m)^2) are defined for real values only"
 
@@ -92,11 +102,6 @@ class Gravity(FusedOptimizer):
         defaults = dict(lr=lr, alpha=alpha, beta=beta, t=0)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
                          capturable=capturable)
-
-    def _validate_group(self, group: dict) -> None:
-        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
-        _check_range("alpha", group["alpha"], lo=0.0)
-        _check_range("beta", group["beta"], lo=0.0, hi=1.0, hi_open=True)
 
     def add_param_group(self, param_group: dict) -> None:
         lr = param_group.get("lr", self.defaults["lr"])
@@ -122,6 +127,3 @@ class Gravity(FusedOptimizer):
         vs = [self.state[p]["v"] for p in params]
         self._dispatch(params, grads, [vs], lr=group["lr"], beta_hat=beta_hat,
                        maximize=group["maximize"])
-
-    _impls = {"forloop": _forloop_gravity, "foreach": _foreach_gravity, "triton": _triton_gravity,
-              "native": _native_gravity}

@@ -7,10 +7,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .kernels import _triton_lion  # lazy: triton is imported on the first triton step
-from ._native import _native_lion
 from ._foreach import mul_operand
-from .optimizer import FusedOptimizer, _check_betas, _check_range
+from ._native import _native_lion
+from .declaration import FUSED, Declaration, Hyper, Impl, State
+from .optimizer import FusedOptimizer
 
 __all__ = ["Lion"]
 
@@ -42,6 +42,21 @@ def _foreach_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tens
     torch._foreach_add_(exp_avgs, grads, alpha=1 - beta2)
 
 
+#: docs/design.md, "One declaration"
+LION = Declaration(
+    "lion",
+    hypers=(Hyper("lr", 1e-4, lo=0.0, label="learning rate", tensor=True),
+            Hyper("betas", (0.9, 0.99), kind="betas", n=2),
+            Hyper("weight_decay", 0.0, lo=0.0)),
+    state=(State("exp_avg", "exp_avgs"),),
+    floats=("lr", "beta1", "beta2", "weight_decay"),
+    impls=(Impl("forloop", _forloop_lion),
+           Impl("foreach", _foreach_lion),
+           Impl("triton", "fused_optim.kernels.lion:_triton_lion", **FUSED),  # lazy: triton on the first step
+           Impl("native", _native_lion, **FUSED)),
+)
+
+
 class Lion(FusedOptimizer):
     r"""Lion: ``p ← p·(1 − lr·wd) − lr·sign(β1·m + (1 − β1)·g)``, then ``m ← β2·m + (1 − β2)·g``.
 
@@ -61,9 +76,7 @@ class Lion(FusedOptimizer):
     State: ``exp_avg`` (zeros at a param's first step). No step counter.
     """
 
-    _display_name = "Lion"
-    _state_keys = ("exp_avg",)
-    _supports_capturable = True
+    declaration = LION
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, impl: str | None = None,
@@ -72,11 +85,6 @@ class Lion(FusedOptimizer):
                         weight_decay=weight_decay)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
                          capturable=capturable)
-
-    def _validate_group(self, group: dict) -> None:
-        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
-        _check_betas(group["betas"], 2)
-        _check_range("weight_decay", group["weight_decay"], lo=0.0)
 
     def _step_group(self, group, params, grads) -> None:
         exp_avgs = []
@@ -89,6 +97,3 @@ class Lion(FusedOptimizer):
         self._dispatch(params, grads, [exp_avgs], lr=group["lr"], beta1=float(beta1),
                        beta2=float(beta2), weight_decay=float(group["weight_decay"]),
                        maximize=group["maximize"])
-
-    _impls = {"forloop": _forloop_lion, "foreach": _foreach_lion, "triton": _triton_lion,
-              "native": _native_lion}

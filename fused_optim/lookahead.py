@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ._composite import WrappedOptimizer, check_k, fused_kernels, impl_of
 from ._foreach import mul_operand
+from .declaration import Declaration, declare
 from .optimizer import (_IMPL_DTYPES, _check_range, _real_dtype, cuda_capturing, impl_views,
                         split_by_device_dtype)
 
@@ -79,6 +80,7 @@ def lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: float,
         fn(impl_views(params, idx, dtype), impl_views(slows, idx, dtype), alpha=alpha)
 
 
+@declare(Declaration("lookahead", factory="from_params"))  # docs/design.md, "One declaration"
 class Lookahead(WrappedOptimizer):
     r"""Lookahead around any optimizer: every ``k`` inner steps, ``p ← α·p + (1 − α)·slow``, ``slow ← p``.
 

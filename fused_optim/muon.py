@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from . import distributed as _dist
 from ._composite import fused_kernel
 from ._foreach import mul_operand, take
+from .declaration import Declaration
 from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, impl_views
 
 __all__ = ["Muon", "MuonWithAuxAdam", "muon_param_groups", "zeropower_via_newtonschulz5"]
@@ -395,7 +396,8 @@ class Muon(FusedOptimizer):
     (upstream fills them with zero grads, i.e. decays and moves them; we never touch ``.grad``).
     """
 
-    _display_name = "Muon"
+    #: names only: its validation and state layout depend on each group's ``use_muon`` (hand-written below)
+    declaration = Declaration("muon")
     _supports_complex = False
     _complex_reason = "Newton-Schulz orthogonalization is defined here for real matrices"
     _accepts_module = True  # create_optimizer(model, "muon") passes the model, to split it
@@ -544,6 +546,8 @@ class MuonWithAuxAdam(Muon):
     """Upstream's ``MuonWithAuxAdam(param_groups)``: every group must say ``use_muon``; Muon groups default
     to lr=0.02, momentum=0.95, weight_decay=0 and Adam groups to lr=3e-4, betas=(0.9, 0.95), eps=1e-10,
     weight_decay=0, as upstream."""
+
+    declaration = Declaration("muonwithauxadam", alias_of="muon")
 
     def __init__(self, param_groups: Iterable[dict[str, Any]], **kwargs):
         param_groups = list(param_groups)

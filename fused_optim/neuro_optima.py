@@ -26,10 +26,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ._composite import all_lr_zero, check_k, fused_kernels, grads_of, has_grads, restore_grads
+from ._composite import all_lr_zero, fused_kernels, grads_of, has_grads, restore_grads
 from ._foreach import mul_operand
+from .declaration import Declaration, Hyper, State
 from .lookahead import lookahead_sync
-from .optimizer import FusedOptimizer, _as_float, _check_betas, _check_range, _nonfinite_flag, cuda_capturing
+from .optimizer import FusedOptimizer, _as_float, _nonfinite_flag, cuda_capturing
 from .sam import sam_first_step, sam_second_step
 
 __all__ = ["NeuroOptima"]
@@ -84,6 +85,24 @@ def _foreach_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     torch._foreach_copy_(prev_grads, grads)
 
 
+#: docs/design.md, "One declaration" (its impls are its parts', picked per call: no `impls` here)
+NEURO_OPTIMA = Declaration(
+    "neurooptima",
+    aliases=("neuro_optima",),
+    hypers=(Hyper("lr", 1e-3, lo=0.0, label="learning rate", tensor=True),
+            Hyper("weight_decay", 0.0, lo=0.0),
+            Hyper("sam_rho", 0.05, lo=0.0),
+            Hyper("lookahead_k", 5, kind="int", lo=1, label="Lookahead k"),
+            Hyper("lookahead_alpha", 0.5, lo=0.0, hi=1.0),
+            Hyper("betas", (0.9, 0.999), kind="betas", n=2),
+            Hyper("eps", 1e-8, lo=0.0, label="epsilon value")),
+    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs"),
+           State("exp_avg_diff", "exp_avg_diffs"), State("prev_grad", "prev_grads"),
+           State("slow_param", "slow_params", optional=True)),  # captured at a param's first core update
+    counters=("step",),
+)
+
+
 class NeuroOptima(FusedOptimizer):
     r"""SAM → Adan-momentum/Lion-sign core → Lookahead, with the seed's constructor.
 
@@ -115,14 +134,11 @@ class NeuroOptima(FusedOptimizer):
     ``state_dict()``, so a round trip resumes bit-exactly.
     """
 
-    _display_name = "NeuroOptima"
+    declaration = NEURO_OPTIMA
     # GradScaler cannot drive a closure-based step (it refuses closures), and the SAM evaluation needs
     # one: let the scaler unscale and check the grads itself (the sam_rho=0 path) instead of handing
     # grad_scale/found_inf to a step that would have to apply them twice.
     _step_supports_amp_scaling = False
-    _group_counters = ("step",)
-    _state_keys = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad")
-    _optional_state_keys = ("slow_param",)  # captured at a param's first core update when missing
 
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
@@ -132,15 +148,6 @@ class NeuroOptima(FusedOptimizer):
                         lookahead_alpha=lookahead_alpha, betas=tuple(betas) if isinstance(betas, list) else betas,
                         eps=eps, step=0)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
-
-    def _validate_group(self, group: dict) -> None:
-        _check_range("lr", group["lr"], lo=0.0, label="learning rate")
-        _check_range("weight_decay", group["weight_decay"], lo=0.0)
-        _check_range("sam_rho", group["sam_rho"], lo=0.0)
-        check_k(group["lookahead_k"])
-        _check_range("lookahead_alpha", group["lookahead_alpha"], lo=0.0, hi=1.0)
-        _check_betas(group["betas"], 2)
-        _check_range("eps", group["eps"], lo=0.0, label="epsilon value")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):

@@ -11,140 +11,127 @@ Under `torch.compile`, `FusedOptimizer._dispatch` routes an impl through its op 
 `torch._foreach_*` ops into the graph (Inductor can then fuse them); the ops still accept every impl
 name, which is how the tests check them on the CPU.
 
-Op schemas: ``fused_optim_step::<optimizer>(params!, grads!, <state lists>!, str impl, Tensor scalars,
-<bool flags>, Tensor? grad_scale, Tensor? found_inf) -> ()``. ``scalars`` is a float64 CPU tensor of
-the impl's float scalars in the order of `_FLOATS` (a Dynamo `float` argument would be specialized and
-recompile every step); the bools (``maximize``, Adan's ``no_prox``) stay arguments. Adan's ``clip``, a
-0-d device tensor on the non-reference paths, travels as ``clip_tensor: Tensor?`` (its float slot is
-then unused). ``grad_scale`` and ``found_inf`` reach impls marked with
+The ops are generated from the optimizers' declarations (fused_optim/declaration.py; docs/design.md,
+"One declaration"): a declared class gets its op when it is defined (`define`), so this module names
+no optimizer and imports none. Op schemas: ``fused_optim_step::<name>(params!, grads!, <state
+lists>!, str impl, Tensor scalars, <bool flags but maximize>, <Tensor? x_tensor per tensor float>,
+bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()``. ``scalars`` is a float64 CPU
+tensor of the declaration's ``floats`` in order (a Dynamo `float` argument would be specialized and
+recompile every step); the bools (``maximize``, Adan's ``no_prox``) stay arguments. A float that may be
+a 0-d device tensor (Adan's ``clip`` on the non-reference paths, ``tensor_floats``) travels as
+``<name>_tensor: Tensor?`` (its float slot is then unused). ``grad_scale`` and ``found_inf`` reach impls marked with
 `fused_optim.optimizer.supports_amp` only.
 
 This module imports only torch at import time: the impl is looked up when the op runs, so the
 Triton/native impls registered in the optimizer classes' ``_impls`` are picked up without changes here.
 """
-import importlib
+
+from __future__ import annotations
+
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["NAMESPACE", "OPAQUE_IMPLS", "op_for", "run_as_op"]
+from .declaration import Declaration
+
+__all__ = ["NAMESPACE", "OPAQUE_IMPLS", "define", "op_for", "run_as_op"]
 
 NAMESPACE = "fused_optim_step"
 
 #: impls that run as one opaque custom op under torch.compile
 OPAQUE_IMPLS = frozenset({"triton", "native"})
 
-# op name -> "module:Class" whose `_impls` holds the functional steps
-_CLASSES = {
-    "gravity": "fused_optim.gravity:Gravity",
-    "lion": "fused_optim.lion:Lion",
-    "adan": "fused_optim.adan:Adan",
-    "gradient_equilibrium": "fused_optim.equilibrium:GradientEquilibrium",
-}
+#: op name -> (declaration, the declared class whose `_impls` the op calls, the op)
+_OPS: dict[str, tuple[Declaration, type, Any]] = {}
+#: declared class -> its op name
+_OWNERS: dict[type, str] = {}
 
 
-def _impl_fn(name: str, impl: str) -> Callable[..., None]:
-    module, _, cls = _CLASSES[name].partition(":")
-    impls = getattr(importlib.import_module(module), cls)._impls
+def _arg_names(decl: Declaration) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(the mutated list arguments, every argument) of `decl`'s op, in schema order."""
+    lists = ("params", "grads", *decl.state_args)
+    flags = tuple(f for f in decl.flags if f != "maximize")
+    tensors = tuple(f"{k}_tensor" for k in decl.tensor_floats)
+    return lists, (*lists, "impl", "scalars", *flags, *tensors, "maximize", "grad_scale", "found_inf")
+
+
+def schema(decl: Declaration) -> str:
+    """The op's schema string, built from the declaration (module docstring)."""
+    lists, names = _arg_names(decl)
+    parts = [f"Tensor({chr(ord('a') + i)}!)[] {n}" for i, n in enumerate(lists)]
+    parts += ["str impl", "Tensor scalars"]
+    parts += [f"bool {f}" for f in decl.flags if f != "maximize"]
+    parts += [f"Tensor? {k}_tensor" for k in decl.tensor_floats]
+    parts += ["bool maximize", "Tensor? grad_scale=None", "Tensor? found_inf=None"]
+    assert len(parts) == len(names)
+    return f"({', '.join(parts)}) -> ()"
+
+
+def _runner(name: str) -> Callable[..., None]:
+    """The op's kernel: unpack the arguments by the declaration and call the class's impl."""
+    def run(*args: Any) -> None:
+        decl, cls, _ = _OPS[name]
+        lists, names = _arg_names(decl)
+        bound = dict(zip(names, args))  # the dispatcher passes every argument positionally, trailing defaults cut
+        kw: dict[str, Any] = dict(zip(decl.floats, bound["scalars"].tolist()))
+        for k in decl.tensor_floats:
+            if bound[f"{k}_tensor"] is not None:
+                kw[k] = bound[f"{k}_tensor"]
+        kw.update((f, bound[f]) for f in decl.flags)
+        _run(name, cls, bound["impl"], [bound[n] for n in lists], kw, bound.get("grad_scale"),
+             bound.get("found_inf"))
+    run.__name__ = name
+    return run
+
+
+def _run(name: str, cls: type, impl: str, lists: list, scalars: dict, grad_scale: Tensor | None,
+         found_inf: Tensor | None) -> None:
+    impls = cls._impls
     if impl not in impls:
         raise RuntimeError(f"{NAMESPACE}::{name}: no {impl!r} impl (available: {sorted(impls)})")
-    return impls[impl]
-
-
-def _run(name: str, impl: str, lists: list, scalars: dict, grad_scale: Tensor | None,
-         found_inf: Tensor | None) -> None:
-    fn = _impl_fn(name, impl)
+    fn = impls[impl]
     if grad_scale is not None or found_inf is not None:
         if not getattr(fn, "supports_amp", False):
             raise RuntimeError(f"{NAMESPACE}::{name}: impl {impl!r} does not take grad_scale/found_inf "
-                               "(it is not marked with fused_optim.optimizer.supports_amp)")
+                               "(its declaration does not say amp=True)")
         fn(*lists, **scalars, grad_scale=grad_scale, found_inf=found_inf)
     else:
         fn(*lists, **scalars)
 
 
-# The float scalars of each op, in the order they are packed into its `scalars` tensor.
-_FLOATS = {
-    "gravity": ("lr", "beta_hat"),
-    "lion": ("lr", "beta1", "beta2", "weight_decay"),
-    "adan": ("lr", "beta1", "beta2", "beta3", "bias_correction1", "bias_correction2", "bias_correction3_sqrt",
-             "eps", "weight_decay", "clip"),
-    "gradient_equilibrium": ("lr", "weight_decay"),
-}
+def define(decl: Declaration, cls: type) -> None:
+    """Define `decl`'s op (once per process; a class declared again, e.g. its module reloaded, takes the
+    op over) and make it this module's attribute ``ops.<name>``."""
+    if not decl.has_op:
+        return
+    known = _OPS.get(decl.name)
+    if known is not None:
+        if known[0].floats != decl.floats or schema(known[0]) != schema(decl):
+            raise ValueError(f"{NAMESPACE}::{decl.name} is already defined with another schema "
+                             f"({schema(known[0])}); an optimizer name must be unique")
+        _OPS[decl.name] = (decl, cls, known[2])
+        _OWNERS[cls] = decl.name
+        return
+    op = torch.library.custom_op(f"{NAMESPACE}::{decl.name}", _runner(decl.name),
+                                 mutates_args=_arg_names(decl)[0], schema=schema(decl))
+    op.register_fake(_fake)
+    _OPS[decl.name] = (decl, cls, op)
+    _OWNERS[cls] = decl.name
+    globals()[decl.name] = op
 
 
-def _floats(name: str, scalars: Tensor) -> dict[str, float]:
-    return dict(zip(_FLOATS[name], scalars.tolist()))
-
-
-@torch.library.custom_op(f"{NAMESPACE}::gravity", mutates_args=("params", "grads", "vs"))
-def gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], impl: str, scalars: Tensor,
-            maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
-    _run("gravity", impl, [params, grads, vs], dict(_floats("gravity", scalars), maximize=maximize),
-         grad_scale, found_inf)
-
-
-@gravity.register_fake
-def _gravity_fake(params, grads, vs, impl, scalars, maximize, grad_scale=None, found_inf=None):
+def _fake(*args: Any) -> None:
     return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::lion", mutates_args=("params", "grads", "exp_avgs"))
-def lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], impl: str, scalars: Tensor,
-         maximize: bool, grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
-    _run("lion", impl, [params, grads, exp_avgs], dict(_floats("lion", scalars), maximize=maximize),
-         grad_scale, found_inf)
-
-
-@lion.register_fake
-def _lion_fake(params, grads, exp_avgs, impl, scalars, maximize, grad_scale=None, found_inf=None):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::adan",
-                         mutates_args=("params", "grads", "exp_avgs", "exp_avg_sqs", "exp_avg_diffs",
-                                       "neg_pre_grads"))
-def adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-         exp_avg_diffs: list[Tensor], neg_pre_grads: list[Tensor], impl: str, scalars: Tensor, no_prox: bool,
-         clip_tensor: Tensor | None, maximize: bool, grad_scale: Tensor | None = None,
-         found_inf: Tensor | None = None) -> None:
-    kw = _floats("adan", scalars)
-    if clip_tensor is not None:
-        kw["clip"] = clip_tensor
-    _run("adan", impl, [params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads],
-         dict(kw, no_prox=no_prox, maximize=maximize), grad_scale, found_inf)
-
-
-@adan.register_fake
-def _adan_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, impl, scalars, no_prox,
-               clip_tensor, maximize, grad_scale=None, found_inf=None):
-    return None
-
-
-@torch.library.custom_op(f"{NAMESPACE}::gradient_equilibrium", mutates_args=("params", "grads"))
-def gradient_equilibrium(params: list[Tensor], grads: list[Tensor], impl: str, scalars: Tensor, maximize: bool,
-                         grad_scale: Tensor | None = None, found_inf: Tensor | None = None) -> None:
-    _run("gradient_equilibrium", impl, [params, grads],
-         dict(_floats("gradient_equilibrium", scalars), maximize=maximize), grad_scale, found_inf)
-
-
-@gradient_equilibrium.register_fake
-def _gradient_equilibrium_fake(params, grads, impl, scalars, maximize, grad_scale=None, found_inf=None):
-    return None
-
-
-_OPS = {"gravity": gravity, "lion": lion, "adan": adan, "gradient_equilibrium": gradient_equilibrium}
-_QUALNAMES = {v: k for k, v in _CLASSES.items()}
 
 
 def op_for(cls: type) -> str | None:
-    """The op name of an optimizer class (or its nearest wrapped base), None for classes without one.
+    """The op name of an optimizer class (or its nearest declared base), None for classes without one.
 
     A subclass that replaces ``_impls`` has its own impls, which the op would not find: no op then."""
     for c in cls.__mro__:
-        name = _QUALNAMES.get(f"{c.__module__}:{c.__qualname__}")
+        name = _OWNERS.get(c)  # a dict lookup: Dynamo traces it (not a class's __dict__)
         if name is not None:
             return name if cls._impls is c._impls else None
     return None
@@ -162,15 +149,16 @@ def run_as_op(cls: type, impl: str, params: list[Tensor], grads: list[Tensor], s
     name = op_for(cls)
     if name is None:
         return False
+    decl, _, op = _OPS[name]
     kwargs = dict(scalars)
-    if name == "adan":
-        clip = kwargs["clip"]
-        kwargs["clip"], kwargs["clip_tensor"] = (1.0, clip) if isinstance(clip, Tensor) else (clip, None)
+    for k in decl.tensor_floats:
+        value = kwargs[k]
+        kwargs[k], kwargs[f"{k}_tensor"] = (1.0, value) if isinstance(value, Tensor) else (value, None)
     # The float scalars travel as one float64 CPU tensor: a `float` argument of a custom op is
     # specialized by Dynamo (a recompile whenever Gravity's beta_hat or Adan's bias corrections change,
     # i.e. every step), a tensor is a graph input. float64 keeps the Python doubles exact.
     # A scalar derived from a step counter under torch.compile is already a float64 CPU tensor (the class
     # computed it from the counter): it joins the pack as a graph value, never read on the host.
-    packed = torch.stack([_f64(kwargs.pop(k)) for k in _FLOATS[name]])
-    _OPS[name](params, grads, *states, impl, packed, **kwargs, **amp)
+    packed = torch.stack([_f64(kwargs.pop(k)) for k in decl.floats])
+    op(params, grads, *states, impl, packed, **kwargs, **amp)
     return True

@@ -9,7 +9,6 @@ keyword-only signature and live next to the class, in its module.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
@@ -20,55 +19,17 @@ import torch
 from torch import Tensor
 
 from . import distributed as _dist
+from . import kernels as _kernels
 from . import ops as _ops
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
+from .declaration import Declaration, Impl, register
+from .declaration import check_betas as _check_betas  # noqa: F401 - the optimizer modules import these
+from .declaration import check_range as _check_range  # noqa: F401
+from .declaration import mark_amp as supports_amp
 
 __all__ = ["FusedOptimizer", "supports_amp"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
-
-
-def supports_amp(fn: Callable[..., None]) -> Callable[..., None]:
-    """Mark an impl that handles AMP itself (the contract is in `FusedOptimizer`'s docstring, "AMP").
-
-    A marked impl also accepts the keyword-only arguments ``grad_scale: Tensor | None`` and
-    ``found_inf: Tensor | None`` (0-d fp32 tensors on the impl's device, or None). It must divide every
-    grad by ``grad_scale`` and write the unscaled grad back into ``grads`` (torch's fused optimizers
-    leave ``.grad`` unscaled), and when ``found_inf != 0`` it must leave params, state and grads
-    untouched, reading ``found_inf`` on the device (no host sync). Unmarked impls never see these
-    arguments: the base class unscales and skips for them.
-    """
-    fn.supports_amp = True
-    return fn
-
-
-def _check_range(name: str, value: Any, *, lo: float | None = None, hi: float | None = None,
-                 lo_open: bool = False, hi_open: bool = False, label: str | None = None) -> None:
-    """Raise torch's style of error ("Invalid learning rate: -1.0") plus the allowed range."""
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"Tensor {name} must be 1-element, got {value.numel()} elements")
-        value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}: {value!r}")
-    # inf is refused too: no update rule here is defined at an infinite hyperparameter, and the impls
-    # would disagree on the NaN/Inf they produce
-    ok = math.isfinite(value)
-    if lo is not None:
-        ok = ok and (value > lo if lo_open else value >= lo)
-    if hi is not None:
-        ok = ok and (value < hi if hi_open else value <= hi)
-    if not ok:
-        lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
-        hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
-        raise ValueError(f"Invalid {label or name + ' value'}: {value} (expected {lo_s}{name}{hi_s}, finite)")
-
-
-def _check_betas(betas: Any, n: int) -> None:
-    if not isinstance(betas, (tuple, list)) or len(betas) != n:
-        raise ValueError(f"Invalid betas: {betas!r} (expected a tuple of {n} floats in [0, 1))")
-    for i, b in enumerate(betas):
-        _check_range(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True, label=f"beta parameter at index {i}")
 
 
 def _as_float(x: float | Tensor) -> float:
@@ -139,12 +100,26 @@ def _resolve_request(impl: str | None, foreach: bool | None, fused: bool | None)
     return None
 
 
+def _impl_function(impl: Impl) -> Callable[..., None]:
+    """A declared impl's function, carrying its capabilities as the attributes the dispatcher reads
+    (``fn.supports_amp``...); a kernel reference becomes a lazy launcher (no triton import here)."""
+    fn = _kernels.resolve(impl.fn) if isinstance(impl.fn, str) else impl.fn
+    for attr, value in impl.caps().items():
+        if getattr(fn, attr, False) and not value:
+            raise ValueError(f"{getattr(fn, '__qualname__', fn)} is marked {attr} but its declaration "
+                             f"({impl.name!r}) says it is not; fix one of them")
+        setattr(fn, attr, value)
+    return fn
+
+
 class FusedOptimizer(torch.optim.Optimizer):
     """A `torch.optim.Optimizer` with pluggable implementations (docs/spec.md §0).
 
-    Subclasses set `_impls` (impl name -> functional step), implement `_validate_group(group)` and
-    `_step_group(group, params, grads)` (or `_update(batches)` when a step couples groups, like Adan's
-    global clip), and call `self._dispatch(...)` with their tensor lists and Python scalars.
+    Subclasses set ``declaration`` (fused_optim/declaration.py), from which `__init_subclass__` derives
+    `_impls` (impl name -> functional step), the state keys, the step counters, the capabilities and
+    `_validate_group`; they implement `_step_group(group, params, grads)` (or `_update(batches)` when a
+    step couples groups, like Adan's global clip), and call `self._dispatch(...)` with their tensor
+    lists and Python scalars (docs/design.md, "One declaration").
 
     AMP: ``_step_supports_amp_scaling = True`` tells ``torch.amp.GradScaler`` to hand the optimizer its
     ``grad_scale`` and ``found_inf`` tensors (as attributes, or as ``step()`` keyword arguments) instead
@@ -220,6 +195,35 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: whether complex params are updated through torch.view_as_real (False: a clear error)
     _supports_complex = True
     _complex_reason = ""
+
+    #: the optimizer's declaration (fused_optim/declaration.py); `__init_subclass__` derives the class
+    #: attributes above from the one a subclass sets in its body
+    declaration: Declaration | None = None
+    #: (group key, check) per declared hyperparameter, run by `_validate_group` (precomputed per class)
+    _validators: tuple[tuple[str, Callable[[Any], None]], ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        decl = cls.__dict__.get("declaration")
+        if decl is None:
+            return
+        register(decl, cls)
+        if decl.alias_of is not None:  # another spelling of its base class: everything else is inherited
+            return
+        cls._display_name = cls.__dict__.get("_display_name", cls.__name__)
+        if decl.hypers:
+            cls._validators = tuple((h.name, check) for h in decl.hypers if (check := h.checker()) is not None)
+        if decl.state or decl.scalar_state:
+            cls._state_keys = tuple(s.key for s in decl.state if not s.optional)
+            cls._optional_state_keys = tuple(s.key for s in decl.state if s.optional)
+            cls._scalar_state_keys = decl.scalar_state
+        if decl.counters:
+            cls._group_counters = decl.counters
+        if decl.impls:
+            cls._impls = {i.name: _impl_function(i) for i in decl.impls}
+            cls._supports_capturable = any(i.capturable for i in decl.impls)
+            cls._per_tensor_reduction = decl.per_tensor_reduction
+            _ops.define(decl, cls)  # its torch.compile op (fused_optim/ops.py)
 
     def __init__(self, params, defaults: dict, *, maximize: bool = False, impl: str | None = None,
                  foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
@@ -369,8 +373,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             group[key] = group.get(key, 0)
             self._counter_tensor(group, key)
 
-    def _validate_group(self, group: dict) -> None:  # pragma: no cover - every subclass overrides
-        raise NotImplementedError
+    def _validate_group(self, group: dict) -> None:
+        """Refuse a hyperparameter outside its declared range (`Hyper.check`), naming it and the range."""
+        for key, check in self._validators:
+            check(group[key])
 
     # ------------------------------------------------------------------ step
     def _collect(self, group: dict, state_unchanged: bool | None = None) -> tuple[list[Tensor], list[Tensor]]:

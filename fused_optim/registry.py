@@ -1,44 +1,53 @@
-"""`create_optimizer(model_or_params, name, **kwargs)`: optimizers by lower-case name."""
+"""`create_optimizer(model_or_params, name, **kwargs)`: optimizers by lower-case name.
+
+The names are the declarations' (fused_optim/declaration.py), plus those `register_optimizer` adds.
+"""
 from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 
+from .declaration import declared
 from .optimizer import params_of
 
-# name -> "module:Class", imported on demand so the registry costs nothing at import
-_REGISTRY: dict[str, str] = {
-    "gravity": "fused_optim.gravity:Gravity",
-    "lion": "fused_optim.lion:Lion",
-    "adan": "fused_optim.adan:Adan",
-    "gradientequilibrium": "fused_optim.equilibrium:GradientEquilibrium",
-    "gradient_equilibrium": "fused_optim.equilibrium:GradientEquilibrium",
-    "gradientequilibrum": "fused_optim.equilibrium:GradientEquilibrum",
-    "lookahead": "fused_optim.lookahead:Lookahead.from_params",
-    "sam": "fused_optim.sam:SAM",
-    "neurooptima": "fused_optim.neuro_optima:NeuroOptima",
-    "neuro_optima": "fused_optim.neuro_optima:NeuroOptima",
-    "muon": "fused_optim.muon:Muon",
-    "muonwithauxadam": "fused_optim.muon:MuonWithAuxAdam",
-}
+# names registered by users (`register_optimizer`): name -> "module:Class" (imported on demand) or a class
+_REGISTRY: dict[str, str | type] = {}
+
+
+def _declared() -> dict[str, Any]:
+    """name -> what `create_optimizer` calls, for every declared optimizer and alias (its declaration's
+    ``factory`` attribute, e.g. ``Lookahead.from_params``, or the class); `import fused_optim` has
+    declared them all (fused_optim/declaration.py)."""
+    out = {}
+    for decl, cls in declared().values():
+        target = getattr(cls, decl.factory) if decl.factory else cls
+        for name in decl.names:
+            out[name] = target
+    return out
 
 
 def register_optimizer(name: str, target: str | type) -> None:
     """Register `target` ("module:Class" or a class) under `name` (matched case-insensitively)."""
-    _REGISTRY[name.lower()] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+    _REGISTRY[name.lower()] = target
 
 
 def optimizer_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(_declared().keys() | _REGISTRY.keys())
 
 
-def _lookup(name: str) -> type:
+def _lookup(name: str) -> Any:
     key = name.lower()
-    if key not in _REGISTRY:
+    target = _REGISTRY.get(key)
+    if target is None:
+        target = _declared().get(key)
+    if target is None:
         raise ValueError(f"Unknown optimizer name: {name!r} (expected one of {', '.join(optimizer_names())})")
-    module, _, cls = _REGISTRY[key].partition(":")
+    if not isinstance(target, str):
+        return target
+    module, _, cls = target.partition(":")  # a user's "module:Class"
     obj = importlib.import_module(module)
     for part in cls.split("."):
         obj = getattr(obj, part)
@@ -50,7 +59,7 @@ def _resolve_optimizer(target):
     `torch.optim` class by case-insensitive name ("sgd", "adamw")."""
     if not isinstance(target, str):
         return target
-    if target.lower() in _REGISTRY:
+    if target.lower() in optimizer_names():
         return _lookup(target)
     for attr in dir(torch.optim):
         obj = getattr(torch.optim, attr)

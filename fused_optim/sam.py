@@ -22,6 +22,7 @@ from torch import Tensor
 from . import distributed as _dist
 from ._composite import (WrappedOptimizer, all_lr_zero, fused_kernel, grads_of, has_grads, impl_of,
                          restore_grads)
+from .declaration import Declaration, declare
 from .optimizer import FusedOptimizer, _check_range, impl_views, split_by_device_dtype
 
 __all__ = ["SAM"]
@@ -164,6 +165,7 @@ def sam_second_step(saved: list[_Saved]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- the class
+@declare(Declaration("sam"))  # docs/design.md, "One declaration"
 class SAM(WrappedOptimizer):
     r"""Sharpness-aware minimization around a base optimizer (davda54's API).
 

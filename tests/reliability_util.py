@@ -73,13 +73,11 @@ triton_interpreter = _triton_interpreter_fixture()
 
 
 def exported_optimizers() -> list[type]:
-    seen, out = set(), []
-    for name in fused_optim.__all__:
-        obj = getattr(fused_optim, name)
-        if isinstance(obj, type) and issubclass(obj, torch.optim.Optimizer) and obj not in seen:
-            seen.add(obj)
-            out.append(obj)
-    return out
+    """Every declared optimizer class (fused_optim/declaration.py), by name: a new one joins every test
+    that takes this list."""
+    from fused_optim.declaration import declared
+
+    return sorted({cls for _, cls in declared().values()}, key=lambda c: c.__name__)
 
 
 # The constructor arguments each test uses: non-default values, so that every option's code path runs
@@ -112,7 +110,9 @@ def make_optimizer(cls: type, params: list[torch.Tensor], impl: str | None, **ov
         params = [{"params": params, "use_muon": True}]
     if name not in _KWARGS:
         raise KeyError(f"no reliability-test factory for {name}: add one to tests/reliability_util.py")
-    return cls(params, impl=impl, **{**_KWARGS[name], **overrides})
+    # an optimizer without chosen arguments here (a newly declared one) runs at its declared defaults
+    kwargs = _KWARGS[name] if name in _KWARGS else cls.declaration.defaults
+    return cls(params, impl=impl, **{**kwargs, **overrides})
 
 
 def param_shapes(cls: type) -> list[tuple[int, ...]]:

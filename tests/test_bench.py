@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import fused_optim
+from fused_optim.declaration import declared
 from bench import candidates as bc
 from bench.candidates import OPTIMIZERS, PEERS, candidates_for
 from bench.params import PARAM_SETS, make_params
@@ -21,7 +22,8 @@ from bench.report import KERNEL_COLUMNS, STEP_COLUMNS
 from bench.timing import stats_of
 
 REPO = Path(__file__).resolve().parent.parent
-OURS = ["lion", "gravity", "adan", "gradient_equilibrium"]
+#: every declared optimizer with impls of its own: each gets a bench row without a table edit
+OURS = [name for name, (decl, _) in declared().items() if decl.impls and decl.alias_of is None]
 
 
 def _read(path: Path) -> tuple[list[str], list[dict]]:
