@@ -23,14 +23,6 @@ from fused_optim.declaration import declared
 ROOT = Path(fused_optim.__file__).parent
 PKG = "fused_optim"
 
-#: import edges (importer, imported) that close a cycle and are being removed by other work in flight;
-#: the lead empties this list at merge. Nothing else may be added to it.
-KNOWN_CYCLE_EDGES: set[tuple[str, str]] = {
-    ("fused_optim._backends", "fused_optim._ext"),  # _backends <-> _ext: the import-hygiene work breaks it
-    ("fused_optim._ext", "fused_optim._backends"),
-}
-
-
 def _modules() -> dict[str, Path]:
     out = {}
     for path in sorted(ROOT.rglob("*.py")):
@@ -128,7 +120,7 @@ def _cycles() -> list[list[str]]:
     stack: list[str] = []
     on: set[str] = set()
     comps: list[list[str]] = []
-    graph = {m: {n for n in ns if (m, n) not in KNOWN_CYCLE_EDGES} for m, ns in GRAPH.items()}
+    graph = GRAPH
 
     def visit(v: str) -> None:
         index[v] = low[v] = len(index)
@@ -165,8 +157,3 @@ def test_no_import_cycle():
         described.append(f"{comp} (edges: {edges})")
     assert not cycles, "import cycles among fused_optim modules:\n" + "\n".join(described)
 
-
-def test_known_cycle_edges_still_exist():
-    """An allowlisted edge that is gone must leave the list (it only shrinks)."""
-    gone = [e for e in KNOWN_CYCLE_EDGES if e[1] not in GRAPH.get(e[0], ())]
-    assert not gone, f"remove from KNOWN_CYCLE_EDGES: {gone}"
