@@ -19,11 +19,11 @@ bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()``. ``scala
 tensor of the declaration's ``floats`` in order (a Dynamo `float` argument would be specialized and
 recompile every step); the bools (``maximize``, Adan's ``no_prox``) stay arguments. A float that may be
 a 0-d device tensor (Adan's ``clip`` on the non-reference paths, ``tensor_floats``) travels as
-``<name>_tensor: Tensor?`` (its float slot is then unused). ``grad_scale`` and ``found_inf`` reach impls marked with
-`fused_optim.optimizer.supports_amp` only.
+``<name>_tensor: Tensor?`` (its float slot is then unused). ``grad_scale`` and ``found_inf`` reach
+impls declared ``amp=True`` only.
 
-This module imports only torch at import time: the impl is looked up when the op runs, so the
-Triton/native impls registered in the optimizer classes' ``_impls`` are picked up without changes here.
+This module imports only torch and the declarations' vocabulary: the impl is looked up in the class's
+``_impls`` when the op runs (a test may replace one there).
 """
 
 from __future__ import annotations
