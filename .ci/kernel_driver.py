@@ -42,20 +42,18 @@ SMALL_SIZES = (0, 1, 3, 5, 2047)
 
 # ------------------------------------------------------------------------------ enumeration (no torch)
 def native_cuda_ops(root: Path = REPO) -> list[str]:
-    """Ops with a CUDA kernel: the CUDA registration block registers every op of csrc/ops_list.h
-    (`FO_OP(name, ...)`) and every rule of csrc/math/elementwise_rules.h (`X(Rule)`, whose op is its
-    declaration's `kName` + "_")."""
+    """Ops with a CUDA kernel: the CUDA registration block (csrc/register_kernels.h) registers every op of
+    csrc/ops_list.h (`FO_OP(name, ...)`) and every rule of csrc/math/elementwise_rules.h (`X(Rule)`, whose
+    op is its declaration's `kName` + "_"); plus any op the block registers by name."""
     csrc = root / "csrc"
     cu = "\n".join(src.read_text() for src in sorted((csrc / "cuda").glob("*.cu")))
     block = re.search(r"TORCH_LIBRARY_IMPL\(\s*fused_optim\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\n\}", cu, re.S)
     if block is None:
         return []
     ops: list[str] = re.findall(r'\.impl\(\s*"(\w+)"', block.group(1))
-    if '#include "../ops_list.h"' in block.group(1):
+    if "register_kernels.h" in block.group(1):
         ops += re.findall(r"^FO_OP\((\w+),", (csrc / "ops_list.h").read_text(), re.M)
-    if "FO_ELEMENTWISE_RULES(" in block.group(1):
-        rules = re.search(r"#define FO_ELEMENTWISE_RULES\(X\)(.*)", (csrc / "math" / "elementwise_rules.h").read_text(),
-                          re.S).group(1)
+        rules = (csrc / "math" / "elementwise_rules.h").read_text().split("#define FO_ELEMENTWISE_RULES(X)", 1)[1]
         math = "\n".join(h.read_text() for h in sorted((csrc / "math").glob("*.h")))
         for rule in re.findall(r"X\((\w+)\)", rules):
             found = re.search(rf"struct {rule} {{.*?kName = \"(\w+)\"", math, re.S)

@@ -52,13 +52,8 @@ TORCH_LIBRARY(fused_optim, m) {
 // the CPU key of their own namespace, and the CPU kernels are not linked in.
 #ifndef FUSED_OPTIM_CUDA_EMULATION
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
-  namespace fo = fused_optim;
-#define FO_OP(name, schema) m.impl(#name, &fo::cpu::name);
-#include "ops_list.h"
-#undef FO_OP
-#define FO_RULE(Rule) fo::register_elementwise<fo::math::Rule, &fo::cpu::run_elementwise<fo::math::Rule>>(m);
-  FO_ELEMENTWISE_RULES(FO_RULE)
-#undef FO_RULE
+#define FO_BACKEND fused_optim::cpu
+#include "register_kernels.h"
 }
 #endif  // FUSED_OPTIM_CUDA_EMULATION
 

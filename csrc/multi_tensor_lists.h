@@ -239,6 +239,19 @@ void dispatch_update_type(at::ScalarType u, F&& f) {
   return f(TypeTag<P>{});
 }
 
+// Muon's ops (momentum: grads, momentum_buffers, updates; apply: params, updates): the updates' dtype
+// checked, then f(TypeTag<P>, TypeTag<S>, TypeTag<U>) with P list 0's storage type, S list `state`'s
+// (P without one: state < 0) and U the updates' (list `updates`: bfloat16 or P).
+template <typename F>
+void dispatch_muon(const char* op, const PreparedLists& pl, int state, size_t updates, F&& f) {
+  const auto pdt = pl.lists[0][0].scalar_type();
+  check_update_dtype(op, pl, updates, "updates", pdt);
+  dispatch_param_state(op, pdt, state >= 0 ? pl.lists[state][0].scalar_type() : pdt, [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    dispatch_update_type<P>(pl.lists[updates][0].scalar_type(), [&](auto ut) { f(pt, st, ut); });
+  });
+}
+
 // ---- per-step scalars: a double, or a 1-element float32 tensor on the kernels' device -------------
 //
 // The one way every op takes "a float or a device tensor" (AMP's grad_scale / found_inf, the capturable

@@ -122,25 +122,21 @@ void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::T
   if (pl.rows() == 0) {
     return;
   }
-  const auto gdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 2, "updates", gdt);
   const auto items = make_chunks(pl);
-  dispatch_param_state(op, gdt, pl.lists[1][0].scalar_type(), [&](auto pt, auto st) {
+  dispatch_muon(op, pl, 1, 2, [&](auto pt, auto st, auto ut) {
     using P = typename decltype(pt)::type;
     using S = typename decltype(st)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[2][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      const math::MuonMomentumCoeffs<M> c(momentum, nesterov);
-      const M sign = maximize ? M(-1) : M(1);
-      for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
-        for_each_element<M>(
-            it.begin, it.end,
-            [&](const auto& g, auto& b, auto& u) {
-              u = math::muon_momentum(math::prepare_grad(g, sign, false, M(1)), b, c);
-            },
-            static_cast<const P*>(pl.ptr<P>(0, it.row)), pl.ptr<S>(1, it.row), Out<U>{pl.ptr<U>(2, it.row)});
-      });
+    using U = typename decltype(ut)::type;
+    const math::MuonMomentumCoeffs<M> c(momentum, nesterov);
+    const M sign = maximize ? M(-1) : M(1);
+    for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
+      for_each_element<M>(
+          it.begin, it.end,
+          [&](const auto& g, auto& b, auto& u) {
+            u = math::muon_momentum(math::prepare_grad(g, sign, false, M(1)), b, c);
+          },
+          static_cast<const P*>(pl.ptr<P>(0, it.row)), pl.ptr<S>(1, it.row), Out<U>{pl.ptr<U>(2, it.row)});
     });
   });
   pl.finish();
@@ -156,30 +152,26 @@ void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<dou
   if (pl.rows() == 0) {
     return;
   }
-  const auto pdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 1, "updates", pdt);
   const auto items = make_chunks(pl);
-  dispatch_param_state(op, pdt, pdt, [&](auto pt, auto) {
+  dispatch_muon(op, pl, -1, 1, [&](auto pt, auto, auto ut) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[1][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      using MU = opmath_t<U>;  // `u *= scale` on the bf16 tensor: fp32 product with float32(scale)
-      const math::MuonApplyCoeffs<M> c(lr, weight_decay);
-      for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
-        const MU sc = static_cast<MU>(scales[it.row]);
-        for_each_element<M>(
-            it.begin, it.end,
-            [&](auto& p, const auto& u) {
-              // upstream's in-place `u *= scale` on u's dtype: the product in MU, one rounding to U
-              if constexpr (std::is_same<std::decay_t<decltype(u)>, M>::value) {
-                math::muon_apply(p, static_cast<M>(round_through<U>(static_cast<MU>(u) * sc)), c);
-              } else {  // vectorized: MU is M
-                math::muon_apply(p, round_through<U>(u * decltype(u)(sc)), c);
-              }
-            },
-            pl.ptr<P>(0, it.row), static_cast<const U*>(pl.ptr<U>(1, it.row)));
-      });
+    using U = typename decltype(ut)::type;
+    using MU = opmath_t<U>;  // `u *= scale` on the bf16 tensor: fp32 product with float32(scale)
+    const math::MuonApplyCoeffs<M> c(lr, weight_decay);
+    for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
+      const MU sc = static_cast<MU>(scales[it.row]);
+      for_each_element<M>(
+          it.begin, it.end,
+          [&](auto& p, const auto& u) {
+            // upstream's in-place `u *= scale` on u's dtype: the product in MU, one rounding to U
+            if constexpr (std::is_same<std::decay_t<decltype(u)>, M>::value) {
+              math::muon_apply(p, static_cast<M>(round_through<U>(static_cast<MU>(u) * sc)), c);
+            } else {  // vectorized: MU is M
+              math::muon_apply(p, round_through<U>(u * decltype(u)(sc)), c);
+            }
+          },
+          pl.ptr<P>(0, it.row), static_cast<const U*>(pl.ptr<U>(1, it.row)));
     });
   });
   pl.finish();

@@ -643,19 +643,15 @@ void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::T
     return;
   }
   check_dtypes(op, pl, 1, 2);
-  const auto gdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 2, "updates", gdt);
   CompositeLaunch<3> launch(op, pl);
-  dispatch_param_state(op, gdt, pl.lists[1][0].scalar_type(), [&](auto pt, auto st) {
+  dispatch_muon(op, pl, 1, 2, [&](auto pt, auto st, auto ut) {
     using P = typename decltype(pt)::type;
     using S = typename decltype(st)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[2][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      CompositeFunctor<3, ListTypes<P, S, U>, M, MuonMomentumOp<U, M>> f{
-          {math::MuonMomentumCoeffs<M>(momentum, nesterov), maximize ? M(-1) : M(1)}};
-      multi_tensor_apply<3>(launch.table, nullptr, f);
-    });
+    using U = typename decltype(ut)::type;
+    CompositeFunctor<3, ListTypes<P, S, U>, M, MuonMomentumOp<U, M>> f{
+        {math::MuonMomentumCoeffs<M>(momentum, nesterov), maximize ? M(-1) : M(1)}};
+    multi_tensor_apply<3>(launch.table, nullptr, f);
   });
   pl.finish();
 }
@@ -683,23 +679,19 @@ void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<dou
     return;
   }
   check_dtypes(op, pl, 1, 1);
-  const auto pdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 1, "updates", pdt);
   CompositeLaunch<2> launch(op, pl);
   // the scales travel like the launch table: pinned staging, copied with the launch, no host sync
   at::Tensor host = at::empty({static_cast<int64_t>(scales.size())}, staging_options().dtype(at::kDouble));
   std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
   const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
   keep_staging_if_capturing(host, launch.device);  // replays re-read it (see make_table)
-  dispatch_param_state(op, pdt, pdt, [&](auto pt, auto) {
+  dispatch_muon(op, pl, -1, 1, [&](auto pt, auto, auto ut) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[1][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      CompositeFunctor<2, ListTypes<P, U>, M, MuonApplyOp<U, M>> f{
-          {math::MuonApplyCoeffs<M>(lr, weight_decay), dev_scales.data_ptr<double>()}};
-      multi_tensor_apply<2>(launch.table, nullptr, f);
-    });
+    using U = typename decltype(ut)::type;
+    CompositeFunctor<2, ListTypes<P, U>, M, MuonApplyOp<U, M>> f{
+        {math::MuonApplyCoeffs<M>(lr, weight_decay), dev_scales.data_ptr<double>()}};
+    multi_tensor_apply<2>(launch.table, nullptr, f);
   });
   pl.finish();
 }
@@ -813,11 +805,6 @@ at::Tensor multi_tensor_l2norm(at::TensorList tensors, c10::optional<at::TensorL
 }  // namespace fused_optim
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
-  namespace fo = fused_optim;
-#define FO_OP(name, schema) m.impl(#name, &fo::cuda::name);
-#include "../ops_list.h"
-#undef FO_OP
-#define FO_RULE(Rule) fo::register_elementwise<fo::math::Rule, &fo::cuda::run_elementwise<fo::math::Rule>>(m);
-  FO_ELEMENTWISE_RULES(FO_RULE)
-#undef FO_RULE
+#define FO_BACKEND fused_optim::cuda
+#include "../register_kernels.h"
 }
