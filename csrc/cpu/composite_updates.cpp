@@ -68,7 +68,7 @@ double sam_scale(const char* op, const at::Tensor& scale, const at::Device& devi
 }  // namespace
 
 void sam_perturb_(at::TensorList params, at::TensorList grads, at::TensorList old_params,
-                     const at::Tensor& scale, bool adaptive) {
+                  const at::Tensor& scale, bool adaptive) {
   const char* op = "fused_optim::sam_perturb_";
   const double scale_value = sam_scale(op, scale, kCPU);
   PreparedLists pl = prepare_lists(op, {params, grads, old_params}, {true, false, true});
@@ -115,7 +115,7 @@ void multi_tensor_copy_(at::TensorList dst, at::TensorList src) {
 }
 
 void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
-                       double momentum, bool nesterov, bool maximize) {
+                    double momentum, bool nesterov, bool maximize) {
   const char* op = "fused_optim::muon_momentum_";
   PreparedLists pl = prepare_lists(op, {grads, momentum_buffers, updates}, {false, true, true});
   check_dtypes(op, pl, 1, 2);  // momentum_buffers: the grads' dtype, or fp32 for bf16/fp16 grads
@@ -143,7 +143,7 @@ void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::T
 }
 
 void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
-                    double weight_decay) {
+                 double weight_decay) {
   const char* op = "fused_optim::muon_apply_";
   TORCH_CHECK(scales.size() == params.size(), op, ": scales has ", scales.size(), " values, expected ",
               params.size(), " (one per parameter)");
@@ -178,8 +178,8 @@ void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<dou
 }
 
 void neuro_optima_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                      at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
-                      double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                   at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool maximize) {
   const char* op = "fused_optim::neuro_optima_";
   PreparedLists pl = prepare_lists(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads},
                                    {true, false, true, true, true, true});

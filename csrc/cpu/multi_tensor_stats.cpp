@@ -114,7 +114,7 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
 }  // namespace
 
 at::Tensor multi_tensor_stats(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
-                                  bool negate, const c10::optional<at::Tensor>& grad_scale) {
+                              bool negate, const c10::optional<at::Tensor>& grad_scale) {
   const char* op = "fused_optim::multi_tensor_stats";
   ReductionLists r = prepare_reduction(op, tensors, addends, "addends", 3, at::Device(at::kCPU));
   PreparedLists& pl = r.pl;

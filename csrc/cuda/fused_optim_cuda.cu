@@ -261,9 +261,9 @@ void run_elementwise(const ElementwiseArgs& a) {
 }
 
 void gravity_(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
-                  double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
-                  const c10::optional<at::Tensor>& beta_hat_tensor) {
+              double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
+              const c10::optional<at::Tensor>& beta_hat_tensor) {
   const char* op = "fused_optim::gravity_";
   DeviceScalars dev;
   launch_update<3>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf,
@@ -280,14 +280,14 @@ void gravity_(at::TensorList params, at::TensorList grads, at::TensorList vs, co
 }
 
 void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
-               double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
-               double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
-               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-               const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& bias_correction1_tensor,
-               const c10::optional<at::Tensor>& bias_correction2_tensor,
-               const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
-               const c10::optional<at::Tensor>& first_step) {
+           at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
+           double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
+           double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
+           const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+           const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& bias_correction1_tensor,
+           const c10::optional<at::Tensor>& bias_correction2_tensor,
+           const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
+           const c10::optional<at::Tensor>& first_step) {
   const char* op = "fused_optim::adan_";
   check_adan_bias_corrections(op, bias_correction1_tensor, bias_correction2_tensor, bias_correction3_sqrt_tensor);
   DeviceScalars dev;
@@ -315,9 +315,9 @@ void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
 }
 
 void gradient_equilibrium_(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
-                               double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                               const c10::optional<at::Tensor>& found_inf,
-                               const c10::optional<at::Tensor>& lr_tensor) {
+                           double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                           const c10::optional<at::Tensor>& found_inf,
+                           const c10::optional<at::Tensor>& lr_tensor) {
   const char* op = "fused_optim::gradient_equilibrium_";
   DeviceScalars dev;
   launch_update<2>(op, {params, grads}, {true, false}, grad_scale, found_inf, {{"lr_tensor", &lr_tensor}},
@@ -465,7 +465,7 @@ __global__ void stats_cleanup_kernel(const TensorRow<2>* rows, const M* partials
 }
 
 at::Tensor multi_tensor_stats(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
-                                   bool negate, const c10::optional<at::Tensor>& grad_scale) {
+                              bool negate, const c10::optional<at::Tensor>& grad_scale) {
   const char* op = "fused_optim::multi_tensor_stats";
   ReductionLists r = prepare_reduction(op, tensors, addends, "addends", 3, at::Device(kKernelDevice));
   check_scalar_tensor(op, "grad_scale", grad_scale, r.out.device());
@@ -559,7 +559,7 @@ struct SamPerturbOp {
 };
 
 void sam_perturb_(at::TensorList params, at::TensorList grads, at::TensorList old_params,
-                      const at::Tensor& scale, bool adaptive) {
+                  const at::Tensor& scale, bool adaptive) {
   const char* op = "fused_optim::sam_perturb_";
   PreparedLists pl = prepare_lists(op, {params, grads, old_params}, {true, false, true});
   if (pl.rows() == 0) {
@@ -636,7 +636,7 @@ struct MuonMomentumOp {
 };
 
 void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
-                        double momentum, bool nesterov, bool maximize) {
+                    double momentum, bool nesterov, bool maximize) {
   const char* op = "fused_optim::muon_momentum_";
   PreparedLists pl = prepare_lists(op, {grads, momentum_buffers, updates}, {false, true, true});
   if (pl.rows() == 0) {
@@ -670,7 +670,7 @@ struct MuonApplyOp {
 };
 
 void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
-                     double weight_decay) {
+                 double weight_decay) {
   const char* op = "fused_optim::muon_apply_";
   TORCH_CHECK(scales.size() == params.size(), op, ": scales has ", scales.size(), " values, expected ",
               params.size(), " (one per parameter)");
@@ -708,8 +708,8 @@ struct NeuroOptimaOp {
 };
 
 void neuro_optima_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
-                       double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+                   at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool maximize) {
   const char* op = "fused_optim::neuro_optima_";
   PreparedLists pl = prepare_lists(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads},
                                    {true, false, true, true, true, true});
