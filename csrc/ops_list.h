@@ -9,7 +9,8 @@
 // `tensors` (a non-empty list: the dispatcher picks the kernel from it), in one pass; u = t, or with
 // grad_scale the unscaled grad the update ops write back (t / grad_scale rounded to t's dtype; t itself
 // is only read here). An [n, 3] tensor on their device, float32 (float64 for float64 input). An empty
-// tensor gives [0, 0, 0]. `addends` (same shapes, e.g. the params) is how GradientEquilibrium's L2 term g + wd*p enters the mean; the combination is fma(a, alpha, x),
+// tensor gives [0, 0, 0]. `addends` (same shapes, e.g. the params) is how GradientEquilibrium's L2
+// term g + wd*p enters the mean; the combination is fma(a, alpha, x),
 // the rounding of torch's add(alpha=).
 FO_OP(multi_tensor_stats,
       "(Tensor[] tensors, Tensor[]? addends=None, float alpha=0., bool negate=False, "

@@ -60,7 +60,9 @@ void run_elementwise(const ElementwiseArgs& a) {
       std::array<S*, Shape::kStates> st_ptr;
       for (int k = 0; k < Shape::kStates; ++k) st_ptr[k] = pl.ptr<S>(2 + k, it.row);
       std::apply(
-          [&](auto... sp) { for_each_element<M>(it.begin, it.end, f, pl.ptr<P>(0, it.row), grad.ptr(pl, it.row), sp...); },
+          [&](auto... sp) {
+            for_each_element<M>(it.begin, it.end, f, pl.ptr<P>(0, it.row), grad.ptr(pl, it.row), sp...);
+          },
           st_ptr);
     });
   });
