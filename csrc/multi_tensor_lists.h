@@ -7,6 +7,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/macros/Macros.h>
 #include <c10/util/Exception.h>
 
 #include <algorithm>
@@ -144,6 +146,35 @@ inline void check_stats(const char* op, const at::Tensor& stats, int64_t rows, c
   TORCH_CHECK(stats.device() == device || rows == 0, op, ": stats is on ", stats.device(), ", expected ", device);
 }
 
+// The host side of the reductions (multi_tensor_stats, multi_tensor_l2norm) on both backends: `tensors`
+// and the optional `second` list (read only, same dtype; named `second_name` in errors) prepared, and
+// the zero output [rows, cols] (cols 0: [rows]), float32 (float64 for float64 input), on the tensors'
+// device (`empty_device` for an empty list).
+struct ReductionLists {
+  PreparedLists pl;
+  at::ScalarType dtype;
+  at::Tensor out;
+};
+
+inline ReductionLists prepare_reduction(const char* op, at::TensorList tensors,
+                                        const c10::optional<at::TensorList>& second, const char* second_name,
+                                        int64_t cols, const at::Device& empty_device) {
+  std::vector<at::TensorList> in{tensors};
+  if (second.has_value()) {
+    in.push_back(*second);
+  }
+  ReductionLists r{prepare_lists(op, in, std::vector<bool>(in.size(), false)), at::kFloat, at::Tensor()};
+  check_dtypes(op, r.pl, 1, 1);
+  if (second.has_value()) {
+    check_same_dtype(op, r.pl, 1, second_name, "tensors");
+  }
+  r.dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
+  const at::Device device = tensors.empty() ? empty_device : tensors[0].device();
+  const auto options = at::TensorOptions().dtype(r.dtype == at::kDouble ? at::kDouble : at::kFloat).device(device);
+  r.out = cols > 0 ? at::zeros({r.pl.rows(), cols}, options) : at::zeros({r.pl.rows()}, options);
+  return r;
+}
+
 // Optional 1-element tensors (AMP's grad_scale / found_inf, the clip factor, device scalars): float32, on
 // the kernels' device (CUDA kernels read them there, no host sync) or on the CPU for CPU kernels.
 inline void check_scalar_tensor(const char* op, const char* name, const c10::optional<at::Tensor>& t,
@@ -208,9 +239,50 @@ void dispatch_update_type(at::ScalarType u, F&& f) {
   return f(TypeTag<P>{});
 }
 
-// found_inf / grad_scale read on the host: only for CPU kernels (CUDA kernels read device memory).
+// Muon's ops (momentum: grads, momentum_buffers, updates; apply: params, updates): the updates' dtype
+// checked, then f(TypeTag<P>, TypeTag<S>, TypeTag<U>) with P list 0's storage type, S list `state`'s
+// (P without one: state < 0) and U the updates' (list `updates`: bfloat16 or P).
+template <typename F>
+void dispatch_muon(const char* op, const PreparedLists& pl, int state, size_t updates, F&& f) {
+  const auto pdt = pl.lists[0][0].scalar_type();
+  check_update_dtype(op, pl, updates, "updates", pdt);
+  dispatch_param_state(op, pdt, state >= 0 ? pl.lists[state][0].scalar_type() : pdt, [&](auto pt, auto st) {
+    using P = typename decltype(pt)::type;
+    dispatch_update_type<P>(pl.lists[updates][0].scalar_type(), [&](auto ut) { f(pt, st, ut); });
+  });
+}
+
+// ---- per-step scalars: a double, or a 1-element float32 tensor on the kernels' device -------------
+//
+// The one way every op takes "a float or a device tensor" (AMP's grad_scale / found_inf, the capturable
+// lr, bias corrections...): the schema has the double and an optional tensor; the kernels get
+// scalar_ptr(tensor), nullptr when it is not given, and read it with read_scalar where they use it:
+// CUDA kernels in device memory (no host sync), CPU kernels in the CPU tensor.
+inline const float* scalar_ptr(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? t->data_ptr<float>() : nullptr;
+}
+
+C10_HOST_DEVICE inline float read_scalar(const float* p, float if_none) { return p != nullptr ? *p : if_none; }
+
+// An optional scalar tensor with its schema name, for check_scalar_tensor.
+struct NamedScalar {
+  const char* name;
+  const c10::optional<at::Tensor>* tensor;
+};
+
+// The optional scalar tensors of a call, by name.
+inline std::vector<NamedScalar> named_scalars(const std::vector<std::string>& names,
+                                              const std::vector<c10::optional<at::Tensor>>& tensors) {
+  std::vector<NamedScalar> out;
+  for (size_t i = 0; i < names.size(); ++i) {
+    out.push_back({names[i].c_str(), &tensors[i]});
+  }
+  return out;
+}
+
+// found_inf read on the host: only for CPU kernels (CUDA kernels read device memory).
 inline bool host_found_inf(const c10::optional<at::Tensor>& found_inf) {
-  return found_inf.has_value() && found_inf->item<float>() != 0.0f;
+  return read_scalar(scalar_ptr(found_inf), 0.0f) != 0.0f;
 }
 
 }  // namespace fused_optim

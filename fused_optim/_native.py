@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .declaration import mark_amp as supports_amp  # the leaf module: the kernel layer imports no API
 
-__all__ = ["_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
+__all__ = ["native_elementwise", "_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
            "_native_lookahead_sync", "_native_sam_norms", "_native_sam_perturb", "_native_sam_restore",
            "_native_muon_momentum", "_native_muon_apply", "_native_neuro_optima"]
 
@@ -84,16 +84,58 @@ def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
         ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf, lr_t, beta_hat_t)
 
 
-@supports_amp
-def _native_lion(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], *, lr: float | Tensor,
-                 beta1: float, beta2: float, weight_decay: float, maximize: bool, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None) -> None:
-    if not params:
-        return
-    lr, lr_t = _device_scalar(lr, params[0].device)
-    with torch.no_grad():
-        _ops().lion_(params, grads, exp_avgs, lr, beta1, beta2, weight_decay, maximize, grad_scale, found_inf,
-                     lr_t)
+def native_elementwise(rule: str):
+    """The launcher of the elementwise op ``fused_optim::<rule>_`` (one line of csrc/math/elementwise_rules.h;
+    docs/design.md, "Adding a native elementwise op"): ``launcher(params, grads, *states, maximize,
+    grad_scale=None, found_inf=None, **scalars)``, `scalars` the floats and flags the rule declares, by name.
+    The declaration is read from the op's schema on the first call. A scalar the rule lets be a device
+    tensor (its ``<name>_tensor`` argument) may be a 0-d tensor (capturable, tensor lr). AMP-aware
+    (`supports_amp`'s contract). Nothing here is specific to a rule."""
+    layout: list[tuple] = []  # (number of state lists, float names, flag names, tensor-scalar names)
+
+    def read_layout() -> tuple:
+        from . import _ext
+
+        args = getattr(_ext.ops(), f"{rule}_").default._schema.arguments
+        names, kinds = [a.name for a in args], [str(a.type) for a in args]
+        m = names.index("maximize")  # floats and flags come before it, the tensor scalars after found_inf
+        scalars = [n for n, k in zip(names[:m], kinds[:m]) if k == "float"]
+        flags = [n for n, k in zip(names[:m], kinds[:m]) if k == "bool"]
+        tensors = [n[:-len("_tensor")] for n in names[names.index("found_inf") + 1:]]
+        return kinds.count("List[Tensor]") - 2, scalars, flags, tensors
+
+    def launcher(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool,
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None, **kwargs) -> None:
+        if not params:  # the dispatcher needs a tensor to pick the backend
+            return
+        ops = _ops()  # loads the extension
+        if not layout:
+            layout.append(read_layout())
+        n_states, scalars, flags, tensors = layout[0]
+        expected = set(scalars) | set(flags)
+        if len(states) != n_states or set(kwargs) != expected:
+            raise TypeError(f"native {rule}: expected {n_states} state lists and the keyword arguments "
+                            f"{sorted(expected)}, got {len(states)} and {sorted(kwargs)}")
+        device = params[0].device
+        values = dict(kwargs)
+        tensor_args = []
+        for name in tensors:
+            values[name], t = _device_scalar(kwargs[name], device)
+            tensor_args.append(t)
+        for name in scalars:
+            if isinstance(values[name], Tensor):
+                raise TypeError(f"native {rule}: {name} must be a float (only {tensors} may be tensors)")
+        with torch.no_grad():
+            getattr(ops, f"{rule}_")(params, grads, *states, *(values[n] for n in scalars),
+                                     *(bool(values[n]) for n in flags), maximize, grad_scale, found_inf, *tensor_args)
+
+    launcher.__name__ = launcher.__qualname__ = f"_native_{rule}"
+    launcher.__doc__ = f"The native elementwise op fused_optim::{rule}_ (native_elementwise)."
+    return launcher
+
+
+# Lion (docs/spec.md §2): the rule of csrc/math/lion.h
+_native_lion = supports_amp(native_elementwise("lion"))
 
 
 @supports_amp

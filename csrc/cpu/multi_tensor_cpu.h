@@ -85,9 +85,5 @@ void for_each_chunk(const std::vector<ChunkItem>& items, const F& f) {
 template <typename P, typename S>
 constexpr bool kVectorized = std::is_same<P, S>::value && std::is_same<P, opmath_t<P>>::value;
 
-inline float host_scalar(const c10::optional<at::Tensor>& t, float if_none) {
-  return t.has_value() ? t->item<float>() : if_none;
-}
-
 }  // namespace cpu
 }  // namespace fused_optim

@@ -113,26 +113,21 @@ Partial stats_chunk(const P* t, const P* a, int64_t begin, int64_t end, opmath_t
 
 }  // namespace
 
-at::Tensor multi_tensor_stats_cpu(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
-                                  bool negate, const c10::optional<at::Tensor>& grad_scale) {
+at::Tensor multi_tensor_stats(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
+                              bool negate, const c10::optional<at::Tensor>& grad_scale) {
   const char* op = "fused_optim::multi_tensor_stats";
-  std::vector<at::TensorList> in{tensors};
-  if (addends.has_value()) {
-    in.push_back(*addends);
-  }
-  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
-  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  check_dtypes(op, pl, in.size());  // addends must share the tensors' dtype
+  ReductionLists r = prepare_reduction(op, tensors, addends, "addends", 3, at::Device(at::kCPU));
+  PreparedLists& pl = r.pl;
+  const at::ScalarType dtype = r.dtype;
+  at::Tensor& out = r.out;
   check_scalar_tensor(op, "grad_scale", grad_scale, at::Device(at::kCPU));
-  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({pl.rows(), 3}, at::TensorOptions().dtype(out_dtype).device(at::kCPU));
   if (pl.rows() == 0) {
     return out;
   }
   const auto items = make_chunks(pl);
   std::vector<Partial> partials(items.size());
   const bool unscale = grad_scale.has_value();
-  const float scale = host_scalar(grad_scale, 1.0f);
+  const float scale = read_scalar(scalar_ptr(grad_scale), 1.0f);
   dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
@@ -212,20 +207,12 @@ double sumsq_chunk(const P* t, const P* w, int64_t begin, int64_t end) {
 
 }  // namespace
 
-at::Tensor multi_tensor_l2norm_cpu(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
+at::Tensor multi_tensor_l2norm(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
   const char* op = "fused_optim::multi_tensor_l2norm";
-  std::vector<at::TensorList> in{tensors};
-  if (abs_weights.has_value()) {
-    in.push_back(*abs_weights);
-  }
-  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
-  check_dtypes(op, pl, 1, 1);
-  if (abs_weights.has_value()) {
-    check_same_dtype(op, pl, 1, "abs_weights", "tensors");
-  }
-  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({pl.rows()}, at::TensorOptions().dtype(out_dtype).device(at::kCPU));
+  ReductionLists r = prepare_reduction(op, tensors, abs_weights, "abs_weights", 0, at::Device(at::kCPU));
+  PreparedLists& pl = r.pl;
+  const at::ScalarType dtype = r.dtype;
+  at::Tensor& out = r.out;
   if (pl.rows() == 0) {
     return out;
   }

@@ -116,5 +116,15 @@ inline M round_through(M x) {
   return static_cast<M>(static_cast<T>(x));
 }
 
+// One register: the same rounding lane by lane.
+template <typename T, typename M>
+inline math::Vec<M> round_through(const math::Vec<M>& x) {
+  if constexpr (std::is_same<T, M>::value) {
+    return x;
+  } else {
+    return std::get<0>(at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(x, x)));
+  }
+}
+
 }  // namespace cpu
 }  // namespace fused_optim

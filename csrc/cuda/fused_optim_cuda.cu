@@ -14,11 +14,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../elementwise_registration.h"
 #include "../math/adan.h"
 #include "../math/common.h"
+#include "../math/elementwise_rules.h"
 #include "../math/equilibrium.h"
 #include "../math/gravity.h"
-#include "../math/lion.h"
 #include "../math/lookahead.h"
 #include "../math/muon.h"
 #include "../math/neuro_optima.h"
@@ -31,7 +32,7 @@ namespace {
 
 template <typename M>
 __device__ inline M read_scale(const float* grad_scale) {
-  return grad_scale != nullptr ? static_cast<M>(*grad_scale) : M(1);
+  return static_cast<M>(read_scalar(grad_scale, 1.0f));
 }
 
 // A runtime bool as a compile-time constant (the AMP unscale: whether the kernel writes the grads).
@@ -53,7 +54,8 @@ void dispatch_bool(bool b, F&& f) {
 // the grad (list 1, storage type P) is replaced by g / grad_scale rounded to P (math::amp_unscale),
 // which the element loop stores back (kWrites bit 1): `.grad` ends unscaled, as torch leaves it.
 
-// Device scalars of an update op (nullptr: not given, the float arguments hold).
+// Device scalars of an update op: scalar_ptr of the optional tensors (nullptr: not given, the float
+// arguments hold).
 struct DeviceScalars {
   const float* lr = nullptr;
   const float* beta_hat = nullptr;
@@ -74,24 +76,34 @@ __device__ inline M use_grad(M& v, M scale, M sign) {
 
 constexpr unsigned grad_bit(bool unscale) { return unscale ? 0b10u : 0u; }
 
-template <typename P, typename M, bool UNSCALE>
-struct LionOp {
-  static constexpr unsigned kWrites = 0b101u | grad_bit(UNSCALE);  // params, exp_avgs (+ grads)
-  math::LionCoeffs<M> c;
+// The op of a rule of csrc/math/elementwise_rules.h (csrc/elementwise.h): lists params, grads, then the
+// rule's states; its tensor scalars read once per block and handed to Rule::set_tensor_scalar.
+template <typename Rule, typename P, typename M, bool UNSCALE>
+struct RuleOp {
+  using Shape = RuleShape<Rule>;
+  using Coeffs = typename Rule::template Coeffs<M>;
+  static constexpr unsigned kWrites = ((1u << Shape::kLists) - 1u) & ~0b10u | grad_bit(UNSCALE);  // (+ grads)
+  Coeffs c;
   M sign;
   const float* grad_scale;
-  DeviceScalars dev;
+  const float* tensors[Shape::kTensorScalars > 0 ? Shape::kTensorScalars : 1];
   struct Ctx {
     M scale;
-    math::LionCoeffs<M> c;
+    Coeffs c;
   };
-  __device__ Ctx context(const TensorRow<3>&) const {
+  __device__ Ctx context(const TensorRow<Shape::kLists>&) const {
     Ctx x{read_scale<M>(grad_scale), c};
-    if (dev.lr != nullptr) x.c.set_lr(static_cast<M>(*dev.lr));
+    for (int i = 0; i < Shape::kTensorScalars; ++i) {
+      if (tensors[i] != nullptr) Rule::set_tensor_scalar(x.c, i, static_cast<M>(*tensors[i]));
+    }
     return x;
   }
-  __device__ void operator()(M (&v)[3], const Ctx& x) const {
-    math::lion_update(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), v[2], x.c);
+  __device__ void operator()(M (&v)[Shape::kLists], const Ctx& x) const {
+    update(v, x, std::make_integer_sequence<int, Shape::kStates>{});
+  }
+  template <int... K>
+  __device__ void update(M (&v)[Shape::kLists], const Ctx& x, std::integer_sequence<int, K...>) const {
+    Rule::update(v[0], use_grad<P, UNSCALE>(v[1], x.scale, sign), x.c, v[2 + K]...);
   }
 };
 
@@ -182,17 +194,13 @@ struct UpdateFunctor {
   }
 };
 
-const float* opt_ptr(const c10::optional<at::Tensor>& t) {
-  return t.has_value() ? t->data_ptr<float>() : nullptr;
-}
-
 // The host side every update op shares: device guard, list checks, the table, one launch. make_op(P, S,
 // UNSCALE) returns the Op (the type tags and std::bool_constant as arguments). The grads are a mutated
 // list under AMP (non-contiguous ones are copied back by pl.finish()).
 template <int D, typename MakeOp>
 void launch_update(const char* op_name, const std::vector<at::TensorList>& lists, std::vector<bool> mutated,
                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                   const std::vector<std::pair<const char*, const c10::optional<at::Tensor>*>>& scalars,
+                   const std::vector<NamedScalar>& scalars,
                    const MakeOp& make_op) {
   mutated[1] = grad_scale.has_value();
   PreparedLists pl = prepare_lists(op_name, lists, mutated);
@@ -204,8 +212,8 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
   TORCH_CHECK(device.type() == kKernelDevice, op_name, ": CUDA kernel called with tensors on ", device);
   check_scalar_tensor(op_name, "grad_scale", grad_scale, device);
   check_scalar_tensor(op_name, "found_inf", found_inf, device);
-  for (const auto& [name, t] : scalars) {
-    check_scalar_tensor(op_name, name, *t, device);
+  for (const auto& s : scalars) {
+    check_scalar_tensor(op_name, s.name, *s.tensor, device);
   }
   c10::cuda::CUDAGuard guard(device);
   const LaunchTable<D> table = make_table<D>(pl);
@@ -219,7 +227,7 @@ void launch_update(const char* op_name, const std::vector<at::TensorList>& lists
       dispatch_bool(grad_scale.has_value(), [&](auto unscale) {
         auto op = make_op(pt, st, unscale);
         UpdateFunctor<D, P, S, M, decltype(op)> f{op};
-        multi_tensor_apply<D>(table, opt_ptr(found_inf), f);
+        multi_tensor_apply<D>(table, scalar_ptr(found_inf), f);
       });
     }
   });
@@ -234,25 +242,28 @@ const M* stats_ptr(const char* op, const at::Tensor& stats, int64_t rows, const 
   return stats.data_ptr<M>();
 }
 
-void lion_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, double lr, double beta1,
-               double beta2, double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor) {
-  DeviceScalars dev;
-  launch_update<3>("fused_optim::lion_", {params, grads, exp_avgs}, {true, false, true}, grad_scale, found_inf,
-                   {{"lr_tensor", &lr_tensor}}, [&](auto pt, auto, auto unscale) {
-                     using P = typename decltype(pt)::type;
-                     using M = opmath_t<P>;
-                     dev.lr = opt_ptr(lr_tensor);
-                     return LionOp<P, M, decltype(unscale)::value>{
-                         math::LionCoeffs<M>(lr, beta1, beta2, weight_decay), maximize ? M(-1) : M(1),
-                         opt_ptr(grad_scale), dev};
-                   });
+template <typename Rule>
+void run_elementwise(const ElementwiseArgs& a) {
+  using Shape = RuleShape<Rule>;
+  launch_update<Shape::kLists>(a.op.c_str(), a.list_refs(), std::vector<bool>(Shape::kLists, true), a.grad_scale,
+                               a.found_inf, named_scalars(a.tensor_scalar_names, a.tensor_scalars),
+                               [&](auto pt, auto, auto unscale) {
+                                 using P = typename decltype(pt)::type;
+                                 using M = opmath_t<P>;
+                                 RuleOp<Rule, P, M, decltype(unscale)::value> op{
+                                     Rule::template coeffs<M>(a.scalars.data(), a.flags.data()),
+                                     a.maximize ? M(-1) : M(1), scalar_ptr(a.grad_scale), {}};
+                                 for (int i = 0; i < Shape::kTensorScalars; ++i) {
+                                   op.tensors[i] = scalar_ptr(a.tensor_scalars[i]);
+                                 }
+                                 return op;
+                               });
 }
 
-void gravity_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
-                  double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
-                  const c10::optional<at::Tensor>& beta_hat_tensor) {
+void gravity_(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
+              double lr, double beta_hat, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
+              const c10::optional<at::Tensor>& beta_hat_tensor) {
   const char* op = "fused_optim::gravity_";
   DeviceScalars dev;
   launch_update<3>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf,
@@ -260,23 +271,23 @@ void gravity_cuda(at::TensorList params, at::TensorList grads, at::TensorList vs
                    [&](auto pt, auto, auto unscale) {
                      using P = typename decltype(pt)::type;
                      using M = opmath_t<P>;
-                     dev.lr = opt_ptr(lr_tensor);
-                     dev.beta_hat = opt_ptr(beta_hat_tensor);
+                     dev.lr = scalar_ptr(lr_tensor);
+                     dev.beta_hat = scalar_ptr(beta_hat_tensor);
                      return GravityOp<P, M, decltype(unscale)::value>{
-                         math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), opt_ptr(grad_scale), dev,
+                         math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), scalar_ptr(grad_scale), dev,
                          stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
                    });
 }
 
-void adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-               at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
-               double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
-               double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
-               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-               const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& bias_correction1_tensor,
-               const c10::optional<at::Tensor>& bias_correction2_tensor,
-               const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
-               const c10::optional<at::Tensor>& first_step) {
+void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+           at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, double lr, double beta1, double beta2,
+           double beta3, double bias_correction1, double bias_correction2, double bias_correction3_sqrt,
+           double eps, double weight_decay, bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
+           const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+           const c10::optional<at::Tensor>& lr_tensor, const c10::optional<at::Tensor>& bias_correction1_tensor,
+           const c10::optional<at::Tensor>& bias_correction2_tensor,
+           const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
+           const c10::optional<at::Tensor>& first_step) {
   const char* op = "fused_optim::adan_";
   check_adan_bias_corrections(op, bias_correction1_tensor, bias_correction2_tensor, bias_correction3_sqrt_tensor);
   DeviceScalars dev;
@@ -291,32 +302,32 @@ void adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_a
                    [&](auto pt, auto, auto unscale) {
                      using P = typename decltype(pt)::type;
                      using M = opmath_t<P>;
-                     dev.lr = opt_ptr(lr_tensor);
-                     dev.bc1 = opt_ptr(bias_correction1_tensor);
-                     dev.bc2 = opt_ptr(bias_correction2_tensor);
-                     dev.bc3_sqrt = opt_ptr(bias_correction3_sqrt_tensor);
-                     dev.first_step = opt_ptr(first_step);
+                     dev.lr = scalar_ptr(lr_tensor);
+                     dev.bc1 = scalar_ptr(bias_correction1_tensor);
+                     dev.bc2 = scalar_ptr(bias_correction2_tensor);
+                     dev.bc3_sqrt = scalar_ptr(bias_correction3_sqrt_tensor);
+                     dev.first_step = scalar_ptr(first_step);
                      return AdanOp<P, M, decltype(unscale)::value>{
                          math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1, bias_correction2,
                                              bias_correction3_sqrt, eps, weight_decay, no_prox),
-                         maximize ? M(-1) : M(1), opt_ptr(grad_scale), dev, opt_ptr(clip)};
+                         maximize ? M(-1) : M(1), scalar_ptr(grad_scale), dev, scalar_ptr(clip)};
                    });
 }
 
-void gradient_equilibrium_cuda(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
-                               double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                               const c10::optional<at::Tensor>& found_inf,
-                               const c10::optional<at::Tensor>& lr_tensor) {
+void gradient_equilibrium_(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
+                           double weight_decay, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                           const c10::optional<at::Tensor>& found_inf,
+                           const c10::optional<at::Tensor>& lr_tensor) {
   const char* op = "fused_optim::gradient_equilibrium_";
   DeviceScalars dev;
   launch_update<2>(op, {params, grads}, {true, false}, grad_scale, found_inf, {{"lr_tensor", &lr_tensor}},
                    [&](auto pt, auto, auto unscale) {
                      using P = typename decltype(pt)::type;
                      using M = opmath_t<P>;
-                     dev.lr = opt_ptr(lr_tensor);
+                     dev.lr = scalar_ptr(lr_tensor);
                      return EquilibriumOp<P, M, decltype(unscale)::value>{
                          math::EquilibriumCoeffs<M>(lr, weight_decay), maximize ? M(-1) : M(1),
-                         opt_ptr(grad_scale), dev,
+                         scalar_ptr(grad_scale), dev,
                          stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
                    });
 }
@@ -354,6 +365,25 @@ struct Add {
   template <typename T>
   __device__ T operator()(T a, T b) const { return a + b; }
 };
+
+// The launch side of both reductions: a table of two columns (the second null when the op's second list
+// is not given), the device guard, then launch(TypeTag<P>, table) for the input's storage type; nothing
+// for an all-empty input (the output stays zero).
+template <typename Launch>
+void launch_reduction(const char* op, ReductionLists& r, const Launch& launch) {
+  if (r.pl.rows() == 0) {
+    return;
+  }
+  if (r.pl.lists.size() == 1) {
+    r.pl.lists.push_back(std::vector<at::Tensor>(r.pl.lists[0].size(), at::Tensor()));
+  }
+  c10::cuda::CUDAGuard guard(r.out.device());
+  const LaunchTable<2> table = make_table<2>(r.pl);
+  if (table.nchunks == 0) {
+    return;
+  }
+  dispatch_param_state(op, r.dtype, r.dtype, [&](auto pt, auto) { launch(pt, table); });
+}
 
 template <typename P, typename M>
 struct StatsFunctor {
@@ -434,42 +464,22 @@ __global__ void stats_cleanup_kernel(const TensorRow<2>* rows, const M* partials
   }
 }
 
-at::Tensor multi_tensor_stats_cuda(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
-                                   bool negate, const c10::optional<at::Tensor>& grad_scale) {
+at::Tensor multi_tensor_stats(at::TensorList tensors, c10::optional<at::TensorList> addends, double alpha,
+                              bool negate, const c10::optional<at::Tensor>& grad_scale) {
   const char* op = "fused_optim::multi_tensor_stats";
-  std::vector<at::TensorList> in{tensors};
-  if (addends.has_value()) {
-    in.push_back(*addends);
-  }
-  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
-  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  const at::Device device = tensors.empty() ? at::Device(kKernelDevice) : tensors[0].device();
-  check_dtypes(op, pl, in.size());
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({pl.rows(), 3}, at::TensorOptions().dtype(out_dtype).device(device));
-  if (pl.rows() == 0) {
-    return out;
-  }
-  if (!addends.has_value()) {  // the table always has two columns; without addends the second is null
-    pl.lists.push_back(std::vector<at::Tensor>(pl.lists[0].size(), at::Tensor()));
-  }
-  c10::cuda::CUDAGuard guard(device);
-  const LaunchTable<2> table = make_table<2>(pl);
-  if (table.nchunks == 0) {
-    return out;
-  }
-  dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
+  ReductionLists r = prepare_reduction(op, tensors, addends, "addends", 3, at::Device(kKernelDevice));
+  check_scalar_tensor(op, "grad_scale", grad_scale, r.out.device());
+  launch_reduction(op, r, [&](auto pt, const LaunchTable<2>& table) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
-    at::Tensor partials = at::empty({table.nchunks * 3}, out.options());
+    at::Tensor partials = at::empty({table.nchunks * 3}, r.out.options());
     StatsFunctor<P, M> f{partials.data_ptr<M>(), negate ? M(-1) : M(1), addends.has_value(), static_cast<M>(alpha),
-                         opt_ptr(grad_scale)};
+                         scalar_ptr(grad_scale)};
     multi_tensor_apply<2>(table, nullptr, f);
     launch<stats_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
-                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
+                                    table.rows, partials.data_ptr<M>(), r.out.data_ptr<M>());
   });
-  return out;
+  return r.out;
 }
 
 // ---- composites: Lookahead, SAM, Muon, NeuroOptima ------------------------------------
@@ -518,7 +528,7 @@ struct LookaheadOp {
   }
 };
 
-void lookahead_sync_cuda(at::TensorList params, at::TensorList slows, double alpha) {
+void lookahead_sync_(at::TensorList params, at::TensorList slows, double alpha) {
   const char* op = "fused_optim::lookahead_sync_";
   PreparedLists pl = prepare_lists(op, {params, slows}, {true, true});
   if (pl.rows() == 0) {
@@ -548,8 +558,8 @@ struct SamPerturbOp {
   }
 };
 
-void sam_perturb_cuda(at::TensorList params, at::TensorList grads, at::TensorList old_params,
-                      const at::Tensor& scale, bool adaptive) {
+void sam_perturb_(at::TensorList params, at::TensorList grads, at::TensorList old_params,
+                  const at::Tensor& scale, bool adaptive) {
   const char* op = "fused_optim::sam_perturb_";
   PreparedLists pl = prepare_lists(op, {params, grads, old_params}, {true, false, true});
   if (pl.rows() == 0) {
@@ -594,7 +604,7 @@ void dispatch_bits(const char* op, int64_t element_size, F&& f) {
   }
 }
 
-void multi_tensor_copy_cuda(at::TensorList dst, at::TensorList src) {
+void multi_tensor_copy_(at::TensorList dst, at::TensorList src) {
   const char* op = "fused_optim::multi_tensor_copy_";
   PreparedLists pl = prepare_lists(op, {dst, src}, {true, false});
   if (pl.rows() == 0) {
@@ -625,27 +635,23 @@ struct MuonMomentumOp {
   }
 };
 
-void muon_momentum_cuda(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
-                        double momentum, bool nesterov, bool maximize) {
+void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
+                    double momentum, bool nesterov, bool maximize) {
   const char* op = "fused_optim::muon_momentum_";
   PreparedLists pl = prepare_lists(op, {grads, momentum_buffers, updates}, {false, true, true});
   if (pl.rows() == 0) {
     return;
   }
   check_dtypes(op, pl, 1, 2);
-  const auto gdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 2, "updates", gdt);
   CompositeLaunch<3> launch(op, pl);
-  dispatch_param_state(op, gdt, pl.lists[1][0].scalar_type(), [&](auto pt, auto st) {
+  dispatch_muon(op, pl, 1, 2, [&](auto pt, auto st, auto ut) {
     using P = typename decltype(pt)::type;
     using S = typename decltype(st)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[2][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      CompositeFunctor<3, ListTypes<P, S, U>, M, MuonMomentumOp<U, M>> f{
-          {math::MuonMomentumCoeffs<M>(momentum, nesterov), maximize ? M(-1) : M(1)}};
-      multi_tensor_apply<3>(launch.table, nullptr, f);
-    });
+    using U = typename decltype(ut)::type;
+    CompositeFunctor<3, ListTypes<P, S, U>, M, MuonMomentumOp<U, M>> f{
+        {math::MuonMomentumCoeffs<M>(momentum, nesterov), maximize ? M(-1) : M(1)}};
+    multi_tensor_apply<3>(launch.table, nullptr, f);
   });
   pl.finish();
 }
@@ -663,8 +669,8 @@ struct MuonApplyOp {
   }
 };
 
-void muon_apply_cuda(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
-                     double weight_decay) {
+void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
+                 double weight_decay) {
   const char* op = "fused_optim::muon_apply_";
   TORCH_CHECK(scales.size() == params.size(), op, ": scales has ", scales.size(), " values, expected ",
               params.size(), " (one per parameter)");
@@ -673,23 +679,19 @@ void muon_apply_cuda(at::TensorList params, at::TensorList updates, at::ArrayRef
     return;
   }
   check_dtypes(op, pl, 1, 1);
-  const auto pdt = pl.lists[0][0].scalar_type();
-  check_update_dtype(op, pl, 1, "updates", pdt);
   CompositeLaunch<2> launch(op, pl);
   // the scales travel like the launch table: pinned staging, copied with the launch, no host sync
   at::Tensor host = at::empty({static_cast<int64_t>(scales.size())}, staging_options().dtype(at::kDouble));
   std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
   const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
   keep_staging_if_capturing(host, launch.device);  // replays re-read it (see make_table)
-  dispatch_param_state(op, pdt, pdt, [&](auto pt, auto) {
+  dispatch_muon(op, pl, -1, 1, [&](auto pt, auto, auto ut) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
-    dispatch_update_type<P>(pl.lists[1][0].scalar_type(), [&](auto ut) {
-      using U = typename decltype(ut)::type;
-      CompositeFunctor<2, ListTypes<P, U>, M, MuonApplyOp<U, M>> f{
-          {math::MuonApplyCoeffs<M>(lr, weight_decay), dev_scales.data_ptr<double>()}};
-      multi_tensor_apply<2>(launch.table, nullptr, f);
-    });
+    using U = typename decltype(ut)::type;
+    CompositeFunctor<2, ListTypes<P, U>, M, MuonApplyOp<U, M>> f{
+        {math::MuonApplyCoeffs<M>(lr, weight_decay), dev_scales.data_ptr<double>()}};
+    multi_tensor_apply<2>(launch.table, nullptr, f);
   });
   pl.finish();
 }
@@ -705,9 +707,9 @@ struct NeuroOptimaOp {
   }
 };
 
-void neuro_optima_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                       at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
-                       double beta1, double beta2, double eps, double weight_decay, bool maximize) {
+void neuro_optima_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                   at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr,
+                   double beta1, double beta2, double eps, double weight_decay, bool maximize) {
   const char* op = "fused_optim::neuro_optima_";
   PreparedLists pl = prepare_lists(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads},
                                    {true, false, true, true, true, true});
@@ -783,42 +785,19 @@ __global__ void l2norm_cleanup_kernel(const TensorRow<2>* rows, const M* partial
   }
 }
 
-at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
+at::Tensor multi_tensor_l2norm(at::TensorList tensors, c10::optional<at::TensorList> abs_weights) {
   const char* op = "fused_optim::multi_tensor_l2norm";
-  std::vector<at::TensorList> in{tensors};
-  if (abs_weights.has_value()) {
-    in.push_back(*abs_weights);
-  }
-  PreparedLists pl = prepare_lists(op, in, std::vector<bool>(in.size(), false));
-  check_dtypes(op, pl, 1, 1);
-  if (abs_weights.has_value()) {
-    check_same_dtype(op, pl, 1, "abs_weights", "tensors");
-  }
-  const auto dtype = tensors.empty() ? at::kFloat : tensors[0].scalar_type();
-  const at::Device device = tensors.empty() ? at::Device(kKernelDevice) : tensors[0].device();
-  const auto out_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
-  at::Tensor out = at::zeros({pl.rows()}, at::TensorOptions().dtype(out_dtype).device(device));
-  if (pl.rows() == 0) {
-    return out;
-  }
-  if (!abs_weights.has_value()) {  // the table always has two columns; without weights the second is null
-    pl.lists.push_back(std::vector<at::Tensor>(pl.lists[0].size(), at::Tensor()));
-  }
-  c10::cuda::CUDAGuard guard(device);
-  const LaunchTable<2> table = make_table<2>(pl);
-  if (table.nchunks == 0) {
-    return out;
-  }
-  dispatch_param_state(op, dtype, dtype, [&](auto pt, auto) {
+  ReductionLists r = prepare_reduction(op, tensors, abs_weights, "abs_weights", 0, at::Device(kKernelDevice));
+  launch_reduction(op, r, [&](auto pt, const LaunchTable<2>& table) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;
-    at::Tensor partials = at::empty({table.nchunks}, out.options());
+    at::Tensor partials = at::empty({table.nchunks}, r.out.options());
     SumSqFunctor<P, M> f{partials.data_ptr<M>(), abs_weights.has_value()};
     multi_tensor_apply<2>(table, nullptr, f);
     launch<l2norm_cleanup_kernel<M>>(static_cast<unsigned>(table.nrows), 256, c10::cuda::getCurrentCUDAStream(),
-                   table.rows, partials.data_ptr<M>(), out.data_ptr<M>());
+                                     table.rows, partials.data_ptr<M>(), r.out.data_ptr<M>());
   });
-  return out;
+  return r.out;
 }
 
 }  // namespace
@@ -826,16 +805,6 @@ at::Tensor multi_tensor_l2norm_cuda(at::TensorList tensors, c10::optional<at::Te
 }  // namespace fused_optim
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
-  m.impl("multi_tensor_l2norm", &fused_optim::cuda::multi_tensor_l2norm_cuda);
-  m.impl("multi_tensor_copy_", &fused_optim::cuda::multi_tensor_copy_cuda);
-  m.impl("lookahead_sync_", &fused_optim::cuda::lookahead_sync_cuda);
-  m.impl("sam_perturb_", &fused_optim::cuda::sam_perturb_cuda);
-  m.impl("muon_momentum_", &fused_optim::cuda::muon_momentum_cuda);
-  m.impl("muon_apply_", &fused_optim::cuda::muon_apply_cuda);
-  m.impl("neuro_optima_", &fused_optim::cuda::neuro_optima_cuda);
-  m.impl("multi_tensor_stats", &fused_optim::cuda::multi_tensor_stats_cuda);
-  m.impl("gravity_", &fused_optim::cuda::gravity_cuda);
-  m.impl("lion_", &fused_optim::cuda::lion_cuda);
-  m.impl("adan_", &fused_optim::cuda::adan_cuda);
-  m.impl("gradient_equilibrium_", &fused_optim::cuda::gradient_equilibrium_cuda);
+#define FO_BACKEND fused_optim::cuda
+#include "../register_kernels.h"
 }

@@ -188,84 +188,11 @@ __device__ inline bool is_aligned(const void* p) {
   return reinterpret_cast<uintptr_t>(p) % (sizeof(T) * kVec) == 0;
 }
 
-// Runs op(vals, ctx) on every element of [begin, end) of a row whose first NP lists hold P
-// (params, grads) and the rest S (state). vals[k] is list k's element in the math type M; lists
-// whose bit is set in Op::kWrites are stored back. 16-byte loads when every pointer allows them.
-template <int D, int NP, typename P, typename S, typename M, typename Op, typename Ctx>
-__device__ inline void elementwise(const TensorRow<D>& row, int64_t begin, int64_t end, const Op& op,
-                                   const Ctx& ctx) {
-  bool aligned = true;
-#pragma unroll
-  for (int k = 0; k < D; ++k) {
-    aligned = aligned && (k < NP ? is_aligned<P>(row.ptrs[k]) : is_aligned<S>(row.ptrs[k]));
-  }
-  int64_t scalar_begin = begin;
-  if (aligned) {
-    const int64_t vec_end = begin + (end - begin) / kVec * kVec;
-    for (int64_t i = begin + static_cast<int64_t>(threadIdx.x) * kVec; i < vec_end;
-         i += static_cast<int64_t>(blockDim.x) * kVec) {
-      M v[kVec][D];
-#pragma unroll
-      for (int k = 0; k < D; ++k) {
-        if (k < NP) {
-          const auto x = *reinterpret_cast<const AlignedVec<P, kVec>*>(static_cast<const P*>(row.ptrs[k]) + i);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) v[j][k] = static_cast<M>(x.val[j]);
-        } else {
-          const auto x = *reinterpret_cast<const AlignedVec<S, kVec>*>(static_cast<const S*>(row.ptrs[k]) + i);
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) v[j][k] = static_cast<M>(x.val[j]);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) {
-        op(v[j], ctx);
-      }
-#pragma unroll
-      for (int k = 0; k < D; ++k) {
-        if (!((Op::kWrites >> k) & 1u)) continue;
-        if (k < NP) {
-          AlignedVec<P, kVec> x;
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) x.val[j] = static_cast<P>(v[j][k]);
-          *reinterpret_cast<AlignedVec<P, kVec>*>(static_cast<P*>(row.ptrs[k]) + i) = x;
-        } else {
-          AlignedVec<S, kVec> x;
-#pragma unroll
-          for (int j = 0; j < kVec; ++j) x.val[j] = static_cast<S>(v[j][k]);
-          *reinterpret_cast<AlignedVec<S, kVec>*>(static_cast<S*>(row.ptrs[k]) + i) = x;
-        }
-      }
-    }
-    scalar_begin = vec_end;
-  }
-  for (int64_t i = scalar_begin + threadIdx.x; i < end; i += blockDim.x) {
-    M v[D];
-#pragma unroll
-    for (int k = 0; k < D; ++k) {
-      v[k] = k < NP ? static_cast<M>(static_cast<const P*>(row.ptrs[k])[i])
-                    : static_cast<M>(static_cast<const S*>(row.ptrs[k])[i]);
-    }
-    op(v, ctx);
-#pragma unroll
-    for (int k = 0; k < D; ++k) {
-      if (!((Op::kWrites >> k) & 1u)) continue;
-      if (k < NP) {
-        static_cast<P*>(row.ptrs[k])[i] = static_cast<P>(v[k]);
-      } else {
-        static_cast<S*>(row.ptrs[k])[i] = static_cast<S>(v[k]);
-      }
-    }
-  }
-}
-
 // ---- element loops over lists of different dtypes ------------------------------------------------
 //
-// The composite ops mix three storage types in one row (Muon: fp16 grads, fp32 momentum, bf16
-// Newton-Schulz input), which `elementwise` (P for the first NP lists, S for the rest) cannot say.
-// `elementwise_typed` takes the storage type of every list, ListTypes<T0, T1, ...>, and is otherwise
-// the same loop. (`elementwise` could become a wrapper of it; it stays as it is until its ops can be
-// rerun on a GPU.)
+// One loop for every op: `elementwise_typed` takes the storage type of every list, ListTypes<T0, T1, ...>
+// (the composite ops mix three in one row: Muon's fp16 grads, fp32 momentum, bf16 Newton-Schulz input);
+// `elementwise` is its form for the update ops (P for the first NP lists, S for the rest).
 
 template <typename... Ts>
 struct ListTypes {
@@ -338,6 +265,21 @@ __device__ inline void elementwise_typed(const TensorRow<D>& row, int64_t begin,
       }
     });
   }
+}
+
+// Runs op(vals, ctx) on every element of [begin, end) of a row whose first NP lists hold P
+// (params, grads) and the rest S (state).
+template <int D, int NP, typename P, typename S, typename Seq = std::make_integer_sequence<int, D>>
+struct SplitTypes;
+template <int D, int NP, typename P, typename S, int... K>
+struct SplitTypes<D, NP, P, S, std::integer_sequence<int, K...>> {
+  using type = ListTypes<std::conditional_t<(K < NP), P, S>...>;
+};
+
+template <int D, int NP, typename P, typename S, typename M, typename Op, typename Ctx>
+__device__ inline void elementwise(const TensorRow<D>& row, int64_t begin, int64_t end, const Op& op,
+                                   const Ctx& ctx) {
+  elementwise_typed<D, typename SplitTypes<D, NP, P, S>::type, M>(row, begin, end, op, ctx);
 }
 
 }  // namespace cuda

@@ -38,5 +38,29 @@ C10_HOST_DEVICE inline void lion_update(T& p, const T& g, T& exp_avg, const Lion
   exp_avg = fo_fma(g, T(c.one_minus_beta2), exp_avg * T(c.beta2));  // mul_(b2).add_(g, alpha=1-b2)
 }
 
+// The rule's declaration: the op fused_optim::lion_ and its kernels are generated from it (csrc/elementwise.h;
+// docs/design.md, "Adding a native elementwise op").
+struct Lion {
+  static constexpr const char* kName = "lion";                           // the op fused_optim::lion_
+  static constexpr const char* kStates = "exp_avgs";                     // state lists, after params, grads
+  static constexpr const char* kScalars = "lr beta1 beta2 weight_decay";  // float arguments
+  static constexpr const char* kFlags = "";                              // bool arguments
+  static constexpr const char* kTensorScalars = "lr";                    // also as `<name>_tensor`
+  template <typename M>
+  using Coeffs = LionCoeffs<M>;
+  template <typename M>
+  static Coeffs<M> coeffs(const double* s, const bool*) {
+    return Coeffs<M>(s[0], s[1], s[2], s[3]);
+  }
+  template <typename M>
+  C10_HOST_DEVICE static void set_tensor_scalar(Coeffs<M>& c, int, M v) {
+    c.set_lr(v);
+  }
+  template <typename T, typename M>
+  C10_HOST_DEVICE static void update(T& p, const T& g, const Coeffs<M>& c, T& exp_avg) {
+    lion_update(p, g, exp_avg, c);
+  }
+};
+
 }  // namespace math
 }  // namespace fused_optim
