@@ -22,6 +22,7 @@ from torch import Tensor
 from . import distributed as _dist
 from . import ops as _ops
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
+from ._scalars import host_scalar
 
 __all__ = ["FusedOptimizer", "supports_amp"]
 
@@ -71,9 +72,8 @@ def _check_betas(betas: Any, n: int) -> None:
         _check_range(f"betas[{i}]", b, lo=0.0, hi=1.0, hi_open=True, label=f"beta parameter at index {i}")
 
 
-def _as_float(x: float | Tensor) -> float:
-    """A hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step."""
-    return x.item() if isinstance(x, Tensor) else float(x)
+#: a hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step
+_as_float = host_scalar
 
 
 def _check_counter(name: str, key: str, value: Any) -> None:

@@ -337,8 +337,8 @@ def test_kernels_compile_for_cuda_without_a_gpu():
 
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
             "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bc1_ptr": "*fp32", "bc2_ptr": "*fp32",
-            "bc3_sqrt_ptr": "*fp32", "first_ptr": "*fp32"}
+            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bias_correction1_ptr": "*fp32",
+            "bias_correction2_ptr": "*fp32", "bias_correction3_sqrt_ptr": "*fp32", "first_step_ptr": "*fp32"}
 
     def fp32(*names):
         return {n: "fp32" for n in names}
@@ -352,12 +352,13 @@ def test_kernels_compile_for_cuda_without_a_gpu():
               BETA_HAT_TENSOR=False), 4),
         (equilibrium._gradient_equilibrium_kernel, fp32("lr", "weight_decay"),
          dict(MAXIMIZE=True, DECAY=True, P_KIND=0, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
-        (adan._adan_kernel, fp32("clip_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
+        (adan._adan_kernel, fp32("clip", "first_step", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
                                  "one_minus_beta3", "bias_correction3_sqrt", "eps", "neg_step_size",
                                  "neg_step_size_diff", "decay", "bias_correction1", "bias_correction2",
                                  "weight_decay", "lr"),
-         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9, BLOCK=adan.BLOCK,
-              BC_TENSOR=False, FIRST_TENSOR=False), 4),
+         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=True, CLIP_TENSOR=True, P_KIND=0, S_KIND=0, ROW=9,
+              BLOCK=adan.BLOCK, BIAS_CORRECTION1_TENSOR=False, BIAS_CORRECTION2_TENSOR=False,
+              BIAS_CORRECTION3_SQRT_TENSOR=False, FIRST_STEP=False, FIRST_STEP_TENSOR=False), 4),
         (reduce._partials_kernel, fp32("coeff"),
          dict(OP=1, NEGATE=True, ADD_PARAM=True, P_KIND=0, ROW=5, RBLOCK=2048), 8),
     ]

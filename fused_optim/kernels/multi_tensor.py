@@ -28,12 +28,15 @@ import os
 import sys
 import types
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fused_optim._scalars import device_scalar, device_tensor  # absolute: also from the flavoured copies
 
 #: int64 columns before the addresses in a ``meta`` row
 META = 4
@@ -176,6 +179,14 @@ def _chunk_coords(meta_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @device_fn
+def _update_coords(meta_ptr, grad_ptrs_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """`_chunk_coords` of an update kernel's program, with its tensor's grad address instead of the index:
+    (row pointer, grad address, offsets, mask, whether the chunk is full)."""
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    return row, tl.load(grad_ptrs_ptr + t), offs, mask, full
+
+
+@device_fn
 def _div_rn(x, y):
     """x / y rounded to nearest (torch's division; plain `/` is approximate on the GPU). Broadcasts,
     which tl.math.div_rn does not."""
@@ -200,28 +211,46 @@ def _ptr(addr, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @device_fn
+def _bits_to_f32(bits, KIND: tl.constexpr):
+    """`_load_bits`' block as fp32 values (exact widening, as `_load_f32`)."""
+    if KIND == 2:
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == 1:
+        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@device_fn
+def _load(ptr, mask, MASKED: tl.constexpr):
+    """A block at typed ``ptr``: unmasked (vectorizable) unless MASKED; masked-off lanes read 0."""
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=0)
+    else:
+        x = tl.load(ptr)
+    return x
+
+
+@device_fn
+def _store(ptr, x, mask, MASKED: tl.constexpr):
+    """Store a block at typed ``ptr`` (masked only when MASKED, as `_load`)."""
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@device_fn
 def _load_f32(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Load as fp32 from a raw address. bf16 is read as raw bits and widened with a shift: exact, and the
     same on the GPU and in the interpreter (which has no native bf16)."""
     if KIND == 2:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-        if MASKED:
-            bits = tl.load(ptr, mask=mask, other=0)
-        else:
-            bits = tl.load(ptr)
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        x = _bits_to_f32(_load(_ptr(addr, tl.uint16, ALIGNED) + offs, mask, MASKED), KIND)
     elif KIND == 1:
-        ptr = _ptr(addr, tl.float16, ALIGNED) + offs
-        if MASKED:
-            x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(ptr).to(tl.float32)
+        x = _load(_ptr(addr, tl.float16, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     else:
-        ptr = _ptr(addr, tl.float32, ALIGNED) + offs
-        if MASKED:
-            x = tl.load(ptr, mask=mask, other=0.0)
-        else:
-            x = tl.load(ptr)
+        x = _load(_ptr(addr, tl.float32, ALIGNED) + offs, mask, MASKED)
     return x
 
 
@@ -243,10 +272,7 @@ def _store_f32(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, M
     else:
         y = x
         ptr = _ptr(addr, tl.float32, ALIGNED) + offs
-    if MASKED:
-        tl.store(ptr, y, mask=mask)
-    else:
-        tl.store(ptr, y)
+    _store(ptr, y, mask, MASKED)
 
 
 @device_fn
@@ -254,13 +280,9 @@ def _load_bits(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASK
     """The raw storage bits of a block (uint32 for fp32, uint16 for fp16/bf16): a copy through them is
     exact, NaN payloads included, where a float load/store could quiet a signaling NaN."""
     if KIND == 0:
-        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+        bits = _load(_ptr(addr, tl.uint32, ALIGNED) + offs, mask, MASKED)
     else:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-    if MASKED:
-        bits = tl.load(ptr, mask=mask, other=0)
-    else:
-        bits = tl.load(ptr)
+        bits = _load(_ptr(addr, tl.uint16, ALIGNED) + offs, mask, MASKED)
     return bits
 
 
@@ -268,25 +290,9 @@ def _load_bits(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASK
 def _store_bits(addr, offs, bits, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Store raw bits from `_load_bits` of the same KIND."""
     if KIND == 0:
-        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+        _store(_ptr(addr, tl.uint32, ALIGNED) + offs, bits, mask, MASKED)
     else:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-    if MASKED:
-        tl.store(ptr, bits, mask=mask)
-    else:
-        tl.store(ptr, bits)
-
-
-@device_fn
-def _bits_to_f32(bits, KIND: tl.constexpr):
-    """`_load_bits`' block as fp32 values (exact widening, as `_load_f32`)."""
-    if KIND == 2:
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    elif KIND == 1:
-        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        x = bits.to(tl.float32, bitcast=True)
-    return x
+        _store(_ptr(addr, tl.uint16, ALIGNED) + offs, bits, mask, MASKED)
 
 
 @device_fn
@@ -324,6 +330,16 @@ def _amp_unscale(g, grad_scale_ptr, KIND: tl.constexpr):
 
 
 @device_fn
+def _scalar(value, ptr, IS_TENSOR: tl.constexpr):
+    """A per-step scalar of the launch (`Launch`, `DeviceScalar`): loaded from the device when IS_TENSOR
+    (capturable / tensor lr), else the fp32 argument."""
+    if IS_TENSOR:
+        value = tl.load(ptr)
+    return value
+
+
+
+@device_fn
 def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
     """A block of the grad as every update kernel uses it: unscaled (AMP) and written back unscaled, as
@@ -335,6 +351,15 @@ def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED
     if MAXIMIZE:
         g = -g
     return g
+
+
+@device_fn
+def _load_row(row, LIST: tl.constexpr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr,
+              MASKED: tl.constexpr):
+    """(address, fp32 block) of this tensor's entry in static list LIST (0 the param, then each state
+    list: the ``meta`` row's addresses after its 4 leading columns)."""
+    addr = tl.load(row + 4 + LIST)
+    return addr, _load_f32(addr, offs, mask, KIND, ALIGNED, MASKED)
 
 
 @device_fn
@@ -708,35 +733,113 @@ def prepare_lists(static: Sequence[Sequence[Tensor]], dynamic: Sequence[Sequence
     return out
 
 
-def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:
-    """``(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)`` of a launch.
+# ------------------------------------------------------------------------------------------ launches
+class DeviceScalar(NamedTuple):
+    """A per-step scalar of a launch (`Launch.scalar`): ``value`` (fp32 kernel argument) or ``tensor``
+    (a 0-d fp32 device tensor the kernel loads), as `fused_optim._scalars.device_scalar` gives them."""
 
-    The values stay on the device (kernels load them: no host sync, and a new scale never recompiles);
-    only whether each is present is a constexpr. An absent one is replaced by any fp32 buffer of the
-    device, which the kernel never reads."""
-    def arg(t):
-        if t is None:
-            return table.partials
-        return t.detach().to(device=table.device, dtype=torch.float32)  # a no-op for GradScaler's tensors
-    return arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None
+    value: float
+    tensor: Tensor | None
 
 
-def scalar_args(table: Table, x: float | Tensor) -> tuple[float, Tensor, bool]:
-    """``(value, ptr, IS_TENSOR)`` of a per-step scalar argument of a launch (lr, Gravity's beta_hat,
-    Adan's bias corrections): an accelerator tensor (capturable / scheduled) is loaded by the kernel, so
-    reading it never syncs the host and a new value never recompiles; a CPU tensor for accelerator
-    params is read here (no sync either). CPU params (the interpreter) load a tensor too, which is how
-    the CPU tests cover that path. Without a tensor, ``ptr`` is any fp32 buffer, never read."""
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu" or table.device.type == "cpu":
-            return 0.0, x.detach().to(device=table.device, dtype=torch.float32).reshape(()), True
-        x = x.item()
-    return float(x), table.partials, False
+def _table_args(launch: Launch) -> dict:
+    """The arguments `Launch.__call__` fills in by name (a kernel takes those it declares)."""
+    t, prep = launch.table, launch.prep
+    gs, fi, has_gs, has_fi = launch.amp
+    return {"meta_ptr": t.meta, "grad_ptrs_ptr": t.grad_ptrs, "dyn_ptrs_ptr": t.grad_ptrs,
+            "chunks_ptr": t.chunks, "rchunks_ptr": t.rchunks, "partials_ptr": t.partials,
+            "grad_scale_ptr": gs, "found_inf_ptr": fi, "HAS_GRAD_SCALE": has_gs, "HAS_FOUND_INF": has_fi,
+            "P_KIND": prep.p_kind, "S_KIND": prep.s_kind, "ALIGNED": t.aligned, "ROW": t.row,
+            "BLOCK": launch.block, "MAX_PARTS": t.max_parts, "RBLOCK": t.rblock}
 
 
-def lr_args(table: Table, lr: float | Tensor) -> tuple[float, Tensor, bool]:
-    """``(lr, lr_ptr, LR_TENSOR)`` of a launch (`scalar_args`)."""
-    return scalar_args(table, lr)
+_TABLE_ARGS = frozenset(("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr", "partials_ptr",
+                         "grad_scale_ptr", "found_inf_ptr", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "P_KIND", "S_KIND",
+                         "ALIGNED", "ROW", "BLOCK", "MAX_PARTS", "RBLOCK"))
+_SIGNATURES: dict[object, tuple[frozenset, tuple[str, ...]]] = {}
+
+
+def _signature(kernel) -> tuple[frozenset, tuple[str, ...]]:
+    """(every parameter name, the table arguments among them) of a kernel, read once."""
+    sig = _SIGNATURES.get(kernel)
+    if sig is None:
+        names = kernel.arg_names
+        sig = _SIGNATURES[kernel] = (frozenset(names), tuple(n for n in names if n in _TABLE_ARGS))
+    return sig
+
+
+class Launch:
+    """One launch's worth of a group (a `Prepared` and its cached `Table`), and the one way every Triton
+    kernel of this package is called (`__call__`). Kernels name their parameters by convention, so a
+    launcher passes only what is its own:
+
+    - table arguments, filled in for every kernel that declares them: ``meta_ptr``, ``grad_ptrs_ptr``
+      (also as ``dyn_ptrs_ptr``: the per-call lists of `prepare_lists`), ``chunks_ptr``,
+      ``rchunks_ptr``, ``partials_ptr``, ``ROW``, ``BLOCK``, ``MAX_PARTS``, ``RBLOCK``, ``ALIGNED``,
+      ``P_KIND`` and ``S_KIND`` (the group's dtype codes; a launcher may pass its own);
+    - AMP (`fused_optim.optimizer.supports_amp`): ``grad_scale_ptr``, ``found_inf_ptr`` and the
+      constexprs ``HAS_GRAD_SCALE``, ``HAS_FOUND_INF``; the values stay on the device (no host sync,
+      and a new scale never recompiles), an absent one is any fp32 buffer, never read;
+    - a per-step scalar ``x`` passed as a `DeviceScalar` (`scalar`) becomes three parameters: ``x``
+      (fp32), ``x_ptr`` (the 0-d tensor, or any fp32 buffer, never read) and the constexpr
+      ``X_TENSOR``; the kernel takes ``_scalar(x, x_ptr, X_TENSOR)``.
+    """
+
+    __slots__ = ("amp", "block", "device", "prep", "table")
+
+    def __init__(self, prep: Prepared, table: Table, block: int, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None):
+        self.prep, self.table, self.block, self.device = prep, table, block, table.device
+
+        def arg(t):
+            return table.partials if t is None else device_tensor(t, table.device)
+        self.amp = (arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None)
+
+    def scalar(self, x: float | Tensor) -> DeviceScalar:
+        """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
+        return DeviceScalar(*device_scalar(x, self.device))
+
+    def __call__(self, kernel, *, grid: int | None = None, num_warps: int = 4, options: dict | None = None,
+                 **args) -> None:
+        """Run ``kernel`` (a ``@triton.jit`` kernel of this package) over the table: the flavour for the
+        device (`kernel_for`), on that device, ``grid`` programs (default: one per chunk). ``args`` are
+        the kernel's own parameters by name; ``options`` extra compile options."""
+        names, table_names = _signature(kernel)
+        call = _table_args(self)
+        call = {n: call[n] for n in table_names}
+        for name, value in args.items():
+            if isinstance(value, DeviceScalar):
+                call[name] = value.value
+                call[name + "_ptr"] = self.table.partials if value.tensor is None else value.tensor
+                call[name.upper() + "_TENSOR"] = value.tensor is not None
+            else:
+                call[name] = value
+        unknown = call.keys() - names
+        if unknown or len(call) != len(names):
+            raise TypeError(f"{kernel.fn.__name__}: unknown arguments {sorted(unknown)}, missing "
+                            f"{sorted(names - call.keys())}")
+        k = kernel_for(kernel, self.device)
+        with device_guard(self.device):
+            k[(self.table.n_chunks if grid is None else grid,)](**call, num_warps=num_warps, **(options or {}))
+
+
+def launches(preps: list[Prepared], block: int, *, tag: str | None = None, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> Iterator[Launch]:
+    """A `Launch` per prepared launch of a group (`prepare_launches`, `prepare_lists`), on its cached
+    table (`get_table`; ``tag``: see there); strided tensors are copied back (`Prepared.finish`) once
+    the caller's loop body has launched."""
+    for prep in preps:
+        yield Launch(prep, get_table(prep, block, tag), block, grad_scale, found_inf)
+        prep.finish()
+
+
+def update_launches(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
+                    block: int, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> Iterator[Launch]:
+    """The launches of an optimizer's update over a (device, dtype) group: params, grads (unscaled in
+    place under AMP) and the state lists (`prepare_launches`)."""
+    preps = prepare_launches(params, grads, states, write_grads=grad_scale is not None)
+    return launches(preps, block, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def device_guard(device: torch.device):
