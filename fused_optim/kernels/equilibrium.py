@@ -64,5 +64,5 @@ def _triton_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     decay = weight_decay != 0
     for launch in mt.update_launches(params, grads, [], BLOCK, grad_scale, found_inf):
         launch_partials(launch, OP_SUM, negate=maximize, add_param=decay, coeff=weight_decay)
-        launch(_gradient_equilibrium_kernel, lr=launch.scalar(lr), weight_decay=float(weight_decay),
+        launch(_gradient_equilibrium_kernel, lr=lr, weight_decay=float(weight_decay),
                MAXIMIZE=bool(maximize), DECAY=decay)

@@ -75,5 +75,5 @@ def _triton_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
     for launch in mt.update_launches(params, grads, [vs], BLOCK, grad_scale, found_inf):
         launch_partials(launch, OP_ABSMAX)
         beta_hat_s = launch.scalar(beta_hat)
-        launch(_gravity_kernel, lr=launch.scalar(lr), beta_hat=beta_hat_s, one_minus_beta_hat=1 - beta_hat_s.value,
+        launch(_gravity_kernel, lr=lr, beta_hat=beta_hat_s, one_minus_beta_hat=1 - beta_hat_s.value,
                MAXIMIZE=bool(maximize))

@@ -376,6 +376,7 @@ class Table:
     """Device tables of one tensor list (see the module docstring); built by `get_table`."""
 
     __slots__ = (
+        "args",
         "chunks",
         "device",
         "grad_key",
@@ -422,6 +423,10 @@ class Table:
         self.grad_ptrs = torch.empty(n * n_dynamic, dtype=torch.int64, device=device)
         self.grad_key: tuple | None = None
         self.grads_aligned = False
+        # the arguments a launch over this table passes by name (`Launch`), for every kernel that declares them
+        self.args = {"meta_ptr": self.meta, "grad_ptrs_ptr": self.grad_ptrs, "dyn_ptrs_ptr": self.grad_ptrs,
+                     "chunks_ptr": self.chunks, "rchunks_ptr": self.rchunks, "partials_ptr": self.partials,
+                     "ROW": self.row, "BLOCK": block, "MAX_PARTS": self.max_parts, "RBLOCK": self.rblock}
 
     @property
     def aligned(self) -> bool:
@@ -742,29 +747,22 @@ class DeviceScalar(NamedTuple):
     tensor: Tensor | None
 
 
-def _table_args(launch: Launch) -> dict:
-    """The arguments `Launch.__call__` fills in by name (a kernel takes those it declares)."""
-    t, prep = launch.table, launch.prep
-    gs, fi, has_gs, has_fi = launch.amp
-    return {"meta_ptr": t.meta, "grad_ptrs_ptr": t.grad_ptrs, "dyn_ptrs_ptr": t.grad_ptrs,
-            "chunks_ptr": t.chunks, "rchunks_ptr": t.rchunks, "partials_ptr": t.partials,
-            "grad_scale_ptr": gs, "found_inf_ptr": fi, "HAS_GRAD_SCALE": has_gs, "HAS_FOUND_INF": has_fi,
-            "P_KIND": prep.p_kind, "S_KIND": prep.s_kind, "ALIGNED": t.aligned, "ROW": t.row,
-            "BLOCK": launch.block, "MAX_PARTS": t.max_parts, "RBLOCK": t.rblock}
-
-
 _TABLE_ARGS = frozenset(("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr", "partials_ptr",
                          "grad_scale_ptr", "found_inf_ptr", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "P_KIND", "S_KIND",
                          "ALIGNED", "ROW", "BLOCK", "MAX_PARTS", "RBLOCK"))
-_SIGNATURES: dict[object, tuple[frozenset, tuple[str, ...]]] = {}
+_SIGNATURES: dict[int, tuple] = {}
 
 
-def _signature(kernel) -> tuple[frozenset, tuple[str, ...]]:
-    """(every parameter name, the table arguments among them) of a kernel, read once."""
-    sig = _SIGNATURES.get(kernel)
+def _signature(kernel) -> tuple:
+    """(every parameter name, the table arguments among them, the device scalars as (name, name_ptr,
+    NAME_TENSOR)) of a kernel, read once. Keyed by id: a JITFunction hashes its source (several µs), and
+    kernels are module globals, never freed."""
+    sig = _SIGNATURES.get(id(kernel))
     if sig is None:
-        names = kernel.arg_names
-        sig = _SIGNATURES[kernel] = (frozenset(names), tuple(n for n in names if n in _TABLE_ARGS))
+        names = frozenset(kernel.arg_names)
+        scalars = tuple((n, f"{n}_ptr", f"{n.upper()}_TENSOR") for n in kernel.arg_names
+                        if {f"{n}_ptr", f"{n.upper()}_TENSOR"} <= names)
+        sig = _SIGNATURES[id(kernel)] = (names, tuple(n for n in kernel.arg_names if n in _TABLE_ARGS), scalars)
     return sig
 
 
@@ -780,43 +778,47 @@ class Launch:
     - AMP (`fused_optim.optimizer.supports_amp`): ``grad_scale_ptr``, ``found_inf_ptr`` and the
       constexprs ``HAS_GRAD_SCALE``, ``HAS_FOUND_INF``; the values stay on the device (no host sync,
       and a new scale never recompiles), an absent one is any fp32 buffer, never read;
-    - a per-step scalar ``x`` passed as a `DeviceScalar` (`scalar`) becomes three parameters: ``x``
-      (fp32), ``x_ptr`` (the 0-d tensor, or any fp32 buffer, never read) and the constexpr
-      ``X_TENSOR``; the kernel takes ``_scalar(x, x_ptr, X_TENSOR)``.
+    - a per-step scalar: a kernel declaring ``x``, ``x_ptr`` and the constexpr ``X_TENSOR`` takes ``x``
+      as a float or a tensor (or the `DeviceScalar` of `scalar`, when the launcher needs its host value
+      too): the helper passes the fp32 value, the 0-d device tensor (or any fp32 buffer, never read) and
+      whether it is one (`fused_optim._scalars.device_scalar`); the kernel reads
+      ``_scalar(x, x_ptr, X_TENSOR)``.
     """
 
-    __slots__ = ("amp", "block", "device", "prep", "table")
+    __slots__ = ("args", "device", "prep", "table")
 
-    def __init__(self, prep: Prepared, table: Table, block: int, grad_scale: Tensor | None = None,
+    def __init__(self, prep: Prepared, table: Table, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None):
-        self.prep, self.table, self.block, self.device = prep, table, block, table.device
-
-        def arg(t):
-            return table.partials if t is None else device_tensor(t, table.device)
-        self.amp = (arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None)
+        self.prep, self.table, self.device = prep, table, table.device
+        unused = table.partials
+        self.args = {**table.args, "ALIGNED": table.aligned, "P_KIND": prep.p_kind, "S_KIND": prep.s_kind,
+                     "grad_scale_ptr": unused if grad_scale is None else device_tensor(grad_scale, self.device),
+                     "found_inf_ptr": unused if found_inf is None else device_tensor(found_inf, self.device),
+                     "HAS_GRAD_SCALE": grad_scale is not None, "HAS_FOUND_INF": found_inf is not None}
 
     def scalar(self, x: float | Tensor) -> DeviceScalar:
         """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
-        return DeviceScalar(*device_scalar(x, self.device))
+        if isinstance(x, Tensor):
+            return DeviceScalar(*device_scalar(x, self.device))
+        return DeviceScalar(float(x), None)
 
     def __call__(self, kernel, *, grid: int | None = None, num_warps: int = 4, options: dict | None = None,
                  **args) -> None:
         """Run ``kernel`` (a ``@triton.jit`` kernel of this package) over the table: the flavour for the
         device (`kernel_for`), on that device, ``grid`` programs (default: one per chunk). ``args`` are
         the kernel's own parameters by name; ``options`` extra compile options."""
-        names, table_names = _signature(kernel)
-        call = _table_args(self)
-        call = {n: call[n] for n in table_names}
-        for name, value in args.items():
-            if isinstance(value, DeviceScalar):
-                call[name] = value.value
-                call[name + "_ptr"] = self.table.partials if value.tensor is None else value.tensor
-                call[name.upper() + "_TENSOR"] = value.tensor is not None
-            else:
-                call[name] = value
-        unknown = call.keys() - names
-        if unknown or len(call) != len(names):
-            raise TypeError(f"{kernel.fn.__name__}: unknown arguments {sorted(unknown)}, missing "
+        names, table_names, scalars = _signature(kernel)
+        base = self.args
+        call = {n: base[n] for n in table_names}
+        call.update(args)
+        for name, ptr, flag in scalars:
+            value = call.get(name)
+            if type(value) is not DeviceScalar:
+                value = self.scalar(value)
+            call[name], call[ptr], call[flag] = (value.value, self.table.partials if value.tensor is None
+                                                 else value.tensor, value.tensor is not None)
+        if len(call) != len(names) or not call.keys() <= names:
+            raise TypeError(f"{kernel.fn.__name__}: unknown arguments {sorted(call.keys() - names)}, missing "
                             f"{sorted(names - call.keys())}")
         k = kernel_for(kernel, self.device)
         with device_guard(self.device):
@@ -829,7 +831,7 @@ def launches(preps: list[Prepared], block: int, *, tag: str | None = None, grad_
     table (`get_table`; ``tag``: see there); strided tensors are copied back (`Prepared.finish`) once
     the caller's loop body has launched."""
     for prep in preps:
-        yield Launch(prep, get_table(prep, block, tag), block, grad_scale, found_inf)
+        yield Launch(prep, get_table(prep, block, tag), grad_scale, found_inf)
         prep.finish()
 
 
