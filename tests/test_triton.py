@@ -588,3 +588,31 @@ def test_launches_per_step():
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
         assert len(kernels) == expected.get(name, 1), (name, [e.name for e in kernels])
+
+
+# ------------------------------------------------------------------------------------------ launch helper
+def test_launch_names_unknown_and_missing_kernel_arguments():
+    """`multi_tensor.Launch` checks a kernel's arguments by name before launching: a misspelled one is
+    named with the parameter it left out (the interpreter would drop it silently), and nothing runs."""
+    from fused_optim.kernels import lion
+
+    p, m = torch.randn(5), torch.zeros(5)
+    before = p.clone()
+    for launch in multi_tensor.update_launches([p], [torch.randn(5)], [[m]], lion.BLOCK):
+        with pytest.raises(TypeError, match=r"unknown arguments \['beta_1'\], missing \['beta1'\]"):
+            launch(lion._lion_kernel, lr=0.1, decay=1.0, weight_decay=0.0, beta_1=0.9, one_minus_beta1=0.1,
+                   beta2=0.99, one_minus_beta2=0.01, MAXIMIZE=False, DECAY=False)
+    assert torch.equal(p, before)
+
+
+def test_device_scalar_contract():
+    """`fused_optim._scalars.device_scalar`: a number or a CPU tensor for accelerator params is a host
+    value; a tensor a CPU kernel can read is passed on (0-d fp32), beside the never-read UNUSED value."""
+    from fused_optim._scalars import UNUSED, device_scalar, host_scalar
+
+    cpu = torch.device("cpu")
+    assert device_scalar(0.25, cpu) == (0.25, None)
+    value, t = device_scalar(torch.tensor([0.5], dtype=torch.float64), cpu)
+    assert value == UNUSED and t.shape == () and t.dtype == torch.float32 and t.item() == 0.5
+    assert device_scalar(torch.tensor(0.5), torch.device("cuda")) == (0.5, None)  # read on the host, no sync
+    assert host_scalar(torch.tensor(0.5)) == 0.5 and host_scalar(2) == 2.0
