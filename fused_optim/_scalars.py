@@ -17,21 +17,23 @@ UNUSED = 1.0
 
 
 def device_tensor(t: Tensor, device: torch.device) -> Tensor:
-    """``t`` as the 0-d fp32 tensor a kernel on ``device`` loads: no copy when it already is one."""
-    return t.detach().to(device=device, dtype=torch.float32).reshape(())
+    """``t`` as the fp32 tensor on ``device`` whose first element a kernel loads (AMP's grad scale and
+    inf flag, SAM's scale): no copy when it already is one, and no reshape (a view costs a few µs per
+    step, and a pointer argument has no shape)."""
+    return t.detach().to(device=device, dtype=torch.float32)
 
 
 def device_scalar(x: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
     """``(value, tensor)`` of a per-step scalar for a kernel on ``device``.
 
-    - a tensor on an accelerator, or any tensor for CPU params: ``(UNUSED, device_tensor(x))``: the
-      kernel loads it (no host sync, no recompile when it changes);
+    - a tensor on an accelerator, or any tensor for CPU params: ``(UNUSED, the 0-d fp32 tensor on
+      device)``: the kernel loads it (no host sync, no recompile when it changes);
     - a CPU tensor for accelerator params: read here (no sync: it is host memory), ``(value, None)``;
     - a number: ``(float(x), None)``: the kernel takes it as an fp32 argument.
     """
     if isinstance(x, Tensor):
         if x.device.type != "cpu" or device.type == "cpu":
-            return UNUSED, device_tensor(x, device)
+            return UNUSED, device_tensor(x, device).reshape(())  # 0-d, as the native ops take it
         x = x.item()
     return float(x), None
 
