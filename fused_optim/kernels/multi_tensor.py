@@ -338,7 +338,6 @@ def _scalar(value, ptr, IS_TENSOR: tl.constexpr):
     return value
 
 
-
 @device_fn
 def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
@@ -813,6 +812,8 @@ class Launch:
         call.update(args)
         for name, ptr, flag in scalars:
             value = call.get(name)
+            if value is None:
+                continue  # missing: named below
             if type(value) is not DeviceScalar:
                 value = self.scalar(value)
             call[name], call[ptr], call[flag] = (value.value, self.table.partials if value.tensor is None
