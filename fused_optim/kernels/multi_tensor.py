@@ -375,7 +375,6 @@ class Table:
     """Device tables of one tensor list (see the module docstring); built by `get_table`."""
 
     __slots__ = (
-        "args",
         "chunks",
         "device",
         "grad_key",
@@ -390,8 +389,10 @@ class Table:
         "partials",
         "rblock",
         "rchunks",
+        "is_cuda",
         "row",
         "static_aligned",
+        "std",
     )
 
     def __init__(self, static: Sequence[Sequence[Tensor]], block: int, device: torch.device,
@@ -422,10 +423,10 @@ class Table:
         self.grad_ptrs = torch.empty(n * n_dynamic, dtype=torch.int64, device=device)
         self.grad_key: tuple | None = None
         self.grads_aligned = False
-        # the arguments a launch over this table passes by name (`Launch`), for every kernel that declares them
-        self.args = {"meta_ptr": self.meta, "grad_ptrs_ptr": self.grad_ptrs, "dyn_ptrs_ptr": self.grad_ptrs,
-                     "chunks_ptr": self.chunks, "rchunks_ptr": self.rchunks, "partials_ptr": self.partials,
-                     "ROW": self.row, "BLOCK": block, "MAX_PARTS": self.max_parts, "RBLOCK": self.rblock}
+        # the table's part of every launch's standard arguments (`Launch.std`, in `_STD`'s order)
+        self.std = (self.meta, self.grad_ptrs, self.grad_ptrs, self.chunks, self.rchunks, self.partials, self.row,
+                    block, self.max_parts, self.rblock)
+        self.is_cuda = device.type == "cuda"
 
     @property
     def aligned(self) -> bool:
@@ -746,23 +747,69 @@ class DeviceScalar(NamedTuple):
     tensor: Tensor | None
 
 
-_TABLE_ARGS = frozenset(("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr", "partials_ptr",
-                         "grad_scale_ptr", "found_inf_ptr", "HAS_GRAD_SCALE", "HAS_FOUND_INF", "P_KIND", "S_KIND",
-                         "ALIGNED", "ROW", "BLOCK", "MAX_PARTS", "RBLOCK"))
-_SIGNATURES: dict[int, tuple] = {}
+#: the standard parameters `Launch` fills in, in the order of `Launch.std` (`Table.std`, then the launch's own)
+_STD = ("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr", "partials_ptr", "ROW", "BLOCK",
+        "MAX_PARTS", "RBLOCK", "ALIGNED", "P_KIND", "S_KIND", "grad_scale_ptr", "found_inf_ptr", "HAS_GRAD_SCALE",
+        "HAS_FOUND_INF")
+#: standard parameters a launcher may pass itself (Muon's state dtype is its own list's, not the group's)
+_OVERRIDABLE = ("P_KIND", "S_KIND")
+_DEFAULT = object()
 
 
-def _signature(kernel) -> tuple:
-    """(every parameter name, the table arguments among them, the device scalars as (name, name_ptr,
-    NAME_TENSOR)) of a kernel, read once. Keyed by id: a JITFunction hashes its source (several µs), and
-    kernels are module globals, never freed."""
-    sig = _SIGNATURES.get(id(kernel))
-    if sig is None:
-        names = frozenset(kernel.arg_names)
-        scalars = tuple((n, f"{n}_ptr", f"{n.upper()}_TENSOR") for n in kernel.arg_names
-                        if {f"{n}_ptr", f"{n.upper()}_TENSOR"} <= names)
-        sig = _SIGNATURES[id(kernel)] = (names, tuple(n for n in kernel.arg_names if n in _TABLE_ARGS), scalars)
-    return sig
+def _scalar_args(x, launch: Launch, name: str) -> tuple:
+    """``(x, x_ptr, X_TENSOR)`` of a per-step scalar (see `Launch`)."""
+    kind = type(x)
+    if kind is float:
+        return x, launch.unused, False
+    if kind is DeviceScalar:
+        value, tensor = x
+    elif x is None:
+        raise TypeError(f"the per-step scalar {name!r} is None; pass a float or a 0-d tensor")
+    else:
+        value, tensor = device_scalar(x, launch.device)
+    return (value, launch.unused, False) if tensor is None else (value, tensor, True)
+
+
+class _Binder:
+    """How `Launch` calls one kernel, read once from its signature: ``bind(launch, **args)``, generated
+    code that returns every argument in the kernel's order (standard ones from ``launch.std`` by index,
+    device scalars converted by `_scalar_args`), so a launch builds no dict and looks up no name; the
+    kernel of each flavour (`kernel_for`), resolved at first use."""
+
+    __slots__ = ("bind", "caller", "flavours", "name", "required")
+
+    def __init__(self, kernel):
+        names = list(kernel.arg_names)
+        have = set(names)
+        self.name = kernel.fn.__name__
+        scalars = [n for n in names if f"{n}_ptr" in have and f"{n.upper()}_TENSOR" in have]
+        derived = {f"{n}_ptr" for n in scalars} | {f"{n.upper()}_TENSOR" for n in scalars}
+        self.caller = [n for n in names if n not in derived and (n not in _STD or n in _OVERRIDABLE)]
+        self.required = [n for n in self.caller if n not in _OVERRIDABLE]
+        optional = [n for n in self.caller if n in _OVERRIDABLE]
+        lines = [f"def bind(_launch, /, *, {', '.join([*self.required, *(f'{n}=_DEFAULT' for n in optional)])}):"
+                 if self.caller else "def bind(_launch, /):",
+                 "    _std = _launch.std"]
+        lines += [f"    if {n} is _DEFAULT: {n} = _std[{_STD.index(n)}]" for n in optional]
+        lines += [f"    {n}, {n}_ptr, {n.upper()}_TENSOR = _scalar_args({n}, _launch, {n!r})" for n in scalars]
+        args = [f"_std[{_STD.index(n)}]" if n in _STD and n not in _OVERRIDABLE else n for n in names]
+        lines.append(f"    return ({', '.join(args)},)")
+        scope = {"_DEFAULT": _DEFAULT, "_scalar_args": _scalar_args}
+        exec("\n".join(lines), scope)  # noqa: S102 (generated from the kernel's own parameter names)
+        self.bind = scope["bind"]
+        self.flavours = [None, None]  # [interpreted, compiled]
+
+    def explain(self, args: dict) -> None:
+        """Raise the TypeError naming what ``args`` lacks or has too many, if anything (after a failed `bind`)."""
+        unknown = sorted(args.keys() - set(self.caller))
+        missing = sorted(set(self.required) - args.keys())
+        if unknown or missing:
+            owned = [n for n in unknown if n in _STD]
+            raise TypeError(f"{self.name}: unknown arguments {unknown}, missing {missing}"
+                            + (f" ({owned}: the launch's own table, AMP and dtype arguments)" if owned else ""))
+
+
+_BINDERS: dict[int, _Binder] = {}
 
 
 class Launch:
@@ -782,18 +829,21 @@ class Launch:
       too): the helper passes the fp32 value, the 0-d device tensor (or any fp32 buffer, never read) and
       whether it is one (`fused_optim._scalars.device_scalar`); the kernel reads
       ``_scalar(x, x_ptr, X_TENSOR)``.
+
+    This runs per launch on the host, so the names are matched once per kernel (`_Binder`), and a
+    launch passes its arguments by position, as a hand-written launch would.
     """
 
-    __slots__ = ("args", "device", "prep", "table")
+    __slots__ = ("device", "is_cuda", "prep", "std", "table", "unused")
 
     def __init__(self, prep: Prepared, table: Table, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None):
-        self.prep, self.table, self.device = prep, table, table.device
-        unused = table.partials
-        self.args = {**table.args, "ALIGNED": table.aligned, "P_KIND": prep.p_kind, "S_KIND": prep.s_kind,
-                     "grad_scale_ptr": unused if grad_scale is None else device_tensor(grad_scale, self.device),
-                     "found_inf_ptr": unused if found_inf is None else device_tensor(found_inf, self.device),
-                     "HAS_GRAD_SCALE": grad_scale is not None, "HAS_FOUND_INF": found_inf is not None}
+        self.prep, self.table, self.device, self.is_cuda = prep, table, table.device, table.is_cuda
+        self.unused = unused = table.partials
+        self.std = (*table.std, table.static_aligned and table.grads_aligned, prep.p_kind, prep.s_kind,
+                    unused if grad_scale is None else device_tensor(grad_scale, table.device),
+                    unused if found_inf is None else device_tensor(found_inf, table.device),
+                    grad_scale is not None, found_inf is not None)
 
     def scalar(self, x: float | Tensor) -> DeviceScalar:
         """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
@@ -806,24 +856,25 @@ class Launch:
         """Run ``kernel`` (a ``@triton.jit`` kernel of this package) over the table: the flavour for the
         device (`kernel_for`), on that device, ``grid`` programs (default: one per chunk). ``args`` are
         the kernel's own parameters by name; ``options`` extra compile options."""
-        names, table_names, scalars = _signature(kernel)
-        base = self.args
-        call = {n: base[n] for n in table_names}
-        call.update(args)
-        for name, ptr, flag in scalars:
-            value = call.get(name)
-            if value is None:
-                continue  # missing: named below
-            if type(value) is not DeviceScalar:
-                value = self.scalar(value)
-            call[name], call[ptr], call[flag] = (value.value, self.table.partials if value.tensor is None
-                                                 else value.tensor, value.tensor is not None)
-        if len(call) != len(names) or not call.keys() <= names:
-            raise TypeError(f"{kernel.fn.__name__}: unknown arguments {sorted(call.keys() - names)}, missing "
-                            f"{sorted(names - call.keys())}")
-        k = kernel_for(kernel, self.device)
-        with device_guard(self.device):
-            k[(self.table.n_chunks if grid is None else grid,)](**call, num_warps=num_warps, **(options or {}))
+        binder = _BINDERS.get(id(kernel))  # by id: a JITFunction hashes its source; kernels are never freed
+        if binder is None:
+            binder = _BINDERS[id(kernel)] = _Binder(kernel)
+        try:
+            call = binder.bind(self, **args)
+        except TypeError:
+            binder.explain(args)
+            raise
+        k = binder.flavours[self.is_cuda]
+        if k is None:
+            k = binder.flavours[self.is_cuda] = kernel_for(kernel, self.device)
+        grid = (self.table.n_chunks if grid is None else grid,)
+        if self.is_cuda:
+            with torch.cuda.device(self.device):  # Triton launches on the current device
+                k[grid](*call, num_warps=num_warps, **(options or {}))
+        elif options is None:
+            k[grid](*call, num_warps=num_warps)
+        else:
+            k[grid](*call, num_warps=num_warps, **options)
 
 
 def launches(preps: list[Prepared], block: int, *, tag: str | None = None, grad_scale: Tensor | None = None,
