@@ -754,6 +754,7 @@ _STD = ("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr"
 #: standard parameters a launcher may pass itself (Muon's state dtype is its own list's, not the group's)
 _OVERRIDABLE = ("P_KIND", "S_KIND")
 _DEFAULT = object()
+_new_tuple = tuple.__new__
 
 
 def _scalar_args(x, launch: Launch, name: str) -> tuple:
@@ -773,10 +774,9 @@ def _scalar_args(x, launch: Launch, name: str) -> tuple:
 class _Binder:
     """How `Launch` calls one kernel, read once from its signature: ``bind(launch, **args)``, generated
     code that returns every argument in the kernel's order (standard ones from ``launch.std`` by index,
-    device scalars converted by `_scalar_args`), so a launch builds no dict and looks up no name; the
-    kernel of each flavour (`kernel_for`), resolved at first use."""
+    device scalars converted by `_scalar_args`), so a launch builds no dict and looks up no name."""
 
-    __slots__ = ("bind", "caller", "flavours", "name", "required")
+    __slots__ = ("bind", "caller", "name", "required")
 
     def __init__(self, kernel):
         names = list(kernel.arg_names)
@@ -791,13 +791,19 @@ class _Binder:
                  if self.caller else "def bind(_launch, /):",
                  "    _std = _launch.std"]
         lines += [f"    if {n} is _DEFAULT: {n} = _std[{_STD.index(n)}]" for n in optional]
-        lines += [f"    {n}, {n}_ptr, {n.upper()}_TENSOR = _scalar_args({n}, _launch, {n!r})" for n in scalars]
+        if scalars:
+            lines.append("    _unused = _launch.unused")
+        for n in scalars:  # the host-value cases inline (a call costs more than the test); the rest in _scalar_args
+            ptr, flag = f"{n}_ptr", f"{n.upper()}_TENSOR"
+            lines += [f"    if type({n}) is float: {ptr}, {flag} = _unused, False",
+                      f"    elif type({n}) is _DeviceScalar and {n}.tensor is None: "
+                      f"{n}, {ptr}, {flag} = {n}.value, _unused, False",
+                      f"    else: {n}, {ptr}, {flag} = _scalar_args({n}, _launch, {n!r})"]
         args = [f"_std[{_STD.index(n)}]" if n in _STD and n not in _OVERRIDABLE else n for n in names]
         lines.append(f"    return ({', '.join(args)},)")
-        scope = {"_DEFAULT": _DEFAULT, "_scalar_args": _scalar_args}
+        scope = {"_DEFAULT": _DEFAULT, "_DeviceScalar": DeviceScalar, "_scalar_args": _scalar_args}
         exec("\n".join(lines), scope)  # noqa: S102 (generated from the kernel's own parameter names)
         self.bind = scope["bind"]
-        self.flavours = [None, None]  # [interpreted, compiled]
 
     def explain(self, args: dict) -> None:
         """Raise the TypeError naming what ``args`` lacks or has too many, if anything (after a failed `bind`)."""
@@ -848,8 +854,8 @@ class Launch:
     def scalar(self, x: float | Tensor) -> DeviceScalar:
         """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
         if isinstance(x, Tensor):
-            return DeviceScalar(*device_scalar(x, self.device))
-        return DeviceScalar(float(x), None)
+            return _new_tuple(DeviceScalar, device_scalar(x, self.device))
+        return _new_tuple(DeviceScalar, (float(x), None))  # not DeviceScalar(...): its __new__ is Python code
 
     def __call__(self, kernel, *, grid: int | None = None, num_warps: int = 4, options: dict | None = None,
                  **args) -> None:
@@ -864,9 +870,7 @@ class Launch:
         except TypeError:
             binder.explain(args)
             raise
-        k = binder.flavours[self.is_cuda]
-        if k is None:
-            k = binder.flavours[self.is_cuda] = kernel_for(kernel, self.device)
+        k = kernel_for(kernel, self.device)  # looked up per launch: tools wrap it to record launches
         grid = (self.table.n_chunks if grid is None else grid,)
         if self.is_cuda:
             with torch.cuda.device(self.device):  # Triton launches on the current device
@@ -926,8 +930,11 @@ def _interpret_scope(on: bool):
 _PKG = __name__.rsplit(".", 1)[0]  # fused_optim.kernels
 
 
+_JITFunction = triton.runtime.JITFunction
+
+
 def _is_interpreted(fn) -> bool:
-    return not isinstance(fn, triton.runtime.JITFunction)
+    return not isinstance(fn, _JITFunction)
 
 
 def kernel_for(fn, device: torch.device):
@@ -940,7 +947,7 @@ def kernel_for(fn, device: torch.device):
     with the variable set as needed; relative imports keep the copy self-contained.
     """
     want_interp = device.type != "cuda"
-    if _is_interpreted(fn) == want_interp:
+    if (not isinstance(fn, _JITFunction)) == want_interp:  # `_is_interpreted`, inline: this runs per launch
         return fn
     flavour = "_interpreted" if want_interp else "_compiled"
     pkg_name = f"{_PKG}.{flavour}"
