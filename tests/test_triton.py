@@ -605,6 +605,25 @@ def test_launch_names_unknown_and_missing_kernel_arguments():
     assert torch.equal(p, before)
 
 
+
+def test_launch_refuses_its_own_arguments_and_a_none_scalar():
+    """The table, AMP and grid arguments are the launch's: a launcher passing one is told so (only the
+    dtype codes may be overridden); a per-step scalar passed as None is named, not a float() error."""
+    from fused_optim.kernels import lion
+
+    p, m = torch.randn(5), torch.zeros(5)
+    before = p.clone()
+    kw = dict(lr=0.1, decay=1.0, weight_decay=0.0, beta1=0.9, one_minus_beta1=0.1, beta2=0.99,
+              one_minus_beta2=0.01, MAXIMIZE=False, DECAY=False)
+    for launch in multi_tensor.update_launches([p], [torch.randn(5)], [[m]], lion.BLOCK):
+        with pytest.raises(TypeError, match=r"unknown arguments \['BLOCK', 'meta_ptr'\], missing \[\] "
+                                            r"\(\['BLOCK', 'meta_ptr'\]: the launch's own"):
+            launch(lion._lion_kernel, **kw, meta_ptr=m, BLOCK=4)
+        with pytest.raises(TypeError, match=r"per-step scalar 'lr' is None"):
+            launch(lion._lion_kernel, **{**kw, "lr": None})
+    assert torch.equal(p, before)
+
+
 def test_device_scalar_contract():
     """`fused_optim._scalars.device_scalar`: a number or a CPU tensor for accelerator params is a host
     value; a tensor a CPU kernel can read is passed on (0-d fp32), beside the never-read UNUSED value."""
