@@ -7,8 +7,8 @@ wrong signature or a missing case shows up before a GPU minute is spent.
     python .ci/kernel_driver.py [--device cuda|cpu] [--only all|reductions] [--list]
 
 The kernels are enumerated from the sources, not listed here: every `m.impl("op", ...)` registered
-for CUDA in csrc/cuda/*.cu and every kernel a launcher in fused_optim/kernels/*.py passes to
-`kernel_for`. Each launch is recorded (the native ops through the namespace `fused_optim._native`
+for CUDA in csrc/cuda/*.cu and every kernel a launcher in fused_optim/kernels/*.py launches through
+`multi_tensor.Launch`. Each launch is recorded (the native ops through the namespace `fused_optim._native`
 calls, the Triton kernels through `kernel_for`), and the run fails if any enumerated kernel of the
 selection was not launched, so a new kernel without a case here fails CI.
 
@@ -63,21 +63,23 @@ def native_cuda_ops(root: Path = REPO) -> list[str]:
 
 
 def triton_kernels(root: Path = REPO) -> list[str]:
-    """Kernels the launchers of fused_optim/kernels launch: the names passed to `kernel_for`. Every
+    """Kernels the launchers of fused_optim/kernels launch: the names passed to the shared launch helper
+    (`multi_tensor.Launch`, called as ``launch(kernel, ...)``), which hands them to `kernel_for`. Every
     @triton.jit function of a kernel module (multi_tensor.py holds the shared device functions) must be
     one of them, or be called by one: a kernel launched some other way would escape the sanitizer."""
     launched: set[str] = set()
     jitted: dict[str, str] = {}
     for src in sorted((root / "fused_optim" / "kernels").glob("*.py")):
+        if src.name == "multi_tensor.py":
+            continue
         text = src.read_text()
-        launched |= set(re.findall(r"(?<!def )\bkernel_for\(\s*(\w+)\s*,", text))
-        if src.name != "multi_tensor.py":
-            for name in re.findall(r"@triton\.jit\s*\ndef\s+(\w+)", text):
-                jitted[name] = src.name
+        launched |= set(re.findall(r"\blaunch\(\s*(\w+)\s*[,)]", text))
+        for name in re.findall(r"@triton\.jit\s*\ndef\s+(\w+)", text):
+            jitted[name] = src.name
     stray = sorted(f"{jitted[n]}:{n}" for n in set(jitted) - launched)
     if stray:
-        raise SystemExit(f"kernel_driver: @triton.jit kernels not launched through kernel_for: {stray}; "
-                         "launch them with kernel_for so that this driver sees them")
+        raise SystemExit(f"kernel_driver: @triton.jit kernels not launched through multi_tensor.Launch: {stray}; "
+                         "launch them with it so that this driver sees them")
     return sorted(launched)
 
 
@@ -230,7 +232,7 @@ AMP_CASES = {"lion", "gravity", "adan", "gradient_equilibrium"}
 # ------------------------------------------------------------------------------ recording launches
 def _install_recorders(launched: set[str]) -> None:
     """Record each native op called through fused_optim._native and each Triton kernel handed to
-    `kernel_for` (the launchers call it right before the launch)."""
+    `kernel_for` (`multi_tensor.Launch` calls it right before the launch)."""
     import importlib
     import pkgutil
 

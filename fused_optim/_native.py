@@ -5,9 +5,9 @@ fused parts, `_forloop_lookahead_sync`, `_forloop_sam_*`, and the two halves of 
 Newton–Schulz that `muon._fused_muon` calls) and calls one op
 (two for the optimizers with a per-tensor reduction: `multi_tensor_stats`, then the update, which
 reads the reduction from the device buffer: no `.item()`, no host sync). Op schemas and semantics:
-csrc/fused_optim.cpp.
+csrc/ops_list.h and, for the elementwise rules, their declarations in csrc/math/<name>.h.
 
-The four update launchers are AMP-aware (`fused_optim.optimizer.supports_amp`): with the keyword-only
+The four update launchers are AMP-aware (`fused_optim.declaration.mark_amp`): with the keyword-only
 `grad_scale` (a 1-element fp32 tensor on the params' device) the kernels divide every grad by it,
 rounded to the grad's dtype exactly as torch's in-place unscale stores it, write that value back into
 the grads (non-contiguous ones included) and use it, the reductions included; with `found_inf != 0`
@@ -16,13 +16,14 @@ device scalars (``supports_tensor_lr``, ``supports_capturable``): ``lr``, Gravit
 Adan's bias corrections may be 0-d tensors, and Adan takes ``first_step``; on CUDA the kernels read
 them from device memory (no host sync, so a step can be captured in a CUDA graph), on the CPU from the
 CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels do
-(`fused_optim.kernels.multi_tensor.scalar_args`).
+(`fused_optim._scalars.device_scalar`, shared with the Triton launcher).
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ._scalars import device_scalar
 from .declaration import mark_amp as supports_amp  # the leaf module: the kernel layer imports no API
 
 __all__ = ["native_elementwise", "_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
@@ -57,17 +58,6 @@ def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> T
     return out
 
 
-def _device_scalar(x: float | Tensor, device: torch.device) -> tuple[float, Tensor | None]:
-    """``(value, tensor)`` of a per-step scalar argument: a tensor the kernel reads (fp32, 1 element, on the
-    params' device; no copy when it already is), or None and the Python double. A CPU tensor for
-    accelerator params is read here instead (no sync), as `multi_tensor.scalar_args` does for Triton."""
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu" or device.type == "cpu":
-            return 1.0, x.detach().to(device=device, dtype=torch.float32).reshape(())  # 1.0: never read
-        x = x.item()
-    return float(x), None
-
-
 @supports_amp
 def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
@@ -76,8 +66,8 @@ def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
         return
     ops = _ops()
     device = params[0].device
-    lr, lr_t = _device_scalar(lr, device)
-    beta_hat, beta_hat_t = _device_scalar(beta_hat, device)
+    lr, lr_t = device_scalar(lr, device)
+    beta_hat, beta_hat_t = device_scalar(beta_hat, device)
     with torch.no_grad():
         # the reduction sees the unscaled grads the update then writes back (it only reads them)
         stats = _finish_sharded(ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale), params, 0, "max")
@@ -120,7 +110,7 @@ def native_elementwise(rule: str):
         values = dict(kwargs)
         tensor_args = []
         for name in tensors:
-            values[name], t = _device_scalar(kwargs[name], device)
+            values[name], t = device_scalar(kwargs[name], device)
             tensor_args.append(t)
         for name in scalars:
             if isinstance(values[name], Tensor):
@@ -152,11 +142,11 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     if len({isinstance(b, Tensor) for b in (bias_correction1, bias_correction2, bias_correction3_sqrt)}) > 1:
         raise TypeError("native Adan: pass the three bias corrections all as floats or all as 0-d tensors")
     device = params[0].device
-    lr, lr_t = _device_scalar(lr, device)
-    bc1, bc1_t = _device_scalar(bias_correction1, device)
-    bc2, bc2_t = _device_scalar(bias_correction2, device)
-    bc3_sqrt, bc3_t = _device_scalar(bias_correction3_sqrt, device)
-    first_t = None if first_step is None else _device_scalar(first_step, device)[1]
+    lr, lr_t = device_scalar(lr, device)
+    bc1, bc1_t = device_scalar(bias_correction1, device)
+    bc2, bc2_t = device_scalar(bias_correction2, device)
+    bc3_sqrt, bc3_t = device_scalar(bias_correction3_sqrt, device)
+    first_t = None if first_step is None else device_scalar(first_step, device)[1]
     if first_step is not None and first_t is None:  # a CPU flag for accelerator params, read on the host
         first_t = torch.full((), float(first_step), dtype=torch.float32, device=device)
     if isinstance(clip, Tensor):
@@ -178,7 +168,7 @@ def _native_gradient_equilibrium(params: list[Tensor], grads: list[Tensor], *, l
     if not params:
         return
     ops = _ops()
-    lr, lr_t = _device_scalar(lr, params[0].device)
+    lr, lr_t = device_scalar(lr, params[0].device)
     with torch.no_grad():
         # the mean is of g + wd*p (L2 decay), so the reduction sees the params as addends
         stats = ops.multi_tensor_stats(grads, params if weight_decay != 0 else None, weight_decay, maximize,

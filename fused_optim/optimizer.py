@@ -26,15 +26,15 @@ from .declaration import Declaration, Impl, register
 from .declaration import check_betas as _check_betas  # noqa: F401 - the optimizer modules import these
 from .declaration import check_range as _check_range  # noqa: F401
 from .declaration import mark_amp as supports_amp
+from ._scalars import host_scalar
 
 __all__ = ["FusedOptimizer", "supports_amp"]
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
-def _as_float(x: float | Tensor) -> float:
-    """A hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step."""
-    return x.item() if isinstance(x, Tensor) else float(x)
+#: a hyperparameter as a Python double; a 0-d tensor lr (schedulers) is read here, once per step
+_as_float = host_scalar
 
 
 def _check_counter(name: str, key: str, value: Any) -> None:

@@ -337,8 +337,8 @@ def test_kernels_compile_for_cuda_without_a_gpu():
 
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
             "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bc1_ptr": "*fp32", "bc2_ptr": "*fp32",
-            "bc3_sqrt_ptr": "*fp32", "first_ptr": "*fp32"}
+            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bias_correction1_ptr": "*fp32",
+            "bias_correction2_ptr": "*fp32", "bias_correction3_sqrt_ptr": "*fp32", "first_step_ptr": "*fp32"}
 
     def fp32(*names):
         return {n: "fp32" for n in names}
@@ -352,12 +352,13 @@ def test_kernels_compile_for_cuda_without_a_gpu():
               BETA_HAT_TENSOR=False), 4),
         (equilibrium._gradient_equilibrium_kernel, fp32("lr", "weight_decay"),
          dict(MAXIMIZE=True, DECAY=True, P_KIND=0, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
-        (adan._adan_kernel, fp32("clip_value", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
+        (adan._adan_kernel, fp32("clip", "first_step", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta3",
                                  "one_minus_beta3", "bias_correction3_sqrt", "eps", "neg_step_size",
                                  "neg_step_size_diff", "decay", "bias_correction1", "bias_correction2",
                                  "weight_decay", "lr"),
-         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9, BLOCK=adan.BLOCK,
-              BC_TENSOR=False, FIRST_TENSOR=False), 4),
+         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=True, CLIP_TENSOR=True, P_KIND=0, S_KIND=0, ROW=9,
+              BLOCK=adan.BLOCK, BIAS_CORRECTION1_TENSOR=False, BIAS_CORRECTION2_TENSOR=False,
+              BIAS_CORRECTION3_SQRT_TENSOR=False, FIRST_STEP=False, FIRST_STEP_TENSOR=False), 4),
         (reduce._partials_kernel, fp32("coeff"),
          dict(OP=1, NEGATE=True, ADD_PARAM=True, P_KIND=0, ROW=5, RBLOCK=2048), 8),
     ]
@@ -587,3 +588,50 @@ def test_launches_per_step():
         kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
                    and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
         assert len(kernels) == expected.get(name, 1), (name, [e.name for e in kernels])
+
+
+# ------------------------------------------------------------------------------------------ launch helper
+def test_launch_names_unknown_and_missing_kernel_arguments():
+    """`multi_tensor.Launch` checks a kernel's arguments by name before launching: a misspelled one is
+    named with the parameter it left out (the interpreter would drop it silently), and nothing runs."""
+    from fused_optim.kernels import lion
+
+    p, m = torch.randn(5), torch.zeros(5)
+    before = p.clone()
+    for launch in multi_tensor.update_launches([p], [torch.randn(5)], [[m]], lion.BLOCK):
+        with pytest.raises(TypeError, match=r"unknown arguments \['beta_1'\], missing \['beta1'\]"):
+            launch(lion._lion_kernel, lr=0.1, decay=1.0, weight_decay=0.0, beta_1=0.9, one_minus_beta1=0.1,
+                   beta2=0.99, one_minus_beta2=0.01, MAXIMIZE=False, DECAY=False)
+    assert torch.equal(p, before)
+
+
+
+def test_launch_refuses_its_own_arguments_and_a_none_scalar():
+    """The table, AMP and grid arguments are the launch's: a launcher passing one is told so (only the
+    dtype codes may be overridden); a per-step scalar passed as None is named, not a float() error."""
+    from fused_optim.kernels import lion
+
+    p, m = torch.randn(5), torch.zeros(5)
+    before = p.clone()
+    kw = dict(lr=0.1, decay=1.0, weight_decay=0.0, beta1=0.9, one_minus_beta1=0.1, beta2=0.99,
+              one_minus_beta2=0.01, MAXIMIZE=False, DECAY=False)
+    for launch in multi_tensor.update_launches([p], [torch.randn(5)], [[m]], lion.BLOCK):
+        with pytest.raises(TypeError, match=r"unknown arguments \['BLOCK', 'meta_ptr'\], missing \[\] "
+                                            r"\(\['BLOCK', 'meta_ptr'\]: the launch's own"):
+            launch(lion._lion_kernel, **kw, meta_ptr=m, BLOCK=4)
+        with pytest.raises(TypeError, match=r"per-step scalar 'lr' is None"):
+            launch(lion._lion_kernel, **{**kw, "lr": None})
+    assert torch.equal(p, before)
+
+
+def test_device_scalar_contract():
+    """`fused_optim._scalars.device_scalar`: a number or a CPU tensor for accelerator params is a host
+    value; a tensor a CPU kernel can read is passed on (0-d fp32), beside the never-read UNUSED value."""
+    from fused_optim._scalars import UNUSED, device_scalar, host_scalar
+
+    cpu = torch.device("cpu")
+    assert device_scalar(0.25, cpu) == (0.25, None)
+    value, t = device_scalar(torch.tensor([0.5], dtype=torch.float64), cpu)
+    assert value == UNUSED and t.shape == () and t.dtype == torch.float32 and t.item() == 0.5
+    assert device_scalar(torch.tensor(0.5), torch.device("cuda")) == (0.5, None)  # read on the host, no sync
+    assert host_scalar(torch.tensor(0.5)) == 0.5 and host_scalar(2) == 2.0

@@ -250,10 +250,10 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
         pytest.skip("this triton install has no CUDA backend")
     ptrs = {"meta_ptr": "*i64", "grad_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
             "rchunks_ptr": "*i32", "clip_ptr": "*fp32", "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32",
-            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bc1_ptr": "*fp32", "bc2_ptr": "*fp32",
-            "bc3_sqrt_ptr": "*fp32", "first_ptr": "*fp32"}
+            "lr_ptr": "*fp32", "beta_hat_ptr": "*fp32", "bias_correction1_ptr": "*fp32",
+            "bias_correction2_ptr": "*fp32", "bias_correction3_sqrt_ptr": "*fp32", "first_step_ptr": "*fp32"}
     f32 = dict.fromkeys(["lr", "decay", "beta1", "one_minus_beta1", "beta2", "one_minus_beta2", "beta_hat",
-                         "one_minus_beta_hat", "weight_decay", "clip_value", "beta3", "one_minus_beta3",
+                         "one_minus_beta_hat", "weight_decay", "clip", "first_step", "beta3", "one_minus_beta3",
                          "bias_correction3_sqrt", "eps", "neg_step_size", "neg_step_size_diff", "coeff",
                          "bias_correction1", "bias_correction2"], "fp32")
     amp = dict(HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, ALIGNED=True)
@@ -266,8 +266,9 @@ def test_amp_kernels_compile_for_cuda_without_a_gpu():
         (equilibrium._gradient_equilibrium_kernel,
          dict(MAXIMIZE=True, DECAY=True, P_KIND=1, ROW=5, BLOCK=equilibrium.BLOCK, MAX_PARTS=256), 4),
         (adan._adan_kernel,
-         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=2, P_KIND=0, S_KIND=0, ROW=9,
-              BLOCK=adan.BLOCK, BC_TENSOR=True, FIRST_TENSOR=True), 4),
+         dict(MAXIMIZE=False, NO_PROX=False, DECAY=True, CLIP=True, CLIP_TENSOR=True, P_KIND=0, S_KIND=0, ROW=9,
+              BLOCK=adan.BLOCK, BIAS_CORRECTION1_TENSOR=True, BIAS_CORRECTION2_TENSOR=True,
+              BIAS_CORRECTION3_SQRT_TENSOR=True, FIRST_STEP=True, FIRST_STEP_TENSOR=True), 4),
         (reduce._partials_kernel, dict(OP=0, NEGATE=False, ADD_PARAM=False, P_KIND=2, ROW=6, RBLOCK=2048), 8),
     ]
     for kernel, consts, warps in cases:

@@ -456,13 +456,12 @@ def test_zero_size_tensors_are_skipped():
 
 # ------------------------------------------------------------------------------------------ launches
 class LaunchCounter:
-    """Wraps `kernel_for` in the kernel modules: records (kernel name, launch kwargs) per launch."""
+    """Wraps `multi_tensor.kernel_for` (every launch goes through it: `multi_tensor.Launch`): records
+    (kernel name, launch kwargs) per launch."""
 
     def __init__(self, monkeypatch):
         self.launches: list[tuple[str, dict]] = []
-        for name in ("lookahead", "sam", "muon", "reduce"):
-            mod = kernel_module(name)
-            monkeypatch.setattr(mod, "kernel_for", self._wrap(mod.kernel_for))
+        monkeypatch.setattr(multi_tensor, "kernel_for", self._wrap(multi_tensor.kernel_for))
 
     def _wrap(self, real):
         counter = self

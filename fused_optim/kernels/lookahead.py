@@ -15,46 +15,30 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import (
-    _chunk_coords,
-    _fma,
-    _load_f32,
-    _round_to_kind,
-    _store_f32,
-    device_fn,
-    device_guard,
-    get_table,
-    kernel_for,
-    prepare_lists,
-)
+from . import multi_tensor as mt
 
 BLOCK = 2048
 
 
-@device_fn
+@mt.device_fn
 def _lookahead_update(p_addr, s_addr, offs, mask, alpha, one_minus_alpha, P_KIND: tl.constexpr,
                       S_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """The per-element rule, in the reference's op order, on one block."""
-    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    slow = _load_f32(s_addr, offs, mask, S_KIND, ALIGNED, MASKED)
-    p = _round_to_kind(_fma(slow, one_minus_alpha, p * alpha), P_KIND)  # the value p holds, slow copies
-    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
-    _store_f32(s_addr, offs, p, mask, S_KIND, ALIGNED, MASKED)
+    p = mt._load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    slow = mt._load_f32(s_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    p = mt._round_to_kind(mt._fma(slow, one_minus_alpha, p * alpha), P_KIND)  # the value p holds, slow copies
+    mt._store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+    mt._store_f32(s_addr, offs, p, mask, S_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
-def _lookahead_kernel(
-    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address, slow address
-    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
-    alpha,            # fp32 runtime args: a new alpha never recompiles
-    one_minus_alpha,  # 1 - alpha, computed on the host in double like the reference's Python scalar
-    P_KIND: tl.constexpr,     # dtype code of params (0 fp32, 1 fp16, 2 bf16)
-    S_KIND: tl.constexpr,     # dtype code of slows (the params' or fp32)
-    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    _, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+def _lookahead_kernel(meta_ptr, chunks_ptr,  # `multi_tensor.Launch`
+                      alpha,  # fp32 runtime args: a new alpha never recompiles
+                      one_minus_alpha,  # 1 - alpha, computed on the host in double like the reference's scalar
+                      P_KIND: tl.constexpr,  # dtype code of params (0 fp32, 1 fp16, 2 bf16)
+                      S_KIND: tl.constexpr,  # dtype code of slows (the params' or fp32)
+                      ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    _, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     p_addr = tl.load(row + 4)
     s_addr = tl.load(row + 5)
     if full:
@@ -67,11 +51,6 @@ def _triton_lookahead_sync(params: list[Tensor], slows: list[Tensor], *, alpha: 
     """``p = alpha·p + (1 - alpha)·slow; slow = p`` over a (device, dtype) group in one launch (a second
     one only for strided tensors, see `multi_tensor.prepare_lists`); zero-size tensors are skipped.
     ``slows[i]`` has ``params[i]``'s numel, in the params' dtype or float32."""
-    for prep in prepare_lists([params, slows], names=("params", "slows"), written=("params", "slows")):
-        table = get_table(prep, BLOCK)
-        kernel = kernel_for(_lookahead_kernel, table.device)
-        with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.chunks, float(alpha), 1 - alpha, P_KIND=prep.kinds[0],
-                                      S_KIND=prep.kinds[1], ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                      num_warps=4)
-        prep.finish()
+    preps = mt.prepare_lists([params, slows], names=("params", "slows"), written=("params", "slows"))
+    for launch in mt.launches(preps, BLOCK):
+        launch(_lookahead_kernel, alpha=float(alpha), one_minus_alpha=1 - alpha)

@@ -28,12 +28,15 @@ import os
 import sys
 import types
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from fused_optim._scalars import device_scalar, device_tensor  # absolute: also from the flavoured copies
 
 #: int64 columns before the addresses in a ``meta`` row
 META = 4
@@ -176,6 +179,14 @@ def _chunk_coords(meta_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
 
 
 @device_fn
+def _update_coords(meta_ptr, grad_ptrs_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """`_chunk_coords` of an update kernel's program, with its tensor's grad address instead of the index:
+    (row pointer, grad address, offsets, mask, whether the chunk is full)."""
+    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+    return row, tl.load(grad_ptrs_ptr + t), offs, mask, full
+
+
+@device_fn
 def _div_rn(x, y):
     """x / y rounded to nearest (torch's division; plain `/` is approximate on the GPU). Broadcasts,
     which tl.math.div_rn does not."""
@@ -200,28 +211,46 @@ def _ptr(addr, ELEM: tl.constexpr, ALIGNED: tl.constexpr):
 
 
 @device_fn
+def _bits_to_f32(bits, KIND: tl.constexpr):
+    """`_load_bits`' block as fp32 values (exact widening, as `_load_f32`)."""
+    if KIND == 2:
+        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    elif KIND == 1:
+        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        x = bits.to(tl.float32, bitcast=True)
+    return x
+
+
+@device_fn
+def _load(ptr, mask, MASKED: tl.constexpr):
+    """A block at typed ``ptr``: unmasked (vectorizable) unless MASKED; masked-off lanes read 0."""
+    if MASKED:
+        x = tl.load(ptr, mask=mask, other=0)
+    else:
+        x = tl.load(ptr)
+    return x
+
+
+@device_fn
+def _store(ptr, x, mask, MASKED: tl.constexpr):
+    """Store a block at typed ``ptr`` (masked only when MASKED, as `_load`)."""
+    if MASKED:
+        tl.store(ptr, x, mask=mask)
+    else:
+        tl.store(ptr, x)
+
+
+@device_fn
 def _load_f32(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Load as fp32 from a raw address. bf16 is read as raw bits and widened with a shift: exact, and the
     same on the GPU and in the interpreter (which has no native bf16)."""
     if KIND == 2:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-        if MASKED:
-            bits = tl.load(ptr, mask=mask, other=0)
-        else:
-            bits = tl.load(ptr)
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+        x = _bits_to_f32(_load(_ptr(addr, tl.uint16, ALIGNED) + offs, mask, MASKED), KIND)
     elif KIND == 1:
-        ptr = _ptr(addr, tl.float16, ALIGNED) + offs
-        if MASKED:
-            x = tl.load(ptr, mask=mask, other=0.0).to(tl.float32)
-        else:
-            x = tl.load(ptr).to(tl.float32)
+        x = _load(_ptr(addr, tl.float16, ALIGNED) + offs, mask, MASKED).to(tl.float32)
     else:
-        ptr = _ptr(addr, tl.float32, ALIGNED) + offs
-        if MASKED:
-            x = tl.load(ptr, mask=mask, other=0.0)
-        else:
-            x = tl.load(ptr)
+        x = _load(_ptr(addr, tl.float32, ALIGNED) + offs, mask, MASKED)
     return x
 
 
@@ -243,10 +272,7 @@ def _store_f32(addr, offs, x, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, M
     else:
         y = x
         ptr = _ptr(addr, tl.float32, ALIGNED) + offs
-    if MASKED:
-        tl.store(ptr, y, mask=mask)
-    else:
-        tl.store(ptr, y)
+    _store(ptr, y, mask, MASKED)
 
 
 @device_fn
@@ -254,13 +280,9 @@ def _load_bits(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASK
     """The raw storage bits of a block (uint32 for fp32, uint16 for fp16/bf16): a copy through them is
     exact, NaN payloads included, where a float load/store could quiet a signaling NaN."""
     if KIND == 0:
-        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+        bits = _load(_ptr(addr, tl.uint32, ALIGNED) + offs, mask, MASKED)
     else:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-    if MASKED:
-        bits = tl.load(ptr, mask=mask, other=0)
-    else:
-        bits = tl.load(ptr)
+        bits = _load(_ptr(addr, tl.uint16, ALIGNED) + offs, mask, MASKED)
     return bits
 
 
@@ -268,25 +290,9 @@ def _load_bits(addr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASK
 def _store_bits(addr, offs, bits, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """Store raw bits from `_load_bits` of the same KIND."""
     if KIND == 0:
-        ptr = _ptr(addr, tl.uint32, ALIGNED) + offs
+        _store(_ptr(addr, tl.uint32, ALIGNED) + offs, bits, mask, MASKED)
     else:
-        ptr = _ptr(addr, tl.uint16, ALIGNED) + offs
-    if MASKED:
-        tl.store(ptr, bits, mask=mask)
-    else:
-        tl.store(ptr, bits)
-
-
-@device_fn
-def _bits_to_f32(bits, KIND: tl.constexpr):
-    """`_load_bits`' block as fp32 values (exact widening, as `_load_f32`)."""
-    if KIND == 2:
-        x = (bits.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
-    elif KIND == 1:
-        x = bits.to(tl.float16, bitcast=True).to(tl.float32)
-    else:
-        x = bits.to(tl.float32, bitcast=True)
-    return x
+        _store(_ptr(addr, tl.uint16, ALIGNED) + offs, bits, mask, MASKED)
 
 
 @device_fn
@@ -324,6 +330,15 @@ def _amp_unscale(g, grad_scale_ptr, KIND: tl.constexpr):
 
 
 @device_fn
+def _scalar(value, ptr, IS_TENSOR: tl.constexpr):
+    """A per-step scalar of the launch (`Launch`, `DeviceScalar`): loaded from the device when IS_TENSOR
+    (capturable / tensor lr), else the fp32 argument."""
+    if IS_TENSOR:
+        value = tl.load(ptr)
+    return value
+
+
+@device_fn
 def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                MASKED: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
     """A block of the grad as every update kernel uses it: unscaled (AMP) and written back unscaled, as
@@ -335,6 +350,15 @@ def _load_grad(g_addr, offs, mask, grad_scale_ptr, P_KIND: tl.constexpr, ALIGNED
     if MAXIMIZE:
         g = -g
     return g
+
+
+@device_fn
+def _load_row(row, LIST: tl.constexpr, offs, mask, KIND: tl.constexpr, ALIGNED: tl.constexpr,
+              MASKED: tl.constexpr):
+    """(address, fp32 block) of this tensor's entry in static list LIST (0 the param, then each state
+    list: the ``meta`` row's addresses after its 4 leading columns)."""
+    addr = tl.load(row + 4 + LIST)
+    return addr, _load_f32(addr, offs, mask, KIND, ALIGNED, MASKED)
 
 
 @device_fn
@@ -365,8 +389,10 @@ class Table:
         "partials",
         "rblock",
         "rchunks",
+        "is_cuda",
         "row",
         "static_aligned",
+        "std",
     )
 
     def __init__(self, static: Sequence[Sequence[Tensor]], block: int, device: torch.device,
@@ -397,6 +423,10 @@ class Table:
         self.grad_ptrs = torch.empty(n * n_dynamic, dtype=torch.int64, device=device)
         self.grad_key: tuple | None = None
         self.grads_aligned = False
+        # the table's part of every launch's standard arguments (`Launch.std`, in `_STD`'s order)
+        self.std = (self.meta, self.grad_ptrs, self.grad_ptrs, self.chunks, self.rchunks, self.partials, self.row,
+                    block, self.max_parts, self.rblock)
+        self.is_cuda = device.type == "cuda"
 
     @property
     def aligned(self) -> bool:
@@ -708,35 +738,166 @@ def prepare_lists(static: Sequence[Sequence[Tensor]], dynamic: Sequence[Sequence
     return out
 
 
-def amp_args(table: Table, grad_scale: Tensor | None, found_inf: Tensor | None) -> tuple:
-    """``(grad_scale_ptr, found_inf_ptr, HAS_GRAD_SCALE, HAS_FOUND_INF)`` of a launch.
+# ------------------------------------------------------------------------------------------ launches
+class DeviceScalar(NamedTuple):
+    """A per-step scalar of a launch (`Launch.scalar`): ``value`` (fp32 kernel argument) or ``tensor``
+    (a 0-d fp32 device tensor the kernel loads), as `fused_optim._scalars.device_scalar` gives them."""
 
-    The values stay on the device (kernels load them: no host sync, and a new scale never recompiles);
-    only whether each is present is a constexpr. An absent one is replaced by any fp32 buffer of the
-    device, which the kernel never reads."""
-    def arg(t):
-        if t is None:
-            return table.partials
-        return t.detach().to(device=table.device, dtype=torch.float32)  # a no-op for GradScaler's tensors
-    return arg(grad_scale), arg(found_inf), grad_scale is not None, found_inf is not None
+    value: float
+    tensor: Tensor | None
 
 
-def scalar_args(table: Table, x: float | Tensor) -> tuple[float, Tensor, bool]:
-    """``(value, ptr, IS_TENSOR)`` of a per-step scalar argument of a launch (lr, Gravity's beta_hat,
-    Adan's bias corrections): an accelerator tensor (capturable / scheduled) is loaded by the kernel, so
-    reading it never syncs the host and a new value never recompiles; a CPU tensor for accelerator
-    params is read here (no sync either). CPU params (the interpreter) load a tensor too, which is how
-    the CPU tests cover that path. Without a tensor, ``ptr`` is any fp32 buffer, never read."""
-    if isinstance(x, Tensor):
-        if x.device.type != "cpu" or table.device.type == "cpu":
-            return 0.0, x.detach().to(device=table.device, dtype=torch.float32).reshape(()), True
-        x = x.item()
-    return float(x), table.partials, False
+#: the standard parameters `Launch` fills in, in the order of `Launch.std` (`Table.std`, then the launch's own)
+_STD = ("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr", "partials_ptr", "ROW", "BLOCK",
+        "MAX_PARTS", "RBLOCK", "ALIGNED", "P_KIND", "S_KIND", "grad_scale_ptr", "found_inf_ptr", "HAS_GRAD_SCALE",
+        "HAS_FOUND_INF")
+#: standard parameters a launcher may pass itself (Muon's state dtype is its own list's, not the group's)
+_OVERRIDABLE = ("P_KIND", "S_KIND")
+_DEFAULT = object()
+_new_tuple = tuple.__new__
 
 
-def lr_args(table: Table, lr: float | Tensor) -> tuple[float, Tensor, bool]:
-    """``(lr, lr_ptr, LR_TENSOR)`` of a launch (`scalar_args`)."""
-    return scalar_args(table, lr)
+def _scalar_args(x, launch: Launch, name: str) -> tuple:
+    """``(x, x_ptr, X_TENSOR)`` of a per-step scalar (see `Launch`)."""
+    kind = type(x)
+    if kind is float:
+        return x, launch.unused, False
+    if kind is DeviceScalar:
+        value, tensor = x
+    elif x is None:
+        raise TypeError(f"the per-step scalar {name!r} is None; pass a float or a 0-d tensor")
+    else:
+        value, tensor = device_scalar(x, launch.device)
+    return (value, launch.unused, False) if tensor is None else (value, tensor, True)
+
+
+class _Binder:
+    """How `Launch` calls one kernel, read once from its signature: ``bind(launch, **args)``, generated
+    code that returns every argument in the kernel's order (standard ones from ``launch.std`` by index,
+    device scalars converted by `_scalar_args`), so a launch builds no dict and looks up no name."""
+
+    __slots__ = ("bind", "caller", "name", "required")
+
+    def __init__(self, kernel):
+        names = list(kernel.arg_names)
+        have = set(names)
+        self.name = kernel.fn.__name__
+        scalars = [n for n in names if f"{n}_ptr" in have and f"{n.upper()}_TENSOR" in have]
+        derived = {f"{n}_ptr" for n in scalars} | {f"{n.upper()}_TENSOR" for n in scalars}
+        self.caller = [n for n in names if n not in derived and (n not in _STD or n in _OVERRIDABLE)]
+        self.required = [n for n in self.caller if n not in _OVERRIDABLE]
+        optional = [n for n in self.caller if n in _OVERRIDABLE]
+        lines = [f"def bind(_launch, /, *, {', '.join([*self.required, *(f'{n}=_DEFAULT' for n in optional)])}):"
+                 if self.caller else "def bind(_launch, /):",
+                 "    _std = _launch.std"]
+        lines += [f"    if {n} is _DEFAULT: {n} = _std[{_STD.index(n)}]" for n in optional]
+        if scalars:
+            lines.append("    _unused = _launch.unused")
+        for n in scalars:  # the host-value cases inline (a call costs more than the test); the rest in _scalar_args
+            ptr, flag = f"{n}_ptr", f"{n.upper()}_TENSOR"
+            lines += [f"    if type({n}) is float: {ptr}, {flag} = _unused, False",
+                      f"    elif type({n}) is _DeviceScalar and {n}.tensor is None: "
+                      f"{n}, {ptr}, {flag} = {n}.value, _unused, False",
+                      f"    else: {n}, {ptr}, {flag} = _scalar_args({n}, _launch, {n!r})"]
+        args = [f"_std[{_STD.index(n)}]" if n in _STD and n not in _OVERRIDABLE else n for n in names]
+        lines.append(f"    return ({', '.join(args)},)")
+        scope = {"_DEFAULT": _DEFAULT, "_DeviceScalar": DeviceScalar, "_scalar_args": _scalar_args}
+        exec("\n".join(lines), scope)  # noqa: S102 (generated from the kernel's own parameter names)
+        self.bind = scope["bind"]
+
+    def explain(self, args: dict) -> None:
+        """Raise the TypeError naming what ``args`` lacks or has too many, if anything (after a failed `bind`)."""
+        unknown = sorted(args.keys() - set(self.caller))
+        missing = sorted(set(self.required) - args.keys())
+        if unknown or missing:
+            owned = [n for n in unknown if n in _STD]
+            raise TypeError(f"{self.name}: unknown arguments {unknown}, missing {missing}"
+                            + (f" ({owned}: the launch's own table, AMP and dtype arguments)" if owned else ""))
+
+
+_BINDERS: dict[int, _Binder] = {}
+
+
+class Launch:
+    """One launch's worth of a group (a `Prepared` and its cached `Table`), and the one way every Triton
+    kernel of this package is called (`__call__`). Kernels name their parameters by convention, so a
+    launcher passes only what is its own:
+
+    - table arguments, filled in for every kernel that declares them: ``meta_ptr``, ``grad_ptrs_ptr``
+      (also as ``dyn_ptrs_ptr``: the per-call lists of `prepare_lists`), ``chunks_ptr``,
+      ``rchunks_ptr``, ``partials_ptr``, ``ROW``, ``BLOCK``, ``MAX_PARTS``, ``RBLOCK``, ``ALIGNED``,
+      ``P_KIND`` and ``S_KIND`` (the group's dtype codes; a launcher may pass its own);
+    - AMP (`fused_optim.declaration.mark_amp`): ``grad_scale_ptr``, ``found_inf_ptr`` and the
+      constexprs ``HAS_GRAD_SCALE``, ``HAS_FOUND_INF``; the values stay on the device (no host sync,
+      and a new scale never recompiles), an absent one is any fp32 buffer, never read;
+    - a per-step scalar: a kernel declaring ``x``, ``x_ptr`` and the constexpr ``X_TENSOR`` takes ``x``
+      as a float or a tensor (or the `DeviceScalar` of `scalar`, when the launcher needs its host value
+      too): the helper passes the fp32 value, the 0-d device tensor (or any fp32 buffer, never read) and
+      whether it is one (`fused_optim._scalars.device_scalar`); the kernel reads
+      ``_scalar(x, x_ptr, X_TENSOR)``.
+
+    This runs per launch on the host, so the names are matched once per kernel (`_Binder`), and a
+    launch passes its arguments by position, as a hand-written launch would.
+    """
+
+    __slots__ = ("device", "is_cuda", "prep", "std", "table", "unused")
+
+    def __init__(self, prep: Prepared, table: Table, grad_scale: Tensor | None = None,
+                 found_inf: Tensor | None = None):
+        self.prep, self.table, self.device, self.is_cuda = prep, table, table.device, table.is_cuda
+        self.unused = unused = table.partials
+        self.std = (*table.std, table.static_aligned and table.grads_aligned, prep.p_kind, prep.s_kind,
+                    unused if grad_scale is None else device_tensor(grad_scale, table.device),
+                    unused if found_inf is None else device_tensor(found_inf, table.device),
+                    grad_scale is not None, found_inf is not None)
+
+    def scalar(self, x: float | Tensor) -> DeviceScalar:
+        """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
+        if isinstance(x, Tensor):
+            return _new_tuple(DeviceScalar, device_scalar(x, self.device))
+        return _new_tuple(DeviceScalar, (float(x), None))  # not DeviceScalar(...): its __new__ is Python code
+
+    def __call__(self, kernel, *, grid: int | None = None, num_warps: int = 4, options: dict | None = None,
+                 **args) -> None:
+        """Run ``kernel`` (a ``@triton.jit`` kernel of this package) over the table: the flavour for the
+        device (`kernel_for`), on that device, ``grid`` programs (default: one per chunk). ``args`` are
+        the kernel's own parameters by name; ``options`` extra compile options."""
+        binder = _BINDERS.get(id(kernel))  # by id: a JITFunction hashes its source; kernels are never freed
+        if binder is None:
+            binder = _BINDERS[id(kernel)] = _Binder(kernel)
+        try:
+            call = binder.bind(self, **args)
+        except TypeError:
+            binder.explain(args)
+            raise
+        k = kernel_for(kernel, self.device)  # looked up per launch: tools wrap it to record launches
+        grid = (self.table.n_chunks if grid is None else grid,)
+        if self.is_cuda:
+            with torch.cuda.device(self.device):  # Triton launches on the current device
+                k[grid](*call, num_warps=num_warps, **(options or {}))
+        elif options is None:
+            k[grid](*call, num_warps=num_warps)
+        else:
+            k[grid](*call, num_warps=num_warps, **options)
+
+
+def launches(preps: list[Prepared], block: int, *, tag: str | None = None, grad_scale: Tensor | None = None,
+             found_inf: Tensor | None = None) -> Iterator[Launch]:
+    """A `Launch` per prepared launch of a group (`prepare_launches`, `prepare_lists`), on its cached
+    table (`get_table`; ``tag``: see there); strided tensors are copied back (`Prepared.finish`) once
+    the caller's loop body has launched."""
+    for prep in preps:
+        yield Launch(prep, get_table(prep, block, tag), grad_scale, found_inf)
+        prep.finish()
+
+
+def update_launches(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
+                    block: int, grad_scale: Tensor | None = None,
+                    found_inf: Tensor | None = None) -> Iterator[Launch]:
+    """The launches of an optimizer's update over a (device, dtype) group: params, grads (unscaled in
+    place under AMP) and the state lists (`prepare_launches`)."""
+    preps = prepare_launches(params, grads, states, write_grads=grad_scale is not None)
+    return launches(preps, block, grad_scale=grad_scale, found_inf=found_inf)
 
 
 def device_guard(device: torch.device):
@@ -769,8 +930,11 @@ def _interpret_scope(on: bool):
 _PKG = __name__.rsplit(".", 1)[0]  # fused_optim.kernels
 
 
+_JITFunction = triton.runtime.JITFunction
+
+
 def _is_interpreted(fn) -> bool:
-    return not isinstance(fn, triton.runtime.JITFunction)
+    return not isinstance(fn, _JITFunction)
 
 
 def kernel_for(fn, device: torch.device):
@@ -783,7 +947,7 @@ def kernel_for(fn, device: torch.device):
     with the variable set as needed; relative imports keep the copy self-contained.
     """
     want_interp = device.type != "cuda"
-    if _is_interpreted(fn) == want_interp:
+    if (not isinstance(fn, _JITFunction)) == want_interp:  # `_is_interpreted`, inline: this runs per launch
         return fn
     flavour = "_interpreted" if want_interp else "_compiled"
     pkg_name = f"{_PKG}.{flavour}"

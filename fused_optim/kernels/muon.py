@@ -26,24 +26,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import (
-    _chunk_coords,
-    _fma,
-    _load_f32,
-    _round_to_kind,
-    _store_f32,
-    device_constants,
-    device_fn,
-    device_guard,
-    get_table,
-    kernel_for,
-    prepare_lists,
-)
+from . import multi_tensor as mt
 
 BLOCK = 2048
 
 
-@device_fn
+@mt.device_fn
 def _lerp(start, end, weight):
     """torch.lerp(start, end, weight) in fp32 with a scalar weight, as ATen's CPU kernel rounds it."""
     # a no-op compiled; interpreted, scalar arguments are Python floats, and `weight - 1` must be the fp32
@@ -51,49 +39,43 @@ def _lerp(start, end, weight):
     weight = tl.cast(weight, tl.float32)
     diff = end - start
     if (weight < 0.5) & (weight > -0.5):
-        out = _fma(weight, diff, start)
+        out = mt._fma(weight, diff, start)
     else:
-        out = _fma(weight - 1.0, diff, end)
+        out = mt._fma(weight - 1.0, diff, end)
     return out
 
 
 # ------------------------------------------------------------------------------------------ momentum
-@device_fn
+@mt.device_fn
 def _muon_momentum_update(buf_addr, g_addr, u_addr, offs, mask, momentum, one_minus_momentum,
                           NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, S_KIND: tl.constexpr,
                           G_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                           MASKED: tl.constexpr):
     """The reference's per-element op order on one block."""
-    g = _load_f32(g_addr, offs, mask, G_KIND, ALIGNED, MASKED)
+    g = mt._load_f32(g_addr, offs, mask, G_KIND, ALIGNED, MASKED)
     if MAXIMIZE:
         g = -g
-    buf = _load_f32(buf_addr, offs, mask, S_KIND, ALIGNED, MASKED)
-    buf = _round_to_kind(_lerp(buf, g, one_minus_momentum), S_KIND)  # Nesterov reads the stored buf
-    _store_f32(buf_addr, offs, buf, mask, S_KIND, ALIGNED, MASKED)
+    buf = mt._load_f32(buf_addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    buf = mt._round_to_kind(_lerp(buf, g, one_minus_momentum), S_KIND)  # Nesterov reads the stored buf
+    mt._store_f32(buf_addr, offs, buf, mask, S_KIND, ALIGNED, MASKED)
     if NESTEROV:
         u = _lerp(g, buf, momentum)
     else:
         u = buf
-    _store_f32(u_addr, offs, u, mask, U_KIND, ALIGNED, MASKED)
+    mt._store_f32(u_addr, offs, u, mask, U_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
-def _muon_momentum_kernel(
-    meta_ptr,            # int64 [n, ROW]: numel, (reduction slots), momentum buffer address
-    dyn_ptrs_ptr,        # int64 [n, 2]: grad and update-buffer addresses of this call
-    chunks_ptr,          # int32 [n_chunks, 2]: (tensor, chunk) of each program
-    momentum,            # fp32 runtime args: a new momentum never recompiles
-    one_minus_momentum,  # 1 - momentum, computed on the host in double like the reference's Python scalar
-    NESTEROV: tl.constexpr,   # u = g.lerp(buf, momentum) instead of buf
-    MAXIMIZE: tl.constexpr,
-    S_KIND: tl.constexpr,     # dtype code of the momentum buffers (0 fp32, 1 fp16, 2 bf16)
-    G_KIND: tl.constexpr,     # dtype code of the grads (read only)
-    U_KIND: tl.constexpr,     # dtype code of the update buffers (bf16 for Newton-Schulz)
-    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+def _muon_momentum_kernel(meta_ptr, dyn_ptrs_ptr, chunks_ptr,  # `multi_tensor.Launch`: dyn = (grad, update)
+                          momentum,  # fp32 runtime args: a new momentum never recompiles
+                          one_minus_momentum,  # 1 - momentum, in double on the host like the reference's scalar
+                          NESTEROV: tl.constexpr,  # u = g.lerp(buf, momentum) instead of buf
+                          MAXIMIZE: tl.constexpr,
+                          S_KIND: tl.constexpr,  # dtype code of the momentum buffers (0 fp32, 1 fp16, 2 bf16)
+                          G_KIND: tl.constexpr,  # dtype code of the grads (read only)
+                          U_KIND: tl.constexpr,  # dtype code of the update buffers (bf16 for Newton-Schulz)
+                          ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     buf_addr = tl.load(row + 4)
     g_addr = tl.load(dyn_ptrs_ptr + 2 * t)
     u_addr = tl.load(dyn_ptrs_ptr + 2 * t + 1)
@@ -109,50 +91,38 @@ def _triton_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], u
                           momentum: float, nesterov: bool, maximize: bool) -> None:
     """Muon's momentum stage over a (device, dtype) group in one launch (a second one only for strided
     buffers): updates the buffers and writes each ``updates[i]`` whole; grads are only read."""
-    for prep in prepare_lists([momentum_buffers], [grads, updates],
-                              names=("momentum_buffers", "grads", "updates"),
-                              written=("momentum_buffers", "updates")):
-        table = get_table(prep, BLOCK)
-        kernel = kernel_for(_muon_momentum_kernel, table.device)
-        s_kind, g_kind, u_kind = prep.kinds
-        with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, float(momentum),
-                                      1 - momentum, NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize),
-                                      S_KIND=s_kind, G_KIND=g_kind, U_KIND=u_kind, ALIGNED=table.aligned,
-                                      ROW=table.row, BLOCK=BLOCK, num_warps=4)
-        prep.finish()
+    preps = mt.prepare_lists([momentum_buffers], [grads, updates], names=("momentum_buffers", "grads", "updates"),
+                          written=("momentum_buffers", "updates"))
+    for launch in mt.launches(preps, BLOCK):
+        s_kind, g_kind, u_kind = launch.prep.kinds
+        launch(_muon_momentum_kernel, momentum=float(momentum), one_minus_momentum=1 - momentum,
+               NESTEROV=bool(nesterov), MAXIMIZE=bool(maximize), S_KIND=s_kind, G_KIND=g_kind, U_KIND=u_kind)
 
 
 # ------------------------------------------------------------------------------------------ apply
-@device_fn
+@mt.device_fn
 def _muon_apply_update(p_addr, u_addr, offs, mask, scale, neg_lr, decay, DECAY: tl.constexpr,
                        P_KIND: tl.constexpr, U_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                        MASKED: tl.constexpr):
     """The reference's per-element op order on one block; ``scale`` is this tensor's."""
-    u = _round_to_kind(_load_f32(u_addr, offs, mask, U_KIND, ALIGNED, MASKED) * scale, U_KIND)
-    p = _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    u = mt._round_to_kind(mt._load_f32(u_addr, offs, mask, U_KIND, ALIGNED, MASKED) * scale, U_KIND)
+    p = mt._load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
     if DECAY:
         p = p * decay
-    p = _fma(u, neg_lr, p)
-    _store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+    p = mt._fma(u, neg_lr, p)
+    mt._store_f32(p_addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
-def _muon_apply_kernel(
-    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address
-    dyn_ptrs_ptr,     # int64 [n]: update (Newton-Schulz output) addresses of this call
-    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
-    scales_ptr,       # fp32 [n]: per-tensor scale max(1, rows/cols)**0.5, cached on the device
-    neg_lr,           # fp32 runtime args: -lr and 1 - lr*wd (host doubles, as the reference's scalars)
-    decay,
-    DECAY: tl.constexpr,      # weight_decay != 0 (the multiply by exactly 1 is skipped otherwise)
-    P_KIND: tl.constexpr,     # dtype code of params (0 fp32, 1 fp16, 2 bf16)
-    U_KIND: tl.constexpr,     # dtype code of the updates (bf16, or the params')
-    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+def _muon_apply_kernel(meta_ptr, dyn_ptrs_ptr, chunks_ptr,  # `multi_tensor.Launch`: dyn = Newton-Schulz output
+                       scales_ptr,  # fp32 [n]: per-tensor scale max(1, rows/cols)**0.5, cached on the device
+                       neg_lr,  # fp32 runtime args: -lr and 1 - lr*wd (host doubles, as the reference's scalars)
+                       decay,
+                       DECAY: tl.constexpr,  # weight_decay != 0 (the multiply by exactly 1 is skipped otherwise)
+                       P_KIND: tl.constexpr,  # dtype code of params (0 fp32, 1 fp16, 2 bf16)
+                       U_KIND: tl.constexpr,  # dtype code of the updates (bf16, or the params')
+                       ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     p_addr = tl.load(row + 4)
     u_addr = tl.load(dyn_ptrs_ptr + t)
     scale = tl.load(scales_ptr + t)
@@ -171,14 +141,8 @@ def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
     shape, e.g. the 2-D Newton–Schulz output of a conv weight) and may be non-contiguous."""
     if len(scales) != len(params):
         raise ValueError(f"Triton launcher: list lengths differ (params {len(params)}, scales {len(scales)})")
-    for prep in prepare_lists([params], [updates], names=("params", "updates"), written=("params",)):
-        table = get_table(prep, BLOCK, "muon_apply")  # per-call list: the updates, not grads
-        scales_t = device_constants([float(scales[i]) for i in prep.index], torch.float32, table.device)
-        kernel = kernel_for(_muon_apply_kernel, table.device)
-        p_kind, u_kind = prep.kinds
-        with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, scales_t, -float(lr),
-                                      1 - lr * weight_decay, DECAY=weight_decay != 0, P_KIND=p_kind,
-                                      U_KIND=u_kind, ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK,
-                                      num_warps=4)
-        prep.finish()
+    preps = mt.prepare_lists([params], [updates], names=("params", "updates"), written=("params",))
+    for launch in mt.launches(preps, BLOCK, tag="muon_apply"):  # per-call list: the updates, not grads
+        scales_t = mt.device_constants([float(scales[i]) for i in launch.prep.index], torch.float32, launch.device)
+        launch(_muon_apply_kernel, scales_ptr=scales_t, neg_lr=-float(lr), decay=1 - lr * weight_decay,
+               DECAY=weight_decay != 0, U_KIND=launch.prep.kinds[1])

@@ -16,47 +16,35 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from torch import Tensor
 
-from .multi_tensor import (
-    Table,
-    _amp_go,
-    _amp_unscale,
-    _load_f32,
-    _vmax,
-    _vsum,
-    amp_args,
-    device_fn,
-    device_guard,
-    kernel_for,
-)
+from . import multi_tensor as mt
 
 #: what `_partials_kernel` reduces per tensor: max |g|; sum of ±g [+ coeff·p]; sum of g²; sum of (|p|·g)²
 #: (the last two: SAM's per-tensor norms, plain and adaptive, davda54 `sam.py`)
 OP_ABSMAX, OP_SUM, OP_SUMSQ, OP_SUMSQ_ABS_PARAM = 0, 1, 2, 3
 
 
-@device_fn
+@mt.device_fn
 def _summand(g_addr, p_addr, offs, mask, coeff, grad_scale_ptr, OP: tl.constexpr, NEGATE: tl.constexpr,
              ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr,
              HAS_GRAD_SCALE: tl.constexpr):
     """|g| (OP 0), ±g [+ coeff*p] (OP 1), g (OP 2) or |p|*g (OP 3, rounded to fp32 as the reference's
     product tensor is) of one block, 0 where masked (neutral for all); g unscaled first under AMP. OPs 2
     and 3 are squared by the caller."""
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    g = mt._load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
     if HAS_GRAD_SCALE:
-        g = _amp_unscale(g, grad_scale_ptr, P_KIND)
+        g = mt._amp_unscale(g, grad_scale_ptr, P_KIND)
     if OP == 0:
         x = tl.abs(g)
     elif OP == 2:
         x = g
     elif OP == 3:
-        x = tl.abs(_load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)) * g
+        x = tl.abs(mt._load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)) * g
     else:
         if NEGATE:
             g = -g
         if ADD_PARAM:
-            g = g + coeff * _load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+            g = g + coeff * mt._load_f32(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
         x = g
     if MASKED:
         x = tl.where(mask, x, 0.0)
@@ -65,29 +53,33 @@ def _summand(g_addr, p_addr, offs, mask, coeff, grad_scale_ptr, OP: tl.constexpr
 
 @triton.jit
 def _partials_kernel(
-    meta_ptr,        # int64 [n, ROW]: numel, first slot, slot count, slot span, param address, ...
-    grad_ptrs_ptr,   # int64 [n]: grad addresses
-    rchunks_ptr,     # int32 [n_parts, 2]: (tensor, slot) of each program
-    partials_ptr,    # fp32 [n_parts]: one partial result per slot (output)
+    meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr,  # `multi_tensor.Launch`: one slot per program
+    grad_scale_ptr, found_inf_ptr,  # AMP: g unscaled first; found_inf: nothing to do
     coeff,           # fp32: weight of the param in the summand g + coeff*p (OP_SUM with ADD_PARAM)
-    grad_scale_ptr,  # fp32 0-d: AMP's loss scale, divided out of g first (read when HAS_GRAD_SCALE)
-    found_inf_ptr,   # fp32 0-d: AMP's inf flag; nonzero: nothing to do (read when HAS_FOUND_INF)
     OP: tl.constexpr,          # 0: max |g|, 1: sum of (+/-g [+ coeff*p]), 2: sum of g^2, 3: sum of (|p|*g)^2
     NEGATE: tl.constexpr,      # sum -g instead of g (maximize)
     ADD_PARAM: tl.constexpr,   # add coeff*p to every element first (GradientEquilibrium's L2 term)
-    P_KIND: tl.constexpr,      # dtype code of params and grads
-    ALIGNED: tl.constexpr,     # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    RBLOCK: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
+    P_KIND: tl.constexpr, ALIGNED: tl.constexpr, ROW: tl.constexpr, RBLOCK: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):
-    if _amp_go(found_inf_ptr, HAS_FOUND_INF):
+    if mt._amp_go(found_inf_ptr, HAS_FOUND_INF):
         _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr, OP, NEGATE,
                        ADD_PARAM, P_KIND, ALIGNED, ROW, RBLOCK, HAS_GRAD_SCALE)
 
 
-@device_fn
+@mt.device_fn
+def _accumulate(acc, x, OP: tl.constexpr):
+    """One block into the running max (OP 0) or sum (OP 1) or sum of squares (OPs 2, 3)."""
+    if OP == 0:
+        acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
+    elif OP == 1:
+        acc += x
+    else:
+        acc += x * x
+    return acc
+
+
+@mt.device_fn
 def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, grad_scale_ptr,
                    OP: tl.constexpr, NEGATE: tl.constexpr, ADD_PARAM: tl.constexpr, P_KIND: tl.constexpr,
                    ALIGNED: tl.constexpr, ROW: tl.constexpr, RBLOCK: tl.constexpr,
@@ -111,38 +103,23 @@ def _partials_body(meta_ptr, grad_ptrs_ptr, rchunks_ptr, partials_ptr, coeff, gr
         offs = start + k * RBLOCK + tl.arange(0, RBLOCK)
         x = _summand(g_addr, p_addr, offs, offs < numel, coeff, grad_scale_ptr, OP, NEGATE, ADD_PARAM, P_KIND,
                      ALIGNED, False, HAS_GRAD_SCALE)
-        if OP == 0:
-            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
-        elif OP == 1:
-            acc += x
-        else:
-            acc += x * x
+        acc = _accumulate(acc, x, OP)
         k += 1
     offs = start + n_full * RBLOCK + tl.arange(0, RBLOCK)
     if n_full * RBLOCK < count:
         x = _summand(g_addr, p_addr, offs, offs < start + count, coeff, grad_scale_ptr, OP, NEGATE, ADD_PARAM,
                      P_KIND, ALIGNED, True, HAS_GRAD_SCALE)
-        if OP == 0:
-            acc = tl.maximum(acc, x, propagate_nan=tl.PropagateNan.ALL)  # a NaN grad makes max|g| NaN
-        elif OP == 1:
-            acc += x
-        else:
-            acc += x * x
+        acc = _accumulate(acc, x, OP)
     if OP == 0:
-        res = _vmax(acc)
+        res = mt._vmax(acc)
     else:
-        res = _vsum(acc)  # sums of squares too: the caller takes the square root
+        res = mt._vsum(acc)  # sums of squares too: the caller takes the square root
     tl.store(partials_ptr + pid, res)
 
 
-def launch_partials(table: Table, op: int, p_kind: int, *, negate: bool = False, add_param: bool = False,
-                    coeff: float = 0.0, grad_scale: Tensor | None = None,
-                    found_inf: Tensor | None = None) -> None:
-    """Fill ``table.partials`` (the grads must already be in ``table.grad_ptrs``); AMP: module docstring."""
-    kernel = kernel_for(_partials_kernel, table.device)
-    gs_ptr, fi_ptr, has_gs, has_fi = amp_args(table, grad_scale, found_inf)
-    with device_guard(table.device):
-        kernel[(table.n_parts,)](table.meta, table.grad_ptrs, table.rchunks, table.partials, float(coeff),
-                                 gs_ptr, fi_ptr, OP=op, NEGATE=bool(negate), ADD_PARAM=bool(add_param),
-                                 P_KIND=p_kind, ALIGNED=table.aligned, ROW=table.row, RBLOCK=table.rblock,
-                                 HAS_GRAD_SCALE=has_gs, HAS_FOUND_INF=has_fi, num_warps=8)
+def launch_partials(launch: mt.Launch, op: int, *, negate: bool = False, add_param: bool = False,
+                    coeff: float = 0.0) -> None:
+    """Fill ``launch.table.partials`` (its grads, and AMP's scale and flag, as the launch holds them; the
+    module docstring)."""
+    launch(_partials_kernel, grid=launch.table.n_parts, num_warps=8, coeff=float(coeff), OP=op,
+           NEGATE=bool(negate), ADD_PARAM=bool(add_param))

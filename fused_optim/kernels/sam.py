@@ -24,22 +24,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .multi_tensor import (
-    _bits_to_f32,
-    _chunk_coords,
-    _load_bits,
-    _load_f32,
-    _load_partials,
-    _store_bits,
-    _store_f32,
-    _vsum,
-    device_constants,
-    device_fn,
-    device_guard,
-    get_table,
-    kernel_for,
-    prepare_lists,
-)
+from . import multi_tensor as mt
 from .reduce import OP_SUMSQ, OP_SUMSQ_ABS_PARAM, launch_partials
 
 BLOCK = 2048
@@ -47,16 +32,12 @@ BLOCK = 2048
 
 # ------------------------------------------------------------------------------------------ norms
 @triton.jit
-def _sam_norms_finish_kernel(
-    meta_ptr,        # int64 [n, ROW]: numel, first slot, slot count, slot span, param address
-    partials_ptr,    # fp32 [n_parts]: sum of squares per slot, from _partials_kernel
-    pos_ptr,         # int32 [n]: where tensor t's norm goes in out (positions of the caller's list)
-    out_ptr,         # fp32 [len(params)]: the norms (output)
-    ROW: tl.constexpr,
-    MAX_PARTS: tl.constexpr,
-):
+def _sam_norms_finish_kernel(meta_ptr, partials_ptr,  # `multi_tensor.Launch`: sums of squares per slot
+                             pos_ptr,  # int32 [n]: where tensor t's norm goes in out (the caller's positions)
+                             out_ptr,  # fp32 [len(params)]: the norms (output)
+                             ROW: tl.constexpr, MAX_PARTS: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
-    total = _vsum(_load_partials(meta_ptr + t * ROW, partials_ptr, MAX_PARTS))
+    total = mt._vsum(mt._load_partials(meta_ptr + t * ROW, partials_ptr, MAX_PARTS))
     norm = tl.math.sqrt_rn(tl.full([1], total, tl.float32))  # correctly rounded, as torch's sqrt
     pos = tl.load(pos_ptr + t).to(tl.int64)
     tl.store(out_ptr + pos + tl.arange(0, 1), norm)
@@ -65,60 +46,48 @@ def _sam_norms_finish_kernel(
 def _triton_sam_norms(params: list[Tensor], grads: list[Tensor], *, adaptive: bool) -> Tensor:
     """Per-tensor L2 norms of ``(|p| if adaptive else 1) * g`` as a 1-D fp32 tensor on the params' device,
     ``len(params)`` long (0 for a zero-size tensor): two launches (partials, finish), no host sync."""
-    launches = prepare_lists([params], [grads], names=("params", "grads"))
+    preps = mt.prepare_lists([params], [grads], names=("params", "grads"))
     if not params:
         return torch.empty(0, dtype=torch.float32)
     if grads[0].dtype != params[0].dtype:
         raise ValueError(f"Triton launcher: grads are {grads[0].dtype}, params {params[0].dtype}; SAM's "
                          "norms read both in one dtype")
     device = params[0].device
-    covered = sum(len(prep.index) for prep in launches)
+    covered = sum(len(prep.index) for prep in preps)
     # every position written by a finish program unless some tensor is empty (its norm is 0)
     out = (torch.empty if covered == len(params) else torch.zeros)(len(params), dtype=torch.float32,
                                                                    device=device)
     op = OP_SUMSQ_ABS_PARAM if adaptive else OP_SUMSQ
-    for prep in launches:
-        table = get_table(prep, BLOCK)
-        launch_partials(table, op, prep.p_kind)
-        pos = device_constants(prep.index, torch.int32, table.device)
-        kernel = kernel_for(_sam_norms_finish_kernel, table.device)
-        with device_guard(table.device):
-            kernel[(table.n,)](table.meta, table.partials, pos, out, ROW=table.row, MAX_PARTS=table.max_parts,
-                               num_warps=4)
-        prep.finish()
+    for launch in mt.launches(preps, BLOCK):
+        launch_partials(launch, op)
+        launch(_sam_norms_finish_kernel, grid=launch.table.n, out_ptr=out,
+               pos_ptr=mt.device_constants(launch.prep.index, torch.int32, launch.device))
     return out
 
 
 # ------------------------------------------------------------------------------------------ perturb
-@device_fn
+@mt.device_fn
 def _sam_perturb_update(p_addr, g_addr, old_addr, offs, mask, scale, ADAPTIVE: tl.constexpr,
                         P_KIND: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
     """old = p; p += ((p*p if ADAPTIVE) * g) * scale, in the reference's op order, on one block."""
-    bits = _load_bits(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    _store_bits(old_addr, offs, bits, mask, P_KIND, ALIGNED, MASKED)
-    p = _bits_to_f32(bits, P_KIND)
-    g = _load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    bits = mt._load_bits(p_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    mt._store_bits(old_addr, offs, bits, mask, P_KIND, ALIGNED, MASKED)
+    p = mt._bits_to_f32(bits, P_KIND)
+    g = mt._load_f32(g_addr, offs, mask, P_KIND, ALIGNED, MASKED)
     if ADAPTIVE:
         e = (p * p) * g   # torch.pow(p, 2) is p*p, one rounding
     else:
         e = g             # davda54's 1.0 * g is g exactly
     e = e * scale
-    _store_f32(p_addr, offs, p + e, mask, P_KIND, ALIGNED, MASKED)
+    mt._store_f32(p_addr, offs, p + e, mask, P_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
-def _sam_perturb_kernel(
-    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address
-    dyn_ptrs_ptr,     # int64 [n, 2]: grad and old_param addresses of this call
-    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
-    scale_ptr,        # fp32 0-d: rho / (norm + 1e-12), on the device (never read by the host)
-    ADAPTIVE: tl.constexpr,   # ASAM: the perturbation is scaled by p^2
-    P_KIND: tl.constexpr,     # dtype code of params, grads and old_params (0 fp32, 1 fp16, 2 bf16)
-    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+def _sam_perturb_kernel(meta_ptr, dyn_ptrs_ptr, chunks_ptr,  # `multi_tensor.Launch`: dyn = (grad, old_param)
+                        scale_ptr,  # fp32 0-d: rho / (norm + 1e-12), on the device (never read by the host)
+                        ADAPTIVE: tl.constexpr,  # ASAM: the perturbation is scaled by p^2
+                        P_KIND: tl.constexpr, ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     p_addr = tl.load(row + 4)
     g_addr = tl.load(dyn_ptrs_ptr + 2 * t)
     old_addr = tl.load(dyn_ptrs_ptr + 2 * t + 1)
@@ -139,41 +108,28 @@ def _triton_sam_perturb(params: list[Tensor], grads: list[Tensor], old_params: l
                         scale: Tensor, adaptive: bool) -> None:
     """``old = p; p += (p**2 if adaptive else 1) * g * scale`` over a (device, dtype) group in one launch
     (a second one only for strided tensors); ``scale`` is a 0-d device tensor read by the kernel."""
-    launches = prepare_lists([params], [grads, old_params], names=("params", "grads", "old_params"),
-                             written=("params", "old_params"))
+    preps = mt.prepare_lists([params], [grads, old_params], names=("params", "grads", "old_params"),
+                          written=("params", "old_params"))
     _check_same_dtype(params, grads, "grads")
     _check_same_dtype(params, old_params, "old_params")
-    for prep in launches:
-        table = get_table(prep, BLOCK)
-        kernel = kernel_for(_sam_perturb_kernel, table.device)
+    for launch in mt.launches(preps, BLOCK):
         # a no-op for SAM's scale (a 0-d fp32 tensor on the params' device)
-        scale_t = scale.detach().to(device=table.device, dtype=torch.float32).reshape(())
-        with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, scale_t,
-                                      ADAPTIVE=bool(adaptive), P_KIND=prep.p_kind, ALIGNED=table.aligned,
-                                      ROW=table.row, BLOCK=BLOCK, num_warps=4, enable_fp_fusion=False)
-        prep.finish()
+        launch(_sam_perturb_kernel, scale_ptr=mt.device_tensor(scale, launch.device), ADAPTIVE=bool(adaptive),
+               options={"enable_fp_fusion": False})
 
 
 # ------------------------------------------------------------------------------------------ restore
-@device_fn
+@mt.device_fn
 def _sam_restore_copy(p_addr, old_addr, offs, mask, P_KIND: tl.constexpr, ALIGNED: tl.constexpr,
                       MASKED: tl.constexpr):
-    bits = _load_bits(old_addr, offs, mask, P_KIND, ALIGNED, MASKED)
-    _store_bits(p_addr, offs, bits, mask, P_KIND, ALIGNED, MASKED)
+    bits = mt._load_bits(old_addr, offs, mask, P_KIND, ALIGNED, MASKED)
+    mt._store_bits(p_addr, offs, bits, mask, P_KIND, ALIGNED, MASKED)
 
 
 @triton.jit
-def _sam_restore_kernel(
-    meta_ptr,         # int64 [n, ROW]: numel, (reduction slots), param address
-    dyn_ptrs_ptr,     # int64 [n]: old_param addresses of this call
-    chunks_ptr,       # int32 [n_chunks, 2]: (tensor, chunk) of each program
-    P_KIND: tl.constexpr,     # dtype code of params and old_params
-    ALIGNED: tl.constexpr,    # every address 16-byte aligned: vector accesses
-    ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    t, row, offs, mask, full = _chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
+def _sam_restore_kernel(meta_ptr, dyn_ptrs_ptr, chunks_ptr,  # `multi_tensor.Launch`: dyn = old_param
+                        P_KIND: tl.constexpr, ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
+    t, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
     p_addr = tl.load(row + 4)
     old_addr = tl.load(dyn_ptrs_ptr + t)
     if full:
@@ -185,12 +141,7 @@ def _sam_restore_kernel(
 def _triton_sam_restore(params: list[Tensor], old_params: list[Tensor]) -> None:
     """``p = old`` exactly (a bit copy) over a (device, dtype) group in one launch (a second one only for
     strided tensors)."""
-    launches = prepare_lists([params], [old_params], names=("params", "old_params"), written=("params",))
+    preps = mt.prepare_lists([params], [old_params], names=("params", "old_params"), written=("params",))
     _check_same_dtype(params, old_params, "old_params")
-    for prep in launches:
-        table = get_table(prep, BLOCK, "sam_restore")  # per-call list: old_params, not grads
-        kernel = kernel_for(_sam_restore_kernel, table.device)
-        with device_guard(table.device):
-            kernel[(table.n_chunks,)](table.meta, table.grad_ptrs, table.chunks, P_KIND=prep.p_kind,
-                                      ALIGNED=table.aligned, ROW=table.row, BLOCK=BLOCK, num_warps=4)
-        prep.finish()
+    for launch in mt.launches(preps, BLOCK, tag="sam_restore"):  # per-call list: old_params, not grads
+        launch(_sam_restore_kernel)
