@@ -12,12 +12,12 @@ import sys
 import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-import torch  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+import torch
+from triton.runtime.interpreter import InterpretedFunction
 
 InterpretedFunction.run = lambda self, *a, grid, warmup, **k: None
-from fused_optim.kernels import adan, gravity, lion  # noqa: E402
-from fused_optim.kernels import multi_tensor as mt  # noqa: E402
+from fused_optim.kernels import adan, gravity, lion
+from fused_optim.kernels import multi_tensor as mt
 
 if os.environ.get("LAUNCH_ONLY"):
     _real, _memo = mt.prepare_launches, {}
@@ -37,7 +37,7 @@ ps = [torch.randn(64) for _ in range(N)]
 gs = [torch.randn(64) for _ in range(N)]
 st = [[torch.zeros(64) for _ in range(N)] for _ in range(4)]
 lr_t = torch.tensor(1e-3)
-LION = dict(beta1=0.9, beta2=0.99, weight_decay=0.01, maximize=False)
+LION = {"beta1": 0.9, "beta2": 0.99, "weight_decay": 0.01, "maximize": False}
 CASES = {
     "lion": lambda: lion._triton_lion(ps, gs, st[0], lr=1e-3, **LION),
     "lion_lr_tensor": lambda: lion._triton_lion(ps, gs, st[0], lr=lr_t, **LION),

@@ -131,8 +131,8 @@ def _triton_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         raise TypeError("Triton Adan: pass the three bias corrections all as floats or all as 0-d tensors")
     states = [exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads]
     for launch in mt.update_launches(params, grads, states, BLOCK, grad_scale, found_inf):
-        lr_s, bc1, bc2, clip_s = (launch.scalar(lr), launch.scalar(bias_correction1), launch.scalar(bias_correction2),
-                                  launch.scalar(clip))
+        scalar = launch.scalar
+        lr_s, bc1, bc2, clip_s = scalar(lr), scalar(bias_correction1), scalar(bias_correction2), scalar(clip)
         lr_v = lr_s.value  # host doubles below; the kernel recomputes them from any tensor it reads
         launch(_adan_kernel, lr=lr_s, bias_correction1=bc1, bias_correction2=bc2,
                bias_correction3_sqrt=bias_correction3_sqrt, eps=float(eps),

@@ -380,6 +380,7 @@ class Table:
         "grad_key",
         "grad_ptrs",
         "grads_aligned",
+        "is_cuda",
         "max_parts",
         "meta",
         "n",
@@ -389,7 +390,6 @@ class Table:
         "partials",
         "rblock",
         "rchunks",
-        "is_cuda",
         "row",
         "static_aligned",
         "std",
@@ -753,7 +753,6 @@ _STD = ("meta_ptr", "grad_ptrs_ptr", "dyn_ptrs_ptr", "chunks_ptr", "rchunks_ptr"
         "HAS_FOUND_INF")
 #: standard parameters a launcher may pass itself (Muon's state dtype is its own list's, not the group's)
 _OVERRIDABLE = ("P_KIND", "S_KIND")
-_DEFAULT = object()
 _new_tuple = tuple.__new__
 
 
@@ -772,9 +771,10 @@ def _scalar_args(x, launch: Launch, name: str) -> tuple:
 
 
 class _Binder:
-    """How `Launch` calls one kernel, read once from its signature: ``bind(launch, **args)``, generated
+    """How `Launch` calls one kernel, read once from its signature: ``bind(launch, args)``, generated
     code that returns every argument in the kernel's order (standard ones from ``launch.std`` by index,
-    device scalars converted by `_scalar_args`), so a launch builds no dict and looks up no name."""
+    device scalars converted inline or by `_scalar_args`), so a launch builds no dict of arguments and
+    matches no name."""
 
     __slots__ = ("bind", "caller", "name", "required")
 
@@ -787,21 +787,29 @@ class _Binder:
         self.caller = [n for n in names if n not in derived and (n not in _STD or n in _OVERRIDABLE)]
         self.required = [n for n in self.caller if n not in _OVERRIDABLE]
         optional = [n for n in self.caller if n in _OVERRIDABLE]
-        lines = [f"def bind(_launch, /, *, {', '.join([*self.required, *(f'{n}=_DEFAULT' for n in optional)])}):"
-                 if self.caller else "def bind(_launch, /):",
-                 "    _std = _launch.std"]
-        lines += [f"    if {n} is _DEFAULT: {n} = _std[{_STD.index(n)}]" for n in optional]
+        # bind(launch, args): ``args`` is the launcher's keyword dict as received (re-binding it as
+        # keywords would cost ~0.1 µs per argument); a missing name is a KeyError, one too many shows in
+        # the count, and both are then named by `explain`
+        lines = ["def bind(_launch, _args):", "    _std = _launch.std",
+                 f"    _extra = len(_args) - {len(self.required)}"]
+        for n in optional:
+            lines += [f"    if {n!r} in _args: {n} = _args[{n!r}]; _extra -= 1",
+                      f"    else: {n} = _std[{_STD.index(n)}]"]
+        lines.append("    if _extra: raise TypeError")
         if scalars:
             lines.append("    _unused = _launch.unused")
-        for n in scalars:  # the host-value cases inline (a call costs more than the test); the rest in _scalar_args
+        for n in scalars:  # host values inline (a call costs more than the test); the rest in _scalar_args
             ptr, flag = f"{n}_ptr", f"{n.upper()}_TENSOR"
-            lines += [f"    if type({n}) is float: {ptr}, {flag} = _unused, False",
-                      f"    elif type({n}) is _DeviceScalar and {n}.tensor is None: "
-                      f"{n}, {ptr}, {flag} = {n}.value, _unused, False",
+            lines += [f"    {n} = _args[{n!r}]",
+                      f"    if type({n}) is float: {ptr}, {flag} = _unused, False",
+                      (f"    elif type({n}) is _DeviceScalar and {n}.tensor is None: "
+                       f"{n}, {ptr}, {flag} = {n}.value, _unused, False"),
                       f"    else: {n}, {ptr}, {flag} = _scalar_args({n}, _launch, {n!r})"]
-        args = [f"_std[{_STD.index(n)}]" if n in _STD and n not in _OVERRIDABLE else n for n in names]
+        local = {*optional, *scalars, *derived}
+        args = [f"_std[{_STD.index(n)}]" if n in _STD and n not in _OVERRIDABLE else n if n in local
+                else f"_args[{n!r}]" for n in names]
         lines.append(f"    return ({', '.join(args)},)")
-        scope = {"_DEFAULT": _DEFAULT, "_DeviceScalar": DeviceScalar, "_scalar_args": _scalar_args}
+        scope = {"_DeviceScalar": DeviceScalar, "_scalar_args": _scalar_args}
         exec("\n".join(lines), scope)  # noqa: S102 (generated from the kernel's own parameter names)
         self.bind = scope["bind"]
 
@@ -853,6 +861,8 @@ class Launch:
 
     def scalar(self, x: float | Tensor) -> DeviceScalar:
         """A per-step scalar for this launch's device (`fused_optim._scalars.device_scalar`)."""
+        if type(x) is float:  # the common case first: no isinstance against Tensor
+            return _new_tuple(DeviceScalar, (x, None))
         if isinstance(x, Tensor):
             return _new_tuple(DeviceScalar, device_scalar(x, self.device))
         return _new_tuple(DeviceScalar, (float(x), None))  # not DeviceScalar(...): its __new__ is Python code
@@ -866,8 +876,8 @@ class Launch:
         if binder is None:
             binder = _BINDERS[id(kernel)] = _Binder(kernel)
         try:
-            call = binder.bind(self, **args)
-        except TypeError:
+            call = binder.bind(self, args)
+        except (KeyError, TypeError):
             binder.explain(args)
             raise
         k = kernel_for(kernel, self.device)  # looked up per launch: tools wrap it to record launches
@@ -898,11 +908,6 @@ def update_launches(params: Sequence[Tensor], grads: Sequence[Tensor], states: S
     place under AMP) and the state lists (`prepare_launches`)."""
     preps = prepare_launches(params, grads, states, write_grads=grad_scale is not None)
     return launches(preps, block, grad_scale=grad_scale, found_inf=found_inf)
-
-
-def device_guard(device: torch.device):
-    """Triton launches on the current CUDA device; make it the tensors' one."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------ variants
