@@ -120,17 +120,18 @@ def reduction_impls(device: torch.device, wanted: list[str] | None) -> tuple[dic
     if tri.available and (not tri.reason.startswith("interpreted") or (wanted and "triton" in wanted)):
         try:
             from fused_optim.kernels import reduce as kr
-            from fused_optim.kernels.multi_tensor import get_table, prepare_launches
+            from fused_optim.kernels.multi_tensor import Launch, get_table, prepare_launches
 
             def triton_make(grads, op):
                 """The partials kernel alone, as the Triton Gravity/GE/SAM launchers call it (internal API:
                 any change there makes this a note, not a crash)."""
                 code = {"absmax": kr.OP_ABSMAX, "sum": kr.OP_SUM, "sumsq": kr.OP_SUMSQ}[op]
-                launches = [(get_table(prep, 2048), prep.p_kind) for prep in prepare_launches(grads, grads, [])]
+                launches = [Launch(prep, get_table(prep, 2048), None, None)
+                            for prep in prepare_launches(grads, grads, [])]
 
                 def run():
-                    for table, kind in launches:
-                        kr.launch_partials(table, code, kind)
+                    for launch in launches:
+                        kr.launch_partials(launch, code)
                 return run
             makers["triton"] = triton_make
         except Exception as exc:  # noqa: BLE001 - internal API moved: report, do not crash
