@@ -257,11 +257,10 @@ def case_declared(name: str) -> Callable:
 
 def _declared_cases(hand: list[Case]) -> list[Case]:
     """A generic case for every declared optimizer with triton and native impls and no case in `hand`."""
+    import fused_optim  # noqa: F401 - declares every optimizer of the library
     from fused_optim.declaration import declared
 
     have = {c.name for c in hand}
-    import fused_optim  # noqa: F401 - declares every optimizer of the library
-
     return [Case(name, case_declared(name), decl.per_tensor_reduction, amp=True)
             for name, (decl, _) in sorted(declared().items())
             if name not in have and decl.alias_of is None and {"triton", "native"} <= set(decl.impl_names)]
