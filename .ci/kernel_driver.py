@@ -92,6 +92,7 @@ class Case:
     name: str            # the functional name: fused_optim._native._native_<name>, kernels._triton_<name>
     run: Callable        # run(fn, make, device, variant) -> None
     reduction: bool      # reads a reduction (shared memory: racecheck's business)
+    amp: bool = False    # also the AMP / device-scalar variant (the hand-written cases: AMP_CASES)
 
 
 class Lists:
@@ -215,6 +216,59 @@ def case_muon_apply(fn, make, dtype, variant):
     fn(p, u, scales=[0.2 + 0.1 * i for i in range(len(p))], lr=1e-3, weight_decay=0.1)
 
 
+def _declared_scalars(name: str) -> dict:
+    """The functional step's scalars and flags for declared optimizer `name`, as its class computes them
+    at its first step from its declared defaults (a zero weight decay made nonzero): the class runs one
+    step on a CPU tensor with its forloop impl replaced by a recorder, so nothing here knows the rule."""
+    import torch
+
+    from fused_optim.declaration import declared
+
+    decl, cls = declared()[name]
+    kwargs = decl.defaults
+    for h in decl.hypers:  # the rule tests/reliability_util.py's declared_kwargs follows
+        if h.kind == "float" and h.default == 0 and h.hi is None:
+            kwargs[h.name] = 0.02
+    p = torch.nn.Parameter(torch.ones(3))
+    p.grad = torch.full((3,), 0.5)
+    opt = cls([p], **kwargs, impl="forloop")
+    seen: dict = {}
+    opt._impls = {**cls._impls, "forloop": lambda params, grads, *states, **kw: seen.update(kw)}
+    opt.step()
+    return seen
+
+
+def case_declared(name: str) -> Callable:
+    """The case of a declared optimizer without one of its own (a pure-elementwise rule added later):
+    its state lists in the state dtype, its scalars from `_declared_scalars`; the AMP variant passes
+    `lr` and the declared tensor scalars as device tensors, with AMP's grad scale and flag."""
+    def run(fn, make, dtype, variant):
+        import torch
+
+        from fused_optim.declaration import declared
+
+        decl = declared()[name][0]
+        d = make.device
+        p, g = make(dtype), make(dtype, 1e-2)
+        states = [make(_state_dtype(torch, dtype), 1e-3) for _ in decl.state]
+        tensors = ("lr", *decl.tensor_floats)
+        kwargs = {k: (_scalar(torch, d, float(v), variant) if k in tensors else v)
+                  for k, v in _declared_scalars(name).items()}
+        fn(p, g, *states, **kwargs, **_amp(torch, d, variant))
+    return run
+
+
+def _declared_cases(hand: list[Case]) -> list[Case]:
+    """A generic case for every declared optimizer with triton and native impls and no case in `hand`."""
+    import fused_optim  # noqa: F401 - declares every optimizer of the library
+    from fused_optim.declaration import declared
+
+    have = {c.name for c in hand}
+    return [Case(name, case_declared(name), decl.per_tensor_reduction, amp=True)
+            for name, (decl, _) in sorted(declared().items())
+            if name not in have and decl.alias_of is None and {"triton", "native"} <= set(decl.impl_names)]
+
+
 CASES = [
     Case("lion", case_lion, False),
     Case("gravity", case_gravity, True),
@@ -279,9 +333,8 @@ def impl_fns(name: str) -> dict[str, Callable]:
     # the package's attributes or their kernel module's
     decl = declared().get(name)
     if decl is not None and decl[0].impls:
-        tri = decl[1]._impls["triton"]
-    else:
-        tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
+        return {"native": decl[1]._impls["native"], "triton": decl[1]._impls["triton"]}
+    tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
     return {"native": getattr(native, f"_native_{name}"), "triton": tri}
 
 
@@ -305,8 +358,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--list", action="store_true", help="enumerate the kernels and the cases, run nothing")
     args = ap.parse_args(argv)
 
+    if args.device == "cpu" and "triton" in args.impls:
+        # Triton on CPU tensors is its interpreter, chosen when triton is imported: before anything imports it
+        os.environ.setdefault("TRITON_INTERPRET", "1")
     want = expected(args.only)
-    cases = [c for c in CASES if args.only == "all" or c.reduction]
+    all_cases = CASES + _declared_cases(CASES)
+    cases = [c for c in all_cases if args.only == "all" or c.reduction]
     if args.list:
         print(f"native CUDA ops ({len(native_cuda_ops())}): {', '.join(native_cuda_ops())}")
         print(f"Triton kernels ({len(triton_kernels())}): {', '.join(triton_kernels())}")
@@ -314,9 +371,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kernels this selection must launch: {len(want)}")
         return 0
 
-    if args.device == "cpu" and "triton" in args.impls:
-        # Triton on CPU tensors is its interpreter, chosen when triton is imported: before anything imports it
-        os.environ.setdefault("TRITON_INTERPRET", "1")
     import torch
 
     import fused_optim
@@ -329,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if st is None or not st.available:
             print(f"kernel_driver: impl {impl} cannot run on {device}: {st.reason if st else 'unknown impl'}")
             return 1
+    amp_cases = AMP_CASES | {c.name for c in all_cases if c.amp}
     launched: set[str] = set()
     _install_recorders(launched)
     failures = 0
@@ -337,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
         fns = impl_fns(case.name)
         for impl in impls:
             for dtype in (torch.float32, torch.bfloat16):
-                for variant in ("plain", "misaligned") + (("amp",) if case.name in AMP_CASES else ()):
+                for variant in ("plain", "misaligned") + (("amp",) if case.name in amp_cases else ()):
                     label = f"{impl}/{case.name} {str(dtype).removeprefix('torch.')} {variant}"
                     try:
                         make = Lists(device, variant == "misaligned", SMALL_SIZES if args.small else SIZES)

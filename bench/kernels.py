@@ -55,7 +55,20 @@ def _scalars(optimizer: str, step: int = 5) -> dict:
     if optimizer == "neurooptima":
         b1, b2 = kw["betas"]
         return dict(lr=kw["lr"], beta1=b1, beta2=b2, eps=kw["eps"], weight_decay=kw["weight_decay"], maximize=False)
-    raise ValueError(optimizer)
+    return _recorded_scalars(optimizer, kw)
+
+
+def _recorded_scalars(optimizer: str, kw: dict) -> dict:
+    """The scalars a declared optimizer's class passes to its functional step at its first step, recorded
+    with its forloop impl replaced by a recorder: a newly declared optimizer needs no entry above."""
+    cls = registry._lookup(OPTIMIZERS[optimizer].ours)
+    p = torch.nn.Parameter(torch.ones(1))
+    p.grad = torch.ones(1)
+    opt = cls([p], **kw, impl="forloop")
+    seen: dict = {}
+    opt._impls = {**cls._impls, "forloop": lambda params, grads, *states, **scalars: seen.update(scalars)}
+    opt.step()
+    return seen
 
 
 def _lists(n: int, numel: int, dtype: torch.dtype, device: torch.device, n_states: int, state_dtype: torch.dtype,

@@ -435,9 +435,12 @@ def ops():
     return torch.ops.fused_optim
 
 
-#: every op of csrc/fused_optim.cpp (the report below lists those with a CPU kernel)
-OPS = ("multi_tensor_stats", "gravity_", "lion_", "adan_", "gradient_equilibrium_", "multi_tensor_l2norm",
-       "multi_tensor_copy_", "lookahead_sync_", "sam_perturb_", "muon_momentum_", "muon_apply_", "neuro_optima_")
+def op_names() -> list[str]:
+    """Every op the loaded extension defines (csrc/ops_list.h and the elementwise rules), read from
+    torch's registry rather than listed here, so a new rule shows up unchanged."""
+    prefix = "fused_optim::"
+    return sorted({n[len(prefix):].split(".")[0] for n in torch._C._dispatch_get_all_op_names()
+                   if n.startswith(prefix)})
 
 
 def _main() -> int:
@@ -449,7 +452,7 @@ def _main() -> int:
         return 1
     wanted, why_not = want_cuda()
     cuda = _has_kernel("lion_", "CUDA")
-    ops_cpu = [op for op in OPS if _has_kernel(op, "CPU")]
+    ops_cpu = [op for op in op_names() if _has_kernel(op, "CPU")]
     print(f"fused_optim native extension: loaded ({_loaded}: {_where}); CPU kernels: {', '.join(ops_cpu)}; "
           f"CUDA kernels: {'yes' if cuda else 'no - ' + (_cuda_error or why_not)}; "
           f"CUDA device: {'yes' if torch.cuda.is_available() else 'no'}")

@@ -10,6 +10,7 @@ preloaded (`sanitizer_env`), which `tests/test_cuda_emulated.py` runs as a subpr
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +125,23 @@ class _Twin:
         return call
 
 
+def elementwise_ops(root: Path = ROOT) -> list[str]:
+    """The op of each rule of csrc/math/elementwise_rules.h: its declaration's ``kName`` + "_"."""
+    rules = (root / "csrc" / "math" / "elementwise_rules.h").read_text().split("#define FO_ELEMENTWISE_RULES(X)", 1)[1]
+    headers = "\n".join(h.read_text() for h in sorted((root / "csrc" / "math").glob("*.h")))
+    return [re.search(rf'struct {rule} {{.*?kName = "(\w+)"', headers, re.S).group(1) + "_"
+            for rule in re.findall(r"X\((\w+)\)", rules)]
+
+
+def _call_rule(ops, name, p, g, state, gs, fi):
+    """One call of an elementwise rule's op read from its schema (a rule added after the calls of `sweep`):
+    fresh state lists, every float 0.1 (a valid rate, beta and decay), every flag False."""
+    args = getattr(torch.ops.fused_optim_emu, name).default._schema.arguments
+    kinds = [str(a.type) for a in args[:[a.name for a in args].index("maximize")]]
+    getattr(ops, name)(p, g, *[state() for _ in range(kinds.count("List[Tensor]") - 2)],
+                       *[0.1] * kinds.count("float"), *[False] * kinds.count("bool"), False, gs, fi)
+
+
 def sweep(ops, ref=None):
     """One call of every op for every storage-type combination the host code dispatches to, AMP and not;
     with `ref` (torch.ops.fused_optim on the CPU) every call is checked against the native CPU kernels."""
@@ -147,6 +165,9 @@ def sweep(ops, ref=None):
                 ops.adan_(p, g, *adan_state, 1e-3, 0.98, 0.92, 0.99, 0.1, 0.1, 0.3, 1e-8, 0.02, False, None,
                           False, gs, fi)
                 ops.gradient_equilibrium_(p, g, stats, 1e-3, 0.0, False, gs, fi)
+                for name in elementwise_ops():
+                    if name != "lion_":  # called above with chosen scalars
+                        _call_rule(ops, name, p, g, lambda: rnd(s_dt), gs, fi)
             ops.lookahead_sync_(rnd(p_dt), rnd(s_dt), 0.5)
             neuro_state = [rnd(s_dt), rnd(s_dt, True), rnd(s_dt), rnd(s_dt)]
             ops.neuro_optima_(rnd(p_dt), rnd(p_dt), *neuro_state, 1e-3, 0.9, 0.99, 1e-8, 0.0, False)

@@ -80,6 +80,16 @@ def exported_optimizers() -> list[type]:
     return sorted({cls for _, cls in declared().values()}, key=lambda c: c.__name__)
 
 
+def declared_kwargs(decl) -> dict:
+    """A declared optimizer's defaults, with a nonzero value where a zero default would skip a code path
+    (weight decay, Adan's clip): the arguments the generic tests build a newly declared optimizer with."""
+    kw = decl.defaults
+    for h in decl.hypers:
+        if h.kind == "float" and h.default == 0 and h.hi is None:
+            kw[h.name] = 0.02
+    return kw
+
+
 # The constructor arguments each test uses: non-default values, so that every option's code path runs
 # (weight decay, Adan's global clip, ...). Composites follow docs/spec.md §5-8 signatures.
 _KWARGS: dict[str, dict] = {
@@ -108,10 +118,15 @@ def make_optimizer(cls: type, params: list[torch.Tensor], impl: str | None, **ov
                                                  **overrides})
     if name == "MuonWithAuxAdam":  # upstream's API: every group says use_muon
         params = [{"params": params, "use_muon": True}]
-    if name not in _KWARGS:
-        raise KeyError(f"no reliability-test factory for {name}: add one to tests/reliability_util.py")
-    # an optimizer without chosen arguments here (a newly declared one) runs at its declared defaults
-    kwargs = _KWARGS[name] if name in _KWARGS else cls.declaration.defaults
+    # an optimizer without chosen arguments here (a newly declared one) runs at its declared defaults,
+    # a zero weight decay made nonzero (`declared_kwargs`)
+    if name in _KWARGS:
+        kwargs = _KWARGS[name]
+    elif getattr(cls, "declaration", None) is not None and cls.declaration.hypers:
+        kwargs = declared_kwargs(cls.declaration)
+    else:
+        raise KeyError(f"no reliability-test factory for {name}: it declares no hyperparameters; "
+                       "add its arguments to _KWARGS in tests/reliability_util.py")
     return cls(params, impl=impl, **{**kwargs, **overrides})
 
 

@@ -58,12 +58,13 @@ def test_kernel_driver_enumerates_every_kernel_from_the_sources():
     ops = drv.native_cuda_ops()
     listed = re.findall(r"^FO_OP\((\w+),", (REPO / "csrc" / "ops_list.h").read_text(), re.M)
     assert set(listed) < set(ops) and len(listed) >= 11 and {"adan_", "lion_"} <= set(ops)
-    assert len(ops) == len(set(ops)) == len(listed) + 1  # the elementwise rules: Lion
+    rules = (REPO / "csrc" / "math" / "elementwise_rules.h").read_text().split("#define FO_ELEMENTWISE_RULES(X)")[1]
+    assert len(ops) == len(set(ops)) == len(listed) + len(re.findall(r"X\((\w+)\)", rules))  # + one op per rule
     kernels = drv.triton_kernels()
     assert {"_lion_kernel", "_partials_kernel", "_sam_norms_finish_kernel", "_muon_apply_kernel"} <= set(kernels)
     assert "fn" not in kernels  # kernel_for's own parameter is not a kernel
     # every case's functional name exists for both impls
-    for case in drv.CASES:
+    for case in drv.CASES + drv._declared_cases(drv.CASES):
         assert set(drv.impl_fns(case.name)) == {"native", "triton"}
 
 

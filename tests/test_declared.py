@@ -14,7 +14,7 @@ import inspect
 
 import pytest
 import torch
-from reliability_util import cpu_impls, triton_interpreter  # noqa: F401 - autouse fixture
+from reliability_util import cpu_impls, declared_kwargs, triton_interpreter  # noqa: F401 - autouse fixture
 from spec_checks import clone_params, grads_for_step, make_params, roundtrip, set_grads, state_tensors
 from torch._dynamo.testing import CompileCounterWithBackend
 
@@ -30,20 +30,10 @@ DECLARED = {name: (decl, cls) for name, (decl, cls) in sorted(declared().items()
             if decl.impls and decl.alias_of is None}
 
 
-def _kwargs(decl) -> dict:
-    """The declared defaults, with a nonzero value where a zero default would skip a code path
-    (weight decay, Adan's clip)."""
-    kw = decl.defaults
-    for h in decl.hypers:
-        if h.kind == "float" and h.default == 0 and h.hi is None:
-            kw[h.name] = 0.02
-    return kw
-
-
 def _make(name, params, impl, **extra):
     decl, cls = DECLARED[name]
     torch.manual_seed(0)  # Gravity draws its velocity at construction
-    return cls(params, **{**_kwargs(decl), **extra}, impl=impl)
+    return cls(params, **{**declared_kwargs(decl), **extra}, impl=impl)
 
 
 def _impls(name):
@@ -235,7 +225,7 @@ def test_hyperparameter_out_of_range_is_refused(name, key, bad):
     decl, cls = DECLARED[name]
     h = decl.hyper(key)
     with pytest.raises((ValueError, TypeError)) as exc:
-        cls(make_params(seed=7, shapes=SHAPES), **{**_kwargs(decl), key: bad})
+        cls(make_params(seed=7, shapes=SHAPES), **{**declared_kwargs(decl), key: bad})
     assert _mentions(h, str(exc.value)), str(exc.value)
     params = make_params(seed=7, shapes=SHAPES)
     opt = _make(name, params, "forloop")
