@@ -81,7 +81,7 @@ def native_elementwise(rule: str):
     The declaration is read from the op's schema on the first call. A scalar the rule lets be a device
     tensor (its ``<name>_tensor`` argument) may be a 0-d tensor (capturable, tensor lr). AMP-aware
     (`supports_amp`'s contract). Nothing here is specific to a rule."""
-    layout: list[tuple] = []  # (number of state lists, float names, flag names, tensor-scalar names)
+    layout: list[tuple] = []  # (number of state lists, float names, flag names, tensor-scalar names, all names)
 
     def read_layout() -> tuple:
         from . import _ext
@@ -92,7 +92,7 @@ def native_elementwise(rule: str):
         scalars = [n for n, k in zip(names[:m], kinds[:m]) if k == "float"]
         flags = [n for n, k in zip(names[:m], kinds[:m]) if k == "bool"]
         tensors = [n[:-len("_tensor")] for n in names[names.index("found_inf") + 1:]]
-        return kinds.count("List[Tensor]") - 2, scalars, flags, tensors
+        return kinds.count("List[Tensor]") - 2, scalars, flags, tensors, set(scalars) | set(flags)
 
     def launcher(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool,
                  grad_scale: Tensor | None = None, found_inf: Tensor | None = None, **kwargs) -> None:
@@ -101,9 +101,8 @@ def native_elementwise(rule: str):
         ops = _ops()  # loads the extension
         if not layout:
             layout.append(read_layout())
-        n_states, scalars, flags, tensors = layout[0]
-        expected = set(scalars) | set(flags)
-        if len(states) != n_states or set(kwargs) != expected:
+        n_states, scalars, flags, tensors, expected = layout[0]  # read once: this runs every step
+        if len(states) != n_states or kwargs.keys() != expected:
             raise TypeError(f"native {rule}: expected {n_states} state lists and the keyword arguments "
                             f"{sorted(expected)}, got {len(states)} and {sorted(kwargs)}")
         device = params[0].device
