@@ -94,7 +94,7 @@ ADAN = Declaration(
             Hyper("weight_decay", 0.0, lo=0.0),
             Hyper("max_grad_norm", 0.0, lo=0.0),
             Hyper("no_prox", False, kind="bool")),
-    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs"),
+    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs", signed=False),
            State("exp_avg_diff", "exp_avg_diffs"),
            State("neg_pre_grad", "neg_pre_grads", optional=True)),  # -clip*g of the last step
     counters=("step",),  # the bias corrections depend on it: an AMP found_inf skip must not advance it
@@ -155,12 +155,14 @@ class Adan(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas: tuple[float, float, float] = (0.98, 0.92, 0.99),
                  eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0,
                  no_prox: bool = False, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 state_precision: str = "fp32", stochastic_rounding: bool = False):
         _check_range("max_grad_norm", max_grad_norm, lo=0.0)
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
                         weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
-                         capturable=capturable)
+                         capturable=capturable, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     @torch.no_grad()
     def restart_opt(self) -> None:
@@ -242,15 +244,14 @@ class Adan(FusedOptimizer):
         for p, g in zip(params, grads):
             state = self.state[p]
             if "exp_avg" not in state:
-                state["exp_avg"] = self._zeros_state(p)
-                state["exp_avg_sq"] = self._zeros_state(p)
-                state["exp_avg_diff"] = self._zeros_state(p)
+                for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff"):
+                    self._new_state(p, key)
             if "neg_pre_grad" not in state or (not isinstance(step, Tensor) and step == 1):
                 # (capturable: the kernel also sets it where the group's step is 1, read on the device; under
                 # torch.compile a group at step 0 has no neg_pre_grad: see `restart_opt`)
                 # -clip*g (of the maximized g): the first difference is then exactly 0
                 sign_g = g if group["maximize"] else -g
-                state["neg_pre_grad"] = sign_g.to(self._state_dtype(p)) * clip
+                self._new_state(p, "neg_pre_grad", sign_g.to(self._state_dtype(p)) * clip)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             exp_avg_diffs.append(state["exp_avg_diff"])

@@ -163,10 +163,15 @@ class Hyper:
 class State:
     """One per-param state tensor: its key in ``opt.state[p]`` and the functional step's list argument
     that holds it (Lion's ``exp_avg`` travels in ``exp_avgs``). ``optional``: a step creates it when
-    missing (a checkpoint may lack it); else a param's state holds it from its first step on."""
+    missing (a checkpoint may lack it); else a param's state holds it from its first step on.
+    ``lowbit``: stored in the optimizer's ``state_precision`` (bf16 / 8-bit; a weight copy such as
+    Lookahead's slow param is not); ``signed``: can be negative (False: a second moment, the unsigned
+    8-bit map). Low-precision states come first in the step's argument order (docs/lowbit.md §5)."""
     key: str
     arg: str
     optional: bool = False
+    lowbit: bool = True
+    signed: bool = True
 
 
 @dataclass(frozen=True)
@@ -177,18 +182,22 @@ class Impl:
     (a kernel module: triton is imported then, never at import). ``amp``: takes ``grad_scale`` and
     ``found_inf`` (`mark_amp`); ``tensor_lr``: reads a 0-d tensor ``lr`` on the device;
     ``capturable``: every per-step scalar may be a device tensor; ``shard_aware``: finishes its
-    per-tensor reduction over DTensor shard groups."""
+    per-tensor reduction over DTensor shard groups; ``lowbit``: takes ``lowbit=`` (a
+    `fused_optim.lowstate.Rounding`) and reads and writes bf16 / 8-bit state and rounds the param itself,
+    in its own pass (else the class runs it on fp32 copies, `fused_optim.lowstate.reference_step`)."""
     name: str
     fn: Callable[..., None] | str
     amp: bool = False
     tensor_lr: bool = False
     capturable: bool = False
     shard_aware: bool = False
+    lowbit: bool = False
 
     def caps(self) -> dict[str, bool]:
         """The capabilities as the function attributes the dispatcher reads (``fn.supports_amp``...)."""
         return {"supports_amp": self.amp, "supports_tensor_lr": self.tensor_lr,
-                "supports_capturable": self.capturable, "shard_aware": self.shard_aware}
+                "supports_capturable": self.capturable, "shard_aware": self.shard_aware,
+                "supports_lowbit": self.lowbit}
 
 
 #: what a compiled kernel impl supports: all of it (the shard awareness is per optimizer)

@@ -97,11 +97,13 @@ class Gravity(FusedOptimizer):
 
     def __init__(self, params, lr: float | Tensor = 0.1, alpha: float = 0.01, beta: float = 0.9, *,
                  maximize: bool = False, impl: str | None = None, foreach: bool | None = None,
-                 fused: bool | None = None, capturable: bool = False):
+                 fused: bool | None = None, capturable: bool = False, state_precision: str = "fp32",
+                 stochastic_rounding: bool = False):
         _check_range("lr", lr, lo=0.0, lo_open=True, label="learning rate")  # std = alpha / lr
         defaults = dict(lr=lr, alpha=alpha, beta=beta, t=0)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
-                         capturable=capturable)
+                         capturable=capturable, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     def add_param_group(self, param_group: dict) -> None:
         lr = param_group.get("lr", self.defaults["lr"])
@@ -116,7 +118,7 @@ class Gravity(FusedOptimizer):
             if "v" in state:
                 continue
             v = torch.empty_like(p).normal_(mean=0.0, std=std)
-            state["v"] = v.to(self._state_dtype(p))
+            self._new_state(p, "v", v.to(self._state_dtype(p)))
 
     def _step_group(self, group, params, grads) -> None:
         # every step() call, before use, even with no grads (upstream)

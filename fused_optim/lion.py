@@ -72,6 +72,9 @@ class Lion(FusedOptimizer):
         capturable (bool): keep every per-step value on the device so a step can be captured in a CUDA
             graph (``FusedOptimizer`` docstring, "Capturable"): on CUDA it needs ``impl="triton"`` or
             ``impl="native"``; pass ``lr`` as a CUDA tensor to change it between replays (default: False).
+        state_precision (str): "fp32" (default), "bf16" (stochastically rounded) or "8bit" (blockwise
+            codes and fp32 scales; tensors under 4096 elements stay fp32): docs/lowbit.md.
+        stochastic_rounding (bool): round bf16 params stochastically on every write (default: False).
 
     State: ``exp_avg`` (zeros at a param's first step). No step counter.
     """
@@ -80,18 +83,20 @@ class Lion(FusedOptimizer):
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 state_precision: str = "fp32", stochastic_rounding: bool = False):
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas,
                         weight_decay=weight_decay)
         super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
-                         capturable=capturable)
+                         capturable=capturable, state_precision=state_precision,
+                         stochastic_rounding=stochastic_rounding)
 
     def _step_group(self, group, params, grads) -> None:
         exp_avgs = []
         for p in params:
             state = self.state[p]
             if "exp_avg" not in state:
-                state["exp_avg"] = self._zeros_state(p)
+                self._new_state(p, "exp_avg")
             exp_avgs.append(state["exp_avg"])
         beta1, beta2 = group["betas"]
         self._dispatch(params, grads, [exp_avgs], lr=group["lr"], beta1=float(beta1),

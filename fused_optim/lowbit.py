@@ -63,27 +63,53 @@ def check_key(seed: int, step: int, tensor_index: int) -> None:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
     if not (isinstance(step, int) and 0 <= step < 2**32):
         raise ValueError(f"step must be an int in [0, 2**32), got {step!r}")
-    if not (isinstance(tensor_index, int) and 0 <= tensor_index < 2**32):
-        raise ValueError(f"tensor_index must be an int in [0, 2**32), got {tensor_index!r}")
+    if not (isinstance(tensor_index, int) and 0 <= tensor_index < 2**31):
+        raise ValueError(f"tensor_index must be an int in [0, 2**31), got {tensor_index!r}")
 
 
-def random_bits(seed: int, step: int, tensor_index: int, numel: int, *, offset: int = 0,
-                device: torch.device | str = "cpu", streams: int = 1) -> Tensor:
+#: streams one element can draw: the param's and one per state tensor; stream ``s`` is word ``s % 4``
+#: of the Philox call whose counter holds ``tensor_index + (s // 4) * 2**31`` (docs/lowbit.md §1)
+MAX_STREAMS = 8
+
+
+def stream_counter(tensor_index: int, stream: int) -> tuple[int, int]:
+    """(counter word c2, output word) of `stream` of tensor `tensor_index` (docs/lowbit.md §1)."""
+    if not 0 <= stream < MAX_STREAMS:
+        raise ValueError(f"stream must be in [0, {MAX_STREAMS}), got {stream}")
+    return tensor_index + (stream // STREAMS) * 2**31, stream % STREAMS
+
+
+def random_bits(seed: int, step: int | Tensor, tensor_index: int, numel: int, *, offset: int = 0,
+                device: torch.device | str = "cpu", streams: int = 1, stream: int | None = None) -> Tensor:
     """32 random bits per element ``offset .. offset+numel-1`` of a tensor, as int64 values in [0, 2^32).
 
     Key (k0, k1) = (low, high 32 bits of ``seed``); counter = (element index low 32 bits, element index
     high 32 bits, ``tensor_index``, ``step``). Stream ``s`` of an element is output word ``s`` of its
     Philox call, so one call gives an element up to `STREAMS` independent draws (e.g. one for the param,
     one per state tensor). Returns shape ``[numel]`` for ``streams == 1``, else ``[streams, numel]``.
+    ``stream``: just that stream (``[numel]``), also beyond the fourth (`stream_counter`).
+    ``step`` may be a 0-d integer-valued tensor (a step counter under torch.compile or on the device).
     """
-    check_key(seed, step, tensor_index)
-    if not 1 <= streams <= STREAMS:
-        raise ValueError(f"streams must be in [1, {STREAMS}], got {streams}")
+    if isinstance(step, Tensor):
+        check_key(seed, 0, tensor_index)
+        step_c = step.reshape(()).to(device=device, dtype=torch.int64) & _U32
+    else:
+        check_key(seed, step, tensor_index)
+        step_c = step
+    if stream is not None:
+        c2, word = stream_counter(tensor_index, stream)
+        streams_needed = word + 1
+    else:
+        if not 1 <= streams <= STREAMS:
+            raise ValueError(f"streams must be in [1, {STREAMS}], got {streams}")
+        c2, word, streams_needed = tensor_index, None, streams
     elem = torch.arange(offset, offset + numel, dtype=torch.int64, device=device)
-    c2 = torch.full_like(elem, tensor_index)
-    c3 = torch.full_like(elem, step)
+    c2 = torch.full_like(elem, c2)
+    c3 = torch.full_like(elem, step_c) if not isinstance(step_c, Tensor) else step_c.expand_as(elem)
     words = philox4x32_10(elem & _U32, elem >> 32, c2, c3, seed & _U32, seed >> 32)
-    return words[0] if streams == 1 else torch.stack(words[:streams])
+    if word is not None:
+        return words[word]
+    return words[0] if streams_needed == 1 else torch.stack(words[:streams_needed])
 
 
 # ------------------------------------------------------------------------------- stochastic rounding
@@ -191,17 +217,19 @@ def block_absmax(x: Tensor) -> Tensor:
     return _blocked(x).abs().amax(dim=1)
 
 
-def quantize_blockwise(x: Tensor, signed: bool) -> tuple[Tensor, Tensor]:
+def quantize_blockwise(x: Tensor, signed: bool, *, check: bool = True) -> tuple[Tensor, Tensor]:
     """8-bit codes (uint8, x's shape) and fp32 block scales (``[num_blocks(x.numel())]``) of fp32 ``x``,
     flattened in memory order (contiguous) into blocks of `QUANT_BLOCK` elements.
 
     Each |x| / scale rounds to the nearest map magnitude (ties upward), decided without a division by
     comparing |x| against ``fl(threshold_k * scale)``; signed codes carry x's sign bit as bit 7.
-    ``signed=False`` requires x >= 0 (a second moment): a negative value is an error.
+    ``signed=False`` requires x >= 0 (a second moment): a negative value is an error (``check=False``:
+    not checked, which reads the tensor on the host; a negative value then gets magnitude code 0..255 of
+    its |x| and dequantizes positive).
     """
     if x.dtype != torch.float32:
         raise TypeError(f"quantize_blockwise: x must be fp32, got {x.dtype}")
-    if not signed and bool((x < 0).any()):
+    if check and not signed and bool((x < 0).any()):
         raise ValueError("quantize_blockwise: signed=False needs x >= 0 (use signed=True for a state "
                          "that can be negative)")
     blocks = _blocked(x.contiguous())

@@ -401,12 +401,16 @@ class Muon(FusedOptimizer):
     _supports_complex = False
     _complex_reason = "Newton-Schulz orthogonalization is defined here for real matrices"
     _accepts_module = True  # create_optimizer(model, "muon") passes the model, to split it
+    #: the momentum buffer may be stored in bf16 / 8 bits; the auxiliary Adam's state stays fp32
+    _lowbit_states = (("momentum_buffer", True),)
+    _supports_stochastic_rounding = True
     _impls = {"forloop": _forloop_muon, "foreach": _foreach_muon, "triton": _triton_muon, "native": _native_muon}
 
     def __init__(self, params, lr: float | Tensor = 0.02, momentum: float = 0.95, weight_decay: float = 0.0,
                  nesterov: bool = True, ns_steps: int = 5, *, adam_lr: float = 3e-4,
                  adam_betas: tuple[float, float] = (0.9, 0.95), adam_eps: float = 1e-10, maximize: bool = False,
-                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None):
+                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 state_precision: str = "fp32", stochastic_rounding: bool = False):
         if isinstance(params, nn.Module):
             params = muon_param_groups(params, lr=_as_float(lr), momentum=momentum, weight_decay=weight_decay,
                                        adam_lr=adam_lr, adam_betas=adam_betas, adam_eps=adam_eps,
@@ -414,7 +418,8 @@ class Muon(FusedOptimizer):
         self._adam_defaults = dict(lr=adam_lr, betas=tuple(adam_betas), eps=adam_eps)
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
                         ns_steps=ns_steps, use_muon=True, betas=tuple(adam_betas), eps=adam_eps)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding)
 
     def add_param_group(self, param_group: dict) -> None:
         param_group = dict(param_group)
@@ -470,7 +475,7 @@ class Muon(FusedOptimizer):
             for p in params:
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = self._zeros_state(p)
+                    self._new_state(p, "momentum_buffer")
                 bufs.append(state["momentum_buffer"])
             self._dispatch(params, grads, [bufs], lr=_as_float(group["lr"]), momentum=float(group["momentum"]),
                            weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),

@@ -96,9 +96,9 @@ NEURO_OPTIMA = Declaration(
             Hyper("lookahead_alpha", 0.5, lo=0.0, hi=1.0),
             Hyper("betas", (0.9, 0.999), kind="betas", n=2),
             Hyper("eps", 1e-8, lo=0.0, label="epsilon value")),
-    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs"),
+    state=(State("exp_avg", "exp_avgs"), State("exp_avg_sq", "exp_avg_sqs", signed=False),
            State("exp_avg_diff", "exp_avg_diffs"), State("prev_grad", "prev_grads"),
-           State("slow_param", "slow_params", optional=True)),  # captured at a param's first core update
+           State("slow_param", "slow_params", optional=True, lowbit=False)),  # captured at a param's first core update
     counters=("step",),
 )
 
@@ -143,11 +143,13 @@ class NeuroOptima(FusedOptimizer):
     def __init__(self, params, lr: float | Tensor = 1e-3, weight_decay: float = 0.0, sam_rho: float = 0.05,
                  lookahead_k: int = 5, lookahead_alpha: float = 0.5,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, *, maximize: bool = False,
-                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None):
+                 impl: str | None = None, foreach: bool | None = None, fused: bool | None = None,
+                 state_precision: str = "fp32", stochastic_rounding: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, sam_rho=sam_rho, lookahead_k=lookahead_k,
                         lookahead_alpha=lookahead_alpha, betas=tuple(betas) if isinstance(betas, list) else betas,
                         eps=eps, step=0)
-        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused)
+        super().__init__(params, defaults, maximize=maximize, impl=impl, foreach=foreach, fused=fused,
+                         state_precision=state_precision, stochastic_rounding=stochastic_rounding)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None):
@@ -192,12 +194,14 @@ class NeuroOptima(FusedOptimizer):
             if found_inf is not None:
                 if self._begin_amp_step(batches, None, found_inf):
                     try:
+                        self._advance_rounding(batches)
                         self._update(batches)
                     finally:
                         self._amp_kwargs = None
                 if sam:
                     self.zero_grad(set_to_none=True)
                 return loss
+        self._advance_rounding(batches)
         self._update(batches)
         if sam:
             self.zero_grad(set_to_none=True)
@@ -210,7 +214,7 @@ class NeuroOptima(FusedOptimizer):
             state = self.state[p]
             if "exp_avg" not in state:
                 for key in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "prev_grad"):
-                    state[key] = self._zeros_state(p)
+                    self._new_state(p, key)
             if "slow_param" not in state:  # Lookahead's slow weight: p before its first update
                 state["slow_param"] = p.detach().to(self._state_dtype(p), copy=True)
             exp_avgs.append(state["exp_avg"])

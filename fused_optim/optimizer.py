@@ -20,6 +20,7 @@ from torch import Tensor
 
 from . import distributed as _dist
 from . import kernels as _kernels
+from . import lowstate as _low
 from . import ops as _ops
 from ._backends import IMPLS, auto_impl, best_fused_impl, impl_status
 from .declaration import Declaration, Impl, register
@@ -27,6 +28,7 @@ from .declaration import check_betas as _check_betas  # noqa: F401 - the optimiz
 from .declaration import check_range as _check_range  # noqa: F401
 from .declaration import mark_amp as supports_amp
 from ._scalars import host_scalar
+from .lowbit import num_blocks as _lb_num_blocks
 
 __all__ = ["FusedOptimizer", "supports_amp"]
 
@@ -178,6 +180,11 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     #: the class takes ``capturable=True`` (see "Capturable" above)
     _supports_capturable = False
+    #: (state key, signed) of the state lists `_dispatch` receives that ``state_precision`` stores in bf16
+    #: or 8 bits, in their order (fused_optim/lowstate.py); empty: the class takes no ``state_precision``
+    _lowbit_states: tuple[tuple[str, bool], ...] = ()
+    #: the class takes ``stochastic_rounding=True`` (bf16 params rounded stochastically)
+    _supports_stochastic_rounding = False
 
     _impls: dict[str, Callable[..., None]] = {}
     #: per-param state, as `_state_spec` declares it: tensors shaped, placed and typed like their param
@@ -214,6 +221,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if decl.hypers:
             cls._validators = tuple((h.name, check) for h in decl.hypers if (check := h.checker()) is not None)
         if decl.state or decl.scalar_state:
+            cls._lowbit_states = tuple((s.key, s.signed) for s in decl.state if s.lowbit)
+            cls._supports_stochastic_rounding = bool(cls._lowbit_states)
             cls._state_keys = tuple(s.key for s in decl.state if not s.optional)
             cls._optional_state_keys = tuple(s.key for s in decl.state if s.optional)
             cls._scalar_state_keys = decl.scalar_state
@@ -226,12 +235,27 @@ class FusedOptimizer(torch.optim.Optimizer):
             _ops.define(decl, cls)  # its torch.compile op (fused_optim/ops.py)
 
     def __init__(self, params, defaults: dict, *, maximize: bool = False, impl: str | None = None,
-                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False):
+                 foreach: bool | None = None, fused: bool | None = None, capturable: bool = False,
+                 state_precision: str = "fp32", stochastic_rounding: bool = False):
         self._impl_request = _resolve_request(impl, foreach, fused)
         self._impl_cache: dict[str, str] = {}
         defaults = dict(defaults, maximize=bool(maximize))
         if capturable and not self._supports_capturable:
             raise ValueError(f"{self._display_name} does not support capturable=True")
+        _low.check_options(self._display_name, state_precision, stochastic_rounding)
+        if state_precision != "fp32" and not self._lowbit_states:
+            raise ValueError(f"{self._display_name} has no state to store in {state_precision!r}; "
+                             "pass state_precision='fp32'")
+        if stochastic_rounding and not self._supports_stochastic_rounding:
+            raise ValueError(f"{self._display_name} does not support stochastic_rounding=True yet")
+        #: fused_optim/lowstate.py: how the state is stored, whether bf16 params round stochastically
+        self.state_precision = state_precision
+        self.stochastic_rounding = bool(stochastic_rounding)
+        if self._lowbit_on:
+            # the generator's key: a seed from torch's generator (in every group, so in the state_dict)
+            # and a rounding counter per group, advanced once per step (`_advance_rounding`)
+            defaults["lowbit_seed"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+            self._group_counters = (*type(self)._group_counters, "lowbit_step")
         #: see the class docstring, "Capturable"; a checkpoint's counters follow this setting at the next step
         self.capturable = bool(capturable)
         self._group_defaults = dict(defaults)  # torch later adds keys of its own (differentiable) to defaults
@@ -296,6 +320,70 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _zeros_state(self, p: Tensor) -> Tensor:
         return torch.zeros_like(p, dtype=self._state_dtype(p), memory_format=torch.preserve_format)
+
+    # ------------------------------------------------------------------ low-precision state
+    @property
+    def _lowbit_on(self) -> bool:
+        """Whether state is stored below fp32 or params round stochastically (fused_optim/lowstate.py)."""
+        return self.__dict__.get("state_precision", "fp32") != "fp32" or self.__dict__.get("stochastic_rounding", False)
+
+    def _state_format(self, p: Tensor, key: str) -> str:
+        """How state `key` of `p` is stored: "fp32" (`_state_dtype`), "bf16" or "8bit"."""
+        precision = self.__dict__.get("state_precision", "fp32")
+        if precision == "fp32" or key not in self._lowbit_keys():
+            return "fp32"
+        return _low.storage_format(precision, impl_view(p))
+
+    def _lowbit_keys(self) -> dict[str, bool]:
+        return dict(self._lowbit_states)
+
+    def _new_state(self, p: Tensor, key: str, value: Tensor | None = None) -> None:
+        """Set ``state[p][key]`` (zeros when `value` is None) in its storage format (`_state_format`): the
+        way every step creates state, so a state is born in the optimizer's precision."""
+        fmt = self._state_format(p, key)
+        entries = _low.new_entries(key, fmt, self._lowbit_keys().get(key, True), p, value, self._state_dtype(p))
+        st = self.state[p]
+        st.pop(key + _low.ABSMAX, None)
+        st.update(entries)
+
+    def _tensor_indices(self) -> dict[int, tuple[int, int]]:
+        """id(param) -> (its position in the optimizer, its group's position): the generator's tensor index."""
+        sig = tuple(len(g["params"]) for g in self.param_groups)
+        cached = self.__dict__.get("_tensor_index_map")
+        if cached is not None and cached[0] == sig:
+            return cached[1]
+        table: dict[int, tuple[int, int]] = {}
+        n = 0
+        for gi, group in enumerate(self.param_groups):
+            for p in group["params"]:
+                table[id(p)] = (n, gi)
+                n += 1
+        self._tensor_index_map = (sig, table)
+        return table
+
+    def _advance_rounding(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
+        """Advance each stepping group's rounding counter once (after AMP's skip decision): the step of the
+        generator's key for this step's stochastic roundings."""
+        self._rounding_steps = {}
+        if not self._lowbit_on:
+            return
+        for gi, (group, params, _) in enumerate(batches):
+            if params:
+                self._rounding_steps[gi] = self._advance_counter(group, "lowbit_step", params)
+
+    def _rounding_for(self, params: list[Tensor], idx: list[int], fmt: str, states: Sequence[list[Tensor]]
+                      ) -> _low.Rounding:
+        table = self._tensor_indices()
+        first = table[id(params[idx[0]])]
+        step = self.__dict__.get("_rounding_steps", {}).get(first[1], 0)
+        group = self.param_groups[first[1]]
+        keys = self._lowbit_states[:len(states)]
+        absmax: tuple[list[Tensor], ...] = tuple([] for _ in keys)
+        if fmt == "8bit":
+            absmax = tuple([impl_view(self.state[params[i]][key + _low.ABSMAX]) for i in idx] for key, _ in keys)
+        return _low.Rounding(fmt=fmt, signed=tuple(signed for _, signed in keys), absmax=absmax,
+                             param_sr=self.stochastic_rounding, seed=int(group["lowbit_seed"]), step=step,
+                             tensor_index=[table[id(params[i])][0] for i in idx])
 
     # ------------------------------------------------------------------ pickling
     def __getstate__(self) -> dict[str, Any]:
@@ -538,7 +626,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             if key not in st:
                 return (f"lacks {key!r} (it holds {sorted(map(str, st))}, expected "
                         f"{sorted(required)}): a state_dict of another optimizer?")
+        lowkeys = self._lowbit_keys()
         for key, v in st.items():
+            if lowkeys and (key in lowkeys or key.endswith(_low.ABSMAX)):
+                problem = self._lowbit_state_problem(p, st, key, v, lowkeys, loading=loading)
+                if problem != "fp32":
+                    if problem is not None:
+                        return problem
+                    continue
             if key in scalars:
                 if isinstance(v, Tensor) and v.numel() != 1 or isinstance(v, bool) or not isinstance(v, (Tensor, int, float)):
                     return f"has {key!r} = {v!r} (expected a number or a one-element tensor)"
@@ -561,6 +656,52 @@ class FusedOptimizer(torch.optim.Optimizer):
             else:
                 return (f"holds an unknown key {key!r} (expected {sorted(required + optional + scalars)}): a "
                         "state_dict of another optimizer?")
+        return None
+
+    def _lowbit_state_problem(self, p: Tensor, st: dict, key: str, v: Any, lowkeys: dict[str, bool], *,
+                              loading: bool) -> str | None:
+        """`_state_problem` for a low-precision state key or its block scales: None (fine), a problem, or
+        "fp32" (an fp32-form state: the ordinary checks apply). A state_dict may hold any precision
+        (`load_state_dict` converts it); a live state must be in this optimizer's format."""
+        if key.endswith(_low.ABSMAX):
+            base = key[:-len(_low.ABSMAX)]
+            if base not in lowkeys:
+                return (f"holds an unknown key {key!r}: block scales of a state this optimizer does not "
+                        "store in 8 bits")
+            codes = st.get(base)
+            if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
+                return f"has {key!r} (8-bit block scales) but {base!r} is not an 8-bit (uint8) tensor"
+            if not isinstance(v, Tensor) or v.dtype != torch.float32 or v.dim() != 1:
+                return f"has {key!r} that is not a 1-D float32 tensor of block scales"
+            local = impl_view(codes) if not loading else codes
+            if v.numel() != _lb_num_blocks(local.numel()):
+                return (f"has {key!r} of {v.numel()} block scales (expected {_lb_num_blocks(local.numel())} for "
+                        f"{local.numel()} codes)")
+            return None
+        if not isinstance(v, Tensor):
+            return f"has {key!r} of type {type(v).__name__} (expected a tensor)"
+        fmt = self._state_format(p, key)
+        if v.dtype == torch.uint8:
+            if v.shape != p.shape:
+                return f"has {key!r} of shape {tuple(v.shape)} (expected its parameter's {tuple(p.shape)})"
+            if key + _low.ABSMAX not in st:
+                return f"has {key!r} as 8-bit codes (uint8) without its block scales {key + _low.ABSMAX!r}"
+            if not loading and fmt != "8bit":
+                return (f"has {key!r} as 8-bit codes, but this optimizer stores it as {fmt} "
+                        f"(state_precision={self.state_precision!r})")
+            if not loading and v.device != p.device:
+                return f"has {key!r} on {v.device} (expected its parameter's device, {p.device})"
+            return None
+        if loading or fmt == "fp32":
+            return "fp32"
+        if fmt == "8bit":
+            return f"has {key!r} of dtype {v.dtype} (expected 8-bit codes, uint8: state_precision='8bit')"
+        if v.shape != p.shape:
+            return f"has {key!r} of shape {tuple(v.shape)} (expected its parameter's {tuple(p.shape)})"
+        if v.dtype != torch.bfloat16:
+            return f"has {key!r} of dtype {v.dtype} (expected torch.bfloat16: state_precision='bf16')"
+        if v.device != p.device:
+            return f"has {key!r} on {v.device} (expected its parameter's device, {p.device})"
         return None
 
     def _check_capturable(self, devices: set[torch.device], sharded: bool) -> None:
@@ -657,11 +798,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.skip_if_nonfinite:
             found_inf = _nonfinite_flag([g for _, _, gs in batches for g in gs], found_inf)
         if grad_scale is None and found_inf is None:
+            self._advance_rounding(batches)
             self._update(batches)
             return loss
         if not self._begin_amp_step(batches, grad_scale, found_inf):
             return loss
         try:
+            self._advance_rounding(batches)
             self._update(batches)
         finally:
             self._amp_kwargs = None
@@ -700,7 +843,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             # rank skipping alone would leave the shards of one tensor a step apart)
             found_inf = _dist.all_reduce_max_(found_inf.to(torch.float32, copy=True).reshape(()), grads)
         in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
-                     and all(getattr(self._runs(d, sharded), "supports_amp", False) for d in devices))
+                     and all(self._amp_in_kernel(self._runs(d, sharded)) for d in devices))
         # counters advance on the device only when capturable (`_advance_counter`); a CPU skip is decided
         # on the host (no sync there), except in capturable mode, which keeps one code path everywhere
         device_skip = in_kernel and (self.capturable or (not self._group_counters
@@ -719,6 +862,13 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale = None
         self._amp_kwargs = {"grad_scale": grad_scale, "found_inf": found_inf} if in_kernel else None
         return True
+
+    def _amp_in_kernel(self, fn: Callable[..., None]) -> bool:
+        """Whether `fn` applies AMP's unscale and skip itself: an AMP-aware impl, unless low-precision
+        state runs it on decoded copies (`lowstate.reference_step`), whose grads are not ``.grad``."""
+        if self._lowbit_on and not getattr(fn, "supports_lowbit", False):
+            return False
+        return getattr(fn, "supports_amp", False)
 
     def _update(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         for group, params, grads in batches:
@@ -739,7 +889,16 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         splits = [(device, dtype, part) for (device, dtype), idx in split_by_device_dtype(params).items()
                   for part in _dist.shard_splits(params, idx)]
-        for device, dtype, idx in splits:
+        low = self._lowbit_on and bool(states)
+        if low:  # one call per storage format (decided on the global tensor: the same on every rank)
+            key = self._lowbit_states[0][0]
+            by_fmt = [(device, dtype, [i for i in idx if self._state_format(params[i], key) == fmt], fmt)
+                      for device, dtype, idx in splits for fmt in _low.PRECISIONS]
+            splits = [(device, dtype, idx) for device, dtype, idx, _ in by_fmt if idx]
+            fmts = [fmt for *_, idx, fmt in by_fmt if idx]
+        elif self._lowbit_on:
+            fmts = ["fp32"] * len(splits)
+        for n_split, (device, dtype, idx) in enumerate(splits):
             impl = self.impl_for(device)
             fn = self._impls[impl]
             shard_ctx = contextlib.nullcontext()
@@ -777,6 +936,26 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise RuntimeError(f"{self._display_name}: impl={impl!r} inside torch.compile cannot finish its "
                                    "per-tensor reduction over sharded (DTensor, FSDP2) parameters; compile the "
                                    "step with impl='foreach', or run it eagerly")
+            if self._lowbit_on:
+                rounding = self._rounding_for(params, idx, fmts[n_split], states)
+                if rounding.fmt == "fp32" and not rounding.param_sr:
+                    pass  # full-precision state, nothing to round: the ordinary call
+                elif getattr(fn, "supports_lowbit", False) and not torch.compiler.is_compiling():
+                    with shard_ctx:
+                        fn(sub_p, sub_g, *sub_s, **kwargs, **amp, lowbit=rounding)
+                    continue
+                else:  # the impl's fp32 update on decoded copies (`amp` is empty: see `_amp_in_kernel`)
+                    def run(ps: list[Tensor], gs: list[Tensor], ss: list[list[Tensor]], impl=impl, fn=fn,
+                            kwargs=kwargs, lr=lr) -> None:
+                        if not (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
+                                and _ops.run_as_op(type(self), impl, ps, gs, ss, dict(kwargs, lr=_as_float(lr))
+                                                   if lr is not None else kwargs, {})):
+                            fn(ps, gs, *ss, **kwargs)
+                    dtypes32 = [self._state_dtype(params[i]) for i in idx]
+                    with shard_ctx:
+                        _low.reference_step(run, sub_p, sub_g, sub_s, rounding, dtypes32,
+                                            chunked=not _dist.is_dtensor(params[idx[0]]))
+                    continue
             if (impl in _ops.OPAQUE_IMPLS and torch.compiler.is_compiling()
                     and _ops.run_as_op(type(self), impl, sub_p, sub_g, sub_s, dict(kwargs, lr=_as_float(lr))
                                        if lr is not None else kwargs, amp)):
@@ -846,9 +1025,39 @@ class FusedOptimizer(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=self._state_dtype(p), copy=True)
                 else:  # counters and integer tensors stay where torch puts them, as copies
                     self.state[p][key] = self.state[p][key].clone()
+            self._convert_loaded(p, saved_state[pid])
         self._impl_cache.clear()
         self.__dict__.pop("_state_checked", None)  # holds the replaced state tensors
         self.__dict__.pop("_state_map", None)
+
+    def _convert_loaded(self, p: Tensor, saved: dict) -> None:
+        """Store the loaded low-precision-capable state of `p` in this optimizer's format, from the saved
+        tensors: 8-bit codes and bf16 kept as they are when the format matches, anything else decoded
+        to fp32 and stored again (rounded to nearest; docs/lowbit.md §5)."""
+        st = self.state[p]
+        for key, signed in self._lowbit_states:
+            v = saved.get(key)
+            if not isinstance(v, Tensor):
+                continue
+            fmt = self._state_format(p, key)
+            absmax = saved.get(key + _low.ABSMAX)
+            if fmt == "8bit" and v.dtype == torch.uint8:
+                st[key + _low.ABSMAX] = absmax.to(device=impl_view(p).device, dtype=torch.float32, copy=True)
+            elif fmt == "bf16" and v.dtype == torch.bfloat16:
+                st[key] = v.to(device=p.device, copy=True)
+            elif fmt == "fp32" and v.dtype != torch.uint8:
+                pass  # copied above in the state dtype
+            else:
+                local = v.to(p.device) if not _dist.is_dtensor(v) else v
+                value = _low.decode(impl_view(local), None if absmax is None else absmax.to(impl_view(p).device),
+                                    signed, self._state_dtype(p))
+                if _dist.is_dtensor(p):
+                    like = torch.zeros_like(p, dtype=value.dtype)
+                    impl_view(like).copy_(value)
+                    value = like
+                self._new_state(p, key, value)
+            if fmt != "8bit":
+                st.pop(key + _low.ABSMAX, None)
 
     def _check_loaded(self, state_dict: Any) -> None:
         """Raise (before anything changes) if `state_dict` cannot be loaded here; see `load_state_dict`."""

@@ -30,7 +30,7 @@ PHILOX_KAT = [
     ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
      (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
 ]
-KEYS = [(0, 0, 0, 0), (2**63 - 1, 2**32 - 1, 2**32 - 1, 2**40 - 7), (123456789012345, 7, 3, 5)]
+KEYS = [(0, 0, 0, 0), (2**63 - 1, 2**32 - 1, 2**31 - 1, 2**40 - 7), (123456789012345, 7, 3, 5)]
 SIZES = [0, 1, 255, 256, 257, 1000]
 
 
@@ -92,8 +92,26 @@ def test_random_bits_key_layout():
         assert abs(((bits >> b) & 1).float().mean() - 0.5) < 0.008
 
 
+def test_streams_beyond_four_use_a_second_call():
+    four = L.random_bits(5, 9, 2, 64, offset=1000, streams=4)
+    for s in range(4):
+        assert torch.equal(L.random_bits(5, 9, 2, 64, offset=1000, stream=s), four[s])
+    # streams 4..7: the words of the call whose tensor counter carries bit 31
+    c0 = torch.arange(1000, 1064)
+    words = L.philox4x32_10(c0, torch.zeros_like(c0), torch.full_like(c0, 2 + 2**31), torch.full_like(c0, 9), 5, 0)
+    for s in range(4, 8):
+        got = L.random_bits(5, 9, 2, 64, offset=1000, stream=s)
+        assert torch.equal(got, words[s - 4])
+        assert not torch.equal(got, four[s - 4])
+    step = torch.tensor(9.0)  # a float counter tensor (compiled / capturable) gives the same bits
+    assert torch.equal(L.random_bits(5, step, 2, 64, offset=1000, stream=6), L.random_bits(5, 9, 2, 64, offset=1000, stream=6))
+    with pytest.raises(ValueError, match="stream"):
+        L.random_bits(5, 9, 2, 4, stream=8)
+
+
 @pytest.mark.parametrize("bad,msg", [({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"step": 2**32}, "step"),
-                                     ({"tensor_index": -2}, "tensor_index"), ({"seed": 1.5}, "seed")])
+                                     ({"tensor_index": -2}, "tensor_index"), ({"tensor_index": 2**31}, "tensor_index"),
+                                     ({"seed": 1.5}, "seed")])
 def test_random_bits_rejects_bad_keys(bad, msg):
     args = {"seed": 1, "step": 0, "tensor_index": 0} | bad
     with pytest.raises(ValueError, match=msg):
