@@ -153,6 +153,37 @@ def stochastic_round_bf16(x: Tensor, bits: Tensor) -> Tensor:
     return bf16_from_bits(stochastic_round_bf16_bits(x, bits)).reshape(x.shape)
 
 
+#: fp16's largest finite value and the ulp of its top binade: inf stands for 65504 + 32 = 2^16
+_F16_MAX, _F16_TOP_ULP = 65504.0, 32.0
+
+
+def stochastic_round_fp16(x: Tensor, bits: Tensor) -> Tensor:
+    """fp32 ``x`` rounded stochastically to fp16 with the random words ``bits`` (int64 in [0, 2^32), x's
+    shape; the high 24 bits are used).
+
+    Between the two fp16 neighbours ``lo`` (toward zero) and ``hi`` of ``|x|``, ``x`` rounds away from
+    zero when ``bits >> 8 < frac * 2^24``, ``frac = (|x| - lo) / (hi - lo)``: both differences are exact
+    in fp32 and the gap is a power of two, so the probability is ``frac`` rounded up to a multiple of
+    2^-24 (docs/lowbit.md §2). fp16's subnormals are handled by the same rule (the add-and-truncate
+    trick of bf16 does not apply: fp16's exponent range is narrower than fp32's). ±0, ±inf, exact fp16
+    values never move; NaN stays NaN; above 65504, inf stands for 2^16 (the next step of the top binade).
+    """
+    check_sr_args(x, bits)
+    a = x.abs()
+    near = a.to(torch.float16)
+    # lo: |x| rounded toward zero in fp16 (near, or one step below it when near rounded up)
+    up = near.float() > a
+    lo = torch.where(up, torch.nextafter(near, torch.zeros_like(near)), near).float()
+    hi = torch.nextafter(lo.to(torch.float16), torch.full_like(near, float("inf"))).float()
+    gap = torch.where(torch.isinf(hi), torch.full_like(hi, _F16_TOP_ULP), hi - lo)
+    frac = (a - lo) / gap  # exact: both differences are exact and gap is a power of two
+    threshold = frac * 2.0**24
+    away = (bits >> 8).to(torch.float32) < threshold  # (bits >> 8) < 2^24: exact in fp32
+    mag = torch.where(away, hi, lo)
+    mag = torch.where(torch.isfinite(a), mag, a)  # inf stays inf, NaN stays NaN
+    return torch.copysign(mag, x).to(torch.float16)
+
+
 # ---------------------------------------------------------------------------------- 8-bit blockwise
 #: elements per quantization block (one fp32 absmax scale each): docs/lowbit.md §3
 QUANT_BLOCK = 256

@@ -11,6 +11,8 @@ The random bits are keyed by (seed, step, tensor index, element index): the opti
 torch's generator at construction, kept in every param group as ``lowbit_seed``), the group's rounding
 counter ``lowbit_step``, the param's position in the optimizer, and the element's flat index in the
 tensor (in the local shard for a DTensor). Stream 0 rounds the param, stream ``1 + j`` state tensor ``j``.
+fp16 params round stochastically too (`fused_optim.lowbit.stochastic_round_fp16`), on this reference path
+only: the fused impls handle bf16 params and the dispatcher sends fp16 ones here.
 
 `reference_step` runs any fp32 impl under these formats: it decodes the state to fp32, runs the impl,
 and encodes the result back. Impls declared ``lowbit`` do the same inside their own pass instead
@@ -36,6 +38,8 @@ PRECISIONS = ("fp32", "bf16", "8bit")
 MIN_8BIT_NUMEL = 4096
 #: the suffix of an 8-bit state tensor's block scales in ``optimizer.state[p]``
 ABSMAX = "_absmax"
+#: param dtypes `stochastic_rounding` rounds (fp32 and fp64 params are written as computed)
+_SR_DTYPES = (torch.bfloat16, torch.float16)
 #: elements decoded to fp32 at once by `reference_step` (64 MiB per fp32 temporary list)
 CHUNK_NUMEL = 1 << 24
 
@@ -49,12 +53,12 @@ def check_options(name: str, state_precision: Any, stochastic_rounding: Any) -> 
         raise TypeError(f"{name}: stochastic_rounding must be a bool, got {stochastic_rounding!r}")
 
 
-def storage_format(precision: str, local: Tensor) -> str:
-    """How a param's state is stored under `precision`, given the param as its impls see it (a DTensor's
-    local shard): "fp32" (its ordinary state dtype), "bf16" or "8bit"."""
-    if precision == "fp32" or local.is_complex():
+def storage_format(precision: str, p: Tensor) -> str:
+    """How the state of param `p` is stored under `precision`: "fp32" (its ordinary state dtype), "bf16"
+    or "8bit". Decided on the whole tensor (a DTensor's global size), so every rank decides alike."""
+    if precision == "fp32" or p.is_complex():
         return "fp32"
-    if precision == "8bit" and local.numel() < MIN_8BIT_NUMEL:
+    if precision == "8bit" and p.numel() < MIN_8BIT_NUMEL:
         return "fp32"
     return precision
 
@@ -149,7 +153,7 @@ def reference_step(call: Callable[[list[Tensor], list[Tensor], list[list[Tensor]
             total += params[stop].numel()
             stop += 1
         idx = range(start, stop)
-        sr = [low.param_sr and params[i].dtype == torch.bfloat16 for i in idx]
+        sr = [low.param_sr and params[i].dtype in _SR_DTYPES for i in idx]
         p_in = [params[i].float() if r else params[i] for i, r in zip(idx, sr)]
         g_in = [grads[i].float() if r else grads[i] for i, r in zip(idx, sr)]
         if low.fmt == "fp32":
@@ -166,7 +170,8 @@ def reference_step(call: Callable[[list[Tensor], list[Tensor], list[list[Tensor]
         for k, i in enumerate(idx):
             if sr[k]:
                 p = params[i]
-                p.copy_(_lb.stochastic_round_bf16(p_in[k].reshape(-1), _bits(low, i, 0, p)).reshape(p.shape))
+                rnd = _lb.stochastic_round_bf16 if p.dtype == torch.bfloat16 else _lb.stochastic_round_fp16
+                p.copy_(rnd(p_in[k].reshape(-1), _bits(low, i, 0, p)).reshape(p.shape))
         start = stop
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from . import distributed as _dist
+from . import lowstate as _low
 from ._composite import fused_kernel
 from ._foreach import mul_operand, take
 from .declaration import Declaration
@@ -525,11 +526,21 @@ class Muon(FusedOptimizer):
             fn = _adam_impls.get(self.impl_for(device), _foreach_muon_adam)
             # elementwise: DTensors (FSDP2) update through their local shards, also next to plain tensors
             gs, states = impl_views(grads, idx, dtype), impl_views(exp_avgs, idx, dtype)
+            sqs = impl_views(exp_avg_sqs, idx, dtype)
+            if self.stochastic_rounding and dtype in (torch.bfloat16, torch.float16):
+                # bf16/fp16 params round stochastically here too: the fp32 update on fp32 copies
+                # (fused_optim/lowstate.py), the key's tensor index the param's position in the optimizer
+                def run(ps, gs_, ss, fn=fn):
+                    fn(ps, gs_, ss[0], ss[1], **scalars)
+                _low.reference_step(run, impl_views(params, idx, dtype), gs, [states, sqs],
+                                    self._rounding_for(params, idx, "fp32", []),
+                                    [torch.float32] * len(idx))
+                continue
             if states[0].dtype != gs[0].dtype:
                 # fp32 state for bf16/fp16 params (`_state_dtype`): the Adam side's multi-tensor ops run
                 # in fp32 on upcast grads
                 gs = [g.to(states[0].dtype) for g in gs]
-            fn(impl_views(params, idx, dtype), gs, states, impl_views(exp_avg_sqs, idx, dtype), **scalars)
+            fn(impl_views(params, idx, dtype), gs, states, sqs, **scalars)
 
 
 def _refuse_unassemblable(group_index: int, group_params: list, params: list) -> None:

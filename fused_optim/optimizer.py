@@ -332,7 +332,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         precision = self.__dict__.get("state_precision", "fp32")
         if precision == "fp32" or key not in self._lowbit_keys():
             return "fp32"
-        return _low.storage_format(precision, impl_view(p))
+        return _low.storage_format(precision, p)  # the global tensor: every rank of a DTensor decides alike
 
     def _lowbit_keys(self) -> dict[str, bool]:
         return dict(self._lowbit_states)
@@ -843,7 +843,10 @@ class FusedOptimizer(torch.optim.Optimizer):
             # rank skipping alone would leave the shards of one tensor a step apart)
             found_inf = _dist.all_reduce_max_(found_inf.to(torch.float32, copy=True).reshape(()), grads)
         in_kernel = (bool(devices) and not self._reads_grads_before_dispatch()
-                     and all(self._amp_in_kernel(self._runs(d, sharded)) for d in devices))
+                     and all(self._amp_in_kernel(self._runs(d, sharded)) for d in devices)
+                     # fp16 params with stochastic rounding take the reference path (`_dispatch`)
+                     and not (self._lowbit_on and self.stochastic_rounding
+                              and any(g.dtype == torch.float16 for g in grads)))
         # counters advance on the device only when capturable (`_advance_counter`); a CPU skip is decided
         # on the host (no sync there), except in capturable mode, which keeps one code path everywhere
         device_skip = in_kernel and (self.capturable or (not self._group_counters
@@ -866,7 +869,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _amp_in_kernel(self, fn: Callable[..., None]) -> bool:
         """Whether `fn` applies AMP's unscale and skip itself: an AMP-aware impl, unless low-precision
         state runs it on decoded copies (`lowstate.reference_step`), whose grads are not ``.grad``."""
-        if self._lowbit_on and not getattr(fn, "supports_lowbit", False):
+        if self._lowbit_on and (not getattr(fn, "supports_lowbit", False) or torch.compiler.is_compiling()):
             return False
         return getattr(fn, "supports_amp", False)
 
@@ -940,7 +943,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 rounding = self._rounding_for(params, idx, fmts[n_split], states)
                 if rounding.fmt == "fp32" and not rounding.param_sr:
                     pass  # full-precision state, nothing to round: the ordinary call
-                elif getattr(fn, "supports_lowbit", False) and not torch.compiler.is_compiling():
+                elif (getattr(fn, "supports_lowbit", False) and not torch.compiler.is_compiling()
+                      and not (rounding.param_sr and dtype == torch.float16)):
                     with shard_ctx:
                         fn(sub_p, sub_g, *sub_s, **kwargs, **amp, lowbit=rounding)
                     continue
@@ -1041,7 +1045,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 continue
             fmt = self._state_format(p, key)
             absmax = saved.get(key + _low.ABSMAX)
-            if fmt == "8bit" and v.dtype == torch.uint8:
+            if fmt == "8bit" and v.dtype == torch.uint8:  # (torch's loader cast the codes to p's dtype)
+                st[key] = v.to(device=p.device, copy=True)
                 st[key + _low.ABSMAX] = absmax.to(device=impl_view(p).device, dtype=torch.float32, copy=True)
             elif fmt == "bf16" and v.dtype == torch.bfloat16:
                 st[key] = v.to(device=p.device, copy=True)
