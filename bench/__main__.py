@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="peers to time: labels or package names (pytorch_optimizer, lion_pytorch, timm, optimi), "
                         "'none', or 'all' (default: all installed)")
     p.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: fp32)")
+    p.add_argument("--precisions", default=None,
+                   help="state_precision values to time besides fp32 rows: fp32,bf16,8bit (default: all three; "
+                        "the low-precision rows run the impls named in --impls, else auto mode's impl)")
     p.add_argument("--sets", default=None,
                    help=f"parameter sets: {','.join(PARAM_SETS)} (default: the device's; see --list)")
     p.add_argument("--reps", type=int, default=None, help="timed samples per candidate (default 15; quick 6)")
@@ -233,6 +236,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown dtype {exc}; choose from fp32, bf16, fp16", file=sys.stderr)
         return 2
     impls = _csv_list(args.impls)
+    from .candidates import PRECISIONS
+    precisions = _csv_list(args.precisions) or list(PRECISIONS)
+    bad = [x for x in precisions if x not in PRECISIONS]
+    if bad:
+        print(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}", file=sys.stderr)
+        return 2
     peers = _csv_list(args.peers)
     if peers == ["all"]:
         peers = None
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
                 res = run_step_group(pset, dtype, device, optimizers, impls=impls, peers=peers,
                                      compile_step=compile_here, warmup=warmup, reps=reps, seed=args.seed,
                                      notes=notes, progress=progress, mode_out=mode,
-                                     max_replicas=max_replicas)
+                                     max_replicas=max_replicas, precisions=precisions)
                 modes[(pset.name, dtype)] = (mode.get("mode", ""), replicas_for(pset, dtype, device, max_replicas))
                 step_results += res
                 write(floor_before / 1e9, bw_before / 1e9, final=False)

@@ -19,7 +19,11 @@ import torch
 
 import fused_optim
 
-__all__ = ["OPTIMIZERS", "PEERS", "Candidate", "OptSpec", "candidates_for", "ours_impls", "state_elem_size"]
+__all__ = ["OPTIMIZERS", "PEERS", "PRECISIONS", "Candidate", "OptSpec", "candidates_for", "ours_impls",
+           "state_bytes_per_param", "state_elem_size"]
+
+#: `state_precision` values a row can time (fused_optim/lowstate.py); fp32 rows are the plain impl names
+PRECISIONS = ("fp32", "bf16", "8bit")
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,11 @@ class OptSpec:
 
     def bytes_per_param(self, param_bytes: int, state_bytes: int) -> int:
         return 2 * param_bytes + self.grad_reads * param_bytes + 2 * self.n_states * state_bytes
+
+    def bytes_per_param_measured(self, param_bytes: int, state_bytes_per_param: float) -> float:
+        """The floor's bytes with the state's bytes as measured (`state_bytes_per_param`): 8-bit state is
+        one code plus a block's share of its scale, read and written."""
+        return 2 * param_bytes + self.grad_reads * param_bytes + 2 * state_bytes_per_param
 
 
 #: the yardstick and the optimizers whose bench hyperparameters (or floor) are chosen by hand
@@ -132,6 +141,13 @@ PEERS: list[Peer] = [
          pip="lion-pytorch triton"),
     Peer("lion", "timm", "timm", _timm("Lion"), pip="timm"),
     Peer("lion", "optimi", "optimi", _optimi("Lion"), pip="torch-optimi"),
+    # low-precision state peers (CUDA kernels): 8-bit Lion and AdamW, bf16 AdamW with stochastic rounding
+    Peer("lion", "bnb-lion8bit", "bitsandbytes", lambda ps, kw: _attr("bitsandbytes.optim.Lion8bit")(ps, **kw),
+         devices=("cuda",), pip="bitsandbytes"),
+    Peer("adamw", "bnb-adamw8bit", "bitsandbytes", lambda ps, kw: _attr("bitsandbytes.optim.AdamW8bit")(ps, **kw),
+         devices=("cuda",), pip="bitsandbytes"),
+    Peer("adamw", "torchao-adamw8bit", "torchao.optim", lambda ps, kw: _attr("torchao.optim.AdamW8bit")(ps, **kw),
+         devices=("cuda",), pip="torchao"),
     Peer("gravity", "pytorch_optimizer", "pytorch_optimizer", _po("Gravity"), pip="pytorch_optimizer"),
     Peer("adan", "pytorch_optimizer", "pytorch_optimizer", _po("Adan"), pip="pytorch_optimizer"),
     Peer("adan", "timm", "timm", _timm("Adan"), pip="timm"),
@@ -174,11 +190,13 @@ def ours_impls(optimizer: str, device: torch.device, wanted: list[str] | None,
 
 
 def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | None, peers: list[str] | None,
-                   compile_step: bool) -> tuple[list[Candidate], list[str]]:
+                   compile_step: bool, precisions: list[str] | None = None) -> tuple[list[Candidate], list[str]]:
     """Candidates for one optimizer on `device`, and notes for what is skipped and why.
 
     `impls`: our impls to time (None: all that run here). `peers`: peer labels or module names to
-    time (None: all installed; []: none).
+    time (None: all installed; []: none). `precisions`: `state_precision` values besides fp32 to time
+    (rows "<impl>+<precision>") for optimizers that store state in them: the impls named in `impls`, else
+    the one auto mode picks on the device.
     """
     spec = OPTIMIZERS[optimizer]
     cands: list[Candidate] = []
@@ -190,6 +208,14 @@ def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | N
             cands.append(Candidate(optimizer, impl, "fused_optim",
                                    lambda ps, impl=impl: fused_optim.create_optimizer(ps, spec.ours, impl=impl,
                                                                                       **spec.kwargs)))
+        cls = fused_optim.registry._lookup(spec.ours)
+        low = [p for p in (precisions or ()) if p != "fp32"] if getattr(cls, "_lowbit_states", ()) else []
+        auto = fused_optim._backends.auto_impl(device.type)
+        for impl in (runnable if impls else [i for i in runnable if i == auto]) if low else []:
+            for prec in low:
+                cands.append(Candidate(optimizer, f"{impl}+{prec}", "fused_optim",
+                                       lambda ps, impl=impl, prec=prec: fused_optim.create_optimizer(
+                                           ps, spec.ours, impl=impl, state_precision=prec, **spec.kwargs)))
         if compile_step and "foreach" in runnable:
             cands.append(Candidate(optimizer, "compiled-foreach", "fused_optim",
                                    lambda ps: fused_optim.create_optimizer(ps, spec.ours, impl="foreach",
@@ -215,6 +241,14 @@ def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | N
             cands.append(Candidate(optimizer, "torch-compiled", "torch",
                                    lambda ps, f=peer.factory: f(ps, dict(spec.kwargs)), compiled=True))
     return cands, notes
+
+
+def state_bytes_per_param(opt: torch.optim.Optimizer, p: torch.Tensor) -> float:
+    """Bytes of per-element state the optimizer keeps for `p`, per element of `p`, measured from
+    ``opt.state[p]``: every tensor but 0-d counters (8-bit codes and their block scales included)."""
+    st = opt.state.get(p, {})
+    return sum(v.numel() * v.element_size() for v in st.values()
+               if isinstance(v, torch.Tensor) and v.dim() > 0) / max(p.numel(), 1)
 
 
 def state_elem_size(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:

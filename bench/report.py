@@ -28,7 +28,7 @@ META_COLUMNS = ["run_date", "device", "hardware", "driver", "torch", "cuda", "tr
 STEP_COLUMNS = META_COLUMNS + [
     "param_set", "n_tensors", "numel", "dtype", "optimizer", "impl", "source",
     "median_ms", "p20_ms", "p80_ms", "min_ms", "samples", "mode", "replicas",
-    "bytes_per_param", "floor_ms", "achieved_gbps", "pct_of_floor", "pct_of_copy", "floor_check",
+    "bytes_per_param", "state_bytes_per_param", "floor_ms", "achieved_gbps", "pct_of_floor", "pct_of_copy", "floor_check",
     "vs_adamw_fused", "compile_s",
 ]
 #: kernel CSV (`<date>-<device>-kernels.csv`)
@@ -81,7 +81,9 @@ def step_rows(results, meta: dict[str, str], copy_gbps: float, modes: dict, floo
                      "median_ms": round(med * 1e3, 4), "p20_ms": round(r.stats.p20_s * 1e3, 4),
                      "p80_ms": round(r.stats.p80_s * 1e3, 4), "min_ms": round(r.stats.min_s * 1e3, 4),
                      "samples": r.stats.n, "mode": mode, "replicas": n_rep,
-                     "bytes_per_param": r.bytes_per_param, "floor_ms": round(floor_s * 1e3, 4),
+                     "bytes_per_param": r.bytes_per_param,
+                     "state_bytes_per_param": getattr(r, "state_bytes_per_param", ""),
+                     "floor_ms": round(floor_s * 1e3, 4),
                      "achieved_gbps": float(f"{gbps:.4g}"), "pct_of_floor": pct,
                      "pct_of_copy": round(100 * gbps / copy_gbps, 2), "floor_check": _floor_check(pct),
                      "vs_adamw_fused": round(med / adamw, 3) if adamw else "",

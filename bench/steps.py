@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .candidates import OPTIMIZERS, Candidate, candidates_for, state_elem_size
+from .candidates import OPTIMIZERS, Candidate, candidates_for, state_bytes_per_param, state_elem_size
 from .env import available_memory_bytes, cache_bytes
 from .params import ParamSet, make_params
 from .timing import FLOOR_KEY, Stats, floor_stream, rotating, stats_of, time_interleaved, time_one
@@ -30,10 +30,11 @@ class StepResult:
     dtype: torch.dtype
     cand: Candidate
     stats: Stats
-    bytes_per_param: int
+    bytes_per_param: float
     compile_s: float | None
     replicas: int = 1
     floor_gbps: float | None = None  # the floor timed in the same rounds (interleaved groups); else the run's
+    state_bytes_per_param: float = 0.0  # measured from the optimizer's state (`state_bytes_per_param`)
 
 
 def replicas_for(pset: ParamSet, dtype: torch.dtype, device: torch.device, max_replicas: int = 8) -> int:
@@ -50,11 +51,12 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
                    impls: list[str] | None, peers: list[str] | None, compile_step: bool, warmup: int, reps: int,
                    seed: int, notes: list[str], progress: Callable[[float], None] | None = None,
                    interleave: bool | None = None, mode_out: dict | None = None,
-                   max_replicas: int = 8) -> list[StepResult]:
+                   max_replicas: int = 8, precisions: list[str] | None = None) -> list[StepResult]:
     """Time every candidate of `optimizers` on `pset` in `dtype`; skipped or failing ones go to `notes`."""
     cands: list[Candidate] = []
     for name in optimizers:
-        c, n = candidates_for(name, device, impls=impls, peers=peers, compile_step=compile_step)
+        c, n = candidates_for(name, device, impls=impls, peers=peers, compile_step=compile_step,
+                              precisions=precisions)
         cands += c
         for line in n:
             if line not in notes:
@@ -103,11 +105,16 @@ def run_step_group(pset: ParamSet, dtype: torch.dtype, device: torch.device, opt
         st = stats_of(samples)
         p = _probe_param(replicas[0])
         spec = OPTIMIZERS[c.optimizer]
-        bpp = spec.bytes_per_param(p.element_size(), state_elem_size(opt, p))
+        state_b = state_bytes_per_param(opt, p)
+        if c.source == "fused_optim":  # the state as stored (bf16, 8-bit codes + scales), measured
+            bpp = round(spec.bytes_per_param_measured(p.element_size(), state_b), 3)
+        else:  # a peer may keep extra state the floor does not count (counters, master weights)
+            bpp = spec.bytes_per_param(p.element_size(), state_elem_size(opt, p))
         compile_s = None
         if c.compiled:  # what the first steps cost beyond steady state: tracing and code generation
             compile_s = max(0.0, probe_s + warm_s - (1 + warmup) * st.median_s)
-        return StepResult(pset, dtype, c, st, bpp, compile_s, 1 if c.compiled else n_rep)
+        return StepResult(pset, dtype, c, st, bpp, compile_s, 1 if c.compiled else n_rep,
+                          state_bytes_per_param=round(state_b, 3))
 
     failed: dict[str, Exception] = {}
 

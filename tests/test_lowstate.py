@@ -363,3 +363,32 @@ def test_small_and_complex_params_keep_fp32_state():
     opt.step()
     assert opt.state[ps[0]]["exp_avg"].dtype == torch.float32
     assert opt.state[ps[1]]["exp_avg"].dtype == torch.complex64
+
+
+def test_readme_memory_table_is_measured():
+    """The README's table of state bytes per parameter element is what ``optimizer.state`` holds."""
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = re.findall(r"^\| (Lion|Adan|Gravity|NeuroOptima|Muon[^|]*|GradientEquilibrium) \| ([^|]+) \| ([^|]+) \| ([^|]+) \|$",
+                      text, re.M)
+    assert len(rows) == 6
+    factories = {"Lion": "lion", "Adan": "adan", "Gravity": "gravity", "NeuroOptima": "neuro_optima"}
+    for name, *cells in rows:
+        for prec, cell in zip(("fp32", "bf16", "8bit"), cells):
+            cell = cell.strip()
+            ps = _params(shapes=[(64, 80)])
+            if name == "GradientEquilibrium":
+                if prec != "fp32":
+                    assert cell == "—"
+                    continue
+                opt = fo.GradientEquilibrium(ps)
+            elif name.startswith("Muon"):
+                opt = fo.Muon(ps, state_precision=prec)
+            else:
+                opt = _make(factories[name], ps, state_precision=prec)
+            _run(opt, ps, 1)
+            measured = sum(v.numel() * v.element_size() for v in opt.state.get(ps[0], {}).values()
+                           if isinstance(v, torch.Tensor) and v.dim() > 0) / ps[0].numel()
+            assert measured == pytest.approx(float(cell), abs=0.005), (name, prec)
