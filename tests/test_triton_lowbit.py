@@ -1,4 +1,4 @@
-"""The Triton Lion and Adan kernels with bf16 / 8-bit state and stochastically rounded bf16 params
+"""The Triton Lion, Adan and Gravity kernels with bf16 / 8-bit state and stochastically rounded bf16 params
 (docs/lowbit.md §5), interpreted on the CPU.
 
 The oracle is `fused_optim.lowstate.reference_step` over the *same* Triton fp32 kernel (the impl with
@@ -31,11 +31,15 @@ STRIDED = 1
 OPTIMIZERS = {
     "lion": lambda ps, **kw: fo.Lion(ps, lr=1e-2, **kw),
     "adan": lambda ps, **kw: fo.Adan(ps, lr=1e-2, **kw),
+    "gravity": lambda ps, **kw: fo.Gravity(ps, lr=1e-2, **kw),
 }
+#: the first state tensor of each (its storage dtype shows the format)
+FIRST_STATE = {"lion": "exp_avg", "adan": "exp_avg", "gravity": "v"}
 # the hyperparameters of the second variant of each test: decay, maximize (and Adan's prox form)
 VARIANTS = {
     "lion": [{}, {"weight_decay": 0.1, "maximize": True}],
     "adan": [{}, {"weight_decay": 0.05, "maximize": True, "no_prox": True}],
+    "gravity": [{}, {"maximize": True}],
 }
 
 
@@ -129,9 +133,9 @@ def test_fused_pass_equals_reference_step(name, precision, sr, dtype):
     hyper = VARIANTS[name][sr]
     a, pa = run(name, precision, sr, dtype, hyper, fused=True)
     b, pb = run(name, precision, sr, dtype, hyper, fused=False)
-    fmt = a.state[pa[0]]["exp_avg"].dtype
-    assert fmt == (torch.bfloat16 if precision == "bf16" else torch.uint8)
-    assert a.state[pa[2]]["exp_avg"].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
+    key = FIRST_STATE[name]
+    assert a.state[pa[0]][key].dtype == (torch.bfloat16 if precision == "bf16" else torch.uint8)
+    assert a.state[pa[2]][key].dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
     assert_same(a, pa, b, pb, f"{name} {precision} sr={sr} {dtype} {hyper}")
 
 
