@@ -9,6 +9,7 @@ comparison with impl="forloop" would also see the fp32 rule's own ulp difference
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 
@@ -100,25 +101,16 @@ def assert_same(opt_a, params_a, opt_b, params_b, what: str) -> None:
                 assert v == sb[key], (what, i, key)
 
 
-def run(name: str, precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3,
-        **kw):
+def run(name: str, precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
     params = make_params(dtype)
     torch.manual_seed(0)  # the optimizer's seed is drawn from torch's generator
-    opt = OPTIMIZERS[name](params, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper, **kw)
-    ctx = fused_off(opt) if not fused else _nothing()
+    opt = OPTIMIZERS[name](params, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper)
+    ctx = fused_off(opt) if not fused else contextlib.nullcontext()
     for step in range(steps):
         set_grads(params, step)
         with ctx:
             opt.step()
     return opt, params
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -160,7 +152,7 @@ def test_capturable_grad_scaler(name, precision):
         opt = OPTIMIZERS[name](params, impl="triton", state_precision=precision, stochastic_rounding=True,
                                capturable=True)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=2)
-        ctx = fused_off(opt) if not fused else _nothing()
+        ctx = fused_off(opt) if not fused else contextlib.nullcontext()
         snapshots = []
         for step in range(4):
             gen = torch.Generator().manual_seed(7 + step)

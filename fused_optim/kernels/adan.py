@@ -286,12 +286,13 @@ def _launch_args(launch: mt.Launch, lr, beta1, beta2, beta3, bias_correction1, b
     scalar = launch.scalar
     lr_s, bc1, bc2, clip_s = scalar(lr), scalar(bias_correction1), scalar(bias_correction2), scalar(clip)
     lr_v = lr_s.value  # host doubles below; the kernel recomputes them from any tensor it reads
-    return dict(lr=lr_s, bias_correction1=bc1, bias_correction2=bc2,
-                bias_correction3_sqrt=bias_correction3_sqrt, eps=float(eps),
-                neg_step_size=-lr_v / bc1.value, neg_step_size_diff=-lr_v * beta2 / bc2.value,
-                decay=1 - lr_v * weight_decay if no_prox else 1 + lr_v * weight_decay,
-                weight_decay=float(weight_decay), clip=clip_s, CLIP=clip_s.tensor is not None or clip_s.value != 1.0,
-                first_step=0.0 if first_step is None else first_step, FIRST_STEP=first_step is not None,
-                beta1=float(beta1), one_minus_beta1=1 - beta1, beta2=float(beta2), one_minus_beta2=1 - beta2,
-                beta3=float(beta3), one_minus_beta3=1 - beta3, MAXIMIZE=bool(maximize), NO_PROX=bool(no_prox),
-                DECAY=weight_decay != 0)
+    return {"lr": lr_s, "bias_correction1": bc1, "bias_correction2": bc2,
+            "bias_correction3_sqrt": bias_correction3_sqrt, "eps": float(eps),
+            "neg_step_size": -lr_v / bc1.value, "neg_step_size_diff": -lr_v * beta2 / bc2.value,
+            "decay": 1 - lr_v * weight_decay if no_prox else 1 + lr_v * weight_decay,
+            "weight_decay": float(weight_decay), "clip": clip_s,
+            "CLIP": clip_s.tensor is not None or clip_s.value != 1.0,
+            "first_step": 0.0 if first_step is None else first_step, "FIRST_STEP": first_step is not None,
+            "beta1": float(beta1), "one_minus_beta1": 1 - beta1, "beta2": float(beta2), "one_minus_beta2": 1 - beta2,
+            "beta3": float(beta3), "one_minus_beta3": 1 - beta3, "MAXIMIZE": bool(maximize),
+            "NO_PROX": bool(no_prox), "DECAY": weight_decay != 0}

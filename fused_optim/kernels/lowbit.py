@@ -1,6 +1,7 @@
 """Low-precision state in Triton: Philox, stochastic rounding to bf16 and 8-bit blockwise quantization as
 device functions a fused update kernel calls on values it already holds, plus small standalone kernels
-(used by the tests and for converting a whole tensor). Bit-identical to the torch reference
+(used by the tests and for converting a whole tensor), and what the optimizers' lowbit kernels share:
+tile coordinates, state loads and stores per storage format, and their launches (`lowbit_launches`). Bit-identical to the torch reference
 `fused_optim.lowbit` and to csrc/math/lowbit.h (docs/lowbit.md §1-§4).
 
 The Philox rounds are written out with uint32 ops rather than calling ``tl.philox``/``tl.randint``:
@@ -23,8 +24,17 @@ import triton.language as tl
 
 from .. import lowbit as _ref
 from . import multi_tensor as mt
-from .multi_tensor import (_load, _load_f32, _max_combine, _ptr, _store, _store_f32, _sum_combine, device_fn,
-                           kernel_for)
+from .multi_tensor import (
+    _load,
+    _load_f32,
+    _max_combine,
+    _ptr,
+    _store,
+    _store_f32,
+    _sum_combine,
+    device_fn,
+    kernel_for,
+)
 
 
 # ------------------------------------------------------------------------------------------ Philox
@@ -361,8 +371,8 @@ def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, fou
     step = low.step
     on_device = isinstance(step, torch.Tensor)
     tables = [device_tables(signed, device) for signed in low.signed]
-    base = dict(seed=int(low.seed), rng_step=0 if on_device else int(step), FMT=fmt, QB=_ref.QUANT_BLOCK,
-                PARAM_SR=bool(low.param_sr) and p_kind == mt.KIND_BF16, RNG_STEP_ON_DEVICE=on_device)
+    base = {"seed": int(low.seed), "rng_step": 0 if on_device else int(step), "FMT": fmt, "QB": _ref.QUANT_BLOCK,
+            "PARAM_SR": bool(low.param_sr) and p_kind == mt.KIND_BF16, "RNG_STEP_ON_DEVICE": on_device}
     for idx in (plain, strided):
         if not idx:
             continue
