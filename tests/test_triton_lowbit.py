@@ -281,3 +281,50 @@ def test_update_blocks_hold_whole_quantization_blocks():
     assert lion.BLOCK % QUANT_BLOCK == 0 and adan.BLOCK % QUANT_BLOCK == 0
     with pytest.raises(ValueError, match="not a multiple of the quantization block"):
         list(klb.lowbit_launches([torch.zeros(8)], [torch.zeros(8)], [[torch.zeros(8)]], _rounding("bf16"), 1000))
+
+
+def _compile_for_sm90(kernel, types: dict, consts: dict) -> str:
+    """PTX of the compiled (not interpreted) kernel for an H100, built without a GPU (as tests/test_triton.py)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    k = multi_tensor.kernel_for(kernel, torch.device("cuda"))
+    sig = {n: ("constexpr" if n in consts else types.get(n, "fp32")) for n in k.arg_names}
+    consts = {(k.arg_names.index(n),): v for n, v in consts.items()}
+    return triton.compile(ASTSource(k, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4}).asm["ptx"]
+
+
+@pytest.mark.parametrize("fmt", [klb.FMT_BF16, klb.FMT_8BIT], ids=["bf16", "8bit"])
+def test_lowbit_kernels_compile_for_cuda_without_a_gpu(fmt):
+    """The compiled path lowers to PTX for sm_90 (no GPU ran it: the interpreter tests above are the
+    bit-exactness check), with a device step, AMP and a rounded bf16 param."""
+    from triton.backends import backends
+
+    from fused_optim.kernels import adan, gravity, lion
+
+    if "nvidia" not in backends:
+        pytest.skip("this triton install has no CUDA backend")
+    types = {n: "*i64" for n in ("meta_ptr", "grad_ptrs_ptr", "aux_ptr")}
+    types.update({"chunks_ptr": "*i32", "seed": "i64", "rng_step": "i32"})
+    for n in ("partials_ptr", "grad_scale_ptr", "found_inf_ptr", "rng_step_buf", "lr_ptr", "beta_hat_ptr",
+              "clip_ptr", "bias_correction1_ptr", "bias_correction2_ptr", "bias_correction3_sqrt_ptr",
+              "first_step_ptr", *(f"{x}{j}_ptr" for x in ("mag", "thr") for j in range(4))):
+        types[n] = "*fp32"
+    common = dict(FMT=fmt, PARAM_SR=True, RNG_STEP_ON_DEVICE=True, P_KIND=2, S_KIND=0, ALIGNED=True, QB=256,
+                  HAS_GRAD_SCALE=True, HAS_FOUND_INF=True, MAXIMIZE=True, LR_TENSOR=True)
+    cases = [
+        (lion._lion_lowbit_kernel, dict(DECAY=True, SIGNED0=True, ROW=6, BLOCK=lion.BLOCK)),
+        (gravity._gravity_lowbit_kernel, dict(SIGNED0=True, ROW=6, BLOCK=gravity.BLOCK, MAX_PARTS=256,
+                                              BETA_HAT_TENSOR=True)),
+        (adan._adan_lowbit_kernel, dict(NO_PROX=False, DECAY=True, CLIP=True, CLIP_TENSOR=True, ROW=9,
+                                        BLOCK=adan.BLOCK, BIAS_CORRECTION1_TENSOR=True, BIAS_CORRECTION2_TENSOR=True,
+                                        BIAS_CORRECTION3_SQRT_TENSOR=True, FIRST_STEP=True, FIRST_STEP_TENSOR=True,
+                                        SIGNED0=True, SIGNED1=False, SIGNED2=True, SIGNED3=True)),
+    ]
+    # a host step of 1 reaches a compiled kernel as a constexpr (triton specializes the int 1)
+    cases.append((lion._lion_lowbit_kernel, dict(cases[0][1], RNG_STEP_ON_DEVICE=False, rng_step=1)))
+    for kernel, consts in cases:
+        ptx = _compile_for_sm90(kernel, types, {**common, **consts})
+        assert "mul.hi.u32" in ptx, kernel.fn.__name__  # the Philox rounds (stochastic rounding of the param)
