@@ -104,7 +104,7 @@ ADAN = Declaration(
     flags=("no_prox", "maximize"),
     impls=(Impl("forloop", _forloop_adan),
            Impl("foreach", _foreach_adan),
-           Impl("triton", "fused_optim.kernels.adan:_triton_adan", **FUSED),
+           Impl("triton", "fused_optim.kernels.adan:_triton_adan", **FUSED, lowbit=True),
            Impl("native", _native_adan, **FUSED)),
 )
 

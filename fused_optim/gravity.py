@@ -68,7 +68,7 @@ GRAVITY = Declaration(
     per_tensor_reduction=True,  # max|g| per tensor
     impls=(Impl("forloop", _forloop_gravity),
            Impl("foreach", _foreach_gravity, shard_aware=True),  # finishes max|g| with reduce_per_tensor
-           Impl("triton", "fused_optim.kernels.gravity:_triton_gravity", **FUSED),
+           Impl("triton", "fused_optim.kernels.gravity:_triton_gravity", **FUSED, lowbit=True),
            Impl("native", _native_gravity, **FUSED, shard_aware=True)),
 )
 

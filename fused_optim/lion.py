@@ -52,7 +52,7 @@ LION = Declaration(
     floats=("lr", "beta1", "beta2", "weight_decay"),
     impls=(Impl("forloop", _forloop_lion),
            Impl("foreach", _foreach_lion),
-           Impl("triton", "fused_optim.kernels.lion:_triton_lion", **FUSED),  # lazy: triton on the first step
+           Impl("triton", "fused_optim.kernels.lion:_triton_lion", **FUSED, lowbit=True),  # lazy: triton on the first step
            Impl("native", _native_lion, **FUSED)),
 )
 

@@ -1,6 +1,7 @@
 """Low-precision state in Triton: Philox, stochastic rounding to bf16 and 8-bit blockwise quantization as
 device functions a fused update kernel calls on values it already holds, plus small standalone kernels
-(used by the tests and for converting a whole tensor). Bit-identical to the torch reference
+(used by the tests and for converting a whole tensor), and what the optimizers' lowbit kernels share:
+tile coordinates, state loads and stores per storage format, and their launches (`lowbit_launches`). Bit-identical to the torch reference
 `fused_optim.lowbit` and to csrc/math/lowbit.h (docs/lowbit.md §1-§4).
 
 The Philox rounds are written out with uint32 ops rather than calling ``tl.philox``/``tl.randint``:
@@ -15,12 +16,25 @@ dequantize, do its fp32 math and requantize in the same pass.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import lowbit as _ref
-from .multi_tensor import _max_combine, _sum_combine, device_fn, kernel_for
+from . import multi_tensor as mt
+from .multi_tensor import (
+    _load,
+    _load_f32,
+    _max_combine,
+    _ptr,
+    _store,
+    _store_f32,
+    _sum_combine,
+    device_fn,
+    kernel_for,
+)
 
 
 # ------------------------------------------------------------------------------------------ Philox
@@ -216,3 +230,201 @@ def dequantize_blockwise(codes: torch.Tensor, scales: torch.Tensor, signed: bool
         kernel_for(_dequantize_kernel, codes.device)[(triton.cdiv(_ref.num_blocks(n), _ROWS),)](
             codes, scales.contiguous(), mags, out, n, SIGNED=bool(signed), ROWS=_ROWS, QB=_ref.QUANT_BLOCK)
     return out
+
+
+# ------------------------------------------------------------------------------ fused update passes
+# A lowbit-aware update kernel (Lion, Adan: `fused_optim.lowstate.Rounding`) loads its chunk as a
+# ``[BLOCK // QUANT_BLOCK, QUANT_BLOCK]`` tile: the update chunks start at multiples of BLOCK (a
+# multiple of QUANT_BLOCK) inside each tensor, so every row is one whole quantization block (the last
+# one masked). Per state list the kernel dequantizes (8-bit: codes and the row's scale) or widens (bf16),
+# runs the fp32 rule, and writes back: 8-bit codes with the new values' block absmax, bf16 rounded
+# stochastically with stream ``1 + j``, the param (bf16 with stochastic rounding) with stream 0.
+
+#: ``FMT`` constexpr of the state storage: the state dtype (S_KIND), bf16 bits, 8-bit codes
+FMT_FP32, FMT_BF16, FMT_8BIT = 0, 1, 2
+_FMTS = {"fp32": FMT_FP32, "bf16": FMT_BF16, "8bit": FMT_8BIT}
+
+
+@device_fn
+def tile_coords(meta_ptr, chunks_ptr, ROW: tl.constexpr, BLOCK: tl.constexpr, QB: tl.constexpr):
+    """`multi_tensor._chunk_coords` as a tile of whole quantization blocks: (tensor index, row pointer,
+    int64 offsets ``[BLOCK // QB, QB]`` (row-major flat indices in the tensor), their mask, the block
+    indices ``[BLOCK // QB]``, which blocks exist, whether the chunk is full)."""
+    ROWS: tl.constexpr = BLOCK // QB
+    pid = tl.program_id(0)
+    t = tl.load(chunks_ptr + 2 * pid).to(tl.int64)
+    c = tl.load(chunks_ptr + 2 * pid + 1).to(tl.int64)
+    row = meta_ptr + t * ROW
+    numel = tl.load(row)
+    blk = c * ROWS + tl.arange(0, ROWS)
+    offs = blk[:, None] * QB + tl.arange(0, QB)[None, :]
+    return t, row, offs, offs < numel, blk, blk * QB < numel, c * BLOCK + BLOCK <= numel
+
+
+@device_fn
+def rng_step(step, step_buf, ON_DEVICE: tl.constexpr):
+    """The generator's step: the int argument, or (capturable) the device counter, as uint32 (its low
+    32 bits, as `fused_optim.lowbit.random_bits` takes a tensor step)."""
+    if ON_DEVICE:
+        s = (tl.load(step_buf).to(tl.int64) & 0xFFFFFFFF).to(tl.uint32)
+    else:
+        s = tl.cast(tl.cast(step, tl.int64), tl.uint32)  # tl.cast: an int argument of 1 is a constexpr
+    return s
+
+
+@device_fn
+def load_state(row, LIST: tl.constexpr, offs, mask, blk, blk_mask, scale_addr, mag_ptr, FMT: tl.constexpr,
+               S_KIND: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """(address, fp32 tile) of static list LIST in its storage `FMT`; masked-off lanes read 0."""
+    addr = tl.load(row + 4 + LIST)
+    if FMT == 2:
+        codes = _load(_ptr(addr, tl.uint8, ALIGNED) + offs, mask, MASKED)
+        scale = tl.load(scale_addr.to(tl.pointer_type(tl.float32)) + blk, mask=blk_mask, other=0.0)
+        x = tl.where(mask, dequantize_tile(codes, scale, mag_ptr, SIGNED), 0.0)  # 0 * inf in a masked lane
+    elif FMT == 1:
+        x = _load_f32(addr, offs, mask, 2, ALIGNED, MASKED)
+    else:
+        x = _load_f32(addr, offs, mask, S_KIND, ALIGNED, MASKED)
+    return addr, x
+
+
+@device_fn
+def store_state(addr, offs, x, mask, blk, blk_mask, scale_addr, thr_ptr, r, FMT: tl.constexpr,
+                S_KIND: tl.constexpr, SIGNED: tl.constexpr, ALIGNED: tl.constexpr, MASKED: tl.constexpr):
+    """Write the fp32 tile `x` in its storage `FMT`: 8-bit codes to nearest with each row's new absmax
+    (masked-off lanes count as 0, as the reference pads a short last block), bf16 rounded
+    stochastically with the words `r`, else the state dtype rounded to nearest."""
+    if FMT == 2:
+        x = tl.where(mask, x, 0.0)
+        scale = block_absmax(x)
+        tl.store(scale_addr.to(tl.pointer_type(tl.float32)) + blk, scale, mask=blk_mask)
+        _store(_ptr(addr, tl.uint8, ALIGNED) + offs, quantize_tile(x, scale, thr_ptr, SIGNED), mask, MASKED)
+    elif FMT == 1:
+        _store(_ptr(addr, tl.uint16, ALIGNED) + offs, sr_bf16_bits(x, r), mask, MASKED)
+    else:
+        _store_f32(addr, offs, x, mask, S_KIND, ALIGNED, MASKED)
+
+
+@device_fn
+def store_param(addr, offs, p, mask, r, P_KIND: tl.constexpr, PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr,
+                MASKED: tl.constexpr):
+    """Write the param: bf16 rounded stochastically with the words `r` when PARAM_SR, else to nearest."""
+    if PARAM_SR:
+        _store(_ptr(addr, tl.uint16, ALIGNED) + offs, sr_bf16_bits(p, r), mask, MASKED)
+    else:
+        _store_f32(addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
+
+
+_DEVICE_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def device_tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`fused_optim.lowbit.quant_tables` on `device`, uploaded once (no copy per step, none under capture)."""
+    key = (bool(signed), device)
+    out = _DEVICE_TABLES.get(key)
+    if out is None:
+        out = _DEVICE_TABLES[key] = _ref.quant_tables(signed, device)
+    return out
+
+
+def uses_lowbit_kernel(params, low) -> bool:
+    """Whether a call with ``lowbit=low`` needs the lowbit kernel: state stored below fp32, or bf16 params
+    rounded stochastically. Otherwise the ordinary fp32 kernel runs, unchanged."""
+    if low is None:
+        return False
+    return low.fmt != "fp32" or (low.param_sr and bool(params) and params[0].dtype == torch.bfloat16)
+
+
+class LowbitLaunch(NamedTuple):
+    """A `multi_tensor.Launch` of a lowbit kernel and its extra arguments (`lowbit_launches`)."""
+
+    launch: mt.Launch
+    args: dict
+
+
+def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, found_inf=None):
+    """The launches of a lowbit-aware update (`uses_lowbit_kernel`) over one (device, dtype) group: as
+    `multi_tensor.update_launches` (zero-size tensors dropped; a strided param or bf16 state goes to a
+    second launch over contiguous, row-major stand-ins copied back after it, which is the order of the
+    codes and of the generator's element index), with the arguments every lowbit kernel takes:
+    ``aux_ptr`` (per tensor: its generator tensor index, then each state list's absmax address), the
+    8-bit tables of each state list, ``seed``, the step (``rng_step``/``rng_step_buf``/
+    ``RNG_STEP_ON_DEVICE``), ``FMT``, ``PARAM_SR`` and ``QB``. Bad state (the wrong dtype or scale
+    count for ``low.fmt``) raises before anything is launched."""
+    if block % _ref.QUANT_BLOCK:
+        raise ValueError(f"lowbit update: BLOCK {block} is not a multiple of the quantization block "
+                         f"{_ref.QUANT_BLOCK}")
+    numels = [p.numel() for p in params]
+    mt.check_lists(params, grads, states, numels)
+    keep = [i for i, n in enumerate(numels) if n > 0]
+    if not keep:
+        return
+    fmt = _FMTS[low.fmt]
+    _check_state(states, low, keep)
+    p_kind = mt.dtype_kind(params[0].dtype)
+    s_kind = mt.dtype_kind(states[0][keep[0]].dtype) if fmt == FMT_FP32 and states else mt.KIND_FP32
+    device = params[keep[0]].device
+    lists = [list(params), *(list(s) for s in states)]
+    strided = [i for i in keep if not all(lst[i].is_contiguous() for lst in lists)]
+    strided_set = set(strided)
+    plain = [i for i in keep if i not in strided_set]
+    step = low.step
+    on_device = isinstance(step, torch.Tensor)
+    tables = [device_tables(signed, device) for signed in low.signed]
+    base = {"seed": int(low.seed), "rng_step": 0 if on_device else int(step), "FMT": fmt, "QB": _ref.QUANT_BLOCK,
+            "PARAM_SR": bool(low.param_sr) and p_kind == mt.KIND_BF16, "RNG_STEP_ON_DEVICE": on_device}
+    for idx in (plain, strided):
+        if not idx:
+            continue
+        writeback = []
+        static = []
+        for lst in lists:
+            col = []
+            for i in idx:
+                t = lst[i]
+                if not t.is_contiguous():
+                    c = t.contiguous()
+                    writeback.append((t, c))
+                    t = c
+                col.append(t)
+            static.append(col)
+        gs, gwb = mt._contiguous_grads([grads[i] for i in idx], grad_scale is not None)
+        scales, scale_writeback = [], []
+        aux = []
+        for i in idx:
+            aux.append(low.tensor_index[i])
+            for j in range(len(states)):
+                if fmt == FMT_8BIT:
+                    a = low.absmax[j][i]
+                    if not a.is_contiguous():
+                        c = a.contiguous()
+                        scale_writeback.append((a, c))
+                        a = c
+                    scales.append(a)
+                    aux.append(a.data_ptr())
+                else:
+                    aux.append(0)
+        prep = mt.Prepared(static, gs, p_kind, s_kind, [*writeback, *scale_writeback], gwb)
+        launch = mt.Launch(prep, mt.get_table(prep, block, "lowbit"), grad_scale, found_inf)
+        args = dict(base, aux_ptr=mt.device_constants(aux, torch.int64, device),
+                    rng_step_buf=step.to(device) if on_device else launch.unused)
+        for j, (mags, thr) in enumerate(tables):
+            args[f"mag{j}_ptr"], args[f"thr{j}_ptr"] = mags, thr
+        yield LowbitLaunch(launch, args)
+        prep.finish()
+
+
+def _check_state(states, low, keep) -> None:
+    want = {"bf16": torch.bfloat16, "8bit": torch.uint8}.get(low.fmt)
+    for j, lst in enumerate(states):
+        for i in keep:
+            t = lst[i]
+            if want is not None and t.dtype != want:
+                raise TypeError(f"lowbit update: state list {j} entry {i} is {t.dtype}, but the call's format "
+                                f"{low.fmt!r} stores {want}")
+            if low.fmt == "8bit":
+                a = low.absmax[j][i]
+                if a.dtype != torch.float32 or a.numel() != _ref.num_blocks(t.numel()):
+                    raise ValueError(f"lowbit update: state list {j} entry {i} has {t.numel()} codes, which need "
+                                     f"{_ref.num_blocks(t.numel())} fp32 block scales; got {a.numel()} "
+                                     f"{a.dtype}")
