@@ -187,14 +187,7 @@ def test_capturable_grad_scaler(name, precision):
                     assert torch.equal(v, sd_b["state"][i][key]), f"step {step}: state {key!r} of param {i}"
 
 
-# torch's loader casts every state tensor of a floating param to the param's dtype, uint8 codes included, and
-# `FusedOptimizer._convert_loaded` restores only their scales: the loaded codes are floats (strict: remove
-# the mark once the loader copies the saved codes back)
-LOADER_CASTS_CODES = pytest.mark.xfail(strict=True, raises=RuntimeError,
-                                       reason="load_state_dict leaves 8-bit codes cast to the param dtype")
-
-
-@pytest.mark.parametrize("precision", ["bf16", pytest.param("8bit", marks=LOADER_CASTS_CODES)])
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_state_dict_round_trip_resumes_bit_exactly(name, precision):
     """Two steps, a checkpoint (through torch.save), then two more steps in a fresh optimizer equal four
