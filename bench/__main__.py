@@ -63,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "'none', or 'all' (default: all installed)")
     p.add_argument("--dtypes", default=None, help="comma-separated: fp32,bf16,fp16 (default: fp32)")
     p.add_argument("--precisions", default=None,
-                   help="state_precision values to time besides fp32 rows: fp32,bf16,8bit (default: all three; "
-                        "the low-precision rows run the impls named in --impls, else auto mode's impl)")
+                   help="state_precision values to time besides the fp32 rows: bf16,8bit (default: both, where the "
+                        "impl runs a fused low-precision pass); the rows run the impls named in --impls, else "
+                        "auto mode's impl")
     p.add_argument("--sets", default=None,
                    help=f"parameter sets: {','.join(PARAM_SETS)} (default: the device's; see --list)")
     p.add_argument("--reps", type=int, default=None, help="timed samples per candidate (default 15; quick 6)")
@@ -237,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     impls = _csv_list(args.impls)
     from .candidates import PRECISIONS
-    precisions = _csv_list(args.precisions) or list(PRECISIONS)
-    bad = [x for x in precisions if x not in PRECISIONS]
+    precisions = _csv_list(args.precisions)
+    bad = [x for x in precisions or () if x not in PRECISIONS]
     if bad:
         print(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}", file=sys.stderr)
         return 2

@@ -342,6 +342,23 @@ OPTIMIZERS: dict[str, OptSpec] = {s.name: s for s in [
 ]}
 
 
+def _low_precision_variant(base: OptSpec, precision: str) -> OptSpec:
+    """`base` with its state stored in `precision` (fused_optim/lowstate.py; docs/lowbit.md): the same lr
+    grid, so the protocol's lr choice is redone for it, and everything else unchanged. Tensors under 4096
+    elements keep fp32 state in 8 bits (the tasks' larger weight matrices are above it)."""
+    cls = base.requires[0]
+    kwargs = {"Lion": {}, "Adan": {}, "Gravity": {}}[cls]
+    return OptSpec(f"{base.name}[{precision}]",
+                   lambda m, lr: _fo(cls)(m.parameters(), lr=lr, state_precision=precision, **kwargs),
+                   base.grid, base.quick_grid, "fused_optim", base.requires,
+                   settings=f"{base.settings}, state_precision={precision!r}")
+
+
+#: the low-precision state variants (python -m bench.convergence --optimizers 'Lion,Lion[8bit],...')
+OPTIMIZERS.update((v.name, v) for v in (_low_precision_variant(OPTIMIZERS[b], prec)
+                                        for b in ("Lion", "Adan", "Gravity") for prec in ("bf16", "8bit")))
+
+
 def available_optimizers(names: Sequence[str] | None = None) -> tuple[list[OptSpec], dict[str, str]]:
     """The specs that can run now, and {name: why not} for the rest (composites land over time)."""
     import fused_optim

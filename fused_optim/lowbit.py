@@ -112,6 +112,30 @@ def random_bits(seed: int, step: int | Tensor, tensor_index: int, numel: int, *,
     return words[0] if streams_needed == 1 else torch.stack(words[:streams_needed])
 
 
+def random_bits_many(seed: int, step: int | Tensor, tensor_indices: list[int], numels: list[int], stream: int,
+                     device: torch.device | str = "cpu") -> list[Tensor]:
+    """`random_bits(seed, step, t, n, stream=stream)` for every (t, n) of `tensor_indices` and `numels`, in
+    one Philox evaluation over all their elements (many small tensors cost one pass, not one each)."""
+    for t in tensor_indices:
+        check_key(seed, 0 if isinstance(step, Tensor) else step, t)
+    if not tensor_indices:
+        return []
+    c2s, word = zip(*(stream_counter(t, stream) for t in tensor_indices))
+    word = word[0]
+    total = sum(numels)
+    counts = torch.tensor(numels, dtype=torch.int64, device=device)
+    starts = torch.cumsum(counts, 0) - counts
+    elem = torch.arange(total, dtype=torch.int64, device=device) - torch.repeat_interleave(starts, counts,
+                                                                                           output_size=total)
+    c2 = torch.repeat_interleave(torch.tensor(c2s, dtype=torch.int64, device=device), counts, output_size=total)
+    if isinstance(step, Tensor):
+        c3 = (step.reshape(()).to(device=device, dtype=torch.int64) & _U32).expand(total)
+    else:
+        c3 = torch.full((total,), step, dtype=torch.int64, device=device)
+    words = philox4x32_10(elem & _U32, elem >> 32, c2, c3, seed & _U32, seed >> 32)
+    return list(words[word].split(list(numels)))
+
+
 # ------------------------------------------------------------------------------- stochastic rounding
 def _f32_bits(x: Tensor) -> Tensor:
     """fp32 bit patterns as int64 values in [0, 2^32)."""

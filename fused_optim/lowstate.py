@@ -132,9 +132,17 @@ def encode_(stored: Tensor, absmax: Tensor | None, value: Tensor, signed: bool, 
         stored.copy_(value)
 
 
-def _bits(low: Rounding, i: int, stream: int, t: Tensor) -> Tensor:
-    step = low.step
-    return _lb.random_bits(low.seed, step, low.tensor_index[i], t.numel(), stream=stream, device=t.device)
+def _bits_many(low: Rounding, idx: Sequence[int], stream: int, tensors: Sequence[Tensor]) -> list[Tensor]:
+    """`stream`'s random words of tensors ``tensors[i]`` for ``i`` in `idx`, in one Philox pass per device."""
+    out: dict[int, Tensor] = {}
+    by_device: dict[torch.device, list[int]] = {}
+    for i in idx:
+        by_device.setdefault(tensors[i].device, []).append(i)
+    for device, ids in by_device.items():
+        words = _lb.random_bits_many(low.seed, low.step, [low.tensor_index[i] for i in ids],
+                                     [tensors[i].numel() for i in ids], stream, device)
+        out.update(zip(ids, words))
+    return [out[i] for i in idx]
 
 
 def reference_step(call: Callable[[list[Tensor], list[Tensor], list[list[Tensor]]], None],
@@ -164,14 +172,16 @@ def reference_step(call: Callable[[list[Tensor], list[Tensor], list[list[Tensor]
         call(p_in, g_in, s_in)
         if low.fmt != "fp32":
             for j, s in enumerate(states):
+                bits = _bits_many(low, idx, 1 + j, s) if low.fmt == "bf16" else [None] * len(idx)
                 for k, i in enumerate(idx):
-                    bits = _bits(low, i, 1 + j, s[i]) if low.fmt == "bf16" else None
-                    encode_(s[i], low.absmax[j][i] if low.fmt == "8bit" else None, s_in[j][k], low.signed[j], bits)
-        for k, i in enumerate(idx):
-            if sr[k]:
-                p = params[i]
+                    encode_(s[i], low.absmax[j][i] if low.fmt == "8bit" else None, s_in[j][k], low.signed[j],
+                            bits[k])
+        if any(sr):
+            bits = _bits_many(low, [i for i, r in zip(idx, sr) if r], 0, params)
+            for k, i in enumerate(i for i, r in zip(idx, sr) if r):
+                p, x = params[i], p_in[idx.index(i)]
                 rnd = _lb.stochastic_round_bf16 if p.dtype == torch.bfloat16 else _lb.stochastic_round_fp16
-                p.copy_(rnd(p_in[k].reshape(-1), _bits(low, i, 0, p)).reshape(p.shape))
+                p.copy_(rnd(x.reshape(-1), bits[k]).reshape(p.shape))
         start = stop
 
 

@@ -488,3 +488,12 @@ def test_bench_speed_runs():
 
     out = run_speed(numel=4096, reps=1)
     assert set(out) >= {"quantize / copy", "dequantize / copy"} and all(v > 0 for v in out.values())
+
+
+def test_random_bits_many_is_random_bits_per_tensor():
+    numels, tensors = [5, 0, 300, 1], [3, 7, 2**31 - 1, 0]
+    for stream in (0, 3, 5):
+        for step in (9, torch.tensor(9.0)):
+            many = L.random_bits_many(11, step, tensors, numels, stream)
+            for t, n, got in zip(tensors, numels, many):
+                assert torch.equal(got, L.random_bits(11, 9, t, n, stream=stream))
