@@ -70,9 +70,9 @@ def triton_kernels(root: Path = REPO) -> list[str]:
     launched: set[str] = set()
     jitted: dict[str, str] = {}
     for src in sorted((root / "fused_optim" / "kernels").glob("*.py")):
-        # multi_tensor.py: the shared device functions; lowbit.py: jit helpers no optimizer calls yet, whose
-        # kernels are test harnesses of tests/test_lowbit.py (docs/lowbit.md §5): they reach the sanitizer
-        # inside the optimizer kernels that will call them
+        # multi_tensor.py: the shared device functions; lowbit.py: the low-precision device functions the
+        # optimizers' lowbit kernels call (docs/lowbit.md §5), and kernels that are test harnesses of
+        # tests/test_lowbit.py
         if src.name in ("multi_tensor.py", "lowbit.py"):
             continue
         text = src.read_text()

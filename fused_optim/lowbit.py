@@ -31,15 +31,11 @@ STREAMS = 4
 
 def _mulhilo(a: Tensor, m: int) -> tuple[Tensor, Tensor]:
     """(high, low) 32-bit halves of the 64-bit product a*m (a: int64 tensor of uint32 values, m: uint32).
-    Split into 16-bit halves so that no partial product leaves int64's range (a*m can reach 2^64)."""
-    mh, ml = m >> 16, m & 0xFFFF
-    ah, al = a >> 16, a & 0xFFFF
-    lo_lo = al * ml                      # < 2^32
-    mid = ah * ml + al * mh              # < 2^33
-    low_sum = lo_lo + ((mid & 0xFFFF) << 16)  # < 2^33
-    lo = low_sum & _U32
-    hi = (ah * mh + (mid >> 16) + (low_sum >> 32)) & _U32
-    return hi, lo
+    m is split into 16-bit halves so that no partial product leaves int64's range (a*m can reach 2^64):
+    a*m = P*2^16 + Q with P = a*mh, Q = a*ml < 2^48, and P*2^16 = (P >> 16)*2^32 + (P & 0xFFFF)*2^16."""
+    p = a * (m >> 16)
+    low_sum = a * (m & 0xFFFF) + ((p & 0xFFFF) << 16)  # < 2^49
+    return (p >> 16) + (low_sum >> 32), low_sum & _U32
 
 
 def philox4x32_10(c0: Tensor, c1: Tensor, c2: Tensor, c3: Tensor, k0: int, k1: int
