@@ -392,3 +392,27 @@ def test_readme_memory_table_is_measured():
             measured = sum(v.numel() * v.element_size() for v in opt.state.get(ps[0], {}).values()
                            if isinstance(v, torch.Tensor) and v.dim() > 0) / ps[0].numel()
             assert measured == pytest.approx(float(cell), abs=0.005), (name, prec)
+
+
+@pytest.mark.parametrize(("impl", "prec"), [("foreach", "bf16"), ("native", "8bit")])
+def test_compiled_step_equals_eager(impl, prec):
+    """Under torch.compile the step runs the reference path around the impl (its custom op for a fused
+    impl): the same bits as eagerly, the rounding counter traced (no recompile per step)."""
+    if impl not in cpu_impls():
+        pytest.skip(f"{impl} does not run here")
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    pa, pb = _params(torch.bfloat16), _params(torch.bfloat16)
+    a = _make("adan", pa, impl, state_precision=prec, stochastic_rounding=True)
+    b = _make("adan", pb, impl, state_precision=prec, stochastic_rounding=True)
+    step = torch.compile(b.step, backend="aot_eager")
+    for k in range(1, 4):
+        for p, q, g in zip(pa, pb, _grads(pa, k)):
+            p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        step()
+    for x, y in zip(pa, pb):
+        assert torch.equal(x, y)
+        for key, v in a.state[x].items():
+            assert torch.equal(v, b.state[y][key]), key
