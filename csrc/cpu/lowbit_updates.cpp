@@ -131,6 +131,18 @@ inline void store_param(P* p, float x, bool sr, uint32_t word) {
   *p = static_cast<P>(x);
 }
 
+// The four Philox words of elements b0 .. b0+n-1 of tensor counter word c2: the header's per-element
+// call in a loop of its own, which the compiler vectorizes (bf16 state's cost is mostly this).
+void block_words(uint64_t seed, uint32_t step, uint32_t c2, int64_t b0, int64_t n, uint32_t (&w)[4][lb::kQuantBlock]) {
+  for (int64_t e = 0; e < n; ++e) {
+    const lb::Philox4 r = lb::random_words(seed, step, c2, static_cast<uint64_t>(b0 + e));
+    w[0][e] = r.w[0];
+    w[1][e] = r.w[1];
+    w[2][e] = r.w[2];
+    w[3][e] = r.w[3];
+  }
+}
+
 template <int NS, typename F, size_t... K>
 inline void block_math(int64_t n, const F& f, float* pb, const float* gb, std::array<std::array<float, 256>, NS>& sb,
                        std::index_sequence<K...>) {
@@ -167,6 +179,8 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
     alignas(64) float pb[lb::kQuantBlock];
     alignas(64) float gb[lb::kQuantBlock];
     alignas(64) std::array<std::array<float, lb::kQuantBlock>, NS> sb;
+    alignas(64) uint32_t words[2][4][lb::kQuantBlock];  // Philox words: counter word c2 = ti, ti + 2^31
+    float table[lb::kUnsignedMagnitudes];                // a block's scaled thresholds
     for (int64_t b0 = it.begin; b0 < it.end; b0 += lb::kQuantBlock) {
       const int64_t n = std::min<int64_t>(lb::kQuantBlock, it.end - b0);
       const int64_t blk = b0 / lb::kQuantBlock;
@@ -209,9 +223,11 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
           const float scale = lb::block_absmax(s, n);
           absmax[j][blk] = scale;
           if (plan.is_signed[j]) {
-            for (int64_t e = 0; e < n; ++e) dst[e] = lb::quantize_value<true>(s[e], scale, plan.thr[j]);
+            lb::scaled_thresholds(plan.thr[j], scale, lb::kSignedMagnitudes - 1, table);
+            for (int64_t e = 0; e < n; ++e) dst[e] = lb::quantize_scaled<true>(s[e], table);
           } else {
-            for (int64_t e = 0; e < n; ++e) dst[e] = lb::quantize_value<false>(s[e], scale, plan.thr[j]);
+            lb::scaled_thresholds(plan.thr[j], scale, lb::kUnsignedMagnitudes - 1, table);
+            for (int64_t e = 0; e < n; ++e) dst[e] = lb::quantize_scaled<false>(s[e], table);
           }
         }
       } else if (plan.fmt == kFp32) {
@@ -221,21 +237,17 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
         }
       }
       if (param_sr || state_sr) {
-        for (int64_t e = 0; e < n; ++e) {
-          const uint64_t elem = static_cast<uint64_t>(b0 + e);
-          const lb::Philox4 w = lb::random_words(plan.seed, plan.step, ti, elem);
-          if (state_sr) {
-            // stream s = 1 + j: word s % 4 of the call with counter word c2 = ti + (s / 4) * 2^31
-            lb::Philox4 w2{};
-            if (NS >= 4) w2 = lb::random_words(plan.seed, plan.step, ti + 0x80000000u, elem);
-            for (int j = 0; j < NS; ++j) {
-              const int s = 1 + j;
-              const uint32_t r = s < 4 ? w.w[s] : w2.w[s - 4];
-              static_cast<uint16_t*>(sp[j])[b0 + e] = lb::sr_bf16_bits(sb[j][e], r);
-            }
+        // stream s: word s % 4 of the Philox call with counter word c2 = ti + (s / 4) * 2^31
+        block_words(plan.seed, plan.step, ti, b0, n, words[0]);
+        if (state_sr && NS >= 4) block_words(plan.seed, plan.step, ti + 0x80000000u, b0, n, words[1]);
+        if (state_sr) {
+          for (int j = 0; j < NS; ++j) {
+            const uint32_t* r = words[(1 + j) / 4][(1 + j) % 4];
+            uint16_t* dst = static_cast<uint16_t*>(sp[j]) + b0;
+            for (int64_t e = 0; e < n; ++e) dst[e] = lb::sr_bf16_bits(sb[j][e], r[e]);
           }
-          store_param(p + b0 + e, pb[e], param_sr, w.w[0]);
         }
+        for (int64_t e = 0; e < n; ++e) store_param(p + b0 + e, pb[e], param_sr, words[0][0][e]);
       } else {
         for (int64_t e = 0; e < n; ++e) store_param(p + b0 + e, pb[e], false, 0);
       }
