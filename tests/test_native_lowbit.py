@@ -17,8 +17,9 @@ from fused_optim import _native
 pytestmark = pytest.mark.skipif(not impl_status("native", "cpu").available,
                                 reason=impl_status("native", "cpu").reason)
 
-# 8-bit needs 4096 elements: 5000, 64x80 and 4096 are 8-bit, 257 and 1 keep fp32 state (another call)
-SHAPES = [(5000,), (64, 80), (257,), (4096,), (1,)]
+# 8-bit needs 4096 elements: 5000, 64x80, 4096 and 4099 are 8-bit (4099: a last block of 3, below one
+# vector register), 257 and 1 keep fp32 state (another call)
+SHAPES = [(5000,), (64, 80), (257,), (4096,), (1,), (4099,)]
 
 MAKERS = {
     "lion": lambda ps, **kw: Lion(ps, lr=3e-2, betas=(0.9, 0.99), impl="native", **kw),
@@ -177,6 +178,33 @@ def test_capturable_tensor_step_and_lr(name):
         run_steps(name, pb, b, [step], reference=True)
         assert isinstance(a.param_groups[0]["lowbit_step"], torch.Tensor)
         assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} capturable step {step}")
+
+
+@pytest.mark.parametrize("name", ["lion", "adan"])
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_nonfinite_values_as_the_reference(name, precision):
+    """inf and NaN grads (no AMP guard): the same bits as the reference path, NaN for NaN (an 8-bit block with
+    an inf or NaN state gets a non-finite scale: docs/lowbit.md §3)."""
+    pa, a, pb, b = twins(name, torch.bfloat16, state_precision=precision, stochastic_rounding=True)
+    for step in range(1, 4):
+        for params, opt, ref in ((pa, a, False), (pb, b, True)):
+            grads = grads_for(params, step)
+            grads[0][300] = float("inf") if step == 1 else float("nan")
+            grads[3][4095] = -float("inf")
+            for p, g in zip(params, grads):
+                p.grad = g
+            with reference_path(name) if ref else contextlib.nullcontext():
+                opt.step()
+        for (k, i, x), (_, _, y) in zip(snapshot(a, pa), snapshot(b, pb)):
+            if x.dtype == torch.uint8:
+                assert torch.equal(x, y), f"{k} of param {i}"
+            else:
+                fx, fy = x.view(torch.bfloat16 if x.dtype == torch.int16 else torch.float32), \
+                    y.view(torch.bfloat16 if y.dtype == torch.int16 else torch.float32)
+                assert torch.equal(fx.isnan(), fy.isnan()), f"{k} of param {i}: NaN positions"
+                assert torch.equal(x[~fx.isnan()], y[~fy.isnan()]), f"{k} of param {i}"
+    assert any(not bool(v.float().isfinite().all()) for p in pa for v in a.state[p].values()
+               if isinstance(v, torch.Tensor) and v.dtype != torch.uint8)  # the non-finite values reached the state
 
 
 def test_other_layouts_and_float64_take_the_reference_path():
