@@ -122,8 +122,9 @@ def test_lowbit_op_equals_reference_step(name, dtype, precision, sr):
 @pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_amp_scaled_step_and_found_inf_skip(name, precision):
-    """grad_scale in the op equals the reference path (which unscales first); a found_inf step leaves params,
-    codes, block scales, bf16 state and the grads untouched."""
+    """grad_scale in the op equals the reference path (which unscales first), grads written back unscaled; a
+    found_inf step through the optimizer leaves params, codes, block scales, bf16 state and the grads untouched
+    (on CPU the class reads found_inf first; the op's own skip: `test_launcher_found_inf_skips_everything`)."""
     pa, a, pb, b = twins(name, torch.bfloat16, state_precision=precision, stochastic_rounding=True)
     for step in range(1, 6):
         scale = 2.0 ** (step + 4)
@@ -231,6 +232,87 @@ def test_other_layouts_and_float64_take_the_reference_path():
     run_steps("lion", p64, c, range(1, 3), reference=False)
     run_steps("lion", q64, d, range(1, 3), reference=True)
     assert_same(snapshot(c, p64), snapshot(d, q64), "float64")
+
+
+@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip"])
+def test_amp_on_the_reference_path_of_the_launcher(name):
+    """AMP where the launcher sends tensors to `reference_step` (here a non-contiguous one; CUDA takes the
+    same path): a scaled step equals the unscaled one on the reference path, every grad ends unscaled, and
+    a found_inf step changes nothing (on CPU params the class itself reads found_inf first: the launchers'
+    own skip is `test_launcher_found_inf_skips_everything`)."""
+    g = torch.Generator().manual_seed(0)
+    pa = [torch.randn(80, 64, generator=g).t().clone().to(torch.bfloat16).requires_grad_(),
+          torch.randn(5000, generator=g).to(torch.bfloat16).requires_grad_()]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    assert not pa[0].is_contiguous() and not pb[0].is_contiguous()
+    kw = dict(state_precision="8bit", stochastic_rounding=True)
+    torch.manual_seed(7)
+    a = MAKERS[name](pa, **kw)
+    torch.manual_seed(7)
+    b = MAKERS[name](pb, **kw)
+    for step in range(1, 4):
+        grads = grads_for(pa, step)
+        scale = 2.0 ** (step + 3)
+        for p in pa:
+            p.grad = None
+        for p, q, gr in zip(pa, pb, grads):
+            p.grad = torch.empty_like(p).copy_(gr.float() * scale)
+            q.grad = torch.empty_like(q).copy_(gr)
+        if step == 2:
+            before = snapshot(a, pa)
+            a.step(grad_scale=torch.tensor(scale), found_inf=torch.tensor(1.0))
+            assert_same(snapshot(a, pa), before, f"{name} found_inf step")
+            continue
+        a.step(grad_scale=torch.tensor(scale), found_inf=torch.tensor(0.0))
+        with reference_path(name):
+            b.step()
+        assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} step {step}")
+        for p, q in zip(pa, pb):
+            assert torch.equal(bits(p.grad), bits(q.grad))
+
+
+def _launch(name, p, g, state_lists, absmax, fmt, **amp):
+    """One launcher call with a Rounding, as the dispatcher makes it."""
+    from fused_optim.lowstate import Rounding
+
+    signed = (True,) if name == "lion" else (True, False, True, True)
+    low = Rounding(fmt=fmt, signed=signed, absmax=tuple(absmax), param_sr=True, seed=5, step=3,
+                   tensor_index=list(range(len(p))))
+    if name == "lion":
+        _native._native_lion(p, g, *state_lists, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False,
+                             lowbit=low, **amp)
+    else:
+        _native._native_adan(p, g, *state_lists, lr=1e-2, beta1=0.02, beta2=0.08, beta3=0.01, bias_correction1=0.5,
+                             bias_correction2=0.5, bias_correction3_sqrt=0.7, eps=1e-8, weight_decay=0.0,
+                             no_prox=False, clip=1.0, maximize=False, lowbit=low, **amp)
+
+
+@pytest.mark.parametrize("contiguous", [True, False], ids=["op", "reference_path"])
+@pytest.mark.parametrize("fmt", ["bf16", "8bit"])
+@pytest.mark.parametrize("name", ["lion", "adan"])
+def test_launcher_found_inf_skips_everything(name, fmt, contiguous):
+    """The launchers themselves (as the dispatcher calls them on CUDA, where found_inf stays on the device):
+    found_inf != 0 leaves params, grads, codes, block scales and bf16 state untouched, on the op and on the
+    reference path; found_inf == 0 with grad_scale updates and unscales the grads."""
+    g0 = torch.Generator().manual_seed(0)
+    n_states = 1 if name == "lion" else 4
+    base = torch.randn(64, 80, generator=g0).to(torch.bfloat16)
+    p = [base.clone() if contiguous else base.t().contiguous().t()]
+    assert p[0].is_contiguous() == contiguous
+    g = [(torch.randn(64, 80, generator=g0) * 64).to(torch.bfloat16)]
+    if fmt == "8bit":
+        m = [torch.randint(0, 256, (64, 80), dtype=torch.uint8, generator=g0) for _ in range(n_states)]
+        absmax = [[torch.rand(20, generator=g0) + 0.5] for _ in range(n_states)]
+    else:
+        m = [torch.randn(64, 80, generator=g0).abs().to(torch.bfloat16) for _ in range(n_states)]
+        absmax = [[] for _ in range(n_states)]
+    everything = lambda: p + g + m + [a for lst in absmax for a in lst]  # noqa: E731
+    keep = [t.clone() for t in everything()]
+    _launch(name, p, g, [[t] for t in m], absmax, fmt, grad_scale=torch.tensor(64.0), found_inf=torch.tensor(1.0))
+    assert all(torch.equal(bits(x), bits(y)) for x, y in zip(everything(), keep))
+    _launch(name, p, g, [[t] for t in m], absmax, fmt, grad_scale=torch.tensor(64.0), found_inf=torch.tensor(0.0))
+    assert not torch.equal(bits(p[0]), bits(keep[0]))
+    assert torch.equal(g[0], (keep[1].float() / 64).to(torch.bfloat16))
 
 
 def test_op_refuses_bad_arguments_before_writing():
