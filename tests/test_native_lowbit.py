@@ -10,9 +10,8 @@ import contextlib
 import pytest
 import torch
 
-from fused_optim import Adan, Lion
+from fused_optim import Adan, Lion, _native
 from fused_optim._backends import impl_status
-from fused_optim import _native
 
 pytestmark = pytest.mark.skipif(not impl_status("native", "cpu").available,
                                 reason=impl_status("native", "cpu").reason)
@@ -245,7 +244,7 @@ def test_amp_on_the_reference_path_of_the_launcher(name):
           torch.randn(5000, generator=g).to(torch.bfloat16).requires_grad_()]
     pb = [p.detach().clone().requires_grad_() for p in pa]
     assert not pa[0].is_contiguous() and not pb[0].is_contiguous()
-    kw = dict(state_precision="8bit", stochastic_rounding=True)
+    kw = {"state_precision": "8bit", "stochastic_rounding": True}
     torch.manual_seed(7)
     a = MAKERS[name](pa, **kw)
     torch.manual_seed(7)
@@ -306,7 +305,9 @@ def test_launcher_found_inf_skips_everything(name, fmt, contiguous):
     else:
         m = [torch.randn(64, 80, generator=g0).abs().to(torch.bfloat16) for _ in range(n_states)]
         absmax = [[] for _ in range(n_states)]
-    everything = lambda: p + g + m + [a for lst in absmax for a in lst]  # noqa: E731
+    def everything():
+        return p + g + m + [a for lst in absmax for a in lst]
+
     keep = [t.clone() for t in everything()]
     _launch(name, p, g, [[t] for t in m], absmax, fmt, grad_scale=torch.tensor(64.0), found_inf=torch.tensor(1.0))
     assert all(torch.equal(bits(x), bits(y)) for x, y in zip(everything(), keep))
