@@ -1,12 +1,18 @@
 """Native CPU step vs torch.optim.AdamW(fused=True) and the foreach impl on the GPT-2-small parameter set.
 
     python -m bench.native_cpu [--reps 9] [--threads 1] [--foreach-reps 2] [--only lion,adan]
+    python -m bench.native_cpu --lowbit [--numel 4194304] [--reps 7] [--threads 1] [--only lion,adan] [--no-reference]
 
 One process, one shared set of params and grads; every optimizer keeps its own state. Steps are
 interleaved (AdamW, then each candidate, per repetition) so machine noise hits all alike; the
 medians and the spread (min..max) of wall time are printed with the ratio to AdamW, and the median
 process CPU time (with --threads 1: the work a step costs even when other jobs share the cores).
 Learning rates are tiny so params stay finite over the run. Results: bench/NOTES.md, "Native kernels".
+
+``--lowbit``: one tensor of ``--numel`` fp32 params per state_precision (fp32, bf16, 8bit), the native
+impl's lowbit op vs the same fp32 op through `fused_optim.lowstate.reference_step` (the impl's
+``supports_lowbit`` off), interleaved; with the bytes a step must move at least (the floor: each
+tensor read once and the written ones written once). Results: bench/NOTES.md, "Low-precision state".
 """
 from __future__ import annotations
 
@@ -30,9 +36,15 @@ def main():
     ap.add_argument("--foreach-reps", type=int, default=3)
     ap.add_argument("--only", default="lion,gravity,adan,equilibrium")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    ap.add_argument("--lowbit", action="store_true", help="the lowbit ops vs the reference path, per precision")
+    ap.add_argument("--numel", type=int, default=1 << 22, help="--lowbit: elements of the one param")
+    ap.add_argument("--no-reference", action="store_true", help="--lowbit: the lowbit op only (the bf16 "
+                    "reference path takes seconds a step)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.lowbit:
+        return lowbit(args)
     torch.manual_seed(0)
     shapes = gpt2_shapes()
     params = [torch.randn(s).mul_(0.02).requires_grad_() for s in shapes]
@@ -80,6 +92,52 @@ def main():
         import gc
 
         gc.collect()
+
+
+#: state tensors per optimizer (Lion: exp_avg; Adan: exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad)
+_N_STATES = {"lion": 1, "adan": 4}
+_STATE_BYTES = {"fp32": 4.0, "bf16": 2.0, "8bit": 1 + 4 / 256}
+
+
+def lowbit(args):
+    from fused_optim import _native
+
+    fns = {"lion": _native._native_lion, "adan": _native._native_adan}
+    n = args.numel
+    print(f"1 tensor of {n / 2**20:.0f}Mi fp32 params, torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'opt':5s} {'state':5s} {'path':9s} {'wall ms':>8s} {'range':>15s} {'floor MB':>8s} {'GB/s':>6s}")
+    for name in args.only.split(","):
+        if name not in fns:
+            continue
+        for precision in ("fp32", "bf16", "8bit"):
+            torch.manual_seed(0)
+            p = torch.randn(n).mul_(0.02).requires_grad_()
+            p.grad = torch.randn(n)
+            cls = fo.Lion if name == "lion" else fo.Adan
+            paths = ("fused",) if args.no_reference else ("fused", "reference")
+            opts = {path: cls([p], lr=1e-9, impl="native", state_precision=precision) for path in paths}
+            # the floor: params and state read and written, grads read (4 + 4 + 2 * state bytes per state)
+            floor = n * (4 * 3 + 2 * _N_STATES[name] * _STATE_BYTES[precision])
+            times = {k: [] for k in opts}
+            for r in range(args.reps + 1):
+                for path, opt in opts.items():
+                    fn = fns[name]
+                    fn.supports_lowbit = path == "fused"
+                    try:
+                        t0 = time.perf_counter()
+                        opt.step()
+                        dt = time.perf_counter() - t0
+                    finally:
+                        fn.supports_lowbit = True
+                    if r:  # the first step allocates the state
+                        times[path].append(dt)
+            for path, v in times.items():
+                if precision == "fp32" and path == "reference":
+                    continue  # fp32 state: both run the fp32 op
+                med = statistics.median(v)
+                print(f"{name:5s} {precision:5s} {path:9s} {med * 1e3:8.1f} [{min(v) * 1e3:6.1f}..{max(v) * 1e3:6.1f}] "
+                      f"{floor / 1e6:8.1f} {floor / med / 1e9:6.2f}")
+            del opts
 
 
 if __name__ == "__main__":

@@ -86,9 +86,40 @@ struct ElementwiseArgs {
   }
 };
 
+// The low-precision-state arguments of a lowbit op (`<kName>_lowbit_`, `adan_lowbit_`), in schema order
+// after the state lists (docs/lowbit.md §5; fused_optim.lowstate.Rounding on the Python side):
+//   absmax       8-bit: the block scales, state list j's tensor i at j * rows + i (else empty)
+//   tables       [states, 2, 256] fp32: per state list its map's magnitudes, then its thresholds
+//   signed_maps  per state list: 1 the signed map, 0 the unsigned one
+//   fmt          the state storage: 0 the ordinary fp32 state, 1 bf16 (stochastic rounding), 2 8-bit codes
+//   param_sr     round bf16 params stochastically (stream 0); state list j rounds with stream 1 + j
+//   seed, step, tensor_index   the generator's key (docs/lowbit.md §1)
+struct LowbitArgs {
+  std::vector<at::Tensor> absmax;
+  at::Tensor tables;
+  std::vector<int64_t> signed_maps;
+  int64_t fmt = 0;
+  bool param_sr = false;
+  int64_t seed = 0;
+  int64_t step = 0;
+  std::vector<int64_t> tensor_index;
+};
+
+// The schema text of LowbitArgs, `alias` the absmax list's mutation letter.
+inline std::string lowbit_schema_args(char alias) {
+  return std::string("Tensor(") + alias + "!)[] absmax, Tensor tables, int[] signed_maps, int fmt, bool param_sr, " +
+         "int seed, int step, int[] tensor_index, ";
+}
+
 template <typename Rule>
 std::string elementwise_op_name() {
   return std::string(Rule::kName) + "_";
+}
+
+// The rule's op over low-precision state: `<kName>_lowbit_`.
+template <typename Rule>
+std::string elementwise_lowbit_op_name() {
+  return std::string(Rule::kName) + "_lowbit_";
 }
 
 }  // namespace fused_optim

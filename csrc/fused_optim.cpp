@@ -36,15 +36,32 @@
 #include "elementwise_registration.h"
 #include "math/elementwise_rules.h"
 
+// The lowbit ops (docs/lowbit.md §5): an update over bf16 or 8-bit state in one pass, with the arguments
+// of LowbitArgs (elementwise.h) after the state lists. CPU kernels only: on CUDA the Python launchers
+// run the fp32 op through fused_optim.lowstate.reference_step (fused_optim/_native.py). Adan's: adan_'s
+// arguments (ops_list.h) with LowbitArgs after neg_pre_grads; each rule's: generated (`<kName>_lowbit_`).
+#define ADAN_LOWBIT_SCHEMA                                                                                   \
+  "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "              \
+  "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, Tensor(g!)[] absmax, Tensor tables, "             \
+  "int[] signed_maps, int fmt, bool param_sr, int seed, int step, int[] tensor_index, float lr, float beta1, " \
+  "float beta2, float beta3, float bias_correction1, float bias_correction2, float bias_correction3_sqrt, "   \
+  "float eps, float weight_decay, bool no_prox, Tensor? clip, bool maximize, Tensor? grad_scale=None, "       \
+  "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? bias_correction1_tensor=None, "                     \
+  "Tensor? bias_correction2_tensor=None, Tensor? bias_correction3_sqrt_tensor=None, "                          \
+  "Tensor? first_step=None) -> ()"
+
 // The ops of ops_list.h, then one op per rule of math/elementwise_rules.h (Lion: math/lion.h), its schema
 // generated from the rule's declaration (elementwise.h).
 TORCH_LIBRARY(fused_optim, m) {
 #define FO_OP(name, schema) m.def(#name schema);
 #include "ops_list.h"
 #undef FO_OP
-#define FO_RULE(Rule) m.def(fused_optim::elementwise_schema<fused_optim::math::Rule>().c_str());
+#define FO_RULE(Rule)                                                            \
+  m.def(fused_optim::elementwise_schema<fused_optim::math::Rule>().c_str()); \
+  m.def(fused_optim::elementwise_schema<fused_optim::math::Rule>(true).c_str());
   FO_ELEMENTWISE_RULES(FO_RULE)
 #undef FO_RULE
+  m.def("adan_lowbit_" ADAN_LOWBIT_SCHEMA);
 }
 
 // The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/). The emulated CUDA
@@ -54,6 +71,12 @@ TORCH_LIBRARY(fused_optim, m) {
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
 #define FO_BACKEND fused_optim::cpu
 #include "register_kernels.h"
+#define FO_RULE(Rule)                                                                                  \
+  fused_optim::register_elementwise_lowbit<fused_optim::math::Rule,                                    \
+                                           &fused_optim::cpu::run_elementwise_lowbit<fused_optim::math::Rule>>(m);
+  FO_ELEMENTWISE_RULES(FO_RULE)
+#undef FO_RULE
+  m.impl("adan_lowbit_", &fused_optim::cpu::adan_lowbit_);
 }
 #endif  // FUSED_OPTIM_CUDA_EMULATION
 

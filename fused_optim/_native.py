@@ -20,6 +20,10 @@ CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -74,13 +78,93 @@ def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
         ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf, lr_t, beta_hat_t)
 
 
+# ------------------------------------------------------------------ low-precision state (docs/lowbit.md §5)
+_STATE_FORMATS = {"fp32": 0, "bf16": 1, "8bit": 2}
+#: param dtypes the lowbit ops take (fp32 math); float64 params run the reference path
+_LOWBIT_PARAM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _lowbit_active(lowbit) -> bool:
+    """Whether a `Rounding` asks for anything beyond the fp32 op: bf16 / 8-bit state or rounded params."""
+    return lowbit is not None and (lowbit.fmt != "fp32" or lowbit.param_sr)
+
+
+@functools.cache
+def _lowbit_tables(signed: tuple[bool, ...]) -> Tensor:
+    """The 8-bit maps of the state lists as the lowbit ops read them: [states, 2, 256] fp32, per list its
+    magnitudes then its thresholds (`fused_optim.lowbit.quant_tables`, zero-padded)."""
+    from .lowbit import quant_tables
+
+    out = torch.zeros(len(signed), 2, 256, dtype=torch.float32)
+    for j, sgn in enumerate(signed):
+        mags, thr = quant_tables(sgn)
+        out[j, 0, :mags.numel()] = mags
+        out[j, 1, :thr.numel()] = thr
+    return out
+
+
+def _lowbit_in_op(params: list[Tensor], grads: list[Tensor], states, i: int) -> bool:
+    """Whether tensor `i` runs in a lowbit op: on the CPU (no CUDA kernels yet), an fp32-math param dtype,
+    dense row-major storage everywhere (the generator's element index is the flat row-major index)."""
+    p = params[i]
+    return (p.device.type == "cpu" and p.dtype in _LOWBIT_PARAM_DTYPES and grads[i].dtype == p.dtype
+            and p.is_contiguous() and grads[i].is_contiguous() and all(s[i].is_contiguous() for s in states))
+
+
+def _lowbit_subset(low, idx: list[int]):
+    return dataclasses.replace(low, absmax=tuple([a[i] for i in idx] if a else [] for a in low.absmax),
+                               tensor_index=[low.tensor_index[i] for i in idx])
+
+
+def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor], grads: list[Tensor],
+                 states, low, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    """One step under `low` (a `fused_optim.lowstate.Rounding`): the tensors a lowbit op takes
+    (`_lowbit_in_op`) in one pass of it, ``lowbit_op(params, grads, states, lowbit_args, grad_scale,
+    found_inf)``; the others (CUDA, float64, other layouts) through `fused_optim.lowstate.reference_step`
+    over ``fp32_step(params, grads, states)``, the same bits. AMP: on the reference path found_inf is read
+    on the host (a skip leaves everything untouched) and the grads unscaled in place first."""
+    from . import lowstate
+
+    n = len(params)
+    fast = [i for i in range(n) if _lowbit_in_op(params, grads, states, i)]
+    slow = sorted(set(range(n)) - set(fast))
+    if slow:
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        if grad_scale is not None:
+            gs = [grads[i] for i in slow]
+            torch._foreach_div_(gs, grad_scale.to(gs[0].device))
+        sub = _lowbit_subset(low, slow)
+        dtype32 = [torch.float32 if params[i].dtype in (torch.bfloat16, torch.float16) else params[i].dtype
+                   for i in slow]
+        with torch.no_grad():
+            lowstate.reference_step(fp32_step, [params[i] for i in slow], [grads[i] for i in slow],
+                                    [[s[i] for i in slow] for s in states], sub, dtype32)
+    if not fast:
+        return
+    sub = low if len(fast) == n else _lowbit_subset(low, fast)
+    step = int(sub.step) if isinstance(sub.step, Tensor) else sub.step  # a CPU tensor here: no sync
+    fmt = _STATE_FORMATS[sub.fmt]
+    absmax = [a for per_list in sub.absmax for a in per_list] if sub.fmt == "8bit" else []
+    tables = _lowbit_tables(tuple(bool(x) for x in sub.signed)) if sub.fmt == "8bit" else _NO_TABLES
+    low_args = (absmax, tables, [int(bool(x)) for x in sub.signed], fmt, bool(sub.param_sr), int(sub.seed), step,
+                list(sub.tensor_index))
+    pick = (lambda xs: xs) if len(fast) == n else (lambda xs: [xs[i] for i in fast])
+    with torch.no_grad():
+        lowbit_op(pick(params), pick(grads), [pick(s) for s in states], low_args, grad_scale, found_inf)
+
+
+_NO_TABLES = torch.zeros(0, dtype=torch.float32)
+
+
 def native_elementwise(rule: str):
     """The launcher of the elementwise op ``fused_optim::<rule>_`` (one line of csrc/math/elementwise_rules.h;
     docs/design.md, "Adding a native elementwise op"): ``launcher(params, grads, *states, maximize,
     grad_scale=None, found_inf=None, **scalars)``, `scalars` the floats and flags the rule declares, by name.
     The declaration is read from the op's schema on the first call. A scalar the rule lets be a device
     tensor (its ``<name>_tensor`` argument) may be a 0-d tensor (capturable, tensor lr). AMP-aware
-    (`supports_amp`'s contract). Nothing here is specific to a rule."""
+    (`supports_amp`'s contract). ``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op
+    ``<rule>_lowbit_`` on the CPU). Nothing here is specific to a rule."""
     layout: list[tuple] = []  # (number of state lists, float names, flag names, tensor-scalar names, all names)
 
     def read_layout() -> tuple:
@@ -95,7 +179,7 @@ def native_elementwise(rule: str):
         return kinds.count("List[Tensor]") - 2, scalars, flags, tensors, set(scalars) | set(flags)
 
     def launcher(params: list[Tensor], grads: list[Tensor], *states: list[Tensor], maximize: bool,
-                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None, **kwargs) -> None:
+                 grad_scale: Tensor | None = None, found_inf: Tensor | None = None, lowbit=None, **kwargs) -> None:
         if not params:  # the dispatcher needs a tensor to pick the backend
             return
         ops = _ops()  # loads the extension
@@ -114,9 +198,18 @@ def native_elementwise(rule: str):
         for name in scalars:
             if isinstance(values[name], Tensor):
                 raise TypeError(f"native {rule}: {name} must be a float (only {tensors} may be tensors)")
+        tail = (*(values[n] for n in scalars), *(bool(values[n]) for n in flags), maximize)
+        if _lowbit_active(lowbit):
+            def fp32_step(ps, gs, ss):
+                launcher(ps, gs, *ss, maximize=maximize, **kwargs)
+
+            def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf):
+                getattr(ops, f"{rule}_lowbit_")(ps, gs, *ss, *low_args, *tail, grad_scale, found_inf, *tensor_args)
+
+            _lowbit_step(fp32_step, lowbit_op, params, grads, states, lowbit, grad_scale, found_inf)
+            return
         with torch.no_grad():
-            getattr(ops, f"{rule}_")(params, grads, *states, *(values[n] for n in scalars),
-                                     *(bool(values[n]) for n in flags), maximize, grad_scale, found_inf, *tensor_args)
+            getattr(ops, f"{rule}_")(params, grads, *states, *tail, grad_scale, found_inf, *tensor_args)
 
     launcher.__name__ = launcher.__qualname__ = f"_native_{rule}"
     launcher.__doc__ = f"The native elementwise op fused_optim::{rule}_ (native_elementwise)."
@@ -133,11 +226,18 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                  beta2: float, beta3: float, bias_correction1: float | Tensor, bias_correction2: float | Tensor,
                  bias_correction3_sqrt: float | Tensor, eps: float, weight_decay: float, no_prox: bool,
                  clip: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None, first_step: Tensor | None = None) -> None:
+                 found_inf: Tensor | None = None, first_step: Tensor | None = None, lowbit=None) -> None:
     """`first_step` (capturable): a 0-d tensor, nonzero at the group's first step, when the class leaves
-    ``neg_pre_grad = -clip·g`` to the kernel (it is then read on the device, like the bias corrections)."""
+    ``neg_pre_grad = -clip·g`` to the kernel (it is then read on the device, like the bias corrections).
+    ``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op ``adan_lowbit_`` on the CPU)."""
     if not params:
         return
+    if _lowbit_active(lowbit):
+        def fp32_step(ps, gs, ss):
+            _native_adan(ps, gs, *ss, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, bias_correction1=bias_correction1,
+                         bias_correction2=bias_correction2, bias_correction3_sqrt=bias_correction3_sqrt, eps=eps,
+                         weight_decay=weight_decay, no_prox=no_prox, clip=clip, maximize=maximize,
+                         first_step=first_step)
     if len({isinstance(b, Tensor) for b in (bias_correction1, bias_correction2, bias_correction3_sqrt)}) > 1:
         raise TypeError("native Adan: pass the three bias corrections all as floats or all as 0-d tensors")
     device = params[0].device
@@ -154,10 +254,17 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         clip_t = None  # clipping off: the kernel multiplies by 1, exactly like the reference
     else:
         clip_t = torch.full((1,), clip, dtype=torch.float32, device=params[0].device)
+    head = (lr, beta1, beta2, beta3, bc1, bc2, bc3_sqrt, eps, weight_decay, no_prox, clip_t, maximize)
+    tail = (lr_t, bc1_t, bc2_t, bc3_t, first_t)
+    states = (exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)
+    if _lowbit_active(lowbit):
+        def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf):
+            _ops().adan_lowbit_(ps, gs, *ss, *low_args, *head, grad_scale, found_inf, *tail)
+
+        _lowbit_step(fp32_step, lowbit_op, params, grads, states, lowbit, grad_scale, found_inf)
+        return
     with torch.no_grad():
-        _ops().adan_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, lr, beta1, beta2, beta3,
-                     bc1, bc2, bc3_sqrt, eps, weight_decay, no_prox, clip_t, maximize, grad_scale, found_inf,
-                     lr_t, bc1_t, bc2_t, bc3_t, first_t)
+        _ops().adan_(params, grads, *states, *head, grad_scale, found_inf, *tail)
 
 
 @supports_amp

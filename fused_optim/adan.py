@@ -105,7 +105,7 @@ ADAN = Declaration(
     impls=(Impl("forloop", _forloop_adan),
            Impl("foreach", _foreach_adan),
            Impl("triton", "fused_optim.kernels.adan:_triton_adan", **FUSED, lowbit=True),
-           Impl("native", _native_adan, **FUSED)),
+           Impl("native", _native_adan, lowbit=True, **FUSED)),
 )
 
 

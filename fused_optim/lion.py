@@ -53,7 +53,7 @@ LION = Declaration(
     impls=(Impl("forloop", _forloop_lion),
            Impl("foreach", _foreach_lion),
            Impl("triton", "fused_optim.kernels.lion:_triton_lion", **FUSED, lowbit=True),  # lazy: triton on the first step
-           Impl("native", _native_lion, **FUSED)),
+           Impl("native", _native_lion, lowbit=True, **FUSED)),
 )
 
 

@@ -117,6 +117,23 @@ C10_HOST_DEVICE inline uint8_t quantize_value(float x, float scale, const float*
   return static_cast<uint8_t>(idx);
 }
 
+// A block's comparison table for quantize_scaled: out[k] = thr[k] * scale for the `count` thresholds (127
+// signed, 255 unsigned), the products quantize_value forms per element.
+C10_HOST_DEVICE inline void scaled_thresholds(const float* thr, float scale, int count, float* out) {
+  for (int k = 0; k < count; ++k) out[k] = thr[k] * scale;
+}
+
+// quantize_value's code, searched in a block's scaled_thresholds table (the same comparisons, so the same
+// code; branch-free steps, no multiply per element): for a CPU pass over a whole block.
+template <bool Signed>
+C10_HOST_DEVICE inline uint8_t quantize_scaled(float x, const float* table) {
+  const float a = f32_from_bits(f32_bits(x) & 0x7FFFFFFFu);
+  int idx = 0;
+  for (int step = Signed ? 64 : 128; step > 0; step >>= 1) idx += (a >= table[idx + step - 1]) ? step : 0;
+  if (Signed) idx |= static_cast<int>(f32_bits(x) >> 31) << 7;
+  return static_cast<uint8_t>(idx);
+}
+
 // The fp32 value of an 8-bit code: ±mag[code] * scale (mag: the 128 signed or 256 unsigned magnitudes).
 template <bool Signed>
 C10_HOST_DEVICE inline float dequantize_value(uint8_t code, float scale, const float* mag) {

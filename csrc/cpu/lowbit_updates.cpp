@@ -1,0 +1,384 @@
+// CPU kernels of the lowbit ops (docs/lowbit.md §5): the update of an elementwise rule (Lion) or Adan
+// over bf16 or 8-bit state, and stochastically rounded bf16 params, in one pass per tensor.
+//
+// Per block of 256 elements (docs/lowbit.md §3): the param, the prepared grad (AMP unscale written
+// back, maximize) and every state tensor decoded to fp32 local buffers (bf16 widened; 8-bit codes
+// times the block's scale), the rule's fp32 math over the buffers with the element loop
+// (for_each_element: the same per-element function and roundings as the fp32 op), then the state
+// encoded (bf16: stochastic rounding, stream 1 + j; 8-bit: the block's new absmax over the buffer,
+// then every code to nearest) and the param stored (bf16 with param_sr: stochastic rounding, stream
+// 0). This is fused_optim.lowstate.reference_step over the fp32 op, bit for bit, without its fp32
+// copies of the state. A found_inf step returns before anything is read or written.
+
+#include "capability.h"  // first: before any ATen header
+
+#include "kernels.h"
+
+#include "../math/common.h"
+#include "vec_ops.h"
+#include "../math/adan.h"
+#include "../math/elementwise_rules.h"
+#include "../math/lowbit.h"
+#include "element_loop.h"
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <array>
+#include <string>
+#include <utility>
+
+namespace fused_optim {
+namespace cpu {
+namespace {
+
+namespace lb = ::fused_optim::lowbit;
+
+// streams 1..7 for the state lists (fused_optim.lowbit.MAX_STREAMS = 8 with the param's)
+constexpr int kMaxLowbitStates = 7;
+enum StateFormat : int64_t { kFp32 = 0, kBf16 = 1, k8bit = 2 };
+
+// One call's checked arguments and raw pointers.
+struct LowbitPlan {
+  int64_t rows = 0;
+  int n_states = 0;
+  StateFormat fmt = kFp32;
+  bool param_sr = false;
+  uint64_t seed = 0;
+  uint32_t step = 0;
+  std::vector<int64_t> tensor_index;
+  std::array<const float*, kMaxLowbitStates> mags{}, thr{};
+  std::array<bool, kMaxLowbitStates> is_signed{};
+};
+
+// Checks every argument (before anything is written) and reads the plan. lists: params, grads, states.
+LowbitPlan plan_lowbit(const char* op, const std::vector<at::TensorList>& lists, const LowbitArgs& l) {
+  LowbitPlan plan;
+  plan.n_states = static_cast<int>(lists.size()) - 2;
+  TORCH_CHECK(plan.n_states >= 1 && plan.n_states <= kMaxLowbitStates, op, ": 1 to ", kMaxLowbitStates,
+              " state lists");
+  plan.rows = static_cast<int64_t>(lists[0].size());
+  for (size_t k = 1; k < lists.size(); ++k) {
+    TORCH_CHECK(static_cast<int64_t>(lists[k].size()) == plan.rows, op, ": list ", k, " has ", lists[k].size(),
+                " tensors, params has ", plan.rows);
+  }
+  TORCH_CHECK(l.fmt >= kFp32 && l.fmt <= k8bit, op, ": fmt must be 0 (fp32), 1 (bf16) or 2 (8bit), got ", l.fmt);
+  plan.fmt = static_cast<StateFormat>(l.fmt);
+  plan.param_sr = l.param_sr;
+  TORCH_CHECK(l.seed >= 0, op, ": seed must be in [0, 2**63), got ", l.seed);
+  plan.seed = static_cast<uint64_t>(l.seed);
+  plan.step = static_cast<uint32_t>(static_cast<uint64_t>(l.step) & 0xFFFFFFFFu);  // the reference's step & (2^32-1)
+  TORCH_CHECK(static_cast<int64_t>(l.tensor_index.size()) == plan.rows, op, ": tensor_index needs ", plan.rows,
+              " entries, got ", l.tensor_index.size());
+  for (int64_t t : l.tensor_index) {
+    TORCH_CHECK(t >= 0 && t < (int64_t(1) << 31), op, ": tensor_index must be in [0, 2**31), got ", t);
+  }
+  plan.tensor_index = l.tensor_index;
+  const int64_t want_absmax = plan.fmt == k8bit ? plan.n_states * plan.rows : 0;
+  TORCH_CHECK(static_cast<int64_t>(l.absmax.size()) == want_absmax, op, ": absmax needs ", want_absmax,
+              " tensors (one per 8-bit state tensor), got ", l.absmax.size());
+  if (plan.fmt == k8bit) {
+    TORCH_CHECK(static_cast<int64_t>(l.signed_maps.size()) == plan.n_states, op, ": signed_maps needs ",
+                plan.n_states, " entries, got ", l.signed_maps.size());
+    const auto& t = l.tables;
+    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
+                    t.size(0) == plan.n_states && t.size(1) == 2 && t.size(2) == 256,
+                op, ": tables must be a contiguous CPU float32 tensor [", plan.n_states, ", 2, 256]");
+    for (int j = 0; j < plan.n_states; ++j) {
+      plan.is_signed[j] = l.signed_maps[j] != 0;
+      plan.mags[j] = t.data_ptr<float>() + j * 512;
+      plan.thr[j] = plan.mags[j] + 256;
+    }
+  }
+  const auto pdt = plan.rows ? lists[0][0].scalar_type() : at::kFloat;
+  TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf, op,
+              ": params must be float32, bfloat16 or float16 (float64 runs fused_optim.lowstate.reference_step)");
+  const auto sdt = plan.fmt == kFp32 ? at::kFloat : plan.fmt == kBf16 ? at::kBFloat16 : at::kByte;
+  for (int64_t i = 0; i < plan.rows; ++i) {
+    const int64_t n = lists[0][i].numel();
+    for (size_t k = 0; k < lists.size(); ++k) {
+      const at::Tensor& t = lists[k][i];
+      const auto want = k < 2 ? pdt : sdt;
+      TORCH_CHECK(t.device().is_cpu(), op, ": list ", k, " tensor ", i, " is not on the CPU");
+      TORCH_CHECK(t.scalar_type() == want, op, ": list ", k, " tensor ", i, " must be ", want, ", got ",
+                  t.scalar_type());
+      TORCH_CHECK(t.numel() == n, op, ": list ", k, " tensor ", i, " has ", t.numel(), " elements, its param ", n);
+      // the element index is the flat row-major index: dense row-major storage only (the launcher
+      // sends other layouts to the reference path)
+      TORCH_CHECK(t.is_contiguous(), op, ": list ", k, " tensor ", i, " must be contiguous");
+    }
+    if (plan.fmt == k8bit) {
+      for (int j = 0; j < plan.n_states; ++j) {
+        const at::Tensor& a = l.absmax[j * plan.rows + i];
+        TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() &&
+                        a.numel() == (n + lb::kQuantBlock - 1) / lb::kQuantBlock,
+                    op, ": absmax of state list ", j, " tensor ", i, " must be a contiguous CPU float32 tensor of ",
+                    (n + lb::kQuantBlock - 1) / lb::kQuantBlock, " block scales");
+      }
+    }
+  }
+  return plan;
+}
+
+template <typename P>
+inline void store_param(P* p, float x, bool sr, uint32_t word) {
+  if constexpr (std::is_same<P, c10::BFloat16>::value) {
+    if (sr) {
+      *p = c10::BFloat16(lb::sr_bf16_bits(x, word), c10::BFloat16::from_bits());
+      return;
+    }
+  }
+  *p = static_cast<P>(x);
+}
+
+// The four Philox words of elements b0 .. b0+n-1 of tensor counter word c2: the header's per-element
+// call in a loop of its own, which the compiler vectorizes (bf16 state's cost is mostly this).
+void block_words(uint64_t seed, uint32_t step, uint32_t c2, int64_t b0, int64_t n, uint32_t (&w)[4][lb::kQuantBlock]) {
+  for (int64_t e = 0; e < n; ++e) {
+    const lb::Philox4 r = lb::random_words(seed, step, c2, static_cast<uint64_t>(b0 + e));
+    w[0][e] = r.w[0];
+    w[1][e] = r.w[1];
+    w[2][e] = r.w[2];
+    w[3][e] = r.w[3];
+  }
+}
+
+// The codes of a block's n values against its scaled_thresholds table: lowbit.h's quantize_scaled, eight
+// (AVX2) or sixteen (AVX512) elements at a time with gathered thresholds (the same comparisons, so the
+// same codes; 3x faster than the scalar search here), then the scalar function for the tail.
+template <bool Signed>
+void quantize_block(const float* x, int64_t n, const float* table, uint8_t* out) {
+  int64_t e = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  using V = at::vec::Vectorized<float>;
+  using VI = at::vec::Vectorized<int32_t>;
+  for (; e + V::size() <= n; e += V::size()) {
+    const V xv = V::loadu(x + e);
+    const V a = xv.abs();  // the sign bit cleared, NaN kept: compares false like the scalar |x|
+    VI idx(0);
+    for (int step = Signed ? 64 : 128; step > 0; step >>= 1) {
+      const V t = at::vec::gather<sizeof(float)>(table, idx + VI(step - 1));
+      idx = idx + (at::vec::cast<int32_t>(a >= t) & VI(step));  // the comparison's all-ones mask
+    }
+    if (Signed) idx = idx | ((at::vec::cast<int32_t>(xv) < VI(0)) & VI(128));  // x's sign bit as bit 7
+    int32_t codes[V::size()];
+    idx.store(codes);
+    for (int k = 0; k < V::size(); ++k) out[e + k] = static_cast<uint8_t>(codes[k]);
+  }
+#endif
+  for (; e < n; ++e) out[e] = lb::quantize_scaled<Signed>(x[e], table);
+}
+
+template <int NS, typename F, size_t... K>
+inline void block_math(int64_t n, const F& f, float* pb, const float* gb, std::array<std::array<float, 256>, NS>& sb,
+                       std::index_sequence<K...>) {
+  for_each_element<float>(0, n, f, pb, gb, sb[K].data()...);
+}
+
+// The pass: update(p, g, s...) the rule's fp32 element function (T: float or Vec<float>).
+template <typename P, int NS, typename Update>
+void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& lists, const LowbitArgs& l,
+                 bool maximize, const c10::optional<at::Tensor>& grad_scale, const Update& update) {
+  const bool unscale = grad_scale.has_value();
+  const GradPrep<P, float, true> prep_unscale(maximize, grad_scale);
+  const GradPrep<P, float, false> prep(maximize, grad_scale);
+  std::vector<ChunkItem> items;
+  for (int64_t i = 0; i < plan.rows; ++i) {
+    const int64_t n = lists[0][i].numel();
+    for (int64_t b = 0; b < n; b += kChunk) items.push_back({i, b, std::min(n, b + kChunk)});  // kChunk % 256 == 0
+  }
+  static_assert(kChunk % lb::kQuantBlock == 0, "chunks hold whole quantization blocks");
+  const bool param_sr = plan.param_sr && std::is_same<P, c10::BFloat16>::value;
+  const bool state_sr = plan.fmt == kBf16;
+  const auto f = [&](auto& p, auto& g, auto&... s) { update(p, g, s...); };
+  for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
+    const int64_t row = it.row;
+    P* p = static_cast<P*>(lists[0][row].data_ptr());
+    P* g = static_cast<P*>(lists[1][row].data_ptr());
+    std::array<void*, NS> sp;
+    std::array<float*, NS> absmax{};
+    for (int j = 0; j < NS; ++j) {
+      sp[j] = lists[2 + j][row].data_ptr();
+      if (plan.fmt == k8bit) absmax[j] = l.absmax[j * plan.rows + row].data_ptr<float>();
+    }
+    const uint32_t ti = static_cast<uint32_t>(plan.tensor_index[row]);
+    alignas(64) float pb[lb::kQuantBlock];
+    alignas(64) float gb[lb::kQuantBlock];
+    alignas(64) std::array<std::array<float, lb::kQuantBlock>, NS> sb;
+    alignas(64) uint32_t words[2][4][lb::kQuantBlock];  // Philox words: counter word c2 = ti, ti + 2^31
+    float table[lb::kUnsignedMagnitudes];                // a block's scaled thresholds
+    for (int64_t b0 = it.begin; b0 < it.end; b0 += lb::kQuantBlock) {
+      const int64_t n = std::min<int64_t>(lb::kQuantBlock, it.end - b0);
+      const int64_t blk = b0 / lb::kQuantBlock;
+      // decode
+      for (int64_t e = 0; e < n; ++e) {
+        pb[e] = static_cast<float>(p[b0 + e]);
+        float x = static_cast<float>(g[b0 + e]);
+        if (unscale) {
+          gb[e] = prep_unscale(x);
+          g[b0 + e] = static_cast<P>(x);  // the unscaled grad, exact in P (rounded through it)
+        } else {
+          gb[e] = prep(x);
+        }
+      }
+      for (int j = 0; j < NS; ++j) {
+        float* s = sb[j].data();
+        if (plan.fmt == kFp32) {
+          const float* src = static_cast<const float*>(sp[j]) + b0;
+          for (int64_t e = 0; e < n; ++e) s[e] = src[e];
+        } else if (plan.fmt == kBf16) {
+          const uint16_t* src = static_cast<const uint16_t*>(sp[j]) + b0;
+          for (int64_t e = 0; e < n; ++e) s[e] = lb::bf16_bits_to_float(src[e]);
+        } else {
+          const uint8_t* src = static_cast<const uint8_t*>(sp[j]) + b0;
+          const float scale = absmax[j][blk];
+          if (plan.is_signed[j]) {
+            for (int64_t e = 0; e < n; ++e) s[e] = lb::dequantize_value<true>(src[e], scale, plan.mags[j]);
+          } else {
+            for (int64_t e = 0; e < n; ++e) s[e] = lb::dequantize_value<false>(src[e], scale, plan.mags[j]);
+          }
+        }
+      }
+      // the fp32 math, vectorized like the fp32 op
+      block_math<NS>(n, f, pb, gb, sb, std::make_index_sequence<NS>{});
+      // encode
+      if (plan.fmt == k8bit) {
+        for (int j = 0; j < NS; ++j) {
+          const float* s = sb[j].data();
+          uint8_t* dst = static_cast<uint8_t*>(sp[j]) + b0;
+          const float scale = lb::block_absmax(s, n);
+          absmax[j][blk] = scale;
+          if (plan.is_signed[j]) {
+            lb::scaled_thresholds(plan.thr[j], scale, lb::kSignedMagnitudes - 1, table);
+            quantize_block<true>(s, n, table, dst);
+          } else {
+            lb::scaled_thresholds(plan.thr[j], scale, lb::kUnsignedMagnitudes - 1, table);
+            quantize_block<false>(s, n, table, dst);
+          }
+        }
+      } else if (plan.fmt == kFp32) {
+        for (int j = 0; j < NS; ++j) {
+          float* dst = static_cast<float*>(sp[j]) + b0;
+          for (int64_t e = 0; e < n; ++e) dst[e] = sb[j][e];
+        }
+      }
+      if (param_sr || state_sr) {
+        // stream s: word s % 4 of the Philox call with counter word c2 = ti + (s / 4) * 2^31
+        block_words(plan.seed, plan.step, ti, b0, n, words[0]);
+        if (state_sr && NS >= 4) block_words(plan.seed, plan.step, ti + 0x80000000u, b0, n, words[1]);
+        if (state_sr) {
+          for (int j = 0; j < NS; ++j) {
+            const uint32_t* r = words[(1 + j) / 4][(1 + j) % 4];
+            uint16_t* dst = static_cast<uint16_t*>(sp[j]) + b0;
+            for (int64_t e = 0; e < n; ++e) dst[e] = lb::sr_bf16_bits(sb[j][e], r[e]);
+          }
+        }
+        for (int64_t e = 0; e < n; ++e) store_param(p + b0 + e, pb[e], param_sr, words[0][0][e]);
+      } else {
+        for (int64_t e = 0; e < n; ++e) store_param(p + b0 + e, pb[e], false, 0);
+      }
+    }
+  });
+}
+
+// Runs the pass with P the params' storage type.
+template <int NS, typename Update>
+void lowbit_dispatch(const char* op, const std::vector<at::TensorList>& lists, const LowbitArgs& l, bool maximize,
+                     const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
+                     const Update& update) {
+  const LowbitPlan plan = plan_lowbit(op, lists, l);
+  TORCH_CHECK(plan.n_states == NS, op, ": ", NS, " state lists expected");
+  if (plan.rows == 0 || host_found_inf(found_inf)) return;  // AMP's skip: nothing read or written
+  switch (lists[0][0].scalar_type()) {
+    case at::kFloat:
+      return lowbit_pass<float, NS>(plan, lists, l, maximize, grad_scale, update);
+    case at::kBFloat16:
+      return lowbit_pass<c10::BFloat16, NS>(plan, lists, l, maximize, grad_scale, update);
+    default:
+      return lowbit_pass<c10::Half, NS>(plan, lists, l, maximize, grad_scale, update);
+  }
+}
+
+template <typename M>
+M tensor_scalar(const c10::optional<at::Tensor>& t) {
+  return static_cast<M>(read_scalar(scalar_ptr(t), 0.0f));
+}
+
+void check_scalars(const char* op, const c10::optional<at::Tensor>& grad_scale,
+                   const c10::optional<at::Tensor>& found_inf, const std::vector<NamedScalar>& scalars) {
+  const at::Device cpu(at::kCPU);
+  check_scalar_tensor(op, "grad_scale", grad_scale, cpu);
+  check_scalar_tensor(op, "found_inf", found_inf, cpu);
+  for (const auto& s : scalars) check_scalar_tensor(op, s.name, *s.tensor, cpu);
+}
+
+template <typename Rule, size_t... K>
+void run_rule_lowbit(const ElementwiseArgs& a, const LowbitArgs& l, std::index_sequence<K...>) {
+  using Shape = RuleShape<Rule>;
+  const char* op = a.op.c_str();
+  check_scalars(op, a.grad_scale, a.found_inf, named_scalars(a.tensor_scalar_names, a.tensor_scalars));
+  auto c = Rule::template coeffs<float>(a.scalars.data(), a.flags.data());
+  for (int i = 0; i < Shape::kTensorScalars; ++i) {
+    if (a.tensor_scalars[i].has_value()) Rule::set_tensor_scalar(c, i, tensor_scalar<float>(a.tensor_scalars[i]));
+  }
+  lowbit_dispatch<Shape::kStates>(op, a.list_refs(), l, a.maximize, a.grad_scale, a.found_inf,
+                                  [&](auto& p, auto& g, auto&... s) { Rule::update(p, g, c, s...); });
+}
+
+}  // namespace
+
+template <typename Rule>
+void run_elementwise_lowbit(const ElementwiseArgs& a, const LowbitArgs& l) {
+  run_rule_lowbit<Rule>(a, l, std::make_index_sequence<RuleShape<Rule>::kStates>{});
+}
+
+#define FO_INSTANTIATE(Rule) template void run_elementwise_lowbit<math::Rule>(const ElementwiseArgs&, const LowbitArgs&);
+FO_ELEMENTWISE_RULES(FO_INSTANTIATE)
+#undef FO_INSTANTIATE
+
+void adan_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, at::TensorList absmax,
+                  const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                  int64_t step, at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double beta3,
+                  double bias_correction1, double bias_correction2, double bias_correction3_sqrt, double eps,
+                  double weight_decay, bool no_prox, const OptTensor& clip, bool maximize, const OptTensor& grad_scale,
+                  const OptTensor& found_inf, const OptTensor& lr_tensor, const OptTensor& bias_correction1_tensor,
+                  const OptTensor& bias_correction2_tensor, const OptTensor& bias_correction3_sqrt_tensor,
+                  const OptTensor& first_step) {
+  const char* op = "fused_optim::adan_lowbit_";
+  check_scalar_tensor(op, "clip", clip, at::Device(at::kCPU));
+  const bool bc_tensors = check_adan_bias_corrections(op, bias_correction1_tensor, bias_correction2_tensor,
+                                                      bias_correction3_sqrt_tensor);
+  check_scalars(op, grad_scale, found_inf,
+                {{"lr_tensor", &lr_tensor},
+                 {"bias_correction1_tensor", &bias_correction1_tensor},
+                 {"bias_correction2_tensor", &bias_correction2_tensor},
+                 {"bias_correction3_sqrt_tensor", &bias_correction3_sqrt_tensor},
+                 {"first_step", &first_step}});
+  LowbitArgs l;
+  l.absmax = absmax.vec();
+  l.tables = tables;
+  l.signed_maps = signed_maps.vec();
+  l.fmt = fmt;
+  l.param_sr = param_sr;
+  l.seed = seed;
+  l.step = step;
+  l.tensor_index = tensor_index.vec();
+  math::AdanCoeffs<float> c(lr, beta1, beta2, beta3, bias_correction1, bias_correction2, bias_correction3_sqrt, eps,
+                            weight_decay, no_prox);
+  if (lr_tensor.has_value()) c.set_lr(tensor_scalar<float>(lr_tensor));
+  if (bc_tensors) {
+    c.set_bias_corrections(tensor_scalar<float>(bias_correction1_tensor), tensor_scalar<float>(bias_correction2_tensor),
+                           tensor_scalar<float>(bias_correction3_sqrt_tensor));
+  }
+  if (lr_tensor.has_value() || bc_tensors) c.update_step_sizes();
+  const float cl = read_scalar(scalar_ptr(clip), 1.0f);
+  const bool first = read_scalar(scalar_ptr(first_step), 0.0f) != 0.0f;
+  lowbit_dispatch<4>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads}, l, maximize,
+                     grad_scale, found_inf, [&](auto& p, auto& g, auto& m, auto& s, auto& d, auto& n) {
+                       math::adan_update(p, g, m, s, d, n, cl, c, first);
+                     });
+}
+
+}  // namespace cpu
+}  // namespace fused_optim
