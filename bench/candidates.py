@@ -253,11 +253,15 @@ def candidates_for(optimizer: str, device: torch.device, *, impls: list[str] | N
 
 
 def state_bytes_per_param(opt: torch.optim.Optimizer, p: torch.Tensor) -> float:
-    """Bytes of per-element state the optimizer keeps for `p`, per element of `p`, measured from
-    ``opt.state[p]``: every tensor but 0-d counters (8-bit codes and their block scales included)."""
+    """Bytes of per-element state a step streams for `p`, per element of `p`, measured from
+    ``opt.state[p]``: ours, the state tensors its update reads and writes (`_lowbit_states`: 8-bit codes
+    with their block scales, bf16 or fp32 tensors; not NeuroOptima's slow weights, touched every k-th
+    step only); anyone else's, every tensor but 0-d counters."""
     st = opt.state.get(p, {})
-    return sum(v.numel() * v.element_size() for v in st.values()
-               if isinstance(v, torch.Tensor) and v.dim() > 0) / max(p.numel(), 1)
+    keys = dict(getattr(opt, "_lowbit_states", ()))
+    return sum(v.numel() * v.element_size() for k, v in st.items()
+               if isinstance(v, torch.Tensor) and v.dim() > 0
+               and (not keys or k in keys or k.removesuffix("_absmax") in keys)) / max(p.numel(), 1)
 
 
 def state_elem_size(opt: torch.optim.Optimizer, p: torch.Tensor) -> int:
