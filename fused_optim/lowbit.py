@@ -14,7 +14,6 @@ uint64 tensor ops, which torch lacks on some backends).
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 from torch import Tensor
@@ -224,14 +223,23 @@ def _dynamic_values(signed_bits: int, decades: int) -> list[float]:
     return sorted(vals)
 
 
-@functools.cache
-def _tables_cpu(signed: bool) -> tuple[Tensor, Tensor]:
+def _build_tables(signed: bool) -> tuple[Tensor, Tensor]:
     # signed: 7 magnitude bits (6 decades down to 3.25e-6 of the absmax) and a sign bit;
     # unsigned: 8 bits (7 decades down to 3.25e-7): docs/lowbit.md §3
     mags = _dynamic_values(7, 6) if signed else _dynamic_values(8, 7)
     values = torch.tensor(mags, dtype=torch.float64)
     thresholds = ((values[:-1] + values[1:]) / 2).to(torch.float32)
     return values.to(torch.float32), thresholds
+
+
+#: built once at import (1.5 KiB): a plain dict, which Dynamo reads as a constant; a functools.cache here
+#: was a graph break inside every compiled low-precision step, and a compiled step resumed after it drew
+#: other stochastic-rounding bits than the eager step
+_TABLES = {True: _build_tables(True), False: _build_tables(False)}
+
+
+def _tables_cpu(signed: bool) -> tuple[Tensor, Tensor]:
+    return _TABLES[signed]
 
 
 def quant_tables(signed: bool, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
