@@ -350,7 +350,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         """id(param) -> (its position in the optimizer, its group's position): the generator's tensor index."""
         sig = tuple(len(g["params"]) for g in self.param_groups)
         cached = self.__dict__.get("_tensor_index_map")
-        if cached is not None and cached[0] == sig:
+        # keyed by id: valid while the groups hold the same params (a param swapped in place is a miss)
+        last = next((g["params"][-1] for g in reversed(self.param_groups) if g["params"]), None)
+        if cached is not None and cached[0] == sig and (last is None or id(last) in cached[1]):
             return cached[1]
         table: dict[int, tuple[int, int]] = {}
         n = 0
@@ -374,6 +376,9 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _rounding_for(self, params: list[Tensor], idx: list[int], fmt: str, states: Sequence[list[Tensor]]
                       ) -> _low.Rounding:
         table = self._tensor_indices()
+        if any(id(params[i]) not in table for i in idx):  # params replaced in a group since it was built
+            self.__dict__.pop("_tensor_index_map", None)
+            table = self._tensor_indices()
         first = table[id(params[idx[0]])]
         step = self.__dict__.get("_rounding_steps", {}).get(first[1], 0)
         group = self.param_groups[first[1]]
@@ -394,7 +399,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         for key, value in self.__dict__.items():
             if (key not in state and not key.startswith("_optimizer_")
-                    and key not in ("_impl_cache", "_state_checked", "_state_map")):
+                    and key not in ("_impl_cache", "_state_checked", "_state_map", "_tensor_index_map",
+                                    "_rounding_steps")):
                 state[key] = value
         return state
 

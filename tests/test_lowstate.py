@@ -416,3 +416,19 @@ def test_compiled_step_equals_eager(impl, prec):
         assert torch.equal(x, y)
         for key, v in a.state[x].items():
             assert torch.equal(v, b.state[y][key]), key
+
+
+def test_a_deepcopy_steps_as_the_original():
+    """The copy's params are new tensors: the generator's tensor index follows them, not the ids of the
+    original's (no stale id table survives the copy)."""
+    ps = _params(torch.bfloat16)
+    a = _make("lion", ps, "foreach", state_precision="8bit", stochastic_rounding=True)
+    _run(a, ps, 2)
+    b = copy.deepcopy(a)
+    qs = [p for g in b.param_groups for p in g["params"]]
+    _run(a, ps, 2, start=3)
+    _run(b, qs, 2, start=3)
+    for x, y in zip(ps, qs):
+        assert torch.equal(x, y)
+        for key, v in a.state[x].items():
+            assert torch.equal(v, b.state[y][key]), key
