@@ -258,6 +258,65 @@ def case_declared(name: str) -> Callable:
     return run
 
 
+def case_lowbit(name: str) -> Callable:
+    """A declared optimizer's low-precision pass (docs/lowbit.md §5) on its impl: "plain" its state as 8-bit
+    codes and block scales, "misaligned" (every tensor a view one element off) bf16 state with bf16 params
+    rounded stochastically. An impl without the pass runs its fp32 kernel through
+    `lowstate.reference_step`, as the optimizer class does."""
+    def run(fn, make, dtype, variant):
+        import torch
+
+        from fused_optim import lowbit, lowstate
+        from fused_optim.declaration import declared
+
+        decl = declared()[name][0]
+        d = make.device
+        p, g = make(dtype), make(dtype, 1e-2)
+        fmt = "bf16" if variant == "misaligned" else "8bit"
+        states, absmax = [], []
+        for s in decl.state:
+            vals = make(torch.float32, 1e-3, positive=not s.signed)
+            if fmt == "bf16":
+                states.append([v.to(torch.bfloat16) if not make.misaligned else _shifted(v, torch.bfloat16)
+                               for v in vals])
+                absmax.append([])
+            else:
+                codes, scales = zip(*(lowbit.quantize_blockwise(v.contiguous(), s.signed) for v in vals))
+                states.append(list(codes))
+                absmax.append(list(scales))
+        rounding = lowstate.Rounding(fmt=fmt, signed=tuple(s.signed for s in decl.state), absmax=tuple(absmax),
+                                     param_sr=dtype == torch.bfloat16 and fmt == "bf16", seed=1234, step=3,
+                                     tensor_index=list(range(len(p))))
+        kwargs = _declared_scalars(name)
+        if getattr(fn, "supports_lowbit", False):
+            fn(p, g, *states, **kwargs, lowbit=rounding)
+        else:
+            lowstate.reference_step(lambda ps, gs, ss: fn(ps, gs, *ss, **kwargs), p, g, states, rounding,
+                                    [_state_dtype(torch, dtype)] * len(p))
+    return run
+
+
+def _shifted(t, dtype):
+    """`t` converted to `dtype` as a view one element into a one-longer buffer (a misaligned tensor)."""
+    import torch
+
+    buf = torch.empty(t.numel() + 1, dtype=dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t.to(dtype))
+    return view
+
+
+def _lowbit_cases() -> list[Case]:
+    """A low-precision case for every declared optimizer whose Triton or native impl has the pass."""
+    import fused_optim  # noqa: F401 - declares every optimizer of the library
+    from fused_optim.declaration import declared
+
+    return [Case(f"{name}_lowbit", case_lowbit(name), decl.per_tensor_reduction)
+            for name, (decl, _) in sorted(declared().items())
+            if decl.alias_of is None and {"triton", "native"} <= set(decl.impl_names)
+            and any(i.lowbit for i in decl.impls)]
+
+
 def _declared_cases(hand: list[Case]) -> list[Case]:
     """A generic case for every declared optimizer with triton and native impls and no case in `hand`."""
     import fused_optim  # noqa: F401 - declares every optimizer of the library
@@ -331,7 +390,7 @@ def impl_fns(name: str) -> dict[str, Callable]:
 
     # a declared optimizer's launcher is its declaration's (lazy) reference; the composites' parts are
     # the package's attributes or their kernel module's
-    decl = declared().get(name)
+    decl = declared().get(name.removesuffix("_lowbit"))
     if decl is not None and decl[0].impls:
         return {"native": decl[1]._impls["native"], "triton": decl[1]._impls["triton"]}
     tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
@@ -362,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         # Triton on CPU tensors is its interpreter, chosen when triton is imported: before anything imports it
         os.environ.setdefault("TRITON_INTERPRET", "1")
     want = expected(args.only)
-    all_cases = CASES + _declared_cases(CASES)
+    all_cases = CASES + _declared_cases(CASES) + _lowbit_cases()
     cases = [c for c in all_cases if args.only == "all" or c.reduction]
     if args.list:
         print(f"native CUDA ops ({len(native_cuda_ops())}): {', '.join(native_cuda_ops())}")
