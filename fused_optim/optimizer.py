@@ -248,6 +248,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                              "pass state_precision='fp32'")
         if stochastic_rounding and not self._supports_stochastic_rounding:
             raise ValueError(f"{self._display_name} does not support stochastic_rounding=True yet")
+        #: per-step bookkeeping of the rounding key, mutated in place (a compiled step may not set
+        #: attributes: older Dynamo refuses it): group index -> this step's counter; the tensor-index table
+        self._rounding_steps: dict[int, int | Tensor] = {}
+        self._tensor_index_cache: dict[str, Any] = {}
         #: fused_optim/lowstate.py: how the state is stored, whether bf16 params round stochastically
         self.state_precision = state_precision
         self.stochastic_rounding = bool(stochastic_rounding)
@@ -325,11 +329,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     @property
     def _lowbit_on(self) -> bool:
         """Whether state is stored below fp32 or params round stochastically (fused_optim/lowstate.py)."""
-        return self.__dict__.get("state_precision", "fp32") != "fp32" or self.__dict__.get("stochastic_rounding", False)
+        return self.state_precision != "fp32" or self.stochastic_rounding
 
     def _state_format(self, p: Tensor, key: str) -> str:
         """How state `key` of `p` is stored: "fp32" (`_state_dtype`), "bf16" or "8bit"."""
-        precision = self.__dict__.get("state_precision", "fp32")
+        precision = self.state_precision
         if precision == "fp32" or key not in self._lowbit_keys():
             return "fp32"
         return _low.storage_format(precision, p)  # the global tensor: every rank of a DTensor decides alike
@@ -349,7 +353,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _tensor_indices(self) -> dict[int, tuple[int, int]]:
         """id(param) -> (its position in the optimizer, its group's position): the generator's tensor index."""
         sig = tuple(len(g["params"]) for g in self.param_groups)
-        cached = self.__dict__.get("_tensor_index_map")
+        cache = self._tensor_index_cache
+        cached = cache.get("map")
         # keyed by id: valid while the groups hold the same params (a param swapped in place is a miss)
         last = next((g["params"][-1] for g in reversed(self.param_groups) if g["params"]), None)
         if cached is not None and cached[0] == sig and (last is None or id(last) in cached[1]):
@@ -360,27 +365,28 @@ class FusedOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 table[id(p)] = (n, gi)
                 n += 1
-        self._tensor_index_map = (sig, table)
+        cache["map"] = (sig, table)
         return table
 
     def _advance_rounding(self, batches: list[tuple[dict, list[Tensor], list[Tensor]]]) -> None:
         """Advance each stepping group's rounding counter once (after AMP's skip decision): the step of the
         generator's key for this step's stochastic roundings."""
-        self._rounding_steps = {}
         if not self._lowbit_on:
             return
+        steps = self._rounding_steps
+        steps.clear()
         for gi, (group, params, _) in enumerate(batches):
             if params:
-                self._rounding_steps[gi] = self._advance_counter(group, "lowbit_step", params)
+                steps[gi] = self._advance_counter(group, "lowbit_step", params)
 
     def _rounding_for(self, params: list[Tensor], idx: list[int], fmt: str, states: Sequence[list[Tensor]]
                       ) -> _low.Rounding:
         table = self._tensor_indices()
         if any(id(params[i]) not in table for i in idx):  # params replaced in a group since it was built
-            self.__dict__.pop("_tensor_index_map", None)
+            self._tensor_index_cache.pop("map", None)
             table = self._tensor_indices()
         first = table[id(params[idx[0]])]
-        step = self.__dict__.get("_rounding_steps", {}).get(first[1], 0)
+        step = self._rounding_steps.get(first[1], 0)
         group = self.param_groups[first[1]]
         keys = self._lowbit_states[:len(states)]
         absmax: tuple[list[Tensor], ...] = tuple([] for _ in keys)
@@ -399,7 +405,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         state = super().__getstate__()
         for key, value in self.__dict__.items():
             if (key not in state and not key.startswith("_optimizer_")
-                    and key not in ("_impl_cache", "_state_checked", "_state_map", "_tensor_index_map",
+                    and key not in ("_impl_cache", "_state_checked", "_state_map", "_tensor_index_cache",
                                     "_rounding_steps")):
                 state[key] = value
         return state
@@ -407,6 +413,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("_impl_cache", {})
+        self.__dict__.setdefault("_rounding_steps", {})
+        self.__dict__.setdefault("_tensor_index_cache", {})
+        self.__dict__.setdefault("state_precision", "fp32")
+        self.__dict__.setdefault("stochastic_rounding", False)
         self.__dict__.setdefault("_impl_request", None)
         self.__dict__.setdefault("capturable", False)
         self.__dict__.setdefault("_group_defaults", dict(self.defaults))
