@@ -58,8 +58,10 @@ def test_quick_end_to_end(tmp_path):
         assert 0 < p20 <= med <= p80 and math.isfinite(p80)
         spec = OPTIMIZERS[r["optimizer"]]
         if "+" in r["impl"]:  # a state_precision row: the floor's bytes from the state as measured
+            # both columns are rounded to 3 decimals (the floor's from the unrounded state bytes, which it
+            # counts twice): 0.0005 + 2 x 0.0005 apart at most
             assert float(r["bytes_per_param"]) == pytest.approx(
-                spec.bytes_per_param_measured(4, float(r["state_bytes_per_param"])), abs=1e-3)
+                spec.bytes_per_param_measured(4, float(r["state_bytes_per_param"])), abs=1.5e-3 + 1e-9)
         else:
             assert float(r["bytes_per_param"]) == spec.bytes_per_param(4, 4)
         gbps = float(r["achieved_gbps"])
