@@ -43,8 +43,9 @@ SMALL_SIZES = (0, 1, 3, 5, 2047)
 # ------------------------------------------------------------------------------ enumeration (no torch)
 def native_cuda_ops(root: Path = REPO) -> list[str]:
     """Ops with a CUDA kernel: the CUDA registration block (csrc/register_kernels.h) registers every op of
-    csrc/ops_list.h (`FO_OP(name, ...)`) and every rule of csrc/math/elementwise_rules.h (`X(Rule)`, whose
-    op is its declaration's `kName` + "_"); plus any op the block registers by name."""
+    csrc/ops_list.h (`FO_OP(name, ...)`), every rule of csrc/math/elementwise_rules.h (`X(Rule)`, whose
+    op is its declaration's `kName` + "_", and its lowbit op `kName` + "_lowbit_" where register_kernels.h
+    registers those) and the ops register_kernels.h names; plus any op the block registers by name."""
     csrc = root / "csrc"
     cu = "\n".join(src.read_text() for src in sorted((csrc / "cuda").glob("*.cu")))
     block = re.search(r"TORCH_LIBRARY_IMPL\(\s*fused_optim\s*,\s*CUDA\s*,\s*\w+\s*\)\s*\{(.*?)\n\}", cu, re.S)
@@ -52,13 +53,16 @@ def native_cuda_ops(root: Path = REPO) -> list[str]:
         return []
     ops: list[str] = re.findall(r'\.impl\(\s*"(\w+)"', block.group(1))
     if "register_kernels.h" in block.group(1):
+        shared = (csrc / "register_kernels.h").read_text()
         ops += re.findall(r"^FO_OP\((\w+),", (csrc / "ops_list.h").read_text(), re.M)
+        ops += re.findall(r'\.impl\(\s*"(\w+)"', shared)
+        suffixes = ["_"] + (["_lowbit_"] if "register_elementwise_lowbit" in shared else [])
         rules = (csrc / "math" / "elementwise_rules.h").read_text().split("#define FO_ELEMENTWISE_RULES(X)", 1)[1]
         math = "\n".join(h.read_text() for h in sorted((csrc / "math").glob("*.h")))
         for rule in re.findall(r"X\((\w+)\)", rules):
             found = re.search(rf"struct {rule} {{.*?kName = \"(\w+)\"", math, re.S)
             if found:
-                ops.append(found.group(1) + "_")
+                ops += [found.group(1) + suffix for suffix in suffixes]
     return sorted(set(ops))
 
 

@@ -94,6 +94,8 @@ struct ElementwiseArgs {
 //   fmt          the state storage: 0 the ordinary fp32 state, 1 bf16 (stochastic rounding), 2 8-bit codes
 //   param_sr     round bf16 params stochastically (stream 0); state list j rounds with stream 1 + j
 //   seed, step, tensor_index   the generator's key (docs/lowbit.md §1)
+//   step_tensor  given (capturable): the step is this 1-element float32 counter on the kernels' device, read
+//                there (its integer value's low 32 bits; no host sync on CUDA), and `step` is ignored
 struct LowbitArgs {
   std::vector<at::Tensor> absmax;
   at::Tensor tables;
@@ -102,13 +104,14 @@ struct LowbitArgs {
   bool param_sr = false;
   int64_t seed = 0;
   int64_t step = 0;
+  c10::optional<at::Tensor> step_tensor;
   std::vector<int64_t> tensor_index;
 };
 
 // The schema text of LowbitArgs, `alias` the absmax list's mutation letter.
 inline std::string lowbit_schema_args(char alias) {
   return std::string("Tensor(") + alias + "!)[] absmax, Tensor tables, int[] signed_maps, int fmt, bool param_sr, " +
-         "int seed, int step, int[] tensor_index, ";
+         "int seed, int step, Tensor? step_tensor, int[] tensor_index, ";
 }
 
 template <typename Rule>

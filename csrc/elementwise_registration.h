@@ -53,7 +53,7 @@ void boxed_elementwise(const c10::OperatorHandle&, torch::jit::Stack* stack) {
 template <typename Rule, void (*Run)(const ElementwiseArgs&, const LowbitArgs&)>
 void boxed_elementwise_lowbit(const c10::OperatorHandle&, torch::jit::Stack* stack) {
   using Shape = RuleShape<Rule>;
-  constexpr int kLowbitArgs = 8;
+  constexpr int kLowbitArgs = 9;
   const auto in = torch::jit::last(*stack, Shape::kArgs + kLowbitArgs);
   ElementwiseArgs a;
   LowbitArgs l;
@@ -68,6 +68,7 @@ void boxed_elementwise_lowbit(const c10::OperatorHandle&, torch::jit::Stack* sta
   l.param_sr = in[k++].toBool();
   l.seed = in[k++].toInt();
   l.step = in[k++].toInt();
+  l.step_tensor = optional_tensor(in[k++]);
   l.tensor_index = in[k++].toIntVector();
   for (int i = 0; i < Shape::kScalars; ++i) a.scalars.push_back(in[k++].toDouble());
   for (int i = 0; i < Shape::kFlags; ++i) a.flags[i] = in[k++].toBool();

@@ -37,18 +37,25 @@
 #include "math/elementwise_rules.h"
 
 // The lowbit ops (docs/lowbit.md §5): an update over bf16 or 8-bit state in one pass, with the arguments
-// of LowbitArgs (elementwise.h) after the state lists. CPU kernels only: on CUDA the Python launchers
-// run the fp32 op through fused_optim.lowstate.reference_step (fused_optim/_native.py). Adan's: adan_'s
-// arguments (ops_list.h) with LowbitArgs after neg_pre_grads; each rule's: generated (`<kName>_lowbit_`).
-#define ADAN_LOWBIT_SCHEMA                                                                                   \
-  "(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "              \
-  "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, Tensor(g!)[] absmax, Tensor tables, "             \
-  "int[] signed_maps, int fmt, bool param_sr, int seed, int step, int[] tensor_index, float lr, float beta1, " \
-  "float beta2, float beta3, float bias_correction1, float bias_correction2, float bias_correction3_sqrt, "   \
-  "float eps, float weight_decay, bool no_prox, Tensor? clip, bool maximize, Tensor? grad_scale=None, "       \
-  "Tensor? found_inf=None, Tensor? lr_tensor=None, Tensor? bias_correction1_tensor=None, "                     \
-  "Tensor? bias_correction2_tensor=None, Tensor? bias_correction3_sqrt_tensor=None, "                          \
-  "Tensor? first_step=None) -> ()"
+// of LowbitArgs (elementwise.h) after the state lists; CPU (csrc/cpu/lowbit_updates.cpp) and CUDA
+// (csrc/cuda/lowbit_updates.cuh) kernels. Each rule's is generated (`<kName>_lowbit_`); Adan's and
+// Gravity's take their fp32 op's arguments (ops_list.h) with LowbitArgs after the state lists.
+static std::string adan_lowbit_schema() {
+  return "adan_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
+         "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, " +
+         fused_optim::lowbit_schema_args('g') +
+         "float lr, float beta1, float beta2, float beta3, float bias_correction1, float bias_correction2, "
+         "float bias_correction3_sqrt, float eps, float weight_decay, bool no_prox, Tensor? clip, bool maximize, "
+         "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None, "
+         "Tensor? bias_correction1_tensor=None, Tensor? bias_correction2_tensor=None, "
+         "Tensor? bias_correction3_sqrt_tensor=None, Tensor? first_step=None) -> ()";
+}
+static std::string gravity_lowbit_schema() {
+  return "gravity_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] vs, " +
+         fused_optim::lowbit_schema_args('d') +
+         "Tensor stats, float lr, float beta_hat, bool maximize, Tensor? grad_scale=None, Tensor? found_inf=None, "
+         "Tensor? lr_tensor=None, Tensor? beta_hat_tensor=None) -> ()";
+}
 
 // The ops of ops_list.h, then one op per rule of math/elementwise_rules.h (Lion: math/lion.h), its schema
 // generated from the rule's declaration (elementwise.h).
@@ -61,7 +68,8 @@ TORCH_LIBRARY(fused_optim, m) {
   m.def(fused_optim::elementwise_schema<fused_optim::math::Rule>(true).c_str());
   FO_ELEMENTWISE_RULES(FO_RULE)
 #undef FO_RULE
-  m.def("adan_lowbit_" ADAN_LOWBIT_SCHEMA);
+  m.def(adan_lowbit_schema().c_str());
+  m.def(gravity_lowbit_schema().c_str());
 }
 
 // The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/). The emulated CUDA
@@ -71,12 +79,6 @@ TORCH_LIBRARY(fused_optim, m) {
 TORCH_LIBRARY_IMPL(fused_optim, CPU, m) {
 #define FO_BACKEND fused_optim::cpu
 #include "register_kernels.h"
-#define FO_RULE(Rule)                                                                                  \
-  fused_optim::register_elementwise_lowbit<fused_optim::math::Rule,                                    \
-                                           &fused_optim::cpu::run_elementwise_lowbit<fused_optim::math::Rule>>(m);
-  FO_ELEMENTWISE_RULES(FO_RULE)
-#undef FO_RULE
-  m.impl("adan_lowbit_", &fused_optim::cpu::adan_lowbit_);
 }
 #endif  // FUSED_OPTIM_CUDA_EMULATION
 

@@ -65,7 +65,10 @@ def _finish_sharded(stats: Tensor, params: list[Tensor], col: int, op: str) -> T
 @supports_amp
 def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor], *, lr: float | Tensor,
                     beta_hat: float | Tensor, maximize: bool, grad_scale: Tensor | None = None,
-                    found_inf: Tensor | None = None) -> None:
+                    found_inf: Tensor | None = None, lowbit=None) -> None:
+    """``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op ``gravity_lowbit_``). The per-tensor
+    max|g| is reduced once over the whole split, before the rows are divided between the op and the
+    reference path (an FSDP2 split's shard reduction sees every tensor, on every rank alike)."""
     if not params:  # the dispatcher needs a tensor to pick the backend
         return
     ops = _ops()
@@ -75,7 +78,19 @@ def _native_gravity(params: list[Tensor], grads: list[Tensor], vs: list[Tensor],
     with torch.no_grad():
         # the reduction sees the unscaled grads the update then writes back (it only reads them)
         stats = _finish_sharded(ops.multi_tensor_stats(grads, None, 0.0, maximize, grad_scale), params, 0, "max")
-        ops.gravity_(params, grads, vs, stats, lr, beta_hat, maximize, grad_scale, found_inf, lr_t, beta_hat_t)
+    tail = (lr, beta_hat, maximize)
+    if _lowbit_active(lowbit):
+        def fp32_step(ps, gs, ss, rows):
+            ops.gravity_(ps, gs, *ss, _rows_of(stats, rows), *tail, None, None, lr_t, beta_hat_t)
+
+        def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf, rows):
+            ops.gravity_lowbit_(ps, gs, *ss, *low_args, _rows_of(stats, rows), *tail, grad_scale, found_inf, lr_t,
+                                beta_hat_t)
+
+        _lowbit_step(fp32_step, lowbit_op, params, grads, [vs], lowbit, grad_scale, found_inf)
+        return
+    with torch.no_grad():
+        ops.gravity_(params, grads, vs, stats, *tail, grad_scale, found_inf, lr_t, beta_hat_t)
 
 
 # ------------------------------------------------------------------ low-precision state (docs/lowbit.md §5)
@@ -90,9 +105,9 @@ def _lowbit_active(lowbit) -> bool:
 
 
 @functools.cache
-def _lowbit_tables(signed: tuple[bool, ...]) -> Tensor:
-    """The 8-bit maps of the state lists as the lowbit ops read them: [states, 2, 256] fp32, per list its
-    magnitudes then its thresholds (`fused_optim.lowbit.quant_tables`, zero-padded)."""
+def _lowbit_tables(signed: tuple[bool, ...], device: torch.device = torch.device("cpu")) -> Tensor:
+    """The 8-bit maps of the state lists as the lowbit ops read them: [states, 2, 256] fp32 on `device`, per
+    list its magnitudes then its thresholds (`fused_optim.lowbit.quant_tables`, zero-padded)."""
     from .lowbit import quant_tables
 
     out = torch.zeros(len(signed), 2, 256, dtype=torch.float32)
@@ -100,14 +115,14 @@ def _lowbit_tables(signed: tuple[bool, ...]) -> Tensor:
         mags, thr = quant_tables(sgn)
         out[j, 0, :mags.numel()] = mags
         out[j, 1, :thr.numel()] = thr
-    return out
+    return out.to(device)
 
 
 def _lowbit_in_op(params: list[Tensor], grads: list[Tensor], states, i: int) -> bool:
-    """Whether tensor `i` runs in a lowbit op: on the CPU (no CUDA kernels yet), an fp32-math param dtype,
-    dense row-major storage everywhere (the generator's element index is the flat row-major index)."""
+    """Whether tensor `i` runs in a lowbit op: on the CPU or CUDA, an fp32-math param dtype, dense row-major
+    storage everywhere (the generator's element index is the flat row-major index)."""
     p = params[i]
-    return (p.device.type == "cpu" and p.dtype in _LOWBIT_PARAM_DTYPES and grads[i].dtype == p.dtype
+    return (p.device.type in ("cpu", "cuda") and p.dtype in _LOWBIT_PARAM_DTYPES and grads[i].dtype == p.dtype
             and p.is_contiguous() and grads[i].is_contiguous() and all(s[i].is_contiguous() for s in states))
 
 
@@ -120,9 +135,11 @@ def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor],
                  states, low, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """One step under `low` (a `fused_optim.lowstate.Rounding`): the tensors a lowbit op takes
     (`_lowbit_in_op`) in one pass of it, ``lowbit_op(params, grads, states, lowbit_args, grad_scale,
-    found_inf)``; the others (CUDA, float64, other layouts) through `fused_optim.lowstate.reference_step`
-    over ``fp32_step(params, grads, states)``, the same bits. AMP: on the reference path found_inf is read
-    on the host (a skip leaves everything untouched) and the grads unscaled in place first."""
+    found_inf, rows)``; the others (float64, other layouts) through `fused_optim.lowstate.reference_step`
+    over ``fp32_step(params, grads, states, rows)``, the same bits. ``rows``: the positions of the lists a
+    call holds in the launcher's (a per-tensor value computed over the whole split, Gravity's max|g|, is
+    picked with it). AMP: on the reference path found_inf is read on the host (a skip leaves everything
+    untouched) and the grads unscaled in place first."""
     from . import lowstate
 
     n = len(params)
@@ -137,24 +154,42 @@ def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor],
         sub = _lowbit_subset(low, slow)
         dtype32 = [torch.float32 if params[i].dtype in (torch.bfloat16, torch.float16) else params[i].dtype
                    for i in slow]
+        done = [0]  # reference_step calls in order over consecutive runs of the slow rows
+
+        def call(ps, gs, ss):
+            rows = slow[done[0]:done[0] + len(ps)]
+            done[0] += len(ps)
+            fp32_step(ps, gs, ss, rows)
+
         with torch.no_grad():
-            lowstate.reference_step(fp32_step, [params[i] for i in slow], [grads[i] for i in slow],
+            lowstate.reference_step(call, [params[i] for i in slow], [grads[i] for i in slow],
                                     [[s[i] for i in slow] for s in states], sub, dtype32)
     if not fast:
         return
     sub = low if len(fast) == n else _lowbit_subset(low, fast)
-    step = int(sub.step) if isinstance(sub.step, Tensor) else sub.step  # a CPU tensor here: no sync
+    device = params[fast[0]].device
+    # a capturable step's counter is a tensor: the op reads it where it lives (on CUDA: no sync)
+    step, step_tensor = ((0, sub.step.to(device, torch.float32).reshape(1)) if isinstance(sub.step, Tensor)
+                         else (sub.step, None))
     fmt = _STATE_FORMATS[sub.fmt]
     absmax = [a for per_list in sub.absmax for a in per_list] if sub.fmt == "8bit" else []
-    tables = _lowbit_tables(tuple(bool(x) for x in sub.signed)) if sub.fmt == "8bit" else _NO_TABLES
+    tables = _lowbit_tables(tuple(bool(x) for x in sub.signed), device) if sub.fmt == "8bit" else _NO_TABLES
     low_args = (absmax, tables, [int(bool(x)) for x in sub.signed], fmt, bool(sub.param_sr), int(sub.seed), step,
-                list(sub.tensor_index))
+                step_tensor, list(sub.tensor_index))
     pick = (lambda xs: xs) if len(fast) == n else (lambda xs: [xs[i] for i in fast])
     with torch.no_grad():
-        lowbit_op(pick(params), pick(grads), [pick(s) for s in states], low_args, grad_scale, found_inf)
+        lowbit_op(pick(params), pick(grads), [pick(s) for s in states], low_args, grad_scale, found_inf, fast)
 
 
 _NO_TABLES = torch.zeros(0, dtype=torch.float32)
+
+
+def _rows_of(t: Tensor, rows: list[int]) -> Tensor:
+    """Rows `rows` of `t`: a view when they are consecutive (the usual case: every row, or one run; no
+    host-to-device index copy, so nothing a CUDA graph capture refuses), else a gather."""
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return t[rows[0]:rows[0] + len(rows)]
+    return t[rows]
 
 
 def native_elementwise(rule: str):
@@ -164,7 +199,7 @@ def native_elementwise(rule: str):
     The declaration is read from the op's schema on the first call. A scalar the rule lets be a device
     tensor (its ``<name>_tensor`` argument) may be a 0-d tensor (capturable, tensor lr). AMP-aware
     (`supports_amp`'s contract). ``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op
-    ``<rule>_lowbit_`` on the CPU). Nothing here is specific to a rule."""
+    ``<rule>_lowbit_``). Nothing here is specific to a rule."""
     layout: list[tuple] = []  # (number of state lists, float names, flag names, tensor-scalar names, all names)
 
     def read_layout() -> tuple:
@@ -200,10 +235,10 @@ def native_elementwise(rule: str):
                 raise TypeError(f"native {rule}: {name} must be a float (only {tensors} may be tensors)")
         tail = (*(values[n] for n in scalars), *(bool(values[n]) for n in flags), maximize)
         if _lowbit_active(lowbit):
-            def fp32_step(ps, gs, ss):
+            def fp32_step(ps, gs, ss, rows):
                 launcher(ps, gs, *ss, maximize=maximize, **kwargs)
 
-            def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf):
+            def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf, rows):
                 getattr(ops, f"{rule}_lowbit_")(ps, gs, *ss, *low_args, *tail, grad_scale, found_inf, *tensor_args)
 
             _lowbit_step(fp32_step, lowbit_op, params, grads, states, lowbit, grad_scale, found_inf)
@@ -229,11 +264,11 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
                  found_inf: Tensor | None = None, first_step: Tensor | None = None, lowbit=None) -> None:
     """`first_step` (capturable): a 0-d tensor, nonzero at the group's first step, when the class leaves
     ``neg_pre_grad = -clip·g`` to the kernel (it is then read on the device, like the bias corrections).
-    ``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op ``adan_lowbit_`` on the CPU)."""
+    ``lowbit``: a `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op ``adan_lowbit_``)."""
     if not params:
         return
     if _lowbit_active(lowbit):
-        def fp32_step(ps, gs, ss):
+        def fp32_step(ps, gs, ss, rows):
             _native_adan(ps, gs, *ss, lr=lr, beta1=beta1, beta2=beta2, beta3=beta3, bias_correction1=bias_correction1,
                          bias_correction2=bias_correction2, bias_correction3_sqrt=bias_correction3_sqrt, eps=eps,
                          weight_decay=weight_decay, no_prox=no_prox, clip=clip, maximize=maximize,
@@ -258,7 +293,7 @@ def _native_adan(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
     tail = (lr_t, bc1_t, bc2_t, bc3_t, first_t)
     states = (exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)
     if _lowbit_active(lowbit):
-        def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf):
+        def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf, rows):
             _ops().adan_lowbit_(ps, gs, *ss, *low_args, *head, grad_scale, found_inf, *tail)
 
         _lowbit_step(fp32_step, lowbit_op, params, grads, states, lowbit, grad_scale, found_inf)

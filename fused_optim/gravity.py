@@ -69,7 +69,7 @@ GRAVITY = Declaration(
     impls=(Impl("forloop", _forloop_gravity),
            Impl("foreach", _foreach_gravity, shard_aware=True),  # finishes max|g| with reduce_per_tensor
            Impl("triton", "fused_optim.kernels.gravity:_triton_gravity", **FUSED, lowbit=True),
-           Impl("native", _native_gravity, **FUSED, shard_aware=True)),
+           Impl("native", _native_gravity, **FUSED, shard_aware=True, lowbit=True)),
 )
 
 

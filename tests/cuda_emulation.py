@@ -179,7 +179,66 @@ def sweep(ops, ref=None):
         ops.multi_tensor_l2norm(rnd(p_dt))
         ops.multi_tensor_l2norm(rnd(p_dt), rnd(p_dt))
         ops.sam_perturb_(rnd(p_dt), rnd(p_dt), rnd(p_dt), torch.tensor(0.1, dtype=m_dt), True)
+    lowbit_sweep(ops)
     for dt in (torch.uint8, torch.float16, torch.float32, torch.float64):  # the bit copy: 1, 2, 4, 8 bytes
         dst, src = [torch.zeros(n, dtype=dt) for n in sizes], [torch.ones(n, dtype=dt) for n in sizes]
         ops.multi_tensor_copy_(dst, src)
         assert all(torch.equal(d, s) for d, s in zip(dst, src)), f"multi_tensor_copy_ of {dt}"
+
+
+def lowbit_tables(signed):
+    """Tables shaped as the lowbit ops read them ([states, 2, 256]: magnitudes, then thresholds), a linear
+    map per list: the sweep checks the kernels against the CPU ops on the same tables, so any increasing map
+    will do, and this module imports nothing of fused_optim (the sanitizer run)."""
+    out = torch.zeros(len(signed), 2, 256)
+    for j, sgn in enumerate(signed):
+        n = 128 if sgn else 256
+        mags = torch.linspace(0, 1, n)
+        out[j, 0, :n] = mags
+        out[j, 1, :n - 1] = (mags[1:] + mags[:-1]) / 2
+    return out
+
+
+def lowbit_sweep(ops, sizes=(5, 1030)):
+    """The lowbit ops (each rule's ``<name>lowbit_``, ``adan_lowbit_``, ``gravity_lowbit_``) for every param storage type, AMP
+    and not, every state format: fp32 state with stochastically rounded params, bf16, 8-bit."""
+    g = torch.Generator().manual_seed(11)
+
+    def state(fmt, positive):
+        if fmt == 2:
+            return [torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8) for n in sizes]
+        x = [torch.rand(n, generator=g) + 0.5 if positive else torch.randn(n, generator=g) for n in sizes]
+        return [t.to(torch.bfloat16) if fmt == 1 else t for t in x]
+
+    for p_dt in (torch.float32, torch.bfloat16, torch.float16):
+        for amp in (False, True):
+            gs, fi = (torch.full((1,), 2.0), torch.zeros(1)) if amp else (None, None)
+            for fmt in (0, 1, 2):
+                for name in elementwise_ops():
+                    rule = name[:-1]
+                    args = getattr(torch.ops.fused_optim_emu, f"{rule}_lowbit_").default._schema.arguments
+                    kinds = [str(a.type) for a in args[:[a.name for a in args].index("maximize")]]
+                    n_states = kinds.count("List[Tensor]") - 3  # params, grads, absmax
+                    _call_lowbit(ops, f"{rule}_lowbit_", [False] * n_states, fmt, p_dt, sizes, state, g,
+                                 [0.1] * (kinds.count("float")), [False] * (kinds.count("bool") - 1), gs, fi)
+                # Adan: the second moment non-negative (its unsigned map)
+                _call_lowbit(ops, "adan_lowbit_", [True, False, True, True], fmt, p_dt, sizes, state, g,
+                             [1e-3, 0.98, 0.92, 0.99, 0.1, 0.1, 0.3, 1e-8, 0.02], [False, None], gs, fi)
+                # Gravity: the per-tensor max|g| (stats column 0) before the floats
+                _call_lowbit(ops, "gravity_lowbit_", [True], fmt, p_dt, sizes, state, g, [1e-3, 0.9], [], gs, fi,
+                             stats=True)
+
+
+def _call_lowbit(ops, op, signed, fmt, p_dt, sizes, state, g, floats, flags, gs, fi, stats=False):
+    p = [torch.randn(n, generator=g).to(p_dt) for n in sizes]
+    gr = [torch.randn(n, generator=g).to(p_dt) for n in sizes]
+    before = ()
+    if stats:
+        st = torch.zeros(len(sizes), 3)
+        st[:, 0] = torch.stack([t.float().abs().amax() for t in gr])
+        before = (st,)
+    states = [state(fmt, not sgn) for sgn in signed]
+    absmax = [torch.rand((n + 255) // 256, generator=g) + 0.5 for _ in signed for n in sizes] if fmt == 2 else []
+    tables = lowbit_tables(signed) if fmt == 2 else torch.zeros(0)
+    getattr(ops, op)(p, gr, *states, absmax, tables, [int(x) for x in signed], fmt, fmt != 1, 3, 7, None, [0, 1],
+                     *before, *floats, *flags, False, gs, fi)

@@ -50,7 +50,7 @@ def test_quick_end_to_end(tmp_path):
             for impl in ("forloop", "foreach"):  # today's impls; others join when available_impls says so
                 assert (pset, opt, impl) in got, (pset, opt, impl)
     if ("gpt2-tiny", "lion", "native") in got:  # auto mode's impl here, with the fused low-precision pass
-        for opt in ("lion", "adan"):
+        for opt in ("lion", "adan", "gravity"):
             assert {("gpt2-tiny", opt, "native+bf16"), ("gpt2-tiny", opt, "native+8bit")} <= got
     for r in rows:
         assert r["hardware"] and r["torch"] == torch.__version__ and r["commit"] and r["triton"]

@@ -57,9 +57,13 @@ def test_kernel_driver_enumerates_every_kernel_from_the_sources():
     drv = _load("kernel_driver")
     ops = drv.native_cuda_ops()
     listed = re.findall(r"^FO_OP\((\w+),", (REPO / "csrc" / "ops_list.h").read_text(), re.M)
-    assert set(listed) < set(ops) and len(listed) >= 11 and {"adan_", "lion_"} <= set(ops)
+    assert set(listed) < set(ops) and len(listed) >= 11
+    assert {"adan_", "lion_", "adan_lowbit_", "lion_lowbit_"} <= set(ops)
     rules = (REPO / "csrc" / "math" / "elementwise_rules.h").read_text().split("#define FO_ELEMENTWISE_RULES(X)")[1]
-    assert len(ops) == len(set(ops)) == len(listed) + len(re.findall(r"X\((\w+)\)", rules))  # + one op per rule
+    by_name = re.findall(r'\.impl\(\s*"(\w+)"', (REPO / "csrc" / "register_kernels.h").read_text())
+    # + two ops per rule (its update and its lowbit op) + the ops register_kernels.h names (Adan's and
+    # Gravity's lowbit ops)
+    assert len(ops) == len(set(ops)) == len(listed) + 2 * len(re.findall(r"X\((\w+)\)", rules)) + len(by_name)
     kernels = drv.triton_kernels()
     assert {"_lion_kernel", "_partials_kernel", "_sam_norms_finish_kernel", "_muon_apply_kernel"} <= set(kernels)
     assert "fn" not in kernels  # kernel_for's own parameter is not a kernel

@@ -4,9 +4,10 @@ random order, threads as fibers with real barriers and warp shuffles, checked sh
 
 Every CUDA op runs emulated on CPU tensors through fused_optim's own launchers (fused_optim._native) and is
 held to the native CPU kernels' test rules: the CPU test functions of test_native.py,
-test_native_composites.py and test_native_amp_capturable.py are rerun here with their ops routed to the
-emulated build (exact where the CPU kernels are exact: the emulated build compiles with -ffp-contract=off).
-Then adversarial lists (>= 200 tensors, odd sizes, unaligned views, multi-chunk and zero-size tensors),
+test_native_composites.py, test_native_amp_capturable.py and test_native_lowbit.py are rerun here with their
+ops routed to the emulated build (exact where the CPU kernels are exact: the emulated build compiles with
+-ffp-contract=off). Then adversarial lists (>= 200 tensors, odd sizes, unaligned views, multi-chunk and
+zero-size tensors; the lowbit ops' bit for bit against the CPU op),
 schedule independence, the emulator's own race/shuffle checks, the AddressSanitizer + UBSan build, and a
 coverage check: every kernel instantiation compiled into the build is launched by this file.
 """
@@ -26,6 +27,7 @@ import cuda_emulation
 import test_native as tn
 import test_native_amp_capturable as ta
 import test_native_composites as tc
+import test_native_lowbit as tl
 
 pytestmark = pytest.mark.cuda_emulated
 
@@ -81,6 +83,12 @@ _RERUN = {
                             "test_amp_strided_grad_beside_contiguous_param", "test_found_inf_writes_nothing",
                             "test_stats_see_the_rounded_unscaled_grad", "test_device_scalars_track_forloop",
                             "test_device_scalars_exact_where_fp32_is_exact", "test_device_scalars_with_amp"]),
+    # the lowbit ops against reference_step over the emulated fp32 op, bit for bit
+    "lowbit": (tl, ["test_lowbit_op_equals_reference_step", "test_amp_scaled_step_and_found_inf_skip",
+                    "test_state_dict_round_trip_resumes_bit_exactly", "test_capturable_tensor_step_and_lr",
+                    "test_nonfinite_values_as_the_reference", "test_launcher_found_inf_skips_everything",
+                    "test_gravity_rows_split_between_op_and_reference_path",
+                    "test_op_refuses_bad_arguments_before_writing"]),
 }
 for _prefix, (_mod, _names) in _RERUN.items():
     for _name in _names:
@@ -156,6 +164,72 @@ def test_adversarial_lists_reductions(routed):
         assert abs(stats[i, 2].item() - x.square().sum().item()) <= 1e-5 * x.square().sum().item()
         assert abs(norms[i].item() - x.norm().item()) <= 1e-6 * x.norm().item()
     _guards_intact(bases)
+
+
+def _as_bits(t):
+    return t.view({4: torch.int32, 2: torch.int16, 1: torch.uint8}[t.element_size()])
+
+
+@pytest.mark.parametrize("amp", [False, True], ids=["plain", "amp"])
+@pytest.mark.parametrize("fmt", [1, 2], ids=["bf16", "8bit"])
+@pytest.mark.parametrize("p_dt", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lowbit_adversarial_lists_equal_the_cpu_op(emu, p_dt, fmt, amp):
+    """adan_lowbit_ over 61 tensors in one call (odd sizes, two over two 65536-element chunks, last
+    quantization blocks of 1 element, views at odd storage offsets, a zero-size tensor): the emulated CUDA
+    kernel equals the native CPU op bit for bit (params, the grads it writes back under AMP, bf16 state,
+    8-bit codes and block scales), with param rounding on, and writes nothing outside its tensors."""
+    from fused_optim import _native
+
+    g = torch.Generator().manual_seed(5)
+    sizes = [int(torch.randint(1, 3000, (1,), generator=g)) for _ in range(58)] + [2 * 65536 + 257, 0, 65536 + 1]
+    sizes[7] = 256 * 9 + 1
+    sdt = torch.bfloat16 if fmt == 1 else torch.uint8
+
+    def lst(dtype, fill, positive=False):
+        out, bases = [], []
+        for i, n in enumerate(sizes):
+            off = i % 3
+            base = torch.full((n + off + 8,), fill, dtype=dtype) if dtype != torch.uint8 else \
+                torch.full((n + off + 8,), 0xAB, dtype=dtype)
+            t = base[off:off + n]
+            if dtype == torch.uint8:
+                t.copy_(torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8))
+            else:
+                x = torch.randn(n, generator=g)
+                t.copy_(x.abs() + 0.1 if positive else x)
+            out.append(t)
+            bases.append((base, off, n))
+        return out, bases
+
+    lists = [lst(p_dt, float("nan")), lst(p_dt, float("nan"))]
+    signed = [True, False, True, True]
+    lists += [lst(sdt, float("nan"), positive=not sgn) for sgn in signed]
+    absmax = [torch.rand((n + 255) // 256, generator=g) + 0.5 for _ in signed for n in sizes] if fmt == 2 else []
+    tables = _native._lowbit_tables(tuple(signed)) if fmt == 2 else torch.zeros(0)
+    amp_args = (torch.full((1,), 4.0), torch.zeros(1)) if amp else (None, None)
+    tensor_index = list(range(3, 3 + len(sizes)))
+
+    def call(ops, ls, am):
+        ops.adan_lowbit_(*ls, am, tables, [int(x) for x in signed], fmt, True, 123, 9, None, tensor_index,
+                         1e-2, 0.98, 0.92, 0.99, 0.5, 0.6, 0.7, 1e-8, 0.02, False, torch.tensor([0.8]), True,
+                         *amp_args)
+
+    ref_lists = [[t.clone() for t in ts] for ts, _ in lists]
+    ref_absmax = [a.clone() for a in absmax]
+    call(tn._ext.ops(), ref_lists, ref_absmax)
+    call(emu, [ts for ts, _ in lists], absmax)
+    for k, ((ts, _), refs) in enumerate(zip(lists, ref_lists)):
+        for i, (x, y) in enumerate(zip(ts, refs)):
+            assert torch.equal(_as_bits(x), _as_bits(y)), f"list {k} tensor {i} (numel {x.numel()}) differs"
+    for i, (x, y) in enumerate(zip(absmax, ref_absmax)):
+        assert torch.equal(_as_bits(x), _as_bits(y)), f"block scales {i} differ"
+    for ts, bases in lists:
+        for base, off, n in bases:
+            outside = torch.cat([base[:off], base[off + n:]])
+            if outside.dtype == torch.uint8:
+                assert (outside == 0xAB).all(), "a kernel wrote outside its tensor"
+            else:
+                assert torch.isnan(outside).all(), "a kernel wrote outside its tensor"
 
 
 # ------------------------------------------------------------------------------- the emulator itself

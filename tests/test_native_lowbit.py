@@ -1,7 +1,8 @@
-"""The native lowbit ops (docs/lowbit.md §5): Lion and Adan over bf16 / 8-bit state and stochastically
-rounded bf16 params in one CPU pass, against `fused_optim.lowstate.reference_step` over the *same*
-native fp32 op (the impl's ``supports_lowbit`` switched off), bit for bit: params, bf16 state bits,
-8-bit codes and block scales, every step.
+"""The native lowbit ops (docs/lowbit.md §5): Lion, Adan and Gravity over bf16 / 8-bit state and
+stochastically rounded bf16 params in one pass (CPU; CUDA under `-m gpu`, and emulated by
+tests/test_cuda_emulated.py), against `fused_optim.lowstate.reference_step` over the *same* native fp32 op
+(the impl's ``supports_lowbit`` switched off), bit for bit: params, bf16 state bits, 8-bit codes and block
+scales, every step.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from fused_optim import Adan, Lion, _native
+from fused_optim import Adan, Gravity, Lion, _native
 from fused_optim._backends import impl_status
 
 
@@ -35,8 +36,10 @@ MAKERS = {
     "adan_wd_max_clip": lambda ps, **kw: Adan(ps, lr=1e-2, weight_decay=0.02, maximize=True, max_grad_norm=0.5,
                                               impl="native", **kw),
     "adan_prox": lambda ps, **kw: Adan(ps, lr=1e-2, weight_decay=0.05, no_prox=True, impl="native", **kw),
+    "gravity": lambda ps, **kw: Gravity(ps, lr=3e-2, impl="native", **kw),
+    "gravity_max": lambda ps, **kw: Gravity(ps, lr=1e-2, alpha=0.05, beta=0.8, maximize=True, impl="native", **kw),
 }
-FNS = {"lion": _native._native_lion, "adan": _native._native_adan}
+FNS = {"lion": _native._native_lion, "adan": _native._native_adan, "gravity": _native._native_gravity}
 
 
 @contextlib.contextmanager
@@ -51,14 +54,32 @@ def reference_path(name):
         fn.supports_lowbit = True
 
 
-def make_params(dtype, seed=0, shapes=SHAPES):
+@contextlib.contextmanager
+def ops_called():
+    """The names of the native ops the launchers call meanwhile (through `_native._ops`)."""
+    called: set[str] = set()
+    real = _native._ops
+
+    class Recording:
+        def __getattr__(self, name):
+            called.add(name)
+            return getattr(real(), name)
+
+    _native._ops = Recording
+    try:
+        yield called
+    finally:
+        _native._ops = real
+
+
+def make_params(dtype, seed=0, shapes=SHAPES, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=g).to(dtype).requires_grad_() for s in shapes]
+    return [torch.randn(s, generator=g).to(device, dtype).requires_grad_() for s in shapes]
 
 
 def grads_for(params, step):
     g = torch.Generator().manual_seed(1000 + step)
-    return [(torch.randn(p.shape, generator=g) * (0.5 + step)).to(p.dtype) for p in params]
+    return [(torch.randn(p.shape, generator=g) * (0.5 + step)).to(p.device, p.dtype) for p in params]
 
 
 def bits(t):
@@ -83,8 +104,8 @@ def assert_same(a, b, what):
         assert x.dtype == y.dtype and torch.equal(x, y), f"{what}: {k} of param {i} differs"
 
 
-def twins(name, dtype, **kw):
-    pa = make_params(dtype)
+def twins(name, dtype, device="cpu", **kw):
+    pa = make_params(dtype, device=device)
     pb = [p.detach().clone().requires_grad_() for p in pa]
     torch.manual_seed(7)
     a = MAKERS[name](pa, **kw)
@@ -112,11 +133,13 @@ def test_lowbit_op_equals_reference_step(name, dtype, precision, sr):
         pytest.skip("fp32 state and fp32 params: nothing to round, the ordinary op runs")
     pa, a, pb, b = twins(name, dtype, state_precision=precision, stochastic_rounding=sr)
     for step in range(1, 5):
-        run_steps(name, pa, a, [step], reference=False)
+        with ops_called() as called:
+            run_steps(name, pa, a, [step], reference=False)
+        assert f"{name.split('_')[0]}_lowbit_" in called  # the fused pass ran
         run_steps(name, pb, b, [step], reference=True)
         assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} {precision} sr={sr} step {step}")
     if precision == "8bit":
-        assert a.state[pa[0]]["exp_avg"].dtype == torch.uint8  # the 8-bit path did run
+        assert any(v.dtype == torch.uint8 for v in a.state[pa[0]].values())  # the 8-bit path did run
     if sr and dtype == torch.bfloat16:  # the rounding is stochastic: not all to nearest
         near = make_params(dtype)
         torch.manual_seed(7)
@@ -125,7 +148,68 @@ def test_lowbit_op_equals_reference_step(name, dtype, precision, sr):
         assert any(not torch.equal(bits(x), bits(y)) for x, y in zip(pa, near))
 
 
-@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip"])
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,sr", [("bf16", False), ("bf16", True), ("8bit", False), ("8bit", True),
+                                          ("fp32", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(MAKERS))
+def test_cuda_lowbit_op_equals_reference_step(name, dtype, precision, sr):
+    """On a GPU: the CUDA lowbit op against `reference_step` over the CUDA fp32 op (the same per-element Op
+    compiled into both kernels), 4 steps, bit for bit; AMP with the skip read on the device."""
+    if precision == "fp32" and dtype == torch.float32:
+        pytest.skip("fp32 state and fp32 params: nothing to round, the ordinary op runs")
+    pa, a, pb, b = twins(name, dtype, device="cuda", state_precision=precision, stochastic_rounding=sr)
+    for step in range(1, 5):
+        run_steps(name, pa, a, [step], reference=False)
+        run_steps(name, pb, b, [step], reference=True)
+        assert_same(snapshot(a, pa), snapshot(b, pb), f"cuda {name} {precision} sr={sr} step {step}")
+    scale = torch.tensor(64.0, device="cuda")
+    for p, q, g in zip(pa, pb, grads_for(pa, 5)):
+        p.grad = (g.float() * 64).to(g.dtype)
+        q.grad = g.clone()
+    a.step(grad_scale=scale, found_inf=torch.tensor(0.0, device="cuda"))
+    with reference_path(name):
+        b.step()
+    assert_same(snapshot(a, pa), snapshot(b, pb), f"cuda {name} {precision} sr={sr} AMP step")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
+def test_cuda_graph_capture_of_the_lowbit_op(name, precision):
+    """capturable=True on CUDA: the lowbit op reads the rounding step from the device counter (no host
+    sync), so one captured step replayed 3 times equals 4 eager steps bit for bit (params, codes, block
+    scales, bf16 state), and the counter advanced on the device."""
+    kw = {"state_precision": precision, "stochastic_rounding": True, "capturable": True}
+    pa, a, pb, b = twins(name, torch.bfloat16, device="cuda", **kw)
+    grads = grads_for(pa, 1)
+    static = [torch.zeros_like(p) for p in pa]
+    for p, s in zip(pa, static):
+        p.grad = s
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up outside the capture
+        for s, g in zip(static, grads):
+            s.copy_(g)
+        a.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        a.step()
+    for i in range(3):
+        for s, g in zip(static, grads):
+            s.copy_(g * (i + 2))
+        graph.replay()
+    for i in range(4):
+        for p, g in zip(pb, grads):
+            p.grad = g * (i + 1)
+        b.step()
+    torch.cuda.synchronize()
+    assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} {precision}: graph replays against eager steps")
+    assert a.param_groups[0]["lowbit_step"].item() == 4
+
+
+@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip", "gravity_max"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_amp_scaled_step_and_found_inf_skip(name, precision):
     """grad_scale in the op equals the reference path (which unscales first), grads written back unscaled; a
@@ -156,7 +240,7 @@ def test_amp_scaled_step_and_found_inf_skip(name, precision):
             assert torch.equal(bits(p.grad), bits(q.grad))
 
 
-@pytest.mark.parametrize("name", ["lion", "adan"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_state_dict_round_trip_resumes_bit_exactly(name, precision):
     """3 steps, state_dict into a fresh optimizer, 2 more: the same as 5 uninterrupted steps."""
@@ -171,7 +255,7 @@ def test_state_dict_round_trip_resumes_bit_exactly(name, precision):
     assert_same(snapshot(c, pb), snapshot(a, pa), f"{name} resumed")
 
 
-@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip"])
+@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip", "gravity_max"])
 def test_capturable_tensor_step_and_lr(name):
     """capturable=True (the rounding step a CPU tensor) with a tensor lr: the op equals the reference path."""
     pa, a, pb, b = twins(name, torch.bfloat16, state_precision="8bit", stochastic_rounding=True, capturable=True)
@@ -185,7 +269,7 @@ def test_capturable_tensor_step_and_lr(name):
         assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} capturable step {step}")
 
 
-@pytest.mark.parametrize("name", ["lion", "adan"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_nonfinite_values_as_the_reference(name, precision):
     """inf and NaN grads (no AMP guard): the same bits as the reference path, NaN for NaN (an 8-bit block with
@@ -238,7 +322,32 @@ def test_other_layouts_and_float64_take_the_reference_path():
     assert_same(snapshot(c, p64), snapshot(d, q64), "float64")
 
 
-@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip"])
+def test_gravity_rows_split_between_op_and_reference_path():
+    """Gravity's max|g| is reduced once over the whole split: with a non-contiguous param between contiguous
+    ones (the op takes rows 0 and 2, the reference path row 1), each row still gets its own tensor's m,
+    and the step equals the reference path's bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    pa = [torch.randn(5000, generator=g).to(torch.bfloat16).requires_grad_(),
+          torch.randn(80, 64, generator=g).t().clone().to(torch.bfloat16).requires_grad_(),
+          (torch.randn(4099, generator=g) * 7).to(torch.bfloat16).requires_grad_()]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    assert not pa[1].is_contiguous()
+    kw = {"state_precision": "8bit", "stochastic_rounding": True}
+    torch.manual_seed(7)
+    a = MAKERS["gravity"](pa, **kw)
+    torch.manual_seed(7)
+    b = MAKERS["gravity"](pb, **kw)
+    for step in range(1, 4):
+        for params in (pa, pb):
+            for i, (p, gr) in enumerate(zip(params, grads_for(params, step))):
+                p.grad = gr * (1 + 10 * i)  # a different max|g| per tensor
+        a.step()
+        with reference_path("gravity"):
+            b.step()
+        assert_same(snapshot(a, pa), snapshot(b, pb), f"gravity step {step}")
+
+
+@pytest.mark.parametrize("name", ["lion_wd_max", "adan_wd_max_clip", "gravity_max"])
 def test_amp_on_the_reference_path_of_the_launcher(name):
     """AMP where the launcher sends tensors to `reference_step` (here a non-contiguous one; CUDA takes the
     same path): a scaled step equals the unscaled one on the reference path, every grad ends unscaled, and
@@ -279,10 +388,12 @@ def _launch(name, p, g, state_lists, absmax, fmt, **amp):
     """One launcher call with a Rounding, as the dispatcher makes it."""
     from fused_optim.lowstate import Rounding
 
-    signed = (True,) if name == "lion" else (True, False, True, True)
+    signed = (True, False, True, True) if name == "adan" else (True,)
     low = Rounding(fmt=fmt, signed=signed, absmax=tuple(absmax), param_sr=True, seed=5, step=3,
                    tensor_index=list(range(len(p))))
-    if name == "lion":
+    if name == "gravity":
+        _native._native_gravity(p, g, *state_lists, lr=1e-2, beta_hat=0.9, maximize=False, lowbit=low, **amp)
+    elif name == "lion":
         _native._native_lion(p, g, *state_lists, lr=1e-2, beta1=0.9, beta2=0.99, weight_decay=0.1, maximize=False,
                              lowbit=low, **amp)
     else:
@@ -293,13 +404,13 @@ def _launch(name, p, g, state_lists, absmax, fmt, **amp):
 
 @pytest.mark.parametrize("contiguous", [True, False], ids=["op", "reference_path"])
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])
-@pytest.mark.parametrize("name", ["lion", "adan"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
 def test_launcher_found_inf_skips_everything(name, fmt, contiguous):
     """The launchers themselves (as the dispatcher calls them on CUDA, where found_inf stays on the device):
     found_inf != 0 leaves params, grads, codes, block scales and bf16 state untouched, on the op and on the
     reference path; found_inf == 0 with grad_scale updates and unscales the grads."""
     g0 = torch.Generator().manual_seed(0)
-    n_states = 1 if name == "lion" else 4
+    n_states = 4 if name == "adan" else 1
     base = torch.randn(64, 80, generator=g0).to(torch.bfloat16)
     p = [base.clone() if contiguous else base.t().contiguous().t()]
     assert p[0].is_contiguous() == contiguous
@@ -332,10 +443,10 @@ def test_op_refuses_bad_arguments_before_writing():
     keep = p.clone()
     tables = _native._lowbit_tables((True,))
     with pytest.raises(RuntimeError, match="absmax of state list 0 tensor 0"):
-        ops.lion_lowbit_([p], [g], [m], [torch.zeros(3)], tables, [1], 2, False, 1, 1, [0], 1e-2, 0.9, 0.99, 0.0,
+        ops.lion_lowbit_([p], [g], [m], [torch.zeros(3)], tables, [1], 2, False, 1, 1, None, [0], 1e-2, 0.9, 0.99, 0.0,
                          False)
     with pytest.raises(RuntimeError, match="fmt must be"):
-        ops.lion_lowbit_([p], [g], [m], [], tables, [1], 5, False, 1, 1, [0], 1e-2, 0.9, 0.99, 0.0, False)
+        ops.lion_lowbit_([p], [g], [m], [], tables, [1], 5, False, 1, 1, None, [0], 1e-2, 0.9, 0.99, 0.0, False)
     with pytest.raises(RuntimeError, match="must be BFloat16"):
-        ops.lion_lowbit_([p], [g], [m], [], tables, [1], 1, False, 1, 1, [0], 1e-2, 0.9, 0.99, 0.0, False)
+        ops.lion_lowbit_([p], [g], [m], [], tables, [1], 1, False, 1, 1, None, [0], 1e-2, 0.9, 0.99, 0.0, False)
     assert torch.equal(p, keep)

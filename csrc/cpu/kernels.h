@@ -35,16 +35,23 @@ void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            const OptTensor& found_inf, const OptTensor& lr_tensor, const OptTensor& bias_correction1_tensor,
            const OptTensor& bias_correction2_tensor, const OptTensor& bias_correction3_sqrt_tensor,
            const OptTensor& first_step);
-// adan_ over low-precision state (csrc/fused_optim.cpp, ADAN_LOWBIT_SCHEMA; lowbit_updates.cpp)
+// adan_ over low-precision state (csrc/fused_optim.cpp, adan_lowbit_schema; lowbit_updates.cpp)
 void adan_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, at::TensorList absmax,
                   const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
-                  int64_t step, at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double beta3,
-                  double bias_correction1, double bias_correction2, double bias_correction3_sqrt, double eps,
+                  int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index, double lr, double beta1,
+                  double beta2, double beta3, double bias_correction1, double bias_correction2,
+                  double bias_correction3_sqrt, double eps,
                   double weight_decay, bool no_prox, const OptTensor& clip, bool maximize, const OptTensor& grad_scale,
                   const OptTensor& found_inf, const OptTensor& lr_tensor, const OptTensor& bias_correction1_tensor,
                   const OptTensor& bias_correction2_tensor, const OptTensor& bias_correction3_sqrt_tensor,
                   const OptTensor& first_step);
+// gravity_ over low-precision state (csrc/fused_optim.cpp, gravity_lowbit_schema; lowbit_updates.cpp)
+void gravity_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList absmax,
+                     const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                     int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index, const at::Tensor& stats,
+                     double lr, double beta_hat, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
+                     const OptTensor& lr_tensor, const OptTensor& beta_hat_tensor);
 void gradient_equilibrium_(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
                            double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
                            const OptTensor& lr_tensor);

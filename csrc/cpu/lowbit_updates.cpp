@@ -18,6 +18,8 @@
 #include "vec_ops.h"
 #include "../math/adan.h"
 #include "../math/elementwise_rules.h"
+#include "../math/gravity.h"
+#include "../lowbit_plan.h"
 #include "../math/lowbit.h"
 #include "element_loop.h"
 
@@ -34,91 +36,10 @@ namespace {
 
 namespace lb = ::fused_optim::lowbit;
 
-// streams 1..7 for the state lists (fused_optim.lowbit.MAX_STREAMS = 8 with the param's)
-constexpr int kMaxLowbitStates = 7;
-enum StateFormat : int64_t { kFp32 = 0, kBf16 = 1, k8bit = 2 };
-
-// One call's checked arguments and raw pointers.
-struct LowbitPlan {
-  int64_t rows = 0;
-  int n_states = 0;
-  StateFormat fmt = kFp32;
-  bool param_sr = false;
-  uint64_t seed = 0;
-  uint32_t step = 0;
-  std::vector<int64_t> tensor_index;
-  std::array<const float*, kMaxLowbitStates> mags{}, thr{};
-  std::array<bool, kMaxLowbitStates> is_signed{};
-};
-
-// Checks every argument (before anything is written) and reads the plan. lists: params, grads, states.
-LowbitPlan plan_lowbit(const char* op, const std::vector<at::TensorList>& lists, const LowbitArgs& l) {
-  LowbitPlan plan;
-  plan.n_states = static_cast<int>(lists.size()) - 2;
-  TORCH_CHECK(plan.n_states >= 1 && plan.n_states <= kMaxLowbitStates, op, ": 1 to ", kMaxLowbitStates,
-              " state lists");
-  plan.rows = static_cast<int64_t>(lists[0].size());
-  for (size_t k = 1; k < lists.size(); ++k) {
-    TORCH_CHECK(static_cast<int64_t>(lists[k].size()) == plan.rows, op, ": list ", k, " has ", lists[k].size(),
-                " tensors, params has ", plan.rows);
-  }
-  TORCH_CHECK(l.fmt >= kFp32 && l.fmt <= k8bit, op, ": fmt must be 0 (fp32), 1 (bf16) or 2 (8bit), got ", l.fmt);
-  plan.fmt = static_cast<StateFormat>(l.fmt);
-  plan.param_sr = l.param_sr;
-  TORCH_CHECK(l.seed >= 0, op, ": seed must be in [0, 2**63), got ", l.seed);
-  plan.seed = static_cast<uint64_t>(l.seed);
-  plan.step = static_cast<uint32_t>(static_cast<uint64_t>(l.step) & 0xFFFFFFFFu);  // the reference's step & (2^32-1)
-  TORCH_CHECK(static_cast<int64_t>(l.tensor_index.size()) == plan.rows, op, ": tensor_index needs ", plan.rows,
-              " entries, got ", l.tensor_index.size());
-  for (int64_t t : l.tensor_index) {
-    TORCH_CHECK(t >= 0 && t < (int64_t(1) << 31), op, ": tensor_index must be in [0, 2**31), got ", t);
-  }
-  plan.tensor_index = l.tensor_index;
-  const int64_t want_absmax = plan.fmt == k8bit ? plan.n_states * plan.rows : 0;
-  TORCH_CHECK(static_cast<int64_t>(l.absmax.size()) == want_absmax, op, ": absmax needs ", want_absmax,
-              " tensors (one per 8-bit state tensor), got ", l.absmax.size());
-  if (plan.fmt == k8bit) {
-    TORCH_CHECK(static_cast<int64_t>(l.signed_maps.size()) == plan.n_states, op, ": signed_maps needs ",
-                plan.n_states, " entries, got ", l.signed_maps.size());
-    const auto& t = l.tables;
-    TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() && t.dim() == 3 &&
-                    t.size(0) == plan.n_states && t.size(1) == 2 && t.size(2) == 256,
-                op, ": tables must be a contiguous CPU float32 tensor [", plan.n_states, ", 2, 256]");
-    for (int j = 0; j < plan.n_states; ++j) {
-      plan.is_signed[j] = l.signed_maps[j] != 0;
-      plan.mags[j] = t.data_ptr<float>() + j * 512;
-      plan.thr[j] = plan.mags[j] + 256;
-    }
-  }
-  const auto pdt = plan.rows ? lists[0][0].scalar_type() : at::kFloat;
-  TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf, op,
-              ": params must be float32, bfloat16 or float16 (float64 runs fused_optim.lowstate.reference_step)");
-  const auto sdt = plan.fmt == kFp32 ? at::kFloat : plan.fmt == kBf16 ? at::kBFloat16 : at::kByte;
-  for (int64_t i = 0; i < plan.rows; ++i) {
-    const int64_t n = lists[0][i].numel();
-    for (size_t k = 0; k < lists.size(); ++k) {
-      const at::Tensor& t = lists[k][i];
-      const auto want = k < 2 ? pdt : sdt;
-      TORCH_CHECK(t.device().is_cpu(), op, ": list ", k, " tensor ", i, " is not on the CPU");
-      TORCH_CHECK(t.scalar_type() == want, op, ": list ", k, " tensor ", i, " must be ", want, ", got ",
-                  t.scalar_type());
-      TORCH_CHECK(t.numel() == n, op, ": list ", k, " tensor ", i, " has ", t.numel(), " elements, its param ", n);
-      // the element index is the flat row-major index: dense row-major storage only (the launcher
-      // sends other layouts to the reference path)
-      TORCH_CHECK(t.is_contiguous(), op, ": list ", k, " tensor ", i, " must be contiguous");
-    }
-    if (plan.fmt == k8bit) {
-      for (int j = 0; j < plan.n_states; ++j) {
-        const at::Tensor& a = l.absmax[j * plan.rows + i];
-        TORCH_CHECK(a.device().is_cpu() && a.scalar_type() == at::kFloat && a.is_contiguous() &&
-                        a.numel() == (n + lb::kQuantBlock - 1) / lb::kQuantBlock,
-                    op, ": absmax of state list ", j, " tensor ", i, " must be a contiguous CPU float32 tensor of ",
-                    (n + lb::kQuantBlock - 1) / lb::kQuantBlock, " block scales");
-      }
-    }
-  }
-  return plan;
-}
+using lb::k8bit;
+using lb::kBf16;
+using lb::kFp32;
+using lb::LowbitPlan;
 
 template <typename P>
 inline void store_param(P* p, float x, bool sr, uint32_t word) {
@@ -175,10 +96,11 @@ inline void block_math(int64_t n, const F& f, float* pb, const float* gb, std::a
   for_each_element<float>(0, n, f, pb, gb, sb[K].data()...);
 }
 
-// The pass: update(p, g, s...) the rule's fp32 element function (T: float or Vec<float>).
-template <typename P, int NS, typename Update>
+// The pass: row_update(row) gives tensor `row`'s fp32 element function update(p, g, s...) (T: float or
+// Vec<float>; a per-tensor value such as Gravity's m is read there).
+template <typename P, int NS, typename RowUpdate>
 void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& lists, const LowbitArgs& l,
-                 bool maximize, const c10::optional<at::Tensor>& grad_scale, const Update& update) {
+                 bool maximize, const c10::optional<at::Tensor>& grad_scale, const RowUpdate& row_update) {
   const bool unscale = grad_scale.has_value();
   const GradPrep<P, float, true> prep_unscale(maximize, grad_scale);
   const GradPrep<P, float, false> prep(maximize, grad_scale);
@@ -190,9 +112,10 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
   static_assert(kChunk % lb::kQuantBlock == 0, "chunks hold whole quantization blocks");
   const bool param_sr = plan.param_sr && std::is_same<P, c10::BFloat16>::value;
   const bool state_sr = plan.fmt == kBf16;
-  const auto f = [&](auto& p, auto& g, auto&... s) { update(p, g, s...); };
   for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
     const int64_t row = it.row;
+    const auto update = row_update(row);
+    const auto f = [&](auto& p, auto& g, auto&... s) { update(p, g, s...); };
     P* p = static_cast<P*>(lists[0][row].data_ptr());
     P* g = static_cast<P*>(lists[1][row].data_ptr());
     std::array<void*, NS> sp;
@@ -281,12 +204,13 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
   });
 }
 
-// Runs the pass with P the params' storage type.
-template <int NS, typename Update>
+// Runs the pass with P the params' storage type (row_update: see lowbit_pass).
+template <int NS, typename RowUpdate>
 void lowbit_dispatch(const char* op, const std::vector<at::TensorList>& lists, const LowbitArgs& l, bool maximize,
                      const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                     const Update& update) {
-  const LowbitPlan plan = plan_lowbit(op, lists, l);
+                     const RowUpdate& update) {
+  LowbitPlan plan = lb::plan_lowbit(op, lists, l, at::Device(at::kCPU));
+  if (plan.step_counter != nullptr) plan.step = lb::step_of_counter(*plan.step_counter);
   TORCH_CHECK(plan.n_states == NS, op, ": ", NS, " state lists expected");
   if (plan.rows == 0 || host_found_inf(found_inf)) return;  // AMP's skip: nothing read or written
   switch (lists[0][0].scalar_type()) {
@@ -321,8 +245,9 @@ void run_rule_lowbit(const ElementwiseArgs& a, const LowbitArgs& l, std::index_s
   for (int i = 0; i < Shape::kTensorScalars; ++i) {
     if (a.tensor_scalars[i].has_value()) Rule::set_tensor_scalar(c, i, tensor_scalar<float>(a.tensor_scalars[i]));
   }
-  lowbit_dispatch<Shape::kStates>(op, a.list_refs(), l, a.maximize, a.grad_scale, a.found_inf,
-                                  [&](auto& p, auto& g, auto&... s) { Rule::update(p, g, c, s...); });
+  lowbit_dispatch<Shape::kStates>(op, a.list_refs(), l, a.maximize, a.grad_scale, a.found_inf, [&](int64_t) {
+    return [&](auto& p, auto& g, auto&... s) { Rule::update(p, g, c, s...); };
+  });
 }
 
 }  // namespace
@@ -339,8 +264,9 @@ FO_ELEMENTWISE_RULES(FO_INSTANTIATE)
 void adan_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                   at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads, at::TensorList absmax,
                   const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
-                  int64_t step, at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double beta3,
-                  double bias_correction1, double bias_correction2, double bias_correction3_sqrt, double eps,
+                  int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index, double lr, double beta1,
+                  double beta2, double beta3, double bias_correction1, double bias_correction2,
+                  double bias_correction3_sqrt, double eps,
                   double weight_decay, bool no_prox, const OptTensor& clip, bool maximize, const OptTensor& grad_scale,
                   const OptTensor& found_inf, const OptTensor& lr_tensor, const OptTensor& bias_correction1_tensor,
                   const OptTensor& bias_correction2_tensor, const OptTensor& bias_correction3_sqrt_tensor,
@@ -355,15 +281,8 @@ void adan_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList ex
                  {"bias_correction2_tensor", &bias_correction2_tensor},
                  {"bias_correction3_sqrt_tensor", &bias_correction3_sqrt_tensor},
                  {"first_step", &first_step}});
-  LowbitArgs l;
-  l.absmax = absmax.vec();
-  l.tables = tables;
-  l.signed_maps = signed_maps.vec();
-  l.fmt = fmt;
-  l.param_sr = param_sr;
-  l.seed = seed;
-  l.step = step;
-  l.tensor_index = tensor_index.vec();
+  const LowbitArgs l =
+      lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index);
   math::AdanCoeffs<float> c(lr, beta1, beta2, beta3, bias_correction1, bias_correction2, bias_correction3_sqrt, eps,
                             weight_decay, no_prox);
   if (lr_tensor.has_value()) c.set_lr(tensor_scalar<float>(lr_tensor));
@@ -375,9 +294,33 @@ void adan_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList ex
   const float cl = read_scalar(scalar_ptr(clip), 1.0f);
   const bool first = read_scalar(scalar_ptr(first_step), 0.0f) != 0.0f;
   lowbit_dispatch<4>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads}, l, maximize,
-                     grad_scale, found_inf, [&](auto& p, auto& g, auto& m, auto& s, auto& d, auto& n) {
-                       math::adan_update(p, g, m, s, d, n, cl, c, first);
+                     grad_scale, found_inf, [&](int64_t) {
+                       return [&](auto& p, auto& g, auto& m, auto& s, auto& d, auto& n) {
+                         math::adan_update(p, g, m, s, d, n, cl, c, first);
+                       };
                      });
+}
+
+void gravity_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList vs, at::TensorList absmax,
+                     const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                     int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index, const at::Tensor& stats,
+                     double lr, double beta_hat, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
+                     const OptTensor& lr_tensor, const OptTensor& beta_hat_tensor) {
+  const char* op = "fused_optim::gravity_lowbit_";
+  check_scalars(op, grad_scale, found_inf, {{"lr_tensor", &lr_tensor}, {"beta_hat_tensor", &beta_hat_tensor}});
+  check_stats(op, stats, static_cast<int64_t>(params.size()), at::Device(at::kCPU));
+  const LowbitArgs l =
+      lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index);
+  math::GravityCoeffs<float> c(lr, beta_hat);
+  if (lr_tensor.has_value()) c.set_lr(tensor_scalar<float>(lr_tensor));
+  if (beta_hat_tensor.has_value()) c.set_beta_hat(tensor_scalar<float>(beta_hat_tensor));
+  // max|g| per tensor, as gravity_ reads it (column 0, through double)
+  const at::Tensor amax = stats.select(1, 0).to(at::kDouble).contiguous();
+  const double* amax_ptr = amax.data_ptr<double>();
+  lowbit_dispatch<1>(op, {params, grads, vs}, l, maximize, grad_scale, found_inf, [&](int64_t row) {
+    const float m = math::gravity_m(static_cast<float>(amax_ptr[row]));
+    return [&c, m](auto& p, auto& g, auto& v) { math::gravity_update(p, g, v, m, c); };
+  });
 }
 
 }  // namespace cpu

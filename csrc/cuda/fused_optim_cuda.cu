@@ -242,22 +242,45 @@ const M* stats_ptr(const char* op, const at::Tensor& stats, int64_t rows, const 
   return stats.data_ptr<M>();
 }
 
+// make_op of Rule's op (launch_update; launch_lowbit): the RuleOp of storage type P from the op's arguments.
+template <typename Rule>
+auto rule_op_maker(const ElementwiseArgs& a) {
+  return [&a](auto pt, auto, auto unscale) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    RuleOp<Rule, P, M, decltype(unscale)::value> op{Rule::template coeffs<M>(a.scalars.data(), a.flags.data()),
+                                                    a.maximize ? M(-1) : M(1), scalar_ptr(a.grad_scale), {}};
+    for (int i = 0; i < RuleShape<Rule>::kTensorScalars; ++i) {
+      op.tensors[i] = scalar_ptr(a.tensor_scalars[i]);
+    }
+    return op;
+  };
+}
+
 template <typename Rule>
 void run_elementwise(const ElementwiseArgs& a) {
   using Shape = RuleShape<Rule>;
   launch_update<Shape::kLists>(a.op.c_str(), a.list_refs(), std::vector<bool>(Shape::kLists, true), a.grad_scale,
                                a.found_inf, named_scalars(a.tensor_scalar_names, a.tensor_scalars),
-                               [&](auto pt, auto, auto unscale) {
-                                 using P = typename decltype(pt)::type;
-                                 using M = opmath_t<P>;
-                                 RuleOp<Rule, P, M, decltype(unscale)::value> op{
-                                     Rule::template coeffs<M>(a.scalars.data(), a.flags.data()),
-                                     a.maximize ? M(-1) : M(1), scalar_ptr(a.grad_scale), {}};
-                                 for (int i = 0; i < Shape::kTensorScalars; ++i) {
-                                   op.tensors[i] = scalar_ptr(a.tensor_scalars[i]);
-                                 }
-                                 return op;
-                               });
+                               rule_op_maker<Rule>(a));
+}
+
+// make_op of Gravity's op (gravity_, gravity_lowbit_): the GravityOp of storage type P; m from `stats`.
+auto gravity_op_maker(const char* op, at::TensorList params, const at::Tensor& stats, double lr, double beta_hat,
+                      bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                      const c10::optional<at::Tensor>& lr_tensor,
+                      const c10::optional<at::Tensor>& beta_hat_tensor) {
+  DeviceScalars dev;
+  dev.lr = scalar_ptr(lr_tensor);
+  dev.beta_hat = scalar_ptr(beta_hat_tensor);
+  const float* gs = scalar_ptr(grad_scale);
+  return [=](auto pt, auto, auto unscale) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    return GravityOp<P, M, decltype(unscale)::value>{
+        math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), gs, dev,
+        stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
+  };
 }
 
 void gravity_(at::TensorList params, at::TensorList grads, at::TensorList vs, const at::Tensor& stats,
@@ -265,18 +288,51 @@ void gravity_(at::TensorList params, at::TensorList grads, at::TensorList vs, co
               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& lr_tensor,
               const c10::optional<at::Tensor>& beta_hat_tensor) {
   const char* op = "fused_optim::gravity_";
-  DeviceScalars dev;
   launch_update<3>(op, {params, grads, vs}, {true, false, true}, grad_scale, found_inf,
                    {{"lr_tensor", &lr_tensor}, {"beta_hat_tensor", &beta_hat_tensor}},
-                   [&](auto pt, auto, auto unscale) {
-                     using P = typename decltype(pt)::type;
-                     using M = opmath_t<P>;
-                     dev.lr = scalar_ptr(lr_tensor);
-                     dev.beta_hat = scalar_ptr(beta_hat_tensor);
-                     return GravityOp<P, M, decltype(unscale)::value>{
-                         math::GravityCoeffs<M>(lr, beta_hat), maximize ? M(-1) : M(1), scalar_ptr(grad_scale), dev,
-                         stats_ptr<M>(op, stats, static_cast<int64_t>(params.size()), params[0].device())};
-                   });
+                   gravity_op_maker(op, params, stats, lr, beta_hat, maximize, grad_scale, lr_tensor, beta_hat_tensor));
+}
+
+// make_op of Adan's op (adan_, adan_lowbit_): the AdanOp of storage type P from the op's arguments.
+auto adan_op_maker(double lr, double beta1, double beta2, double beta3, double bias_correction1,
+                   double bias_correction2, double bias_correction3_sqrt, double eps, double weight_decay,
+                   bool no_prox, const c10::optional<at::Tensor>& clip, bool maximize,
+                   const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& lr_tensor,
+                   const c10::optional<at::Tensor>& bias_correction1_tensor,
+                   const c10::optional<at::Tensor>& bias_correction2_tensor,
+                   const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
+                   const c10::optional<at::Tensor>& first_step) {
+  DeviceScalars dev;
+  dev.lr = scalar_ptr(lr_tensor);
+  dev.bc1 = scalar_ptr(bias_correction1_tensor);
+  dev.bc2 = scalar_ptr(bias_correction2_tensor);
+  dev.bc3_sqrt = scalar_ptr(bias_correction3_sqrt_tensor);
+  dev.first_step = scalar_ptr(first_step);
+  const float* gs = scalar_ptr(grad_scale);
+  const float* cl = scalar_ptr(clip);
+  return [=](auto pt, auto, auto unscale) {
+    using P = typename decltype(pt)::type;
+    using M = opmath_t<P>;
+    return AdanOp<P, M, decltype(unscale)::value>{
+        math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1, bias_correction2, bias_correction3_sqrt, eps,
+                            weight_decay, no_prox),
+        maximize ? M(-1) : M(1), gs, dev, cl};
+  };
+}
+
+// Adan's optional device scalars, named for check_scalar_tensor (adan_, adan_lowbit_).
+std::vector<NamedScalar> adan_scalars(const c10::optional<at::Tensor>& clip,
+                                      const c10::optional<at::Tensor>& lr_tensor,
+                                      const c10::optional<at::Tensor>& bias_correction1_tensor,
+                                      const c10::optional<at::Tensor>& bias_correction2_tensor,
+                                      const c10::optional<at::Tensor>& bias_correction3_sqrt_tensor,
+                                      const c10::optional<at::Tensor>& first_step) {
+  return {{"clip", &clip},
+          {"lr_tensor", &lr_tensor},
+          {"bias_correction1_tensor", &bias_correction1_tensor},
+          {"bias_correction2_tensor", &bias_correction2_tensor},
+          {"bias_correction3_sqrt_tensor", &bias_correction3_sqrt_tensor},
+          {"first_step", &first_step}};
 }
 
 void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -290,28 +346,14 @@ void adan_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
            const c10::optional<at::Tensor>& first_step) {
   const char* op = "fused_optim::adan_";
   check_adan_bias_corrections(op, bias_correction1_tensor, bias_correction2_tensor, bias_correction3_sqrt_tensor);
-  DeviceScalars dev;
   launch_update<6>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads},
                    {true, false, true, true, true, true}, grad_scale, found_inf,
-                   {{"clip", &clip},
-                    {"lr_tensor", &lr_tensor},
-                    {"bias_correction1_tensor", &bias_correction1_tensor},
-                    {"bias_correction2_tensor", &bias_correction2_tensor},
-                    {"bias_correction3_sqrt_tensor", &bias_correction3_sqrt_tensor},
-                    {"first_step", &first_step}},
-                   [&](auto pt, auto, auto unscale) {
-                     using P = typename decltype(pt)::type;
-                     using M = opmath_t<P>;
-                     dev.lr = scalar_ptr(lr_tensor);
-                     dev.bc1 = scalar_ptr(bias_correction1_tensor);
-                     dev.bc2 = scalar_ptr(bias_correction2_tensor);
-                     dev.bc3_sqrt = scalar_ptr(bias_correction3_sqrt_tensor);
-                     dev.first_step = scalar_ptr(first_step);
-                     return AdanOp<P, M, decltype(unscale)::value>{
-                         math::AdanCoeffs<M>(lr, beta1, beta2, beta3, bias_correction1, bias_correction2,
-                                             bias_correction3_sqrt, eps, weight_decay, no_prox),
-                         maximize ? M(-1) : M(1), scalar_ptr(grad_scale), dev, scalar_ptr(clip)};
-                   });
+                   adan_scalars(clip, lr_tensor, bias_correction1_tensor, bias_correction2_tensor,
+                                bias_correction3_sqrt_tensor, first_step),
+                   adan_op_maker(lr, beta1, beta2, beta3, bias_correction1, bias_correction2, bias_correction3_sqrt,
+                                 eps, weight_decay, no_prox, clip, maximize, grad_scale, lr_tensor,
+                                 bias_correction1_tensor, bias_correction2_tensor, bias_correction3_sqrt_tensor,
+                                 first_step));
 }
 
 void gradient_equilibrium_(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
@@ -803,6 +845,9 @@ at::Tensor multi_tensor_l2norm(at::TensorList tensors, c10::optional<at::TensorL
 }  // namespace
 }  // namespace cuda
 }  // namespace fused_optim
+
+// the lowbit ops: the Ops above over bf16 / 8-bit state
+#include "lowbit_updates.cuh"
 
 TORCH_LIBRARY_IMPL(fused_optim, CUDA, m) {
 #define FO_BACKEND fused_optim::cuda

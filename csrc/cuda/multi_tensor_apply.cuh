@@ -67,13 +67,17 @@ struct TensorRow {
   void* ptrs[D];        // list k's tensor of this row
 };
 
-template <int D>
-struct LaunchTable {
+// A launch's rows on the device: TensorRow<D>, or an op's own row type (a first-chunk index named
+// chunk_begin, found by find_row).
+template <typename Row>
+struct RowTable {
   at::Tensor table;  // device copy of the rows (kept alive until the kernels are queued)
-  const TensorRow<D>* rows = nullptr;
+  const Row* rows = nullptr;
   int64_t nrows = 0;
   int64_t nchunks = 0;
 };
+template <int D>
+using LaunchTable = RowTable<TensorRow<D>>;
 
 // A pinned staging tensor whose non_blocking copy to `device` was just queued. Under CUDA graph capture
 // that copy is a memcpy node that re-reads the host buffer at every replay, so the buffer must never be
@@ -96,6 +100,26 @@ inline void keep_staging_if_capturing(const at::Tensor& host, const at::Device& 
   kept->push_back(host);
 }
 
+// The rows (nchunks chunks in all) copied to `device`. Pinned staging + non_blocking copy: the caching
+// host allocator keeps the staging buffer until the copy on the current stream has run, so nothing
+// waits for the GPU here.
+template <typename Row>
+RowTable<Row> upload_rows(const std::vector<Row>& rows, int64_t nchunks, const at::Device& device) {
+  RowTable<Row> out;
+  out.nrows = static_cast<int64_t>(rows.size());
+  out.nchunks = nchunks;
+  if (rows.empty()) {
+    return out;
+  }
+  const int64_t bytes = out.nrows * static_cast<int64_t>(sizeof(Row));
+  at::Tensor host = at::empty({bytes}, staging_options().dtype(at::kByte));
+  std::memcpy(host.data_ptr(), rows.data(), bytes);
+  out.table = host.to(device, /*non_blocking=*/true);
+  keep_staging_if_capturing(host, device);
+  out.rows = reinterpret_cast<const Row*>(out.table.data_ptr());
+  return out;
+}
+
 template <int D>
 LaunchTable<D> make_table(const PreparedLists& pl) {
   TORCH_CHECK(static_cast<int>(pl.lists.size()) == D, "multi_tensor_apply: expected ", D, " lists");
@@ -116,26 +140,11 @@ LaunchTable<D> make_table(const PreparedLists& pl) {
     rows.push_back(r);
     chunks += (n + kChunk - 1) / kChunk;
   }
-  LaunchTable<D> out;
-  out.nrows = static_cast<int64_t>(rows.size());
-  out.nchunks = chunks;
-  if (rows.empty()) {
-    return out;
-  }
-  const int64_t bytes = out.nrows * static_cast<int64_t>(sizeof(TensorRow<D>));
-  // Pinned staging + non_blocking copy: the caching host allocator keeps the staging buffer until
-  // the copy on the current stream has run, so nothing waits for the GPU here.
-  const at::Device device = pl.lists[0][rows[0].row].device();
-  at::Tensor host = at::empty({bytes}, staging_options().dtype(at::kByte));
-  std::memcpy(host.data_ptr(), rows.data(), bytes);
-  out.table = host.to(device, /*non_blocking=*/true);
-  keep_staging_if_capturing(host, device);
-  out.rows = reinterpret_cast<const TensorRow<D>*>(out.table.data_ptr());
-  return out;
+  return upload_rows(rows, chunks, rows.empty() ? at::Device(at::kCPU) : pl.lists[0][rows[0].row].device());
 }
 
-template <int D>
-__device__ inline const TensorRow<D>& find_row(const TensorRow<D>* rows, int64_t nrows, int64_t chunk) {
+template <typename Row>
+__device__ inline const Row& find_row(const Row* rows, int64_t nrows, int64_t chunk) {
   int64_t lo = 0, hi = nrows - 1;  // the last row whose first chunk is <= chunk
   while (lo < hi) {
     const int64_t mid = (lo + hi + 1) / 2;

@@ -79,6 +79,12 @@ C10_HOST_DEVICE inline Philox4 random_words(uint64_t seed, uint32_t step, uint32
                        static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
+// The generator step of a float32 step counter (a capturable step): its integer value's low 32 bits, as
+// the reference and the Triton kernels read a tensor step (to int64, then & (2^32 - 1)).
+C10_HOST_DEVICE inline uint32_t step_of_counter(float counter) {
+  return static_cast<uint32_t>(static_cast<uint64_t>(static_cast<int64_t>(counter)) & 0xFFFFFFFFu);
+}
+
 // bf16 bits of x rounded stochastically with the random word r (its low 16 bits): add, truncate. Unbiased;
 // NaN stays NaN (quiet, sign kept); see docs/lowbit.md §2 for inf and overflow.
 C10_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t r) {
@@ -104,13 +110,14 @@ C10_HOST_DEVICE inline float block_absmax(const float* x, int64_t n) {
 // The 8-bit code of x in a block of scale `scale`: the nearest map magnitude to |x|/scale (ties upward),
 // found by binary search on |x| >= thr[k] * scale (no division, so every implementation agrees); signed:
 // 7 magnitude bits (thr: 127 thresholds) and x's sign bit as bit 7; unsigned: 8 bits (thr: 255).
-template <bool Signed>
-C10_HOST_DEVICE inline uint8_t quantize_value(float x, float scale, const float* thr) {
+// `thr` (and `mag` below): a pointer, or anything indexed like one (a CUDA kernel's shared copy).
+template <bool Signed, typename Table>
+C10_HOST_DEVICE inline uint8_t quantize_value(float x, float scale, const Table& thr) {
   const float a = f32_from_bits(f32_bits(x) & 0x7FFFFFFFu);
   int idx = 0;
   for (int step = Signed ? 64 : 128; step > 0; step >>= 1) {
     const int cand = idx + step;
-    const float t = thr[cand - 1] * scale;
+    const float t = static_cast<float>(thr[cand - 1]) * scale;
     if (a >= t) idx = cand;
   }
   if (Signed) idx |= static_cast<int>(f32_bits(x) >> 31) << 7;
@@ -135,14 +142,17 @@ C10_HOST_DEVICE inline uint8_t quantize_scaled(float x, const float* table) {
 }
 
 // The fp32 value of an 8-bit code: ±mag[code] * scale (mag: the 128 signed or 256 unsigned magnitudes).
-template <bool Signed>
-C10_HOST_DEVICE inline float dequantize_value(uint8_t code, float scale, const float* mag) {
+template <bool Signed, typename Table>
+C10_HOST_DEVICE inline float dequantize_value(uint8_t code, float scale, const Table& mag) {
   if (Signed) {
-    const float v = mag[code & 0x7F] * scale;
+    const float v = static_cast<float>(mag[code & 0x7F]) * scale;
     return (code >> 7) ? -v : v;
   }
-  return mag[code] * scale;
+  return static_cast<float>(mag[code]) * scale;
 }
+
+// |x| (the sign bit cleared; NaN stays NaN), as block_absmax compares it
+C10_HOST_DEVICE inline float abs_bits(float x) { return f32_from_bits(f32_bits(x) & 0x7FFFFFFFu); }
 
 }  // namespace lowbit
 }  // namespace fused_optim
