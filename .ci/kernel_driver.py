@@ -262,40 +262,40 @@ def case_declared(name: str) -> Callable:
     return run
 
 
-def case_lowbit(name: str) -> Callable:
+def case_lowbit(name: str, signed: tuple[bool, ...] | None = None, kwargs: dict | None = None) -> Callable:
     """A declared optimizer's low-precision pass (docs/lowbit.md §5) on its impl: "plain" its state as 8-bit
     codes and block scales, "misaligned" (every tensor a view one element off) bf16 state with bf16 params
     rounded stochastically. An impl without the pass runs its fp32 kernel through
-    `lowstate.reference_step`, as the optimizer class does."""
+    `lowstate.reference_step`, as the optimizer class does. `signed` (per state list) and `kwargs` (the
+    functional step's scalars): for a composite's part, which has no declared state of its own."""
     def run(fn, make, dtype, variant):
         import torch
 
         from fused_optim import lowbit, lowstate
         from fused_optim.declaration import declared
 
-        decl = declared()[name][0]
-        d = make.device
+        sig = signed if signed is not None else tuple(s.signed for s in declared()[name][0].state)
         p, g = make(dtype), make(dtype, 1e-2)
         fmt = "bf16" if variant == "misaligned" else "8bit"
         states, absmax = [], []
-        for s in decl.state:
-            vals = make(torch.float32, 1e-3, positive=not s.signed)
+        for s_signed in sig:
+            vals = make(torch.float32, 1e-3, positive=not s_signed)
             if fmt == "bf16":
                 states.append([v.to(torch.bfloat16) if not make.misaligned else _shifted(v, torch.bfloat16)
                                for v in vals])
                 absmax.append([])
             else:
-                codes, scales = zip(*(lowbit.quantize_blockwise(v.contiguous(), s.signed) for v in vals))
+                codes, scales = zip(*(lowbit.quantize_blockwise(v.contiguous(), s_signed) for v in vals))
                 states.append(list(codes))
                 absmax.append(list(scales))
-        rounding = lowstate.Rounding(fmt=fmt, signed=tuple(s.signed for s in decl.state), absmax=tuple(absmax),
+        rounding = lowstate.Rounding(fmt=fmt, signed=sig, absmax=tuple(absmax),
                                      param_sr=dtype == torch.bfloat16 and fmt == "bf16", seed=1234, step=3,
                                      tensor_index=list(range(len(p))))
-        kwargs = _declared_scalars(name)
+        kw = kwargs if kwargs is not None else _declared_scalars(name)
         if getattr(fn, "supports_lowbit", False):
-            fn(p, g, *states, **kwargs, lowbit=rounding)
+            fn(p, g, *states, **kw, lowbit=rounding)
         else:
-            lowstate.reference_step(lambda ps, gs, ss: fn(ps, gs, *ss, **kwargs), p, g, states, rounding,
+            lowstate.reference_step(lambda ps, gs, ss: fn(ps, gs, *ss, **kw), p, g, states, rounding,
                                     [_state_dtype(torch, dtype)] * len(p))
     return run
 
@@ -311,14 +311,19 @@ def _shifted(t, dtype):
 
 
 def _lowbit_cases() -> list[Case]:
-    """A low-precision case for every declared optimizer whose Triton or native impl has the pass."""
+    """A low-precision case for every declared optimizer whose Triton or native impl has the pass, and for
+    NeuroOptima's core (a composite's part). Each reduces in shared memory (the native CUDA pass: every
+    8-bit block's absmax), so racecheck runs them."""
     import fused_optim  # noqa: F401 - declares every optimizer of the library
     from fused_optim.declaration import declared
 
-    return [Case(f"{name}_lowbit", case_lowbit(name), decl.per_tensor_reduction)
-            for name, (decl, _) in sorted(declared().items())
-            if decl.alias_of is None and {"triton", "native"} <= set(decl.impl_names)
-            and any(i.lowbit for i in decl.impls)]
+    cases = [Case(f"{name}_lowbit", case_lowbit(name), True)
+             for name, (decl, _) in sorted(declared().items())
+             if decl.alias_of is None and {"triton", "native"} <= set(decl.impl_names)
+             and any(i.lowbit for i in decl.impls)]
+    neuro = case_lowbit("neuro_optima", signed=(True, False, True, True),
+                        kwargs=dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, maximize=False))
+    return cases + [Case("neuro_optima_lowbit", neuro, True)]
 
 
 def _declared_cases(hand: list[Case]) -> list[Case]:
@@ -394,19 +399,21 @@ def impl_fns(name: str) -> dict[str, Callable]:
 
     # a declared optimizer's launcher is its declaration's (lazy) reference; the composites' parts are
     # the package's attributes or their kernel module's
-    decl = declared().get(name.removesuffix("_lowbit"))
+    base = name.removesuffix("_lowbit")  # a low-precision case runs the same functional step
+    decl = declared().get(base)
     if decl is not None and decl[0].impls:
         return {"native": decl[1]._impls["native"], "triton": decl[1]._impls["triton"]}
-    tri = getattr(kernels, f"_triton_{name}", None) or getattr(kernels.kernel_module(name), f"_triton_{name}")
-    return {"native": getattr(native, f"_native_{name}"), "triton": tri}
+    tri = getattr(kernels, f"_triton_{base}", None) or getattr(kernels.kernel_module(base), f"_triton_{base}")
+    return {"native": getattr(native, f"_native_{base}"), "triton": tri}
 
 
 def expected(only: str) -> set[str]:
     """The kernels a run of selection `only` must launch (racecheck: the ones that reduce)."""
     nat = {f"native:{o}" for o in native_cuda_ops()}
     tri = {f"triton:{k}" for k in triton_kernels()}
-    if only == "reductions":
-        nat = {f"native:{o}" for o in ("multi_tensor_stats", "multi_tensor_l2norm")}
+    if only == "reductions":  # the lowbit ops reduce each 8-bit block's absmax in shared memory
+        nat = {f"native:{o}" for o in ("multi_tensor_stats", "multi_tensor_l2norm")} | \
+            {f"native:{o}" for o in native_cuda_ops() if o.endswith("_lowbit_")}
         tri = {f"triton:{k}" for k in ("_partials_kernel", "_sam_norms_finish_kernel", "_gravity_kernel",
                                        "_gradient_equilibrium_kernel")}
     return nat | tri

@@ -38,8 +38,8 @@
 
 // The lowbit ops (docs/lowbit.md §5): an update over bf16 or 8-bit state in one pass, with the arguments
 // of LowbitArgs (elementwise.h) after the state lists; CPU (csrc/cpu/lowbit_updates.cpp) and CUDA
-// (csrc/cuda/lowbit_updates.cuh) kernels. Each rule's is generated (`<kName>_lowbit_`); Adan's and
-// Gravity's take their fp32 op's arguments (ops_list.h) with LowbitArgs after the state lists.
+// (csrc/cuda/lowbit_updates.cuh) kernels. Each rule's is generated (`<kName>_lowbit_`); Adan's, Gravity's
+// and NeuroOptima's take their fp32 op's arguments (ops_list.h) with LowbitArgs after the state lists.
 static std::string adan_lowbit_schema() {
   return "adan_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
          "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, " +
@@ -49,6 +49,12 @@ static std::string adan_lowbit_schema() {
          "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? lr_tensor=None, "
          "Tensor? bias_correction1_tensor=None, Tensor? bias_correction2_tensor=None, "
          "Tensor? bias_correction3_sqrt_tensor=None, Tensor? first_step=None) -> ()";
+}
+static std::string neuro_optima_lowbit_schema() {
+  return "neuro_optima_lowbit_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+         "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] prev_grads, " +
+         fused_optim::lowbit_schema_args('f') +
+         "float lr, float beta1, float beta2, float eps, float weight_decay, bool maximize) -> ()";
 }
 static std::string gravity_lowbit_schema() {
   return "gravity_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] vs, " +
@@ -70,6 +76,7 @@ TORCH_LIBRARY(fused_optim, m) {
 #undef FO_RULE
   m.def(adan_lowbit_schema().c_str());
   m.def(gravity_lowbit_schema().c_str());
+  m.def(neuro_optima_lowbit_schema().c_str());
 }
 
 // The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/). The emulated CUDA

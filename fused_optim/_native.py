@@ -388,10 +388,25 @@ def _native_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
 def _native_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                          exp_avg_sqs: list[Tensor], exp_avg_diffs: list[Tensor], prev_grads: list[Tensor], *,
                          lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                         maximize: bool) -> None:
-    """NeuroOptima's core (docs/spec.md §7) in one op, the reference's op order."""
+                         maximize: bool, lowbit=None) -> None:
+    """NeuroOptima's core (docs/spec.md §7) in one op, the reference's op order. ``lowbit``: a
+    `fused_optim.lowstate.Rounding` (`_lowbit_step`: the op ``neuro_optima_lowbit_``)."""
     if not params:
+        return
+    scalars = (lr, beta1, beta2, eps, weight_decay, maximize)
+    if _lowbit_active(lowbit):
+        def fp32_step(ps, gs, ss, rows):
+            _ops().neuro_optima_(ps, gs, *ss, *scalars)
+
+        def lowbit_op(ps, gs, ss, low_args, grad_scale, found_inf, rows):
+            _ops().neuro_optima_lowbit_(ps, gs, *ss, *low_args, *scalars)
+
+        _lowbit_step(fp32_step, lowbit_op, params, grads, [exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads],
+                     lowbit, None, None)
         return
     with torch.no_grad():
         _ops().neuro_optima_(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads, lr, beta1, beta2, eps,
                              weight_decay, maximize)
+
+
+_native_neuro_optima.supports_lowbit = True  # the composite core has no declared impls to say it

@@ -200,8 +200,9 @@ def lowbit_tables(signed):
 
 
 def lowbit_sweep(ops, sizes=(5, 1030)):
-    """The lowbit ops (each rule's ``<name>lowbit_``, ``adan_lowbit_``, ``gravity_lowbit_``) for every param storage type, AMP
-    and not, every state format: fp32 state with stochastically rounded params, bf16, 8-bit."""
+    """The lowbit ops (each rule's ``<name>lowbit_``, Adan's, Gravity's, NeuroOptima's) for every param
+    storage type, AMP and not (where the op takes it), every state format: fp32 state with stochastically
+    rounded params, bf16, 8-bit."""
     g = torch.Generator().manual_seed(11)
 
     def state(fmt, positive):
@@ -227,9 +228,12 @@ def lowbit_sweep(ops, sizes=(5, 1030)):
                 # Gravity: the per-tensor max|g| (stats column 0) before the floats
                 _call_lowbit(ops, "gravity_lowbit_", [True], fmt, p_dt, sizes, state, g, [1e-3, 0.9], [], gs, fi,
                              stats=True)
+                if not amp:  # NeuroOptima's core takes no AMP arguments (the grads are only read)
+                    _call_lowbit(ops, "neuro_optima_lowbit_", [True, False, True, True], fmt, p_dt, sizes, state, g,
+                                 [1e-3, 0.9, 0.99, 1e-8, 0.02], [], None, None, amp_args=False)
 
 
-def _call_lowbit(ops, op, signed, fmt, p_dt, sizes, state, g, floats, flags, gs, fi, stats=False):
+def _call_lowbit(ops, op, signed, fmt, p_dt, sizes, state, g, floats, flags, gs, fi, stats=False, amp_args=True):
     p = [torch.randn(n, generator=g).to(p_dt) for n in sizes]
     gr = [torch.randn(n, generator=g).to(p_dt) for n in sizes]
     before = ()
@@ -241,4 +245,4 @@ def _call_lowbit(ops, op, signed, fmt, p_dt, sizes, state, g, floats, flags, gs,
     absmax = [torch.rand((n + 255) // 256, generator=g) + 0.5 for _ in signed for n in sizes] if fmt == 2 else []
     tables = lowbit_tables(signed) if fmt == 2 else torch.zeros(0)
     getattr(ops, op)(p, gr, *states, absmax, tables, [int(x) for x in signed], fmt, fmt != 1, 3, 7, None, [0, 1],
-                     *before, *floats, *flags, False, gs, fi)
+                     *before, *floats, *flags, False, *((gs, fi) if amp_args else ()))

@@ -1,5 +1,5 @@
-"""The native lowbit ops (docs/lowbit.md §5): Lion, Adan and Gravity over bf16 / 8-bit state and
-stochastically rounded bf16 params in one pass (CPU; CUDA under `-m gpu`, and emulated by
+"""The native lowbit ops (docs/lowbit.md §5): Lion, Adan, Gravity and NeuroOptima's core over bf16 / 8-bit
+state and stochastically rounded bf16 params in one pass (CPU; CUDA under `-m gpu`, and emulated by
 tests/test_cuda_emulated.py), against `fused_optim.lowstate.reference_step` over the *same* native fp32 op
 (the impl's ``supports_lowbit`` switched off), bit for bit: params, bf16 state bits, 8-bit codes and block
 scales, every step.
@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from fused_optim import Adan, Gravity, Lion, _native
+from fused_optim import Adan, Gravity, Lion, NeuroOptima, _native
 from fused_optim._backends import impl_status
 
 
@@ -38,8 +38,16 @@ MAKERS = {
     "adan_prox": lambda ps, **kw: Adan(ps, lr=1e-2, weight_decay=0.05, no_prox=True, impl="native", **kw),
     "gravity": lambda ps, **kw: Gravity(ps, lr=3e-2, impl="native", **kw),
     "gravity_max": lambda ps, **kw: Gravity(ps, lr=1e-2, alpha=0.05, beta=0.8, maximize=True, impl="native", **kw),
+    # sam_rho=0: a step without a closure; a Lookahead sync every 2nd step (its slow weights stay fp32)
+    "neuro": lambda ps, **kw: NeuroOptima(ps, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="native", **kw),
+    "neuro_wd_max": lambda ps, **kw: NeuroOptima(ps, lr=1e-2, sam_rho=0.0, weight_decay=0.05, maximize=True,
+                                                 impl="native", **kw),
 }
-FNS = {"lion": _native._native_lion, "adan": _native._native_adan, "gravity": _native._native_gravity}
+FNS = {"lion": _native._native_lion, "adan": _native._native_adan, "gravity": _native._native_gravity,
+       "neuro": _native._native_neuro_optima}
+#: the op each family's fused pass calls
+LOWBIT_OPS = {"lion": "lion_lowbit_", "adan": "adan_lowbit_", "gravity": "gravity_lowbit_",
+              "neuro": "neuro_optima_lowbit_"}
 
 
 @contextlib.contextmanager
@@ -135,7 +143,7 @@ def test_lowbit_op_equals_reference_step(name, dtype, precision, sr):
     for step in range(1, 5):
         with ops_called() as called:
             run_steps(name, pa, a, [step], reference=False)
-        assert f"{name.split('_')[0]}_lowbit_" in called  # the fused pass ran
+        assert LOWBIT_OPS[name.split("_")[0]] in called  # the fused pass ran
         run_steps(name, pb, b, [step], reference=True)
         assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} {precision} sr={sr} step {step}")
     if precision == "8bit":
@@ -163,6 +171,8 @@ def test_cuda_lowbit_op_equals_reference_step(name, dtype, precision, sr):
         run_steps(name, pa, a, [step], reference=False)
         run_steps(name, pb, b, [step], reference=True)
         assert_same(snapshot(a, pa), snapshot(b, pb), f"cuda {name} {precision} sr={sr} step {step}")
+    if name.startswith("neuro"):
+        return  # closure-based: GradScaler unscales its grads itself (no grad_scale in its step)
     scale = torch.tensor(64.0, device="cuda")
     for p, q, g in zip(pa, pb, grads_for(pa, 5)):
         p.grad = (g.float() * 64).to(g.dtype)
@@ -240,7 +250,7 @@ def test_amp_scaled_step_and_found_inf_skip(name, precision):
             assert torch.equal(bits(p.grad), bits(q.grad))
 
 
-@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity", "neuro"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_state_dict_round_trip_resumes_bit_exactly(name, precision):
     """3 steps, state_dict into a fresh optimizer, 2 more: the same as 5 uninterrupted steps."""
@@ -269,7 +279,7 @@ def test_capturable_tensor_step_and_lr(name):
         assert_same(snapshot(a, pa), snapshot(b, pb), f"{name} capturable step {step}")
 
 
-@pytest.mark.parametrize("name", ["lion", "adan", "gravity"])
+@pytest.mark.parametrize("name", ["lion", "adan", "gravity", "neuro"])
 @pytest.mark.parametrize("precision", ["bf16", "8bit"])
 def test_nonfinite_values_as_the_reference(name, precision):
     """inf and NaN grads (no AMP guard): the same bits as the reference path, NaN for NaN (an 8-bit block with

@@ -52,6 +52,13 @@ void gravity_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList
                      int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index, const at::Tensor& stats,
                      double lr, double beta_hat, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
                      const OptTensor& lr_tensor, const OptTensor& beta_hat_tensor);
+// neuro_optima_ over low-precision state (csrc/fused_optim.cpp, neuro_optima_lowbit_schema; lowbit_updates.cpp)
+void neuro_optima_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads,
+                          at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                          bool param_sr, int64_t seed, int64_t step, const OptTensor& step_tensor,
+                          at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, bool maximize);
 void gradient_equilibrium_(at::TensorList params, at::TensorList grads, const at::Tensor& stats, double lr,
                            double weight_decay, bool maximize, const OptTensor& grad_scale, const OptTensor& found_inf,
                            const OptTensor& lr_tensor);

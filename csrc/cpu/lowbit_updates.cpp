@@ -19,6 +19,7 @@
 #include "../math/adan.h"
 #include "../math/elementwise_rules.h"
 #include "../math/gravity.h"
+#include "../math/neuro_optima.h"
 #include "../lowbit_plan.h"
 #include "../math/lowbit.h"
 #include "element_loop.h"
@@ -321,6 +322,25 @@ void gravity_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList
     const float m = math::gravity_m(static_cast<float>(amax_ptr[row]));
     return [&c, m](auto& p, auto& g, auto& v) { math::gravity_update(p, g, v, m, c); };
   });
+}
+
+void neuro_optima_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads,
+                          at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                          bool param_sr, int64_t seed, int64_t step, const OptTensor& step_tensor,
+                          at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, bool maximize) {
+  const char* op = "fused_optim::neuro_optima_lowbit_";
+  const LowbitArgs l =
+      lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index);
+  const math::NeuroOptimaCoeffs<float> c(lr, beta1, beta2, eps, weight_decay);
+  // the pass hands the update g with maximize's sign applied, as neuro_optima_ prepares it (no AMP here)
+  lowbit_dispatch<4>(op, {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads}, l, maximize, {}, {},
+                     [&](int64_t) {
+                       return [&](auto& p, auto& g, auto& m, auto& v, auto& d, auto& q) {
+                         math::neuro_optima_update(p, g, m, v, d, q, c);
+                       };
+                     });
 }
 
 }  // namespace cpu

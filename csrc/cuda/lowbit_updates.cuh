@@ -1,7 +1,7 @@
-// CUDA kernels of the lowbit ops (docs/lowbit.md §5): an elementwise rule's update (Lion), Adan's or Gravity's over
-// bf16 or 8-bit state and stochastically rounded bf16 params, in one pass: the CUDA twin of
-// csrc/cpu/lowbit_updates.cpp, with the same per-element Ops as the fp32 ops of fused_optim_cuda.cu (this
-// file is part of that translation unit, included at its end).
+// CUDA kernels of the lowbit ops (docs/lowbit.md §5): an elementwise rule's update (Lion), Adan's, Gravity's
+// or NeuroOptima's core over bf16 or 8-bit state and stochastically rounded bf16 params, in one pass: the
+// CUDA twin of csrc/cpu/lowbit_updates.cpp, with the same per-element Ops as the fp32 ops of
+// fused_optim_cuda.cu (this file is part of that translation unit, included at its end).
 //
 // One block per 65536-element chunk (multi_tensor_apply's chunking), 512 threads: each pass of the block
 // takes 512 consecutive elements, one per thread, i.e. two whole quantization blocks (threads 0-255 and
@@ -291,6 +291,22 @@ void gravity_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList
                    lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index),
                    grad_scale, found_inf, {{"lr_tensor", &lr_tensor}, {"beta_hat_tensor", &beta_hat_tensor}},
                    gravity_op_maker(op, params, stats, lr, beta_hat, maximize, grad_scale, lr_tensor, beta_hat_tensor));
+}
+
+void neuro_optima_lowbit_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                          at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList prev_grads,
+                          at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                          bool param_sr, int64_t seed, int64_t step, const c10::optional<at::Tensor>& step_tensor,
+                          at::IntArrayRef tensor_index, double lr, double beta1, double beta2, double eps,
+                          double weight_decay, bool maximize) {
+  launch_lowbit<4>("fused_optim::neuro_optima_lowbit_",
+                   {params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, prev_grads},
+                   lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index),
+                   c10::nullopt, c10::nullopt, {}, [&](auto, auto, auto) {
+                     // neuro_optima_'s Op: maximize's sign inside, no AMP (the grads are only read)
+                     return NeuroOptimaOp<float>{math::NeuroOptimaCoeffs<float>(lr, beta1, beta2, eps, weight_decay),
+                                                 maximize ? -1.0f : 1.0f};
+                   });
 }
 
 }  // namespace
