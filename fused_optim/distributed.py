@@ -42,9 +42,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["ShardContext", "all_reduce_max_", "all_reduce_sum_", "global_sum", "host_values_to", "is_dtensor",
-           "local", "orthogonalize_row_shards", "reduce_per_tensor", "row_exchange_bytes", "row_shard_refusal",
-           "shard_context", "shard_groups", "shard_splits"]
+__all__ = ["ShardContext", "all_reduce_max_", "all_reduce_sum_", "block_scales_layout", "global_sum",
+           "host_values_to", "is_dtensor", "local", "orthogonalize_row_shards", "reduce_per_tensor",
+           "row_exchange_bytes", "row_shard_refusal", "shard_block_scales", "shard_context", "shard_groups",
+           "shard_splits"]
 
 
 def is_dtensor(t: object) -> bool:
@@ -201,6 +202,52 @@ def all_reduce_sum_(total: Tensor, like: Sequence[Tensor]) -> Tensor:
     for group in groups:
         dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
     return total
+
+
+# ------------------------------------------------------------------------------ 8-bit block scales
+def block_scales_layout(codes: Tensor, blocks_of) -> tuple[tuple[int, int], list]:
+    """The global shape ``(shards, blocks)`` and placements of the block scales of the 8-bit codes of a
+    DTensor param (docs/lowbit.md §5): each shard's blocks start at its own first element, so the scales
+    are per shard; they are stored as one row per shard of a ``[shards, blocks]`` DTensor (``blocks``:
+    `blocks_of` of the largest shard, torch.chunk's first; shorter shards pad their row with zeros),
+    sharded over the same mesh dims as the param and replicated over the others. A checkpoint
+    (``torch.distributed.checkpoint``) then saves every rank's row, and its shape names the sharding it
+    belongs to."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    mesh = codes.device_mesh
+    largest = list(codes.shape)
+    shards = 1
+    placements: list = []
+    for i, pl in enumerate(codes.placements):
+        if pl.is_shard():
+            dim = pl.dim % max(codes.dim(), 1)
+            largest[dim] = -(-largest[dim] // mesh.size(i))
+            shards *= mesh.size(i)
+            placements.append(Shard(0))
+        elif pl.is_replicate():
+            placements.append(Replicate())
+        else:
+            raise ValueError(f"8-bit state of a DTensor with placement {pl} on mesh dim {i}: only Shard and "
+                             "Replicate placements hold a parameter; use state_precision='bf16' or 'fp32'")
+    numel = 1
+    for n in largest:
+        numel *= n
+    return (shards, blocks_of(numel)), placements
+
+
+def shard_block_scales(scales: Tensor, codes: Tensor, blocks_of) -> Tensor:
+    """This rank's block scales `scales` (1-D) of DTensor `codes` as the DTensor of `block_scales_layout`."""
+    from torch.distributed.tensor import DTensor
+
+    (shards, blocks), placements = block_scales_layout(codes, blocks_of)
+    if scales.numel() > blocks:
+        raise RuntimeError(f"a shard of {local(codes).numel()} elements has {scales.numel()} blocks, more than "
+                           f"the {blocks} of the largest shard its layout allows (placements {codes.placements})")
+    row = torch.zeros(1, blocks, dtype=scales.dtype, device=scales.device)
+    row[0, :scales.numel()] = scales
+    return DTensor.from_local(row, codes.device_mesh, placements, run_check=False, shape=(shards, blocks),
+                              stride=(blocks, 1))
 
 
 # ------------------------------------------------------------------------------ whole-matrix updates

@@ -30,7 +30,7 @@ from torch import Tensor
 from . import lowbit as _lb
 
 __all__ = ["ABSMAX", "MIN_8BIT_NUMEL", "PRECISIONS", "Rounding", "check_options", "decode", "encode_",
-           "new_entries", "reference_step", "storage_format"]
+           "local_scales", "new_entries", "reference_step", "storage_format"]
 
 PRECISIONS = ("fp32", "bf16", "8bit")
 #: tensors with fewer elements keep fp32 state under "8bit" (bitsandbytes' rule: their state is a
@@ -108,6 +108,13 @@ def new_entries(key: str, fmt: str, signed: bool, like: Tensor, value: Tensor | 
     out = torch.zeros_like(like, dtype=torch.uint8, memory_format=torch.contiguous_format)
     _local(out).copy_(codes)
     return {key: out, key + ABSMAX: scales}
+
+
+def local_scales(absmax: Tensor, codes: Tensor) -> Tensor:
+    """The block scales of this rank's `codes` (a DTensor's local shard, or the tensor), a 1-D view of
+    `absmax`: of a DTensor param, its row of the per-shard scales (`distributed.block_scales_layout`)
+    without the padding; of a plain tensor, itself."""
+    return _local(absmax).reshape(-1)[:_lb.num_blocks(_local(codes).numel())]
 
 
 def decode(stored: Tensor, absmax: Tensor | None, signed: bool, dtype32: torch.dtype) -> Tensor:

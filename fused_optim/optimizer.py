@@ -346,6 +346,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         way every step creates state, so a state is born in the optimizer's precision."""
         fmt = self._state_format(p, key)
         entries = _low.new_entries(key, fmt, self._lowbit_keys().get(key, True), p, value, self._state_dtype(p))
+        if fmt == "8bit" and _dist.is_dtensor(p):  # per-shard scales, as a DTensor a checkpoint saves whole
+            entries[key + _low.ABSMAX] = _dist.shard_block_scales(entries[key + _low.ABSMAX], entries[key],
+                                                                  _lb_num_blocks)
         st = self.state[p]
         st.pop(key + _low.ABSMAX, None)
         st.update(entries)
@@ -391,7 +394,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         keys = self._lowbit_states[:len(states)]
         absmax: tuple[list[Tensor], ...] = tuple([] for _ in keys)
         if fmt == "8bit":
-            absmax = tuple([impl_view(self.state[params[i]][key + _low.ABSMAX]) for i in idx] for key, _ in keys)
+            absmax = tuple([_low.local_scales(self.state[params[i]][key + _low.ABSMAX], self.state[params[i]][key])
+                            for i in idx] for key, _ in keys)
         return _low.Rounding(fmt=fmt, signed=tuple(signed for _, signed in keys), absmax=absmax,
                              param_sr=self.stochastic_rounding, seed=int(group["lowbit_seed"]), step=step,
                              tensor_index=[table[id(params[i])][0] for i in idx])
@@ -687,13 +691,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             codes = st.get(base)
             if not (isinstance(codes, Tensor) and codes.dtype == torch.uint8):
                 return f"has {key!r} (8-bit block scales) but {base!r} is not an 8-bit (uint8) tensor"
-            if not isinstance(v, Tensor) or v.dtype != torch.float32 or v.dim() != 1:
-                return f"has {key!r} that is not a 1-D float32 tensor of block scales"
-            local = impl_view(codes) if not loading else codes
-            if v.numel() != _lb_num_blocks(local.numel()):
-                return (f"has {key!r} of {v.numel()} block scales (expected {_lb_num_blocks(local.numel())} for "
-                        f"{local.numel()} codes)")
-            return None
+            if not isinstance(v, Tensor) or v.dtype != torch.float32:
+                return f"has {key!r} that is not a float32 tensor of block scales"
+            return self._scales_problem(key, v, p, codes, loading=loading)
         if not isinstance(v, Tensor):
             return f"has {key!r} of type {type(v).__name__} (expected a tensor)"
         fmt = self._state_format(p, key)
@@ -718,6 +718,39 @@ class FusedOptimizer(torch.optim.Optimizer):
             return f"has {key!r} of dtype {v.dtype} (expected torch.bfloat16: state_precision='bf16')"
         if v.device != p.device:
             return f"has {key!r} on {v.device} (expected its parameter's device, {p.device})"
+        return None
+
+    @staticmethod
+    def _scales_problem(key: str, v: Tensor, p: Tensor, codes: Tensor, *, loading: bool) -> str | None:
+        """What is wrong with `v` as the block scales of the 8-bit `codes` of param `p` (None: nothing). A
+        DTensor param's codes have per-shard scales in the layout of `distributed.block_scales_layout`,
+        which names the sharding: 8-bit state resumes only on the sharding it was saved with."""
+        if _dist.is_dtensor(codes) != _dist.is_dtensor(p):
+            return (f"has {key[:-len(_low.ABSMAX)]!r} as 8-bit codes that are "
+                    f"{'a DTensor' if _dist.is_dtensor(codes) else 'a plain tensor'} for a "
+                    f"{'sharded (DTensor)' if _dist.is_dtensor(p) else 'plain'} parameter: 8-bit state is blocked "
+                    "per shard and resumes only on the sharding it was saved with; to change the sharding, "
+                    "load it with that sharding into an optimizer with state_precision='fp32' and save again")
+        if _dist.is_dtensor(p):
+            (shards, blocks), _ = _dist.block_scales_layout(p, _lb_num_blocks)
+            if tuple(v.shape) != (shards, blocks) or not _dist.is_dtensor(v):
+                kind = "a DTensor" if _dist.is_dtensor(v) else "a plain tensor"
+                return (f"has {key!r} of shape {tuple(v.shape)} ({kind}; expected a DTensor of shape "
+                        f"{(shards, blocks)}: {blocks} block scales for each of the {shards} shards of "
+                        f"{tuple(p.shape)} under placements {tuple(p.placements)}): 8-bit state is "
+                        "blocked per shard and resumes only on the sharding it was saved with; to change "
+                        "the sharding, load it with that sharding into an optimizer with "
+                        "state_precision='fp32' (or 'bf16') and save again")
+            return None
+        if _dist.is_dtensor(v) or v.dim() != 1:
+            return (f"has {key!r} of shape {tuple(v.shape)}{' (a DTensor)' if _dist.is_dtensor(v) else ''}: "
+                    "block scales of a sharded (FSDP2) 8-bit state, and this parameter is not sharded; 8-bit "
+                    "state resumes only on the sharding it was saved with (to change it, load it with that "
+                    "sharding into an optimizer with state_precision='fp32' and save again)")
+        local = codes if loading else impl_view(codes)
+        if v.numel() != _lb_num_blocks(local.numel()):
+            return (f"has {key!r} of {v.numel()} block scales (expected {_lb_num_blocks(local.numel())} for "
+                    f"{local.numel()} codes)")
         return None
 
     def _check_capturable(self, devices: set[torch.device], sharded: bool) -> None:
@@ -1070,8 +1103,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 pass  # copied above in the state dtype
             else:
                 local = v.to(p.device) if not _dist.is_dtensor(v) else v
-                value = _low.decode(impl_view(local), None if absmax is None else absmax.to(impl_view(p).device),
-                                    signed, self._state_dtype(p))
+                scales = None if absmax is None else _low.local_scales(absmax, local).to(impl_view(p).device)
+                value = _low.decode(impl_view(local), scales, signed, self._state_dtype(p))
                 if _dist.is_dtensor(p):
                     like = torch.zeros_like(p, dtype=value.dtype)
                     impl_view(like).copy_(value)

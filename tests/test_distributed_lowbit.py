@@ -5,6 +5,11 @@ each rank 64 rows = 4096 elements, a whole number of 256-element blocks, so the 
 shards are the unsharded tensor's blocks and the 8-bit run equals the unsharded one bit for bit. bf16
 state is rounded stochastically with the element index counted from each shard's start, so rank 1's
 bits differ from the unsharded run's: that case checks the state's form and closeness.
+
+Checkpoints: 8-bit block scales are per shard, stored as a DTensor with one row per shard
+(`distributed.block_scales_layout`), so `torch.distributed.checkpoint` saves every rank's scales and a
+resumed run equals the uninterrupted one bit for bit; a state_dict of sharded 8-bit state refuses to load
+into unsharded params, naming the fix.
 """
 from __future__ import annotations
 
@@ -77,14 +82,89 @@ def _worker(rank, port, out_dir):
             if key not in st:
                 continue
             local = st[key].to_local() if hasattr(st[key], "to_local") else st[key]
-            mine = lowstate.decode(local, st.get(key + lowstate.ABSMAX), signed[key], torch.float32)
+            scales = st.get(key + lowstate.ABSMAX)
+            scales = None if scales is None else lowstate.local_scales(scales, st[key])
+            mine = lowstate.decode(local, scales, signed[key], torch.float32)
             rows = local.shape[0]
             ref_st = ref.state[rw]
             full = lowstate.decode(ref_st[key], ref_st.get(key + lowstate.ABSMAX), signed[key], torch.float32)
             worst_s = max(worst_s, (mine - full[rank * rows:(rank + 1) * rows]).abs().max().item())
         results[name] = {"param": worst_p, "state": worst_s, "dtype": str(st["exp_avg"].dtype),
                          "dtensor": hasattr(st["exp_avg"], "to_local")}
+    results["dcp"] = _dcp_resume(mesh, out_dir)
+    results["plain_into_unsharded"] = _plain_into_unsharded(mesh)
     finish_rank(results, rank, out_dir)
+
+
+def _dcp_resume(mesh, out_dir):
+    """Save with torch.distributed.checkpoint after 2 steps, resume a fresh model and optimizer (other
+    init, other seed) from it, run 2 more steps: bit for bit the uninterrupted run, and the scales saved
+    from every rank."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for name, impl in (("adan-native", "native"), ("lion-foreach", "foreach")):
+        cls = Adan if name.startswith("adan") else Lion
+        ckpt = os.path.join(out_dir, f"dcp-{name}")
+        model = _model()
+        fully_shard(model, mesh=mesh)
+        opt = cls(model.parameters(), lr=1e-2, impl=impl, state_precision="8bit")
+        for s in range(2):
+            _step(model, opt, s)
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=ckpt)
+        for s in range(2, 4):
+            _step(model, opt, s)
+        torch.manual_seed(7)
+        model2 = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+        fully_shard(model2, mesh=mesh)
+        opt2 = cls(model2.parameters(), lr=1e-2, impl=impl, state_precision="8bit")
+        _step(model2, opt2, 9)  # live state to load into
+        msd2, osd2 = get_state_dict(model2, opt2)
+        blob = {"model": msd2, "optim": osd2}
+        dcp.load(blob, checkpoint_id=ckpt)
+        set_state_dict(model2, opt2, model_state_dict=blob["model"], optim_state_dict=blob["optim"])
+        for s in range(2, 4):
+            _step(model2, opt2, s)
+        params = max((a.full_tensor() - b.full_tensor()).abs().max().item()
+                     for a, b in zip(model.parameters(), model2.parameters()))
+        w, w2 = model[0].weight, model2[0].weight
+        states = all(torch.equal(opt.state[w][k].full_tensor(), opt2.state[w2][k].full_tensor())
+                     for k in opt.state[w] if k != "step")
+        scales = opt.state[w]["exp_avg_absmax"]
+        out[name] = {"param": params, "state_equal": states, "scales": [type(scales).__name__, list(scales.shape)]}
+    return out
+
+
+def _plain_into_unsharded(mesh):
+    """opt.state_dict() of sharded 8-bit state loaded into the same model unsharded: refused, nothing changed;
+    into an fp32 optimizer on the same sharding: decoded."""
+    from torch.distributed.fsdp import fully_shard
+
+    from fused_optim import lowstate
+
+    model = _model()
+    fully_shard(model, mesh=mesh)
+    opt = Lion(model.parameters(), lr=1e-2, impl="foreach", state_precision="8bit")
+    _step(model, opt, 0)
+    saved = opt.state_dict()
+    # the way through: the same sharding, fp32 state (decoded from this rank's codes and scales)
+    fp32 = Lion(model.parameters(), lr=1e-2, impl="foreach")
+    fp32.load_state_dict(saved)
+    w = model[0].weight
+    st = opt.state[w]
+    want = lowstate.decode(st["exp_avg"].to_local(), lowstate.local_scales(st["exp_avg_absmax"], st["exp_avg"]),
+                           True, torch.float32)
+    converted = torch.equal(fp32.state[w]["exp_avg"].to_local(), want) and "exp_avg_absmax" not in fp32.state[w]
+    plain = _model()
+    opt2 = Lion(plain.parameters(), lr=1e-2, impl="foreach", state_precision="8bit")
+    try:
+        opt2.load_state_dict(saved)
+    except ValueError as exc:
+        return {"error": str(exc), "state_empty": not opt2.state, "converted": converted}
+    return {"error": None}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +176,19 @@ def results(tmp_path_factory):
 def test_8bit_shards_equal_the_unsharded_run(results, name):
     for rank in results:
         assert rank[name] == {"param": 0.0, "state": 0.0, "dtype": "torch.uint8", "dtensor": True}
+
+
+@pytest.mark.parametrize("name", ["adan-native", "lion-foreach"])
+def test_8bit_dcp_resume_is_bit_exact(results, name):
+    for rank in results:
+        assert rank["dcp"][name] == {"param": 0.0, "state_equal": True, "scales": ["DTensor", [2, 16]]}
+
+
+def test_sharded_8bit_state_dict_refuses_unsharded_params(results):
+    for rank in results:
+        r = rank["plain_into_unsharded"]
+        assert r["error"] is not None and "resumes only on the sharding it was saved with" in r["error"], r
+        assert "exp_avg" in r["error"] and r["state_empty"] and r["converted"]
 
 
 def test_bf16_state_on_shards(results):
