@@ -86,6 +86,11 @@ class Rounding:
     def needs_bits(self) -> bool:
         return self.param_sr or self.fmt == "bf16"
 
+    def take(self, idx: Sequence[int]) -> Rounding:
+        """The same rounding for the tensors ``idx`` of the call (their scales and tensor indices)."""
+        return Rounding(self.fmt, self.signed, tuple([a[i] for i in idx] if a else [] for a in self.absmax),
+                        self.param_sr, self.seed, self.step, [self.tensor_index[i] for i in idx])
+
 
 def new_entries(key: str, fmt: str, signed: bool, like: Tensor, value: Tensor | None,
                 dtype32: torch.dtype) -> dict[str, Tensor]:

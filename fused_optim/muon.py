@@ -147,7 +147,7 @@ def _foreach_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: l
 
 def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool,
-                momentum_kernel, apply_kernel) -> None:
+                momentum_kernel, apply_kernel, lowbit: _low.Rounding | None = None) -> None:
     """Muon with its elementwise stages as two multi-tensor kernels around torch's Newton–Schulz.
 
     1. `momentum_kernel`: ``buf.lerp_(g, 1-β)``, the Nesterov ``g.lerp(buf, β)``, rounded to bf16 and
@@ -156,14 +156,19 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
     2. Newton–Schulz on torch matmuls (cuBLAS), one batched matmul per iteration per shape.
     3. `apply_kernel`: ``u·scale`` (rounded to bf16, as upstream's ``u *= scale``), the decoupled decay and
        ``p − lr·u`` in one pass.
+
+    ``lowbit`` (`fused_optim.lowstate.Rounding`, docs/lowbit.md §5): a bf16 / 8-bit momentum buffer is
+    decoded, updated and encoded inside the momentum kernel's pass, and bf16 params with stochastic
+    rounding are rounded inside the apply kernel's.
     """
     if _dist.current() is not None:
         return _row_sharded_muon(_fused_stages(momentum_kernel, apply_kernel), params, grads, momentum_buffers,
                                  lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov,
-                                 ns_steps=ns_steps, maximize=maximize)
+                                 ns_steps=ns_steps, maximize=maximize, lowbit=lowbit)
     keep = [i for i, p in enumerate(params) if p.numel() > 0]
     if not keep:
         return
+    low = None if lowbit is None else lowbit.take(keep)
     by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i in keep:
         by_shape[tuple(_as_matrix(grads[i]).shape)].append(i)
@@ -174,8 +179,8 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
         for j, i in enumerate(idx):
             inputs[i] = stack[j].view(grads[i].shape)
         stacks.append((shape, idx, stack))
-    momentum_kernel([grads[i] for i in keep], [momentum_buffers[i] for i in keep], [inputs[i] for i in keep],
-                    momentum=momentum, nesterov=nesterov, maximize=maximize)
+    _momentum_stage(momentum_kernel, [grads[i] for i in keep], [momentum_buffers[i] for i in keep],
+                    [inputs[i] for i in keep], momentum=momentum, nesterov=nesterov, maximize=maximize, lowbit=low)
     outputs: dict[int, Tensor] = {}
     for shape, idx, stack in stacks:
         if len(idx) > 1 and len(shape) == 2:  # one batched Newton–Schulz (as `_batched_newton_schulz`)
@@ -184,20 +189,43 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
         else:
             outputs.update((i, zeropower_via_newtonschulz5(stack[j], ns_steps)) for j, i in enumerate(idx))
     ps = [params[i] for i in keep]
-    apply_kernel(ps, [outputs[i].reshape(p.shape) for i, p in zip(keep, ps)],
-                 scales=[_scale(grads[i]) for i in keep], lr=lr, weight_decay=weight_decay)
+    _apply_stage(apply_kernel, ps, [outputs[i].reshape(p.shape) for i, p in zip(keep, ps)],
+                 scales=[_scale(grads[i]) for i in keep], lr=lr, weight_decay=weight_decay, lowbit=low)
+
+
+def _momentum_stage(kernel, grads, bufs, outs, *, momentum, nesterov, maximize, lowbit) -> None:
+    """A fused impl's momentum stage: its ``<kernel>_lowbit`` twin when the buffers are stored below fp32."""
+    if lowbit is not None and lowbit.fmt != "fp32":
+        _MOMENTUM_LOWBIT[kernel](grads, bufs, outs, momentum=momentum, nesterov=nesterov, maximize=maximize,
+                                 lowbit=lowbit)
+    else:
+        kernel(grads, bufs, outs, momentum=momentum, nesterov=nesterov, maximize=maximize)
+
+
+def _apply_stage(kernel, params, updates, *, scales, lr, weight_decay, lowbit) -> None:
+    """A fused impl's apply stage; it rounds bf16 params stochastically itself when ``lowbit.param_sr``."""
+    if lowbit is not None and lowbit.param_sr:
+        kernel(params, updates, scales=scales, lr=lr, weight_decay=weight_decay, lowbit=lowbit)
+    else:
+        kernel(params, updates, scales=scales, lr=lr, weight_decay=weight_decay)
 
 
 # the two elementwise stages' kernels per fused impl (triton is imported on the first triton step)
 _FUSED_STAGES = {impl: {"momentum_kernel": fused_kernel(impl, "muon", "muon_momentum"),
                         "apply_kernel": fused_kernel(impl, "muon", "muon_apply")} for impl in ("triton", "native")}
+#: each fused impl's momentum stage with a bf16 / 8-bit buffer (docs/lowbit.md §5)
+_MOMENTUM_LOWBIT = {_FUSED_STAGES["triton"]["momentum_kernel"]: fused_kernel("triton", "muon", "muon_momentum_lowbit")}
 
 
 def _triton_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
-                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool,
+                 lowbit: _low.Rounding | None = None) -> None:
     """`_fused_muon` with the Triton kernels (fused_optim/kernels/muon.py); triton loads on first use."""
     _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, **_FUSED_STAGES["triton"])
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, lowbit=lowbit, **_FUSED_STAGES["triton"])
+
+
+_triton_muon.supports_lowbit = True  # Muon's impls are not declared (use_muon decides the state)
 
 
 def _native_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
@@ -270,7 +298,7 @@ def _newton_schulz_list(mats: list[Tensor], steps: int, batched: bool) -> list[T
 
 def _row_sharded_muon(stages: _Stages, params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor],
                       *, lr: float, momentum: float, weight_decay: float, nesterov: bool, ns_steps: int,
-                      maximize: bool) -> None:
+                      maximize: bool, lowbit: _low.Rounding | None = None) -> None:
     """Muon on DTensor (FSDP2) local shards, whole-matrix: momentum on the shards; each 2-D (or flattened
     4-D) matrix gathered to one owner rank of its shard group, orthogonalized there once, its rows sent
     back (`distributed.orthogonalize_row_shards`); the update applied on the shards. A 3-D param sharded
@@ -279,9 +307,10 @@ def _row_sharded_muon(stages: _Stages, params: list[Tensor], grads: list[Tensor]
     whole = _dist.current().tensors
     outs = [torch.empty(g.shape, dtype=torch.bfloat16, device=g.device) for g in grads]
     keep = [i for i, g in enumerate(grads) if g.numel() > 0]
+    low = None if lowbit is None else lowbit.take(keep)  # (only the fused stages are given one)
     if keep:
-        stages.momentum([grads[i] for i in keep], [momentum_buffers[i] for i in keep], [outs[i] for i in keep],
-                        momentum=momentum, nesterov=nesterov, maximize=maximize)
+        _momentum_stage(stages.momentum, [grads[i] for i in keep], [momentum_buffers[i] for i in keep],
+                        [outs[i] for i in keep], momentum=momentum, nesterov=nesterov, maximize=maximize, lowbit=low)
     rows_sharded = [i for i, t in enumerate(whole) if t.ndim != 3]
     batch_sharded = [i for i, t in enumerate(whole) if t.ndim == 3 and outs[i].numel() > 0]
     updates: list[Tensor | None] = [None] * len(params)
@@ -297,8 +326,8 @@ def _row_sharded_muon(stages: _Stages, params: list[Tensor], grads: list[Tensor]
                                                            stages.batched)):
             updates[i] = r
     if keep:
-        stages.apply([params[i] for i in keep], [updates[i].reshape(params[i].shape) for i in keep],
-                     scales=[_scale(whole[i]) for i in keep], lr=lr, weight_decay=weight_decay)
+        _apply_stage(stages.apply, [params[i] for i in keep], [updates[i].reshape(params[i].shape) for i in keep],
+                     scales=[_scale(whole[i]) for i in keep], lr=lr, weight_decay=weight_decay, lowbit=low)
 
 
 # ------------------------------------------------------------------------------------- Adam side

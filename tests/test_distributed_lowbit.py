@@ -19,7 +19,7 @@ import pytest
 import torch
 from dist_util import finish_rank, run_ranks
 
-from fused_optim import Adan, Lion
+from fused_optim import Adan, Lion, Muon
 
 WORLD = 2
 STEPS = 3
@@ -27,6 +27,7 @@ CASES = {
     "lion-8bit-foreach": (Lion, "8bit", "foreach"),
     "lion-8bit-triton": (Lion, "8bit", "triton"),
     "adan-8bit-foreach": (Adan, "8bit", "foreach"),
+    "muon-8bit-triton": (Muon, "8bit", "triton"),  # momentum on the shards, Newton-Schulz on the whole matrix
     "lion-bf16-foreach": (Lion, "bf16", "foreach"),
 }
 
@@ -34,6 +35,11 @@ CASES = {
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 1))
+
+
+def _params(cls, model):
+    """Muon takes the model (its matrices to Muon, the rest to its Adam side); the others its params."""
+    return model if cls is Muon else model.parameters()
 
 
 def _batch(step):
@@ -64,10 +70,10 @@ def _worker(rank, port, out_dir):
     results = {}
     for name, (cls, prec, impl) in CASES.items():
         ref_model = _model()
-        ref = cls(ref_model.parameters(), lr=1e-2, impl=impl, state_precision=prec)
+        ref = cls(_params(cls, ref_model), lr=1e-2, impl=impl, state_precision=prec)
         model = _model()
         fully_shard(model, mesh=mesh)
-        opt = cls(model.parameters(), lr=1e-2, impl=impl, state_precision=prec)
+        opt = cls(_params(cls, model), lr=1e-2, impl=impl, state_precision=prec)
         opt.param_groups[0]["lowbit_seed"] = ref.param_groups[0]["lowbit_seed"]
         for s in range(STEPS):
             _step(ref_model, ref, s)
@@ -89,8 +95,9 @@ def _worker(rank, port, out_dir):
             ref_st = ref.state[rw]
             full = lowstate.decode(ref_st[key], ref_st.get(key + lowstate.ABSMAX), signed[key], torch.float32)
             worst_s = max(worst_s, (mine - full[rank * rows:(rank + 1) * rows]).abs().max().item())
-        results[name] = {"param": worst_p, "state": worst_s, "dtype": str(st["exp_avg"].dtype),
-                         "dtensor": hasattr(st["exp_avg"], "to_local")}
+        first = "momentum_buffer" if cls is Muon else "exp_avg"
+        results[name] = {"param": worst_p, "state": worst_s, "dtype": str(st[first].dtype),
+                         "dtensor": hasattr(st[first], "to_local")}
     results["dcp"] = _dcp_resume(mesh, out_dir)
     results["plain_into_unsharded"] = _plain_into_unsharded(mesh)
     finish_rank(results, rank, out_dir)

@@ -131,6 +131,66 @@ def test_fused_pass_equals_reference_step(name, precision, sr, dtype):
     assert_same(a, pa, b, pb, f"{name} {precision} sr={sr} {dtype} {hyper}")
 
 
+# Muon's momentum buffer: 2-D and 3-D params (8-bit from 4096 elements), a transposed one, a small one
+MUON_SHAPES = [(80, 64), (64, 80), (3, 50, 30), (16, 8), (33, 129)]
+
+
+def run_muon(precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in MUON_SHAPES]
+    params[1] = torch.randn(MUON_SHAPES[1][::-1], generator=gen).to(dtype).t()  # strided
+    params = [p.requires_grad_() for p in params]
+    torch.manual_seed(0)
+    opt = fo.Muon(params, lr=0.02, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper)
+    ctx = fused_off(opt) if not fused else contextlib.nullcontext()
+    for step in range(steps):
+        set_grads(params, step)
+        with ctx:
+            opt.step()
+    return opt, params
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "sr"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit"])
+def test_muon_fused_pass_equals_reference_step(precision, sr, dtype):
+    """Muon's momentum stage decodes, updates and encodes its bf16 / 8-bit buffer in the kernel's pass,
+    and its apply stage rounds bf16 params stochastically: three steps equal the reference path over the
+    same fp32 kernels bit for bit (Newton–Schulz in between is the same torch code on the same input).
+    Half the cases with weight decay, maximize and without Nesterov."""
+    if precision == "fp32" and not (sr and dtype == torch.bfloat16):
+        pytest.skip("nothing to round: the ordinary kernels run")
+    hyper = {"weight_decay": 0.1, "maximize": True, "nesterov": False} if sr else {}
+    a, pa = run_muon(precision, sr, dtype, hyper, fused=True)
+    b, pb = run_muon(precision, sr, dtype, hyper, fused=False)
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}[precision]
+    assert a.state[pa[0]]["momentum_buffer"].dtype == want
+    assert a.state[pa[3]]["momentum_buffer"].dtype == (torch.float32 if precision != "bf16" else want)
+    assert_same(a, pa, b, pb, f"muon {precision} sr={sr} {dtype} {hyper}")
+    if precision != "fp32" or dtype == torch.bfloat16:
+        assert any(not torch.equal(p, q) for p, q in zip(pa, make_muon_start(dtype)))
+
+
+def make_muon_start(dtype):
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen).to(dtype) for s in MUON_SHAPES]
+    params[1] = torch.randn(MUON_SHAPES[1][::-1], generator=gen).to(dtype).t()
+    return params
+
+
+def test_muon_lowbit_launches(monkeypatch):
+    """8-bit momentum and bf16 params rounded stochastically: the lowbit momentum kernel and the apply
+    kernel, one launch each per step for contiguous params (the small param's fp32 state: the plain
+    momentum kernel, a call of its own)."""
+    seen = _record_launches(monkeypatch)
+    params = [torch.randn(80, 64, dtype=torch.bfloat16).requires_grad_(),
+              torch.randn(96, 64, dtype=torch.bfloat16).requires_grad_()]
+    opt = fo.Muon(params, lr=0.02, impl="triton", state_precision="8bit", stochastic_rounding=True)
+    set_grads(params, 0)
+    opt.step()
+    assert seen == ["_muon_momentum_lowbit_kernel", "_muon_apply_kernel"], seen
+
+
 def test_adan_clip_equals_reference_step():
     """Adan's global clip factor (a device tensor the class computes) reaches the lowbit kernel too."""
     hyper = {"max_grad_norm": 1.0, "weight_decay": 0.02}
@@ -321,3 +381,14 @@ def test_lowbit_kernels_compile_for_cuda_without_a_gpu(fmt):
     for kernel, consts in cases:
         ptx = _compile_for_sm90(kernel, types, {**common, **consts})
         assert "mul.hi.u32" in ptx, kernel.fn.__name__  # the Philox rounds (stochastic rounding of the param)
+    # Muon: the momentum stage's buffer (the Philox rounds only for bf16 state) and the apply stage's param
+    from fused_optim.kernels import muon
+
+    types.update({"dyn_ptrs_ptr": "*i64", "scales_ptr": "*fp32", "tidx_ptr": "*i64"})
+    mom = dict(FMT=fmt, PARAM_SR=False, RNG_STEP_ON_DEVICE=True, G_KIND=0, P_KIND=2, S_KIND=0, ALIGNED=True,
+               QB=256, NESTEROV=True, MAXIMIZE=True, SIGNED0=True, ROW=6, BLOCK=muon.BLOCK)
+    ptx = _compile_for_sm90(muon._muon_momentum_lowbit_kernel, types, mom)
+    assert ("mul.hi.u32" in ptx) == (fmt == klb.FMT_BF16)
+    apply = dict(DECAY=True, P_KIND=2, U_KIND=2, PARAM_SR=True, RNG_STEP_ON_DEVICE=True, ALIGNED=True, ROW=5,
+                 BLOCK=muon.BLOCK)
+    assert "mul.hi.u32" in _compile_for_sm90(muon._muon_apply_kernel, types, apply)

@@ -342,7 +342,7 @@ class LowbitLaunch(NamedTuple):
     args: dict
 
 
-def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, found_inf=None):
+def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, found_inf=None, *, grad_dtype=None):
     """The launches of a lowbit-aware update (`uses_lowbit_kernel`) over one (device, dtype) group: as
     `multi_tensor.update_launches` (zero-size tensors dropped; a strided param or bf16 state goes to a
     second launch over contiguous, row-major stand-ins copied back after it, which is the order of the
@@ -350,12 +350,13 @@ def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, fou
     ``aux_ptr`` (per tensor: its generator tensor index, then each state list's absmax address), the
     8-bit tables of each state list, ``seed``, the step (``rng_step``/``rng_step_buf``/
     ``RNG_STEP_ON_DEVICE``), ``FMT``, ``PARAM_SR`` and ``QB``. Bad state (the wrong dtype or scale
-    count for ``low.fmt``) raises before anything is launched."""
+    count for ``low.fmt``) raises before anything is launched. ``grad_dtype``: the grads' dtype when a
+    kernel reads them with its own ``G_KIND`` (Muon's momentum stage: list 0 is its update buffers)."""
     if block % _ref.QUANT_BLOCK:
         raise ValueError(f"lowbit update: BLOCK {block} is not a multiple of the quantization block "
                          f"{_ref.QUANT_BLOCK}")
     numels = [p.numel() for p in params]
-    mt.check_lists(params, grads, states, numels)
+    mt.check_lists(params, grads, states, numels, grad_dtype=grad_dtype)
     keep = [i for i, n in enumerate(numels) if n > 0]
     if not keep:
         return

@@ -569,10 +569,11 @@ def _contiguous_grads(grads: list[Tensor], write: bool = False) -> tuple[list[Te
 
 
 def check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[Sequence[Tensor]],
-                numels: list[int]) -> None:
+                numels: list[int], *, grad_dtype: torch.dtype | None = None) -> None:
     """Refuse inconsistent lists before a kernel reads raw addresses: a state or grad shorter than its
     param would be read and written out of bounds (heap corruption, not an exception). The class never
-    passes such lists; a direct caller of a launcher may. A few attribute reads per tensor per step."""
+    passes such lists; a direct caller of a launcher may. A few attribute reads per tensor per step.
+    ``grad_dtype``: the grads' one dtype when it is not the params' (a kernel with its own ``G_KIND``)."""
     n = len(params)
     if len(grads) != n or any(len(s) != n for s in states):
         raise ValueError(f"Triton launcher: list lengths differ (params {n}, grads {len(grads)}, states "
@@ -580,14 +581,15 @@ def check_lists(params: Sequence[Tensor], grads: Sequence[Tensor], states: Seque
     if not n:
         return
     dtype = params[0].dtype
+    gdtype = dtype if grad_dtype is None else grad_dtype
     # fast path: one comprehension per list; the loops below only run to name the culprit
     if all([t.numel() for t in lst] == numels for lst in (grads, *states)) and \
-            {t.dtype for t in params} == {dtype} and {g.dtype for g in grads} == {dtype}:
+            {t.dtype for t in params} == {dtype} and {g.dtype for g in grads} == {gdtype}:
         return  # devices are not compared per tensor (a third of this cost again): the class groups by device
-    for name, lst in (("param", params), ("grad", grads)):
+    for name, lst, want in (("param", params, dtype), ("grad", grads, gdtype)):
         for i, t in enumerate(lst):
-            if t.dtype != dtype:
-                raise ValueError(f"Triton launcher: {name} {i} is {t.dtype}, expected {dtype} (one launch "
+            if t.dtype != want:
+                raise ValueError(f"Triton launcher: {name} {i} is {t.dtype}, expected {want} (one launch "
                                  "handles one (device, dtype) group)")
     for j, lst in enumerate((grads, *states)):
         for i, (t, m) in enumerate(zip(lst, numels)):
