@@ -609,6 +609,7 @@ def test_kernels_compile_for_cuda_without_a_gpu():
     lk, sm, mu = kernel_module("lookahead"), kernel_module("sam"), kernel_module("muon")
     types = {"meta_ptr": "*i64", "dyn_ptrs_ptr": "*i64", "chunks_ptr": "*i32", "partials_ptr": "*fp32",
              "pos_ptr": "*i32", "out_ptr": "*fp32", "scale_ptr": "*fp32", "scales_ptr": "*fp32",
+             "tidx_ptr": "*i64", "seed": "i64", "rng_step": "i32", "rng_step_buf": "*fp32",
              **{n: "fp32" for n in ("alpha", "one_minus_alpha", "momentum", "one_minus_momentum", "neg_lr",
                                     "decay")}}
     cases = [
@@ -619,8 +620,8 @@ def test_kernels_compile_for_cuda_without_a_gpu():
         (sm._sam_norms_finish_kernel, {"ROW": 5, "MAX_PARTS": 256}, {}, False),
         (mu._muon_momentum_kernel, {"NESTEROV": True, "MAXIMIZE": True, "S_KIND": 0, "G_KIND": 2, "U_KIND": 2,
                                     "ROW": 5, "BLOCK": mu.BLOCK}, {}, True),
-        (mu._muon_apply_kernel, {"DECAY": True, "P_KIND": 0, "U_KIND": 2, "ROW": 5, "BLOCK": mu.BLOCK}, {},
-         True),
+        (mu._muon_apply_kernel, {"DECAY": True, "P_KIND": 0, "U_KIND": 2, "PARAM_SR": False,
+                                 "RNG_STEP_ON_DEVICE": False, "ROW": 5, "BLOCK": mu.BLOCK}, {}, True),
     ]
     for kernel, consts, options, vector in cases:
         k = multi_tensor.kernel_for(kernel, torch.device("cuda"))
