@@ -20,7 +20,6 @@ CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -126,11 +125,6 @@ def _lowbit_in_op(params: list[Tensor], grads: list[Tensor], states, i: int) -> 
             and p.is_contiguous() and grads[i].is_contiguous() and all(s[i].is_contiguous() for s in states))
 
 
-def _lowbit_subset(low, idx: list[int]):
-    return dataclasses.replace(low, absmax=tuple([a[i] for i in idx] if a else [] for a in low.absmax),
-                               tensor_index=[low.tensor_index[i] for i in idx])
-
-
 def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor], grads: list[Tensor],
                  states, low, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
     """One step under `low` (a `fused_optim.lowstate.Rounding`): the tensors a lowbit op takes
@@ -151,7 +145,7 @@ def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor],
         if grad_scale is not None:
             gs = [grads[i] for i in slow]
             torch._foreach_div_(gs, grad_scale.to(gs[0].device))
-        sub = _lowbit_subset(low, slow)
+        sub = low.take(slow)
         dtype32 = [torch.float32 if params[i].dtype in (torch.bfloat16, torch.float16) else params[i].dtype
                    for i in slow]
         done = [0]  # reference_step calls in order over consecutive runs of the slow rows
@@ -166,7 +160,7 @@ def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor],
                                     [[s[i] for i in slow] for s in states], sub, dtype32)
     if not fast:
         return
-    sub = low if len(fast) == n else _lowbit_subset(low, fast)
+    sub = low if len(fast) == n else low.take(fast)
     device = params[fast[0]].device
     # a capturable step's counter is a tensor: the op reads it where it lives (on CUDA: no sync)
     step, step_tensor = ((0, sub.step.to(device, torch.float32).reshape(1)) if isinstance(sub.step, Tensor)

@@ -234,3 +234,5 @@ class NeuroOptima(FusedOptimizer):
 
     _impls = {"forloop": _forloop_neuro_optima, "foreach": _foreach_neuro_optima,
               **fused_kernels("neuro_optima", "neuro_optima")}  # one launch each; triton loads on first use
+    # the fused cores decode and encode bf16 / 8-bit moments in their own pass (docs/lowbit.md §5)
+    _impls["triton"].supports_lowbit = True

@@ -191,6 +191,39 @@ def test_muon_lowbit_launches(monkeypatch):
     assert seen == ["_muon_momentum_lowbit_kernel", "_muon_apply_kernel"], seen
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("sr", [False, True], ids=["nearest", "sr"])
+@pytest.mark.parametrize("precision", ["bf16", "8bit"])
+def test_neuro_optima_fused_pass_equals_reference_step(precision, sr, dtype):
+    """NeuroOptima's core (SAM off, Lookahead every 2 steps) decodes and encodes its four moments in the
+    kernel's pass: three steps equal the reference path over the same fp32 kernel bit for bit, also the
+    Lookahead slow weights (a copy of the weights, in their dtype). Half the cases with coupled weight
+    decay and maximize."""
+    hyper = {"weight_decay": 0.05, "maximize": True} if sr else {}
+    out = []
+    for fused in (True, False):
+        params = make_params(dtype)
+        torch.manual_seed(0)
+        opt = fo.NeuroOptima(params, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="triton", state_precision=precision,
+                             stochastic_rounding=sr, **hyper)
+        fn = opt._impls["triton"]
+        for step in range(3):
+            set_grads(params, step)
+            if fused:
+                opt.step()
+            else:
+                assert fn.supports_lowbit
+                fn.supports_lowbit = False
+                try:
+                    opt.step()
+                finally:
+                    fn.supports_lowbit = True
+        out.append((opt, params))
+    (a, pa), (b, pb) = out
+    assert a.state[pa[0]]["exp_avg"].dtype == (torch.bfloat16 if precision == "bf16" else torch.uint8)
+    assert_same(a, pa, b, pb, f"neuro {precision} sr={sr} {dtype} {hyper}")
+
+
 def test_adan_clip_equals_reference_step():
     """Adan's global clip factor (a device tensor the class computes) reaches the lowbit kernel too."""
     hyper = {"max_grad_norm": 1.0, "weight_decay": 0.02}
@@ -307,6 +340,18 @@ def test_one_lowbit_launch_per_call(monkeypatch):
     assert seen == ["_adan_lowbit_kernel"] * 2, seen
 
 
+def test_neuro_optima_one_lowbit_launch_per_step(monkeypatch):
+    """NeuroOptima's core with 8-bit moments over contiguous params: one launch of the lowbit kernel per
+    step (the Lookahead sync, every 2 steps, is its own kernel)."""
+    seen = _record_launches(monkeypatch)
+    params = [torch.randn(n).requires_grad_() for n in (5000, 4096)]
+    opt = fo.NeuroOptima(params, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="triton", state_precision="8bit")
+    for step in range(2):
+        set_grads(params, step)
+        opt.step()
+    assert [k for k in seen if k.startswith("_neuro")] == ["_neuro_optima_lowbit_kernel"] * 2, seen
+
+
 def _rounding(fmt: str, absmax=((),)) -> Rounding:
     return Rounding(fmt=fmt, signed=(True,), absmax=tuple(list(a) for a in absmax), param_sr=False, seed=3,
                     step=1, tensor_index=[0])
@@ -381,8 +426,14 @@ def test_lowbit_kernels_compile_for_cuda_without_a_gpu(fmt):
     for kernel, consts in cases:
         ptx = _compile_for_sm90(kernel, types, {**common, **consts})
         assert "mul.hi.u32" in ptx, kernel.fn.__name__  # the Philox rounds (stochastic rounding of the param)
+    # NeuroOptima's core (no AMP, no device scalars: the composite runs it with host scalars)
+    from fused_optim.kernels import muon, neuro_optima
+
+    neuro = dict(FMT=fmt, PARAM_SR=True, RNG_STEP_ON_DEVICE=True, P_KIND=2, S_KIND=0, ALIGNED=True, QB=256,
+                 MAXIMIZE=True, DECAY=True, SIGNED0=True, SIGNED1=False, SIGNED2=True, SIGNED3=True, ROW=9,
+                 BLOCK=neuro_optima.BLOCK)
+    assert "mul.hi.u32" in _compile_for_sm90(neuro_optima._neuro_optima_lowbit_kernel, types, neuro)
     # Muon: the momentum stage's buffer (the Philox rounds only for bf16 state) and the apply stage's param
-    from fused_optim.kernels import muon
 
     types.update({"dyn_ptrs_ptr": "*i64", "scales_ptr": "*fp32", "tidx_ptr": "*i64"})
     mom = dict(FMT=fmt, PARAM_SR=False, RNG_STEP_ON_DEVICE=True, G_KIND=0, P_KIND=2, S_KIND=0, ALIGNED=True,
