@@ -300,6 +300,31 @@ def case_lowbit(name: str, signed: tuple[bool, ...] | None = None, kwargs: dict 
     return run
 
 
+def case_muon_lowbit(fn, make, dtype, variant):
+    """Muon's whole step (momentum, Newton-Schulz, apply) on column matrices with its momentum buffer as 8-bit
+    codes ("plain") or bf16 and bf16 params rounded stochastically ("misaligned"): the low-precision
+    kernels of both stages (docs/lowbit.md §5)."""
+    import torch
+
+    from fused_optim import lowbit, lowstate
+
+    col = [t.view(-1, 1) for t in make(dtype)]
+    g = [t.view(-1, 1) for t in make(dtype, 1e-2)]
+    vals = make(torch.float32, 1e-2)
+    fmt = "bf16" if variant == "misaligned" else "8bit"
+    if fmt == "bf16":
+        bufs = [(_shifted(v, torch.bfloat16) if make.misaligned else v.to(torch.bfloat16)).view(-1, 1) for v in vals]
+        absmax = []
+    else:
+        codes, absmax = zip(*(lowbit.quantize_blockwise(v.contiguous(), True) for v in vals))
+        bufs, absmax = [c.view(-1, 1) for c in codes], list(absmax)
+    rounding = lowstate.Rounding(fmt=fmt, signed=(True,), absmax=(absmax,),
+                                 param_sr=dtype == torch.bfloat16 and fmt == "bf16", seed=1234, step=3,
+                                 tensor_index=list(range(len(col))))
+    fn(col, g, bufs, lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True, ns_steps=2, maximize=False,
+       lowbit=rounding)
+
+
 def _shifted(t, dtype):
     """`t` converted to `dtype` as a view one element into a one-longer buffer (a misaligned tensor)."""
     import torch
@@ -311,8 +336,8 @@ def _shifted(t, dtype):
 
 
 def _lowbit_cases() -> list[Case]:
-    """A low-precision case for every declared optimizer whose Triton or native impl has the pass, and for
-    NeuroOptima's core (a composite's part). Each reduces in shared memory (the native CUDA pass: every
+    """A low-precision case for every declared optimizer whose Triton or native impl has the pass, for
+    NeuroOptima's core (a composite's part) and for Muon's two stages. Each reduces in shared memory (the native CUDA pass: every
     8-bit block's absmax), so racecheck runs them."""
     import fused_optim  # noqa: F401 - declares every optimizer of the library
     from fused_optim.declaration import declared
@@ -323,7 +348,7 @@ def _lowbit_cases() -> list[Case]:
              and any(i.lowbit for i in decl.impls)]
     neuro = case_lowbit("neuro_optima", signed=(True, False, True, True),
                         kwargs=dict(lr=1e-3, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.01, maximize=False))
-    return cases + [Case("neuro_optima_lowbit", neuro, True)]
+    return cases + [Case("neuro_optima_lowbit", neuro, True), Case("muon_lowbit", case_muon_lowbit, True)]
 
 
 def _declared_cases(hand: list[Case]) -> list[Case]:
@@ -401,7 +426,7 @@ def impl_fns(name: str) -> dict[str, Callable]:
     # the package's attributes or their kernel module's
     base = name.removesuffix("_lowbit")  # a low-precision case runs the same functional step
     decl = declared().get(base)
-    if decl is not None and decl[0].impls:
+    if decl is not None and (decl[0].impls or base == "muon"):  # Muon's impls are its class's own table
         return {"native": decl[1]._impls["native"], "triton": decl[1]._impls["triton"]}
     tri = getattr(kernels, f"_triton_{base}", None) or getattr(kernels.kernel_module(base), f"_triton_{base}")
     return {"native": getattr(native, f"_native_{base}"), "triton": tri}

@@ -38,8 +38,8 @@
 
 // The lowbit ops (docs/lowbit.md §5): an update over bf16 or 8-bit state in one pass, with the arguments
 // of LowbitArgs (elementwise.h) after the state lists; CPU (csrc/cpu/lowbit_updates.cpp) and CUDA
-// (csrc/cuda/lowbit_updates.cuh) kernels. Each rule's is generated (`<kName>_lowbit_`); Adan's, Gravity's
-// and NeuroOptima's take their fp32 op's arguments (ops_list.h) with LowbitArgs after the state lists.
+// (csrc/cuda/lowbit_updates.cuh) kernels. Each rule's is generated (`<kName>_lowbit_`); Adan's, Gravity's,
+// NeuroOptima's and Muon's take their fp32 op's arguments (ops_list.h) with LowbitArgs after the state lists.
 static std::string adan_lowbit_schema() {
   return "adan_lowbit_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, "
          "Tensor(e!)[] exp_avg_diffs, Tensor(f!)[] neg_pre_grads, " +
@@ -63,6 +63,18 @@ static std::string gravity_lowbit_schema() {
          "Tensor? lr_tensor=None, Tensor? beta_hat_tensor=None) -> ()";
 }
 
+// Muon's two stages (ops_list.h's muon_momentum_ / muon_apply_) with a bf16 / 8-bit momentum buffer and
+// stochastically rounded bf16 params: LowbitArgs after the lists (the apply stage has no state list: its
+// absmax is empty and only param_sr and the generator's key matter).
+static std::string muon_momentum_lowbit_schema() {
+  return "muon_momentum_lowbit_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, " +
+         fused_optim::lowbit_schema_args('c') + "float momentum, bool nesterov, bool maximize) -> ()";
+}
+static std::string muon_apply_lowbit_schema() {
+  return "muon_apply_lowbit_(Tensor(a!)[] params, Tensor[] updates, " + fused_optim::lowbit_schema_args('b') +
+         "float[] scales, float lr, float weight_decay) -> ()";
+}
+
 // The ops of ops_list.h, then one op per rule of math/elementwise_rules.h (Lion: math/lion.h), its schema
 // generated from the rule's declaration (elementwise.h).
 TORCH_LIBRARY(fused_optim, m) {
@@ -77,6 +89,8 @@ TORCH_LIBRARY(fused_optim, m) {
   m.def(adan_lowbit_schema().c_str());
   m.def(gravity_lowbit_schema().c_str());
   m.def(neuro_optima_lowbit_schema().c_str());
+  m.def(muon_momentum_lowbit_schema().c_str());
+  m.def(muon_apply_lowbit_schema().c_str());
 }
 
 // The CPU kernels (csrc/cpu/); the CUDA ones register next to their code (csrc/cuda/). The emulated CUDA

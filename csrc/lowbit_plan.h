@@ -5,7 +5,9 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
+#include <c10/util/Half.h>
 
 #include <array>
 #include <cstdint>
@@ -13,6 +15,7 @@
 
 #include "elementwise.h"
 #include "math/lowbit.h"
+#include "multi_tensor_lists.h"  // TypeTag
 
 namespace fused_optim {
 namespace lowbit {
@@ -52,14 +55,22 @@ inline LowbitArgs lowbit_args(at::TensorList absmax, const at::Tensor& tables, a
   return l;
 }
 
+// What an op's lists allow beyond an update's (params, grads of the params' dtype, 1+ states): Muon's
+// stages, whose list 1 (grads, or Newton-Schulz's updates) has a dtype of its own and whose apply stage
+// has no state list.
+struct PlanOptions {
+  int min_states = 1;
+  bool grads_own_dtype = false;
+};
+
 // Checks every argument (before anything is written) and reads the plan. lists: params, grads, states;
 // every tensor (tables and absmax included) on `device`, the one the kernels run on.
 inline LowbitPlan plan_lowbit(const char* op, const std::vector<at::TensorList>& lists, const LowbitArgs& l,
-                              const at::Device& device) {
+                              const at::Device& device, PlanOptions opt = {}) {
   LowbitPlan plan;
   plan.n_states = static_cast<int>(lists.size()) - 2;
-  TORCH_CHECK(plan.n_states >= 1 && plan.n_states <= kMaxLowbitStates, op, ": 1 to ", kMaxLowbitStates,
-              " state lists");
+  TORCH_CHECK(plan.n_states >= opt.min_states && plan.n_states <= kMaxLowbitStates, op, ": ", opt.min_states,
+              " to ", kMaxLowbitStates, " state lists");
   plan.rows = static_cast<int64_t>(lists[0].size());
   for (size_t k = 1; k < lists.size(); ++k) {
     TORCH_CHECK(static_cast<int64_t>(lists[k].size()) == plan.rows, op, ": list ", k, " has ", lists[k].size(),
@@ -104,11 +115,14 @@ inline LowbitPlan plan_lowbit(const char* op, const std::vector<at::TensorList>&
   TORCH_CHECK(pdt == at::kFloat || pdt == at::kBFloat16 || pdt == at::kHalf, op,
               ": params must be float32, bfloat16 or float16 (float64 runs fused_optim.lowstate.reference_step)");
   const auto sdt = plan.fmt == kFp32 ? at::kFloat : plan.fmt == kBf16 ? at::kBFloat16 : at::kByte;
+  const auto gdt = !opt.grads_own_dtype ? pdt : plan.rows ? lists[1][0].scalar_type() : at::kFloat;
+  TORCH_CHECK(gdt == at::kFloat || gdt == at::kBFloat16 || gdt == at::kHalf, op,
+              ": list 1 must be float32, bfloat16 or float16, got ", gdt);
   for (int64_t i = 0; i < plan.rows; ++i) {
     const int64_t n = lists[0][i].numel();
     for (size_t k = 0; k < lists.size(); ++k) {
       const at::Tensor& t = lists[k][i];
-      const auto want = k < 2 ? pdt : sdt;
+      const auto want = k == 0 ? pdt : k == 1 ? gdt : sdt;
       TORCH_CHECK(t.device() == device, op, ": list ", k, " tensor ", i, " is on ", t.device(), ", expected ",
                   device, " (one device per call)");
       TORCH_CHECK(t.scalar_type() == want, op, ": list ", k, " tensor ", i, " must be ", want, ", got ",
@@ -129,6 +143,19 @@ inline LowbitPlan plan_lowbit(const char* op, const std::vector<at::TensorList>&
     }
   }
   return plan;
+}
+
+// f(TypeTag<T>{}) for T the storage type of a float32 / bfloat16 / float16 list (plan_lowbit admits no other)
+template <typename F>
+void dispatch_type(at::ScalarType t, const F& f) {
+  switch (t) {
+    case at::kFloat:
+      return f(TypeTag<float>{});
+    case at::kBFloat16:
+      return f(TypeTag<c10::BFloat16>{});
+    default:
+      return f(TypeTag<c10::Half>{});
+  }
 }
 
 }  // namespace lowbit

@@ -20,6 +20,7 @@ CPU tensor, and derive the other scalars from them in fp32 as the Triton kernels
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 
@@ -31,7 +32,7 @@ from .declaration import mark_amp as supports_amp  # the leaf module: the kernel
 
 __all__ = ["native_elementwise", "_native_gravity", "_native_lion", "_native_adan", "_native_gradient_equilibrium",
            "_native_lookahead_sync", "_native_sam_norms", "_native_sam_perturb", "_native_sam_restore",
-           "_native_muon_momentum", "_native_muon_apply", "_native_neuro_optima"]
+           "_native_muon_momentum", "_native_muon_momentum_lowbit", "_native_muon_apply", "_native_neuro_optima"]
 
 
 def _ops():
@@ -117,27 +118,31 @@ def _lowbit_tables(signed: tuple[bool, ...], device: torch.device = torch.device
     return out.to(device)
 
 
-def _lowbit_in_op(params: list[Tensor], grads: list[Tensor], states, i: int) -> bool:
+def _lowbit_in_op(params: list[Tensor], grads: list[Tensor], states, i: int, own_grad_dtype: bool = False) -> bool:
     """Whether tensor `i` runs in a lowbit op: on the CPU or CUDA, an fp32-math param dtype, dense row-major
-    storage everywhere (the generator's element index is the flat row-major index)."""
-    p = params[i]
-    return (p.device.type in ("cpu", "cuda") and p.dtype in _LOWBIT_PARAM_DTYPES and grads[i].dtype == p.dtype
-            and p.is_contiguous() and grads[i].is_contiguous() and all(s[i].is_contiguous() for s in states))
+    storage everywhere (the generator's element index is the flat row-major index). `own_grad_dtype`: the
+    grads (Muon's: grads, or updates) may have any fp32-math dtype of their own."""
+    p, g = params[i], grads[i]
+    grad_ok = g.dtype in _LOWBIT_PARAM_DTYPES if own_grad_dtype else g.dtype == p.dtype
+    return (p.device.type in ("cpu", "cuda") and p.dtype in _LOWBIT_PARAM_DTYPES and grad_ok
+            and p.is_contiguous() and g.is_contiguous() and all(s[i].is_contiguous() for s in states))
 
 
 def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor], grads: list[Tensor],
-                 states, low, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+                 states, low, grad_scale: Tensor | None, found_inf: Tensor | None, *, own_grad_dtype: bool = False,
+                 dtype_of: list[Tensor] | None = None) -> None:
     """One step under `low` (a `fused_optim.lowstate.Rounding`): the tensors a lowbit op takes
     (`_lowbit_in_op`) in one pass of it, ``lowbit_op(params, grads, states, lowbit_args, grad_scale,
     found_inf, rows)``; the others (float64, other layouts) through `fused_optim.lowstate.reference_step`
     over ``fp32_step(params, grads, states, rows)``, the same bits. ``rows``: the positions of the lists a
     call holds in the launcher's (a per-tensor value computed over the whole split, Gravity's max|g|, is
     picked with it). AMP: on the reference path found_inf is read on the host (a skip leaves everything
-    untouched) and the grads unscaled in place first."""
+    untouched) and the grads unscaled in place first. `own_grad_dtype`: see `_lowbit_in_op`; `dtype_of`:
+    the tensors whose dtype gives the state's fp32-mode dtype (default: the params)."""
     from . import lowstate
 
     n = len(params)
-    fast = [i for i in range(n) if _lowbit_in_op(params, grads, states, i)]
+    fast = [i for i in range(n) if _lowbit_in_op(params, grads, states, i, own_grad_dtype)]
     slow = sorted(set(range(n)) - set(fast))
     if slow:
         if found_inf is not None and bool(found_inf.item()):
@@ -146,7 +151,8 @@ def _lowbit_step(fp32_step: Callable, lowbit_op: Callable, params: list[Tensor],
             gs = [grads[i] for i in slow]
             torch._foreach_div_(gs, grad_scale.to(gs[0].device))
         sub = low.take(slow)
-        dtype32 = [torch.float32 if params[i].dtype in (torch.bfloat16, torch.float16) else params[i].dtype
+        like = params if dtype_of is None else dtype_of
+        dtype32 = [torch.float32 if like[i].dtype in (torch.bfloat16, torch.float16) else like[i].dtype
                    for i in slow]
         done = [0]  # reference_step calls in order over consecutive runs of the slow rows
 
@@ -370,13 +376,47 @@ def _native_muon_momentum(grads: list[Tensor], momentum_buffers: list[Tensor], u
 
 
 def _native_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: list[float], lr: float,
-                       weight_decay: float) -> None:
+                       weight_decay: float, lowbit=None) -> None:
     """Muon after Newton-Schulz (docs/spec.md §8): ``u = updates[i] * scales[i]`` (one rounding to u's dtype),
-    ``p.mul_(1 - lr*wd)``, ``p.add_(u, alpha=-lr)``."""
+    ``p.mul_(1 - lr*wd)``, ``p.add_(u, alpha=-lr)``. ``lowbit`` (a `fused_optim.lowstate.Rounding` with
+    ``param_sr``): bf16 params rounded stochastically in the pass (the op ``muon_apply_lowbit_``)."""
     if not params:
         return
+    scales = [float(s) for s in scales]
+    if lowbit is not None and lowbit.param_sr and params[0].dtype == torch.bfloat16:
+        low = dataclasses.replace(lowbit, fmt="fp32", signed=(), absmax=())  # no state in this stage
+
+        def fp32_step(ps, us, ss, rows):
+            _ops().muon_apply_(ps, us, [scales[i] for i in rows], lr, weight_decay)
+
+        def lowbit_op(ps, us, ss, low_args, grad_scale, found_inf, rows):
+            _ops().muon_apply_lowbit_(ps, us, *low_args, [scales[i] for i in rows], lr, weight_decay)
+
+        _lowbit_step(fp32_step, lowbit_op, params, updates, [], low, None, None, own_grad_dtype=True)
+        return
     with torch.no_grad():
-        _ops().muon_apply_(params, updates, [float(s) for s in scales], lr, weight_decay)
+        _ops().muon_apply_(params, updates, scales, lr, weight_decay)
+
+
+def _native_muon_momentum_lowbit(grads: list[Tensor], momentum_buffers: list[Tensor], updates: list[Tensor], *,
+                                 momentum: float, nesterov: bool, maximize: bool, lowbit) -> None:
+    """`_native_muon_momentum` with the buffers in ``lowbit.fmt`` (bf16 or 8-bit), decoded, updated and
+    encoded in one pass (the op ``muon_momentum_lowbit_``); other layouts and float64 grads through
+    `fused_optim.lowstate.reference_step` over the fp32 op, the same bits."""
+    if not grads:
+        return
+    low = dataclasses.replace(lowbit, param_sr=False)  # this stage writes no param
+    scalars = (momentum, nesterov, maximize)
+
+    def fp32_step(us, gs, ss, rows):
+        _ops().muon_momentum_(gs, ss[0], us, *scalars)
+
+    def lowbit_op(us, gs, ss, low_args, grad_scale, found_inf, rows):
+        _ops().muon_momentum_lowbit_(gs, ss[0], us, *low_args, *scalars)
+
+    # the lowbit pass's list 0 is the Newton-Schulz input (bf16, written), list 1 the grads
+    _lowbit_step(fp32_step, lowbit_op, updates, grads, [momentum_buffers], low, None, None, own_grad_dtype=True,
+                 dtype_of=grads)
 
 
 def _native_neuro_optima(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],

@@ -214,7 +214,8 @@ def _apply_stage(kernel, params, updates, *, scales, lr, weight_decay, lowbit) -
 _FUSED_STAGES = {impl: {"momentum_kernel": fused_kernel(impl, "muon", "muon_momentum"),
                         "apply_kernel": fused_kernel(impl, "muon", "muon_apply")} for impl in ("triton", "native")}
 #: each fused impl's momentum stage with a bf16 / 8-bit buffer (docs/lowbit.md §5)
-_MOMENTUM_LOWBIT = {_FUSED_STAGES["triton"]["momentum_kernel"]: fused_kernel("triton", "muon", "muon_momentum_lowbit")}
+_MOMENTUM_LOWBIT = {_FUSED_STAGES[impl]["momentum_kernel"]: fused_kernel(impl, "muon", "muon_momentum_lowbit")
+                    for impl in ("triton", "native")}
 
 
 def _triton_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
@@ -229,10 +230,14 @@ _triton_muon.supports_lowbit = True  # Muon's impls are not declared (use_muon d
 
 
 def _native_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Tensor], *, lr: float,
-                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool) -> None:
+                 momentum: float, weight_decay: float, nesterov: bool, ns_steps: int, maximize: bool,
+                 lowbit: _low.Rounding | None = None) -> None:
     """`_fused_muon` with the compiled kernels (csrc/, fused_optim/_native.py)."""
     _fused_muon(params, grads, momentum_buffers, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, **_FUSED_STAGES["native"])
+                nesterov=nesterov, ns_steps=ns_steps, maximize=maximize, lowbit=lowbit, **_FUSED_STAGES["native"])
+
+
+_native_muon.supports_lowbit = True
 
 
 # ------------------------------------------------------------------------------------- FSDP2 (DTensor)

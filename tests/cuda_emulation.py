@@ -200,7 +200,7 @@ def lowbit_tables(signed):
 
 
 def lowbit_sweep(ops, sizes=(5, 1030)):
-    """The lowbit ops (each rule's ``<name>lowbit_``, Adan's, Gravity's, NeuroOptima's) for every param
+    """The lowbit ops (each rule's ``<name>lowbit_``, Adan's, Gravity's, NeuroOptima's, Muon's) for every param
     storage type, AMP and not (where the op takes it), every state format: fp32 state with stochastically
     rounded params, bf16, 8-bit."""
     g = torch.Generator().manual_seed(11)
@@ -231,6 +231,21 @@ def lowbit_sweep(ops, sizes=(5, 1030)):
                 if not amp:  # NeuroOptima's core takes no AMP arguments (the grads are only read)
                     _call_lowbit(ops, "neuro_optima_lowbit_", [True, False, True, True], fmt, p_dt, sizes, state, g,
                                  [1e-3, 0.9, 0.99, 1e-8, 0.02], [], None, None, amp_args=False)
+    # Muon's stages: the momentum stage (bf16 Newton-Schulz input) for every grad dtype and buffer format,
+    # the apply stage (stochastically rounded params) for every (param, update) dtype pair
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    for g_dt in dtypes:
+        for fmt in (0, 1, 2):
+            gr = [torch.randn(n, generator=g).to(g_dt) for n in sizes]
+            absmax = [torch.rand((n + 255) // 256, generator=g) + 0.5 for n in sizes] if fmt == 2 else []
+            tables = lowbit_tables([True]) if fmt == 2 else torch.zeros(0)
+            ops.muon_momentum_lowbit_(gr, state(fmt, False), [torch.empty(n, dtype=torch.bfloat16) for n in sizes],
+                                      absmax, tables, [1], fmt, False, 3, 7, None, [0, 1], 0.95, True, False)
+    for p_dt in dtypes:
+        for u_dt in dtypes:
+            ops.muon_apply_lowbit_([torch.randn(n, generator=g).to(p_dt) for n in sizes],
+                                   [torch.randn(n, generator=g).to(u_dt) for n in sizes], [], torch.zeros(0), [], 0,
+                                   True, 3, 7, None, [0, 1], [1.0, 2.0], 1e-3, 0.1)
 
 
 def _call_lowbit(ops, op, signed, fmt, p_dt, sizes, state, g, floats, flags, gs, fi, stats=False, amp_args=True):

@@ -88,7 +88,8 @@ _RERUN = {
                     "test_state_dict_round_trip_resumes_bit_exactly", "test_capturable_tensor_step_and_lr",
                     "test_nonfinite_values_as_the_reference", "test_launcher_found_inf_skips_everything",
                     "test_gravity_rows_split_between_op_and_reference_path",
-                    "test_op_refuses_bad_arguments_before_writing"]),
+                    "test_op_refuses_bad_arguments_before_writing", "test_muon_lowbit_ops_equal_reference_step",
+                    "test_muon_lowbit_ops_refuse_bad_arguments"]),
 }
 for _prefix, (_mod, _names) in _RERUN.items():
     for _name in _names:

@@ -1,5 +1,5 @@
-"""The native lowbit ops (docs/lowbit.md §5): Lion, Adan, Gravity and NeuroOptima's core over bf16 / 8-bit
-state and stochastically rounded bf16 params in one pass (CPU; CUDA under `-m gpu`, and emulated by
+"""The native lowbit ops (docs/lowbit.md §5): Lion, Adan, Gravity, NeuroOptima's core and Muon's two stages over
+bf16 / 8-bit state and stochastically rounded bf16 params in one pass (CPU; CUDA under `-m gpu`, and emulated by
 tests/test_cuda_emulated.py), against `fused_optim.lowstate.reference_step` over the *same* native fp32 op
 (the impl's ``supports_lowbit`` switched off), bit for bit: params, bf16 state bits, 8-bit codes and block
 scales, every step.
@@ -11,8 +11,9 @@ import contextlib
 import pytest
 import torch
 
-from fused_optim import Adan, Gravity, Lion, NeuroOptima, _native
+from fused_optim import Adan, Gravity, Lion, Muon, NeuroOptima, _native
 from fused_optim._backends import impl_status
+from fused_optim.muon import _native_muon
 
 
 
@@ -460,3 +461,88 @@ def test_op_refuses_bad_arguments_before_writing():
     with pytest.raises(RuntimeError, match="must be BFloat16"):
         ops.lion_lowbit_([p], [g], [m], [], tables, [1], 1, False, 1, 1, None, [0], 1e-2, 0.9, 0.99, 0.0, False)
     assert torch.equal(p, keep)
+
+
+# ------------------------------------------------------------------------------------------------ Muon
+# Muon's matrices: 2-D and 3-D (a batch), 8-bit from 4096 elements, a transposed one (its grad and
+# buffer are strided too: the reference path inside the launcher), a small one (fp32 state, another call)
+MUON_SHAPES = [(80, 64), (3, 50, 30), (33, 129), (16, 8)]
+
+
+def muon_twins(dtype, device="cpu", transposed=False, **kw):
+    g = torch.Generator().manual_seed(3)
+    pa = [torch.randn(s, generator=g).to(device, dtype) for s in MUON_SHAPES]
+    if transposed:
+        pa.append(torch.randn(96, 64, generator=g).to(device, dtype).t())
+    pa = [p.requires_grad_() for p in pa]
+    pb = [p.detach().clone().requires_grad_() for p in pa]
+    opts = []
+    for ps in (pa, pb):
+        torch.manual_seed(7)
+        opts.append(Muon(ps, lr=0.02, impl="native", **kw))
+    return pa, opts[0], pb, opts[1]
+
+
+def muon_steps(params, opt, steps, reference):
+    fn = _native_muon
+    for step in steps:
+        for p, g in zip(params, grads_for(params, step)):
+            p.grad = g
+        if reference:
+            assert fn.supports_lowbit
+            fn.supports_lowbit = False
+        try:
+            opt.step()
+        finally:
+            fn.supports_lowbit = True
+
+
+@pytest.mark.parametrize("hyper", [{}, {"weight_decay": 0.1, "maximize": True, "nesterov": False}],
+                         ids=["default", "wd_max_plain"])
+@pytest.mark.parametrize("precision,sr", [("bf16", False), ("bf16", True), ("8bit", False), ("8bit", True),
+                                          ("fp32", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_muon_lowbit_ops_equal_reference_step(dtype, precision, sr, hyper):
+    """Muon's momentum stage over its bf16 / 8-bit buffer and its apply stage with stochastically rounded
+    bf16 params, 3 steps, against the reference path over the same native fp32 ops, bit for bit."""
+    if precision == "fp32" and dtype != torch.bfloat16:
+        pytest.skip("fp32 state and no bf16 param to round: the ordinary ops run")
+    if sr and dtype == torch.float16:
+        pytest.skip("fp16 params with stochastic rounding take the reference path (docs/lowbit.md §5)")
+    pa, a, pb, b = muon_twins(dtype, transposed=True, state_precision=precision, stochastic_rounding=sr, **hyper)
+    with ops_called() as called:
+        muon_steps(pa, a, [1], reference=False)
+    if precision != "fp32":
+        assert "muon_momentum_lowbit_" in called
+    if sr and dtype == torch.bfloat16:
+        assert "muon_apply_lowbit_" in called
+    muon_steps(pb, b, [1], reference=True)
+    assert_same(snapshot(a, pa), snapshot(b, pb), f"muon {precision} sr={sr} {dtype} step 1")
+    muon_steps(pa, a, [2, 3], reference=False)
+    muon_steps(pb, b, [2, 3], reference=True)
+    assert_same(snapshot(a, pa), snapshot(b, pb), f"muon {precision} sr={sr} {dtype} steps 2-3")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision,sr", [("bf16", True), ("8bit", False), ("8bit", True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_cuda_muon_lowbit_ops_equal_reference_step(dtype, precision, sr):
+    """On a GPU: Muon's CUDA lowbit stages against the reference path over its CUDA fp32 ops."""
+    pa, a, pb, b = muon_twins(dtype, device="cuda", state_precision=precision, stochastic_rounding=sr)
+    muon_steps(pa, a, [1, 2, 3], reference=False)
+    muon_steps(pb, b, [1, 2, 3], reference=True)
+    assert_same(snapshot(a, pa), snapshot(b, pb), f"cuda muon {precision} sr={sr} {dtype}")
+
+
+def test_muon_lowbit_ops_refuse_bad_arguments():
+    """The momentum stage's Newton-Schulz input must be bf16; the apply stage needs one scale per param."""
+    ops = _native._ops()
+    g, buf = torch.randn(4096), torch.zeros(4096, dtype=torch.bfloat16)
+    u = torch.empty(4096)
+    tables = torch.zeros(0)
+    with pytest.raises(RuntimeError, match="updates .*must be bfloat16"):
+        ops.muon_momentum_lowbit_([g], [buf], [u], [], tables, [1], 1, False, 3, 1, None, [0], 0.9, True, False)
+    p = torch.randn(4096, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="scales has 2 values, expected 1"):
+        ops.muon_apply_lowbit_([p], [p.clone()], [], tables, [], 0, True, 3, 1, None, [0], [1.0, 2.0], 0.1, 0.0)
+    assert not buf.any()

@@ -70,6 +70,14 @@ void muon_momentum_(at::TensorList grads, at::TensorList momentum_buffers, at::T
                     bool nesterov, bool maximize);
 void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
                  double weight_decay);
+void muon_momentum_lowbit_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
+                           at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                           bool param_sr, int64_t seed, int64_t step, const OptTensor& step_tensor,
+                           at::IntArrayRef tensor_index, double momentum, bool nesterov, bool maximize);
+void muon_apply_lowbit_(at::TensorList params, at::TensorList updates, at::TensorList absmax,
+                        const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                        int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index,
+                        at::ArrayRef<double> scales, double lr, double weight_decay);
 void neuro_optima_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                    at::TensorList exp_avg_diffs, at::TensorList prev_grads, double lr, double beta1, double beta2,
                    double eps, double weight_decay, bool maximize);

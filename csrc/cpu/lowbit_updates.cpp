@@ -1,5 +1,7 @@
-// CPU kernels of the lowbit ops (docs/lowbit.md §5): the update of an elementwise rule (Lion) or Adan
-// over bf16 or 8-bit state, and stochastically rounded bf16 params, in one pass per tensor.
+// CPU kernels of the lowbit ops (docs/lowbit.md §5): the update of an elementwise rule (Lion), Adan,
+// Gravity or NeuroOptima's core over bf16 or 8-bit state, and stochastically rounded bf16 params, in one
+// pass per tensor; Muon's momentum stage over its bf16 / 8-bit buffer and its apply stage with rounded
+// bf16 params, the same pass with lists of their own.
 //
 // Per block of 256 elements (docs/lowbit.md §3): the param, the prepared grad (AMP unscale written
 // back, maximize) and every state tensor decoded to fp32 local buffers (bf16 widened; 8-bit codes
@@ -19,6 +21,7 @@
 #include "../math/adan.h"
 #include "../math/elementwise_rules.h"
 #include "../math/gravity.h"
+#include "../math/muon.h"
 #include "../math/neuro_optima.h"
 #include "../lowbit_plan.h"
 #include "../math/lowbit.h"
@@ -98,13 +101,14 @@ inline void block_math(int64_t n, const F& f, float* pb, const float* gb, std::a
 }
 
 // The pass: row_update(row) gives tensor `row`'s fp32 element function update(p, g, s...) (T: float or
-// Vec<float>; a per-tensor value such as Gravity's m is read there).
-template <typename P, int NS, typename RowUpdate>
+// Vec<float>; a per-tensor value such as Gravity's m is read there). P: list 0's storage (the params, or
+// Muon's Newton-Schulz input), G: list 1's (the grads, or Muon's updates).
+template <typename P, typename G, int NS, typename RowUpdate>
 void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& lists, const LowbitArgs& l,
                  bool maximize, const c10::optional<at::Tensor>& grad_scale, const RowUpdate& row_update) {
   const bool unscale = grad_scale.has_value();
-  const GradPrep<P, float, true> prep_unscale(maximize, grad_scale);
-  const GradPrep<P, float, false> prep(maximize, grad_scale);
+  const GradPrep<G, float, true> prep_unscale(maximize, grad_scale);
+  const GradPrep<G, float, false> prep(maximize, grad_scale);
   std::vector<ChunkItem> items;
   for (int64_t i = 0; i < plan.rows; ++i) {
     const int64_t n = lists[0][i].numel();
@@ -118,7 +122,7 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
     const auto update = row_update(row);
     const auto f = [&](auto& p, auto& g, auto&... s) { update(p, g, s...); };
     P* p = static_cast<P*>(lists[0][row].data_ptr());
-    P* g = static_cast<P*>(lists[1][row].data_ptr());
+    G* g = static_cast<G*>(lists[1][row].data_ptr());
     std::array<void*, NS> sp;
     std::array<float*, NS> absmax{};
     for (int j = 0; j < NS; ++j) {
@@ -140,7 +144,7 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
         float x = static_cast<float>(g[b0 + e]);
         if (unscale) {
           gb[e] = prep_unscale(x);
-          g[b0 + e] = static_cast<P>(x);  // the unscaled grad, exact in P (rounded through it)
+          g[b0 + e] = static_cast<G>(x);  // the unscaled grad, exact in G (rounded through it)
         } else {
           gb[e] = prep(x);
         }
@@ -216,11 +220,27 @@ void lowbit_dispatch(const char* op, const std::vector<at::TensorList>& lists, c
   if (plan.rows == 0 || host_found_inf(found_inf)) return;  // AMP's skip: nothing read or written
   switch (lists[0][0].scalar_type()) {
     case at::kFloat:
-      return lowbit_pass<float, NS>(plan, lists, l, maximize, grad_scale, update);
+      return lowbit_pass<float, float, NS>(plan, lists, l, maximize, grad_scale, update);
     case at::kBFloat16:
-      return lowbit_pass<c10::BFloat16, NS>(plan, lists, l, maximize, grad_scale, update);
+      return lowbit_pass<c10::BFloat16, c10::BFloat16, NS>(plan, lists, l, maximize, grad_scale, update);
     default:
-      return lowbit_pass<c10::Half, NS>(plan, lists, l, maximize, grad_scale, update);
+      return lowbit_pass<c10::Half, c10::Half, NS>(plan, lists, l, maximize, grad_scale, update);
+  }
+}
+
+// Muon's stages: list 0 stored as P (void: any of the three, dispatched), list 1 as G; no AMP
+template <int NS, typename P, typename G, typename RowUpdate>
+void muon_lowbit_pass(const char* op, const std::vector<at::TensorList>& lists, LowbitPlan plan, const LowbitArgs& l,
+                      bool maximize, const RowUpdate& update) {
+  if (plan.step_counter != nullptr) plan.step = lb::step_of_counter(*plan.step_counter);
+  TORCH_CHECK(plan.n_states == NS, op, ": ", NS, " state lists expected");
+  if (plan.rows == 0) return;
+  if constexpr (std::is_void<P>::value) {
+    lb::dispatch_type(lists[0][0].scalar_type(), [&](auto pt) {
+      lowbit_pass<typename decltype(pt)::type, G, NS>(plan, lists, l, maximize, {}, update);
+    });
+  } else {
+    lowbit_pass<P, G, NS>(plan, lists, l, maximize, {}, update);
   }
 }
 
@@ -341,6 +361,54 @@ void neuro_optima_lowbit_(at::TensorList params, at::TensorList grads, at::Tenso
                          math::neuro_optima_update(p, g, m, v, d, q, c);
                        };
                      });
+}
+
+void muon_momentum_lowbit_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
+                           at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                           bool param_sr, int64_t seed, int64_t step, const OptTensor& step_tensor,
+                           at::IntArrayRef tensor_index, double momentum, bool nesterov, bool maximize) {
+  const char* op = "fused_optim::muon_momentum_lowbit_";
+  const LowbitArgs l =
+      lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index);
+  // the pass's list 0 is the Newton-Schulz input (written, never read), list 1 the grads
+  const std::vector<at::TensorList> lists{updates, grads, momentum_buffers};
+  LowbitPlan plan = lb::plan_lowbit(op, lists, l, at::Device(at::kCPU), {1, true});
+  TORCH_CHECK(plan.rows == 0 || updates[0].scalar_type() == at::kBFloat16, op,
+              ": updates (the Newton-Schulz input) must be bfloat16");
+  plan.param_sr = false;  // this stage writes no param
+  const math::MuonMomentumCoeffs<float> c(momentum, nesterov);
+  const auto update = [&](int64_t) {
+    return [&c](auto& u, auto& g, auto& buf) { u = math::muon_momentum(g, buf, c); };
+  };
+  lb::dispatch_type(plan.rows ? grads[0].scalar_type() : at::kFloat, [&](auto gt) {
+    muon_lowbit_pass<1, c10::BFloat16, typename decltype(gt)::type>(op, lists, plan, l, maximize, update);
+  });
+}
+
+void muon_apply_lowbit_(at::TensorList params, at::TensorList updates, at::TensorList absmax,
+                        const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                        int64_t step, const OptTensor& step_tensor, at::IntArrayRef tensor_index,
+                        at::ArrayRef<double> scales, double lr, double weight_decay) {
+  const char* op = "fused_optim::muon_apply_lowbit_";
+  const LowbitArgs l =
+      lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index);
+  const std::vector<at::TensorList> lists{params, updates};
+  const LowbitPlan plan = lb::plan_lowbit(op, lists, l, at::Device(at::kCPU), {0, true});
+  TORCH_CHECK(static_cast<int64_t>(scales.size()) == plan.rows, op, ": scales has ", scales.size(),
+              " values, expected ", plan.rows, " (one per parameter)");
+  const math::MuonApplyCoeffs<float> c(lr, weight_decay);
+  const at::ScalarType udt = plan.rows ? updates[0].scalar_type() : at::kFloat;
+  lb::dispatch_type(udt, [&](auto ut) {
+    using U = typename decltype(ut)::type;
+    muon_lowbit_pass<0, void, U>(op, lists, plan, l, false, [&](int64_t row) {
+      const float sc = static_cast<float>(scales[row]);
+      // muon_apply_'s math: upstream's `u *= scale` on u's dtype (fp32 product, one rounding to U)
+      return [&c, sc](auto& p, auto& u) {
+        using T = std::decay_t<decltype(p)>;
+        math::muon_apply(p, round_through<U>(u * T(sc)), c);
+      };
+    });
+  });
 }
 
 }  // namespace cpu

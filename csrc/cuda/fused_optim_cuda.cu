@@ -711,6 +711,16 @@ struct MuonApplyOp {
   }
 };
 
+// Muon's per-tensor scales on `device`: they travel like the launch table (pinned staging, copied with the
+// launch, no host sync; kept alive while a CUDA graph is captured, whose replays re-read it, see make_table)
+at::Tensor device_scales(at::ArrayRef<double> scales, const at::Device& device) {
+  at::Tensor host = at::empty({static_cast<int64_t>(scales.size())}, staging_options().dtype(at::kDouble));
+  std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
+  at::Tensor dev = host.to(device, /*non_blocking=*/true);
+  keep_staging_if_capturing(host, device);
+  return dev;
+}
+
 void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<double> scales, double lr,
                  double weight_decay) {
   const char* op = "fused_optim::muon_apply_";
@@ -722,11 +732,7 @@ void muon_apply_(at::TensorList params, at::TensorList updates, at::ArrayRef<dou
   }
   check_dtypes(op, pl, 1, 1);
   CompositeLaunch<2> launch(op, pl);
-  // the scales travel like the launch table: pinned staging, copied with the launch, no host sync
-  at::Tensor host = at::empty({static_cast<int64_t>(scales.size())}, staging_options().dtype(at::kDouble));
-  std::memcpy(host.data_ptr(), scales.data(), scales.size() * sizeof(double));
-  const at::Tensor dev_scales = host.to(launch.device, /*non_blocking=*/true);
-  keep_staging_if_capturing(host, launch.device);  // replays re-read it (see make_table)
+  const at::Tensor dev_scales = device_scales(scales, launch.device);
   dispatch_muon(op, pl, -1, 1, [&](auto pt, auto, auto ut) {
     using P = typename decltype(pt)::type;
     using M = opmath_t<P>;

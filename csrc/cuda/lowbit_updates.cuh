@@ -1,5 +1,6 @@
 // CUDA kernels of the lowbit ops (docs/lowbit.md §5): an elementwise rule's update (Lion), Adan's, Gravity's
-// or NeuroOptima's core over bf16 or 8-bit state and stochastically rounded bf16 params, in one pass: the
+// or NeuroOptima's core over bf16 or 8-bit state and stochastically rounded bf16 params (and Muon's two
+// stages: its bf16 / 8-bit momentum buffer, its rounded bf16 params), in one pass: the
 // CUDA twin of csrc/cpu/lowbit_updates.cpp, with the same per-element Ops as the fp32 ops of
 // fused_optim_cuda.cu (this file is part of that translation unit, included at its end).
 //
@@ -36,8 +37,8 @@ struct LowbitRow {
   int64_t row;
   int64_t numel;
   int64_t chunk_begin;
-  void* ptrs[2 + NS];  // params, grads, the NS state lists
-  float* absmax[NS];   // nullptr unless 8-bit
+  void* ptrs[2 + NS];                // params, grads, the NS state lists
+  float* absmax[NS > 0 ? NS : 1];    // nullptr unless 8-bit (Muon's apply stage has no state list)
   uint32_t tensor;
 };
 
@@ -50,7 +51,7 @@ struct LowbitKernelArgs {
   uint32_t step;
   const float* step_counter;  // capturable: the device step counter (lb::step_of_counter), else null
   const float* tables;   // [NS, 2, 256]: per list its map's magnitudes, then its thresholds (8-bit)
-  bool is_signed[NS];
+  bool is_signed[NS > 0 ? NS : 1];
 };
 
 // One list's map in the block's shared copy of the tables, indexed like the pointer lowbit.h takes.
@@ -65,15 +66,17 @@ __device__ inline SharedMap<Shared> shared_map(const Shared& tables, int offset)
   return SharedMap<Shared>{tables, offset};
 }
 
-template <int NS, typename P, typename Op>
+// P: list 0's storage (params, or Muon's Newton-Schulz input), G: list 1's (grads, or Muon's updates)
+template <int NS, typename P, typename G, typename Op>
 __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow<NS>* rows, int64_t nrows,
                                                                  const float* found_inf, LowbitKernelArgs<NS> a,
                                                                  Op op) {
   if (found_inf != nullptr && *found_inf != 0.0f) {
     return;
   }
-  FO_SHARED_ARRAY(float, tables, NS * 512);
-  FO_SHARED_ARRAY(float, scratch, NS * (kThreads / 32));
+  constexpr int kLists = NS > 0 ? NS : 1;  // array sizes (Muon's apply stage has no state list)
+  FO_SHARED_ARRAY(float, tables, kLists * 512);
+  FO_SHARED_ARRAY(float, scratch, kLists * (kThreads / 32));
   const int64_t chunk = blockIdx.x;
   const LowbitRow<NS> row = find_row(rows, nrows, chunk);
   const int64_t begin = (chunk - row.chunk_begin) * kChunk;
@@ -90,7 +93,7 @@ __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow
   base.numel = row.numel;
   const auto ctx = op.context(base);
   P* p = static_cast<P*>(row.ptrs[0]);
-  P* g = static_cast<P*>(row.ptrs[1]);
+  G* g = static_cast<G*>(row.ptrs[1]);
   for (int64_t pass = begin; pass < end; pass += kThreads) {
     const int64_t i = pass + tid;
     const bool in = i < end;
@@ -114,11 +117,11 @@ __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow
         }
       }
       op(v, ctx);  // the fp32 op's math; under AMP v[1] becomes the unscaled grad
-      if constexpr (((Op::kWrites >> 1) & 1u) != 0) g[i] = static_cast<P>(v[1]);
+      if constexpr (((Op::kWrites >> 1) & 1u) != 0) g[i] = static_cast<G>(v[1]);
     }
-    if (q8) {
+    if (NS > 0 && q8) {
       // every state's new block scale: max |s| over the quantization block's 256 threads (0 past the end)
-      float m[NS];
+      float m[kLists];
 #pragma unroll
       for (int j = 0; j < NS; ++j) {
         m[j] = in ? lb::abs_bits(v[2 + j]) : 0.0f;
@@ -176,18 +179,22 @@ __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow
 }
 
 // The host side of every lowbit op: the checks (lowbit_plan.h), the rows, one launch. make_op(TypeTag<P>,
-// TypeTag<float>, UNSCALE) gives the fp32 op's Op for params stored as P.
-template <int NS, typename MakeOp>
+// TypeTag<float>, UNSCALE) gives the fp32 op's Op for params stored as P. Muon's stages: `opt` (the checks:
+// list 1 of its own dtype; no state list), FixedP / FixedG the storage of lists 0 / 1 where the op fixes it
+// (both void: P dispatched and G = P; FixedP: G dispatched; FixedG: P dispatched), so only kernels an op
+// can launch are compiled; `param_sr`: false for a stage that writes no param.
+template <int NS, typename FixedP = void, typename FixedG = void, typename MakeOp>
 void launch_lowbit(const char* op_name, const std::vector<at::TensorList>& lists, const LowbitArgs& l,
                    const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                   const std::vector<NamedScalar>& scalars, const MakeOp& make_op) {
+                   const std::vector<NamedScalar>& scalars, const MakeOp& make_op, lb::PlanOptions opt = {},
+                   bool param_sr = true) {
   TORCH_CHECK(static_cast<int>(lists.size()) == 2 + NS, op_name, ": ", NS, " state lists expected");
   if (lists[0].empty()) {
     return;
   }
   const at::Device device = lists[0][0].device();
   TORCH_CHECK(device.type() == kKernelDevice, op_name, ": CUDA kernel called with tensors on ", device);
-  const lb::LowbitPlan plan = lb::plan_lowbit(op_name, lists, l, device);
+  const lb::LowbitPlan plan = lb::plan_lowbit(op_name, lists, l, device, opt);
   check_scalar_tensor(op_name, "grad_scale", grad_scale, device);
   check_scalar_tensor(op_name, "found_inf", found_inf, device);
   for (const auto& s : scalars) {
@@ -220,28 +227,35 @@ void launch_lowbit(const char* op_name, const std::vector<at::TensorList>& lists
   const RowTable<LowbitRow<NS>> table = upload_rows(rows, chunks, device);
   LowbitKernelArgs<NS> args{};
   args.fmt = static_cast<int>(plan.fmt);
-  args.param_sr = plan.param_sr && lists[0][0].scalar_type() == at::kBFloat16;
+  args.param_sr = param_sr && plan.param_sr && lists[0][0].scalar_type() == at::kBFloat16;
   args.seed = plan.seed;
   args.step = plan.step;
   args.step_counter = plan.step_counter;
   args.tables = plan.fmt == lb::k8bit ? l.tables.data_ptr<float>() : nullptr;
   for (int j = 0; j < NS; ++j) args.is_signed[j] = plan.is_signed[j];
-  const auto run = [&](auto pt) {
+  const auto run = [&](auto pt, auto gt) {
     using P = typename decltype(pt)::type;
+    using G = typename decltype(gt)::type;
     dispatch_bool(grad_scale.has_value(), [&](auto unscale) {
       auto op = make_op(pt, TypeTag<float>{}, unscale);
-      launch<lowbit_update_kernel<NS, P, decltype(op)>>(static_cast<unsigned>(chunks), kThreads,
-                                                         c10::cuda::getCurrentCUDAStream(), table.rows,
-                                                         table.nrows, scalar_ptr(found_inf), args, op);
+      launch<lowbit_update_kernel<NS, P, G, decltype(op)>>(static_cast<unsigned>(chunks), kThreads,
+                                                            c10::cuda::getCurrentCUDAStream(), table.rows,
+                                                            table.nrows, scalar_ptr(found_inf), args, op);
     });
   };
-  switch (lists[0][0].scalar_type()) {
-    case at::kFloat:
-      return run(TypeTag<float>{});
-    case at::kBFloat16:
-      return run(TypeTag<c10::BFloat16>{});
-    default:
-      return run(TypeTag<c10::Half>{});  // plan_lowbit admits float32, bfloat16 and float16 only
+  const auto with_p = [&](auto pt) {
+    if constexpr (!std::is_void<FixedG>::value) {
+      run(pt, TypeTag<FixedG>{});
+    } else if constexpr (!std::is_void<FixedP>::value) {  // list 1 of its own dtype (Muon's grads)
+      lb::dispatch_type(lists[1][0].scalar_type(), [&](auto gt) { run(pt, gt); });
+    } else {
+      run(pt, pt);
+    }
+  };
+  if constexpr (!std::is_void<FixedP>::value) {
+    with_p(TypeTag<FixedP>{});
+  } else {
+    lb::dispatch_type(lists[0][0].scalar_type(), with_p);
   }
 }
 
@@ -307,6 +321,55 @@ void neuro_optima_lowbit_(at::TensorList params, at::TensorList grads, at::Tenso
                      return NeuroOptimaOp<float>{math::NeuroOptimaCoeffs<float>(lr, beta1, beta2, eps, weight_decay),
                                                  maximize ? -1.0f : 1.0f};
                    });
+}
+
+// Muon's momentum stage in the pass's layout: v[0] the Newton-Schulz input (written), v[1] the grad, v[2]
+// the buffer; the math of muon_momentum_'s MuonMomentumOp
+struct MuonMomentumLowbitOp {
+  static constexpr unsigned kWrites = 0b101;  // updates, momentum_buffers (grads are read only)
+  math::MuonMomentumCoeffs<float> c;
+  float sign;
+  __device__ NoCtx context(const TensorRow<3>&) const { return {}; }
+  __device__ void operator()(float (&v)[3], const NoCtx&) const {
+    v[0] = math::muon_momentum(math::prepare_grad(v[1], sign, false, 1.0f), v[2], c);
+  }
+};
+
+void muon_momentum_lowbit_(at::TensorList grads, at::TensorList momentum_buffers, at::TensorList updates,
+                           at::TensorList absmax, const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt,
+                           bool param_sr, int64_t seed, int64_t step, const c10::optional<at::Tensor>& step_tensor,
+                           at::IntArrayRef tensor_index, double momentum, bool nesterov, bool maximize) {
+  const char* op = "fused_optim::muon_momentum_lowbit_";
+  TORCH_CHECK(updates.empty() || updates[0].scalar_type() == at::kBFloat16, op,
+              ": updates (the Newton-Schulz input) must be bfloat16");
+  const MuonMomentumLowbitOp mop{math::MuonMomentumCoeffs<float>(momentum, nesterov), maximize ? -1.0f : 1.0f};
+  launch_lowbit<1, c10::BFloat16>(op, {updates, grads, momentum_buffers},
+                   lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor, tensor_index),
+                   c10::nullopt, c10::nullopt, {}, [&](auto, auto, auto) { return mop; }, {1, true},
+                   /*param_sr=*/false);
+}
+
+void muon_apply_lowbit_(at::TensorList params, at::TensorList updates, at::TensorList absmax,
+                        const at::Tensor& tables, at::IntArrayRef signed_maps, int64_t fmt, bool param_sr, int64_t seed,
+                        int64_t step, const c10::optional<at::Tensor>& step_tensor, at::IntArrayRef tensor_index,
+                        at::ArrayRef<double> scales, double lr, double weight_decay) {
+  const char* op = "fused_optim::muon_apply_lowbit_";
+  TORCH_CHECK(scales.size() == params.size(), op, ": scales has ", scales.size(), " values, expected ",
+              params.size(), " (one per parameter)");
+  if (params.empty()) {
+    return;
+  }
+  const at::Tensor dev_scales = device_scales(scales, params[0].device());
+  const math::MuonApplyCoeffs<float> c(lr, weight_decay);
+  lb::dispatch_type(updates.empty() ? at::kFloat : updates[0].scalar_type(), [&](auto ut) {
+    using U = typename decltype(ut)::type;
+    // muon_apply_'s Op (v[0] the param, v[1] the update), its row's scale read on the device
+    const MuonApplyOp<U, float> aop{c, dev_scales.data_ptr<double>()};
+    launch_lowbit<0, void, U>(op, {params, updates},
+                     lb::lowbit_args(absmax, tables, signed_maps, fmt, param_sr, seed, step, step_tensor,
+                                     tensor_index),
+                     c10::nullopt, c10::nullopt, {}, [&](auto, auto, auto) { return aop; }, {0, true});
+  });
 }
 
 }  // namespace
