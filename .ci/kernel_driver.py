@@ -337,8 +337,8 @@ def _shifted(t, dtype):
 
 def _lowbit_cases() -> list[Case]:
     """A low-precision case for every declared optimizer whose Triton or native impl has the pass, for
-    NeuroOptima's core (a composite's part) and for Muon's two stages. Each reduces in shared memory (the native CUDA pass: every
-    8-bit block's absmax), so racecheck runs them."""
+    NeuroOptima's core (a composite's part) and for Muon's two stages. Each reduces in shared memory (the
+    native CUDA pass: every 8-bit block's absmax), so racecheck runs them."""
     import fused_optim  # noqa: F401 - declares every optimizer of the library
     from fused_optim.declaration import declared
 

@@ -92,7 +92,7 @@ struct ElementwiseArgs {
 //   tables       [states, 2, 256] fp32: per state list its map's magnitudes, then its thresholds
 //   signed_maps  per state list: 1 the signed map, 0 the unsigned one
 //   fmt          the state storage: 0 the ordinary fp32 state, 1 bf16 (stochastic rounding), 2 8-bit codes
-//   param_sr     round bf16 params stochastically (stream 0); state list j rounds with stream 1 + j
+//   param_sr     round bf16 / fp16 params stochastically (stream 0); state list j rounds with stream 1 + j
 //   seed, step, tensor_index   the generator's key (docs/lowbit.md §1)
 //   step_tensor  given (capturable): the step is this 1-element float32 counter on the kernels' device, read
 //                there (its integer value's low 32 bits; no host sync on CUDA), and `step` is ignored

@@ -379,11 +379,11 @@ def _native_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
                        weight_decay: float, lowbit=None) -> None:
     """Muon after Newton-Schulz (docs/spec.md §8): ``u = updates[i] * scales[i]`` (one rounding to u's dtype),
     ``p.mul_(1 - lr*wd)``, ``p.add_(u, alpha=-lr)``. ``lowbit`` (a `fused_optim.lowstate.Rounding` with
-    ``param_sr``): bf16 params rounded stochastically in the pass (the op ``muon_apply_lowbit_``)."""
+    ``param_sr``): bf16 / fp16 params rounded stochastically in the pass (the op ``muon_apply_lowbit_``)."""
     if not params:
         return
     scales = [float(s) for s in scales]
-    if lowbit is not None and lowbit.param_sr and params[0].dtype == torch.bfloat16:
+    if lowbit is not None and lowbit.param_sr and params[0].dtype in (torch.bfloat16, torch.float16):
         low = dataclasses.replace(lowbit, fmt="fp32", signed=(), absmax=())  # no state in this stage
 
         def fp32_step(ps, us, ss, rows):

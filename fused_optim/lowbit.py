@@ -185,7 +185,9 @@ def stochastic_round_fp16(x: Tensor, bits: Tensor) -> Tensor:
     in fp32 and the gap is a power of two, so the probability is ``frac`` rounded up to a multiple of
     2^-24 (docs/lowbit.md §2). fp16's subnormals are handled by the same rule (the add-and-truncate
     trick of bf16 does not apply: fp16's exponent range is narrower than fp32's). ±0, ±inf, exact fp16
-    values never move; NaN stays NaN; above 65504, inf stands for 2^16 (the next step of the top binade).
+    values never move; NaN stays NaN (quiet, sign and top payload bits kept, as torch's CPU conversion);
+    above 65504, inf stands for 2^16 (the next step of the top binade). The C++ and Triton twins
+    (`sr_fp16_bits`) compute the same bits with integer operations in fp16's normal range.
     """
     check_sr_args(x, bits)
     a = x.abs()
@@ -199,8 +201,14 @@ def stochastic_round_fp16(x: Tensor, bits: Tensor) -> Tensor:
     threshold = frac * 2.0**24
     away = (bits >> 8).to(torch.float32) < threshold  # (bits >> 8) < 2^24: exact in fp32
     mag = torch.where(away, hi, lo)
-    mag = torch.where(torch.isfinite(a), mag, a)  # inf stays inf, NaN stays NaN
-    return torch.copysign(mag, x).to(torch.float16)
+    mag = torch.where(torch.isinf(a), a, mag)  # inf stays inf
+    out = torch.copysign(mag, x).to(torch.float16)  # exact: mag is an fp16 value (or 2^16: inf)
+    # NaN stays NaN: quiet, sign and the payload's top 9 bits kept (torch's CPU conversion, spelled out so
+    # that every device and every kernel gives these bits)
+    xb = x.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    nan_bits = ((xb >> 16) & 0x8000) | 0x7E00 | ((xb >> 13) & 0x3FF)
+    nan = (nan_bits - ((nan_bits >> 15) << 16)).to(torch.int16).view(torch.float16)
+    return torch.where(torch.isnan(x), nan, out)
 
 
 # ---------------------------------------------------------------------------------- 8-bit blockwise

@@ -11,8 +11,8 @@ The random bits are keyed by (seed, step, tensor index, element index): the opti
 torch's generator at construction, kept in every param group as ``lowbit_seed``), the group's rounding
 counter ``lowbit_step``, the param's position in the optimizer, and the element's flat index in the
 tensor (in the local shard for a DTensor). Stream 0 rounds the param, stream ``1 + j`` state tensor ``j``.
-fp16 params round stochastically too (`fused_optim.lowbit.stochastic_round_fp16`), on this reference path
-only: the fused impls handle bf16 params and the dispatcher sends fp16 ones here.
+fp16 params round stochastically too (`fused_optim.lowbit.stochastic_round_fp16`; the fused impls'
+`sr_fp16_bits` give the same bits).
 
 `reference_step` runs any fp32 impl under these formats: it decodes the state to fp32, runs the impl,
 and encodes the result back. Impls declared ``lowbit`` do the same inside their own pass instead

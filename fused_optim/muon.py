@@ -158,7 +158,7 @@ def _fused_muon(params: list[Tensor], grads: list[Tensor], momentum_buffers: lis
        ``p − lr·u`` in one pass.
 
     ``lowbit`` (`fused_optim.lowstate.Rounding`, docs/lowbit.md §5): a bf16 / 8-bit momentum buffer is
-    decoded, updated and encoded inside the momentum kernel's pass, and bf16 params with stochastic
+    decoded, updated and encoded inside the momentum kernel's pass, and bf16 / fp16 params with stochastic
     rounding are rounded inside the apply kernel's.
     """
     if _dist.current() is not None:

@@ -183,7 +183,7 @@ class FusedOptimizer(torch.optim.Optimizer):
     #: (state key, signed) of the state lists `_dispatch` receives that ``state_precision`` stores in bf16
     #: or 8 bits, in their order (fused_optim/lowstate.py); empty: the class takes no ``state_precision``
     _lowbit_states: tuple[tuple[str, bool], ...] = ()
-    #: the class takes ``stochastic_rounding=True`` (bf16 params rounded stochastically)
+    #: the class takes ``stochastic_rounding=True`` (bf16 / fp16 params rounded stochastically)
     _supports_stochastic_rounding = False
 
     _impls: dict[str, Callable[..., None]] = {}
@@ -992,8 +992,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 rounding = self._rounding_for(params, idx, fmts[n_split], states)
                 if rounding.fmt == "fp32" and not rounding.param_sr:
                     pass  # full-precision state, nothing to round: the ordinary call
-                elif (getattr(fn, "supports_lowbit", False) and not torch.compiler.is_compiling()
-                      and not (rounding.param_sr and dtype == torch.float16)):
+                elif getattr(fn, "supports_lowbit", False) and not torch.compiler.is_compiling():
                     with shard_ctx:
                         fn(sub_p, sub_g, *sub_s, **kwargs, **amp, lowbit=rounding)
                     continue

@@ -329,6 +329,35 @@ def test_triton_sr_bf16_identical():
     assert _same(K.stochastic_round_bf16(x, bits), L.stochastic_round_bf16(x, bits))
 
 
+def _fp16_adversarial() -> torch.Tensor:
+    """fp32 values around every fp16 boundary: subnormals (steps of 2^-24) and the smallest normal 2^-14,
+    exact fp16 values, the top binade up to 2^16 and beyond, fp32 denormals, ±0, ±inf and NaNs with
+    payloads; each value twice with either sign."""
+    g = torch.Generator().manual_seed(5)
+    f32 = lambda bits: torch.tensor(bits, dtype=torch.int64).to(torch.int32).view(torch.float32)  # noqa: E731
+    special = torch.cat([
+        torch.tensor([0.0, 2.0**-24, 2.0**-25, 3 * 2.0**-26, 2.0**-14, 65504.0, 65505.0, 65519.0, 65520.0,
+                      65535.99, 65536.0, 1e5, F32_MAX, math.inf, 1e-45, 1e-40, 6.1e-5, 1.0, 1.0 + 2.0**-11]),
+        f32([0x38800000 - 1, 0x38800000, 0x38800000 + 1, 0x477FE000, 0x477FFFFF, 0x47800000 - 1, 0x33800000,
+             0x33800001, 0x337FFFFF, 0x7F800001, 0x7FC00000, 0x7FBFFFFF, 0x7FFFFFFF, 0x00000001, 0x007FFFFF]),
+    ])
+    ranged = torch.randn(2048, generator=g) * torch.logspace(-9, 5, 2048)
+    exact = (torch.randn(512, generator=g) * 100).to(torch.float16).float()
+    x = torch.cat([special, ranged, exact])
+    return torch.cat([x, -x])
+
+
+def test_triton_sr_fp16_identical():
+    """The Triton kernels' fp16 stochastic rounding gives the torch reference's bits (NaN payloads
+    included), with four draws per value so both neighbours are hit."""
+    K = _triton()
+    x = _fp16_adversarial()
+    for seed in range(4):
+        bits = L.random_bits(seed, 1, 0, x.numel())
+        assert torch.equal(K.stochastic_round_fp16(x, bits).view(torch.int16),
+                           L.stochastic_round_fp16(x, bits).view(torch.int16)), seed
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf in numpy
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("n", SIZES)
@@ -385,6 +414,17 @@ torch::Tensor sr_bf16_t(torch::Tensor x, torch::Tensor r) {
   return out;
 }
 
+torch::Tensor sr_fp16_t(torch::Tensor x, torch::Tensor r) {
+  auto out = torch::empty_like(x, torch::kInt16);
+  const float* xp = x.data_ptr<float>();
+  const int64_t* rp = r.data_ptr<int64_t>();
+  auto* o = out.data_ptr<int16_t>();
+  for (int64_t i = 0; i < x.numel(); ++i) {
+    o[i] = static_cast<int16_t>(sr_fp16_bits(xp[i], static_cast<uint32_t>(rp[i])));
+  }
+  return out;
+}
+
 std::vector<torch::Tensor> quantize_t(torch::Tensor x, torch::Tensor thr, bool is_signed) {
   const int64_t n = x.numel(), nb = (n + kQuantBlock - 1) / kQuantBlock;
   auto codes = torch::empty({n}, torch::kUInt8);
@@ -424,7 +464,7 @@ def cpp():
     build.mkdir(parents=True, exist_ok=True)
     # a build error fails these tests: it is an error in the header
     return load_inline(name="fused_optim_lowbit_test", cpp_sources=[_CPP],
-                       functions=["random_words_t", "sr_bf16_t", "quantize_t", "dequantize_t"],
+                       functions=["random_words_t", "sr_bf16_t", "sr_fp16_t", "quantize_t", "dequantize_t"],
                        extra_include_paths=[str(ROOT / "csrc")], extra_cflags=["-O2", "-ffp-contract=off"],
                        build_directory=str(build), verbose=False)
 
@@ -453,6 +493,14 @@ def test_cpp_sr_bf16_identical(cpp):
     x = torch.cat([_adversarial(), torch.tensor([math.nan, -math.nan, math.inf, F32_MAX, -F32_MAX])])
     bits = L.random_bits(8, 1, 0, x.numel())
     assert _same(cpp.sr_bf16_t(x, bits).view(torch.bfloat16), L.stochastic_round_bf16(x, bits))
+
+
+@pytest.mark.slow
+def test_cpp_sr_fp16_identical(cpp):
+    x = _fp16_adversarial()
+    for seed in range(4):
+        bits = L.random_bits(seed, 1, 0, x.numel())
+        assert torch.equal(cpp.sr_fp16_t(x, bits), L.stochastic_round_fp16(x, bits).view(torch.int16)), seed
 
 
 @pytest.mark.slow

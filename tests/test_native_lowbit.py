@@ -134,7 +134,7 @@ def run_steps(name, params, opt, steps, reference):
 
 @pytest.mark.parametrize("precision,sr", [("bf16", False), ("bf16", True), ("8bit", False), ("8bit", True),
                                           ("fp32", True)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
 @pytest.mark.parametrize("name", sorted(MAKERS))
 def test_lowbit_op_equals_reference_step(name, dtype, precision, sr):
     """4 steps: every param, bf16 state, 8-bit code and block scale equal the reference path's."""
@@ -505,16 +505,14 @@ def muon_steps(params, opt, steps, reference):
 def test_muon_lowbit_ops_equal_reference_step(dtype, precision, sr, hyper):
     """Muon's momentum stage over its bf16 / 8-bit buffer and its apply stage with stochastically rounded
     bf16 params, 3 steps, against the reference path over the same native fp32 ops, bit for bit."""
-    if precision == "fp32" and dtype != torch.bfloat16:
-        pytest.skip("fp32 state and no bf16 param to round: the ordinary ops run")
-    if sr and dtype == torch.float16:
-        pytest.skip("fp16 params with stochastic rounding take the reference path (docs/lowbit.md §5)")
+    if precision == "fp32" and dtype == torch.float32:
+        pytest.skip("fp32 state and no bf16 / fp16 param to round: the ordinary ops run")
     pa, a, pb, b = muon_twins(dtype, transposed=True, state_precision=precision, stochastic_rounding=sr, **hyper)
     with ops_called() as called:
         muon_steps(pa, a, [1], reference=False)
     if precision != "fp32":
         assert "muon_momentum_lowbit_" in called
-    if sr and dtype == torch.bfloat16:
+    if sr and dtype != torch.float32:
         assert "muon_apply_lowbit_" in called
     muon_steps(pb, b, [1], reference=True)
     assert_same(snapshot(a, pa), snapshot(b, pb), f"muon {precision} sr={sr} {dtype} step 1")

@@ -1,7 +1,7 @@
 // CPU kernels of the lowbit ops (docs/lowbit.md §5): the update of an elementwise rule (Lion), Adan,
-// Gravity or NeuroOptima's core over bf16 or 8-bit state, and stochastically rounded bf16 params, in one
+// Gravity or NeuroOptima's core over bf16 or 8-bit state, and stochastically rounded bf16 / fp16 params, in one
 // pass per tensor; Muon's momentum stage over its bf16 / 8-bit buffer and its apply stage with rounded
-// bf16 params, the same pass with lists of their own.
+// bf16 / fp16 params, the same pass with lists of their own.
 //
 // Per block of 256 elements (docs/lowbit.md §3): the param, the prepared grad (AMP unscale written
 // back, maximize) and every state tensor decoded to fp32 local buffers (bf16 widened; 8-bit codes
@@ -50,6 +50,11 @@ inline void store_param(P* p, float x, bool sr, uint32_t word) {
   if constexpr (std::is_same<P, c10::BFloat16>::value) {
     if (sr) {
       *p = c10::BFloat16(lb::sr_bf16_bits(x, word), c10::BFloat16::from_bits());
+      return;
+    }
+  } else if constexpr (std::is_same<P, c10::Half>::value) {
+    if (sr) {
+      *p = c10::Half(lb::sr_fp16_bits(x, word), c10::Half::from_bits());
       return;
     }
   }
@@ -115,7 +120,7 @@ void lowbit_pass(const LowbitPlan& plan, const std::vector<at::TensorList>& list
     for (int64_t b = 0; b < n; b += kChunk) items.push_back({i, b, std::min(n, b + kChunk)});  // kChunk % 256 == 0
   }
   static_assert(kChunk % lb::kQuantBlock == 0, "chunks hold whole quantization blocks");
-  const bool param_sr = plan.param_sr && std::is_same<P, c10::BFloat16>::value;
+  const bool param_sr = plan.param_sr && !std::is_same<P, float>::value;  // bf16 and fp16 params
   const bool state_sr = plan.fmt == kBf16;
   for_each_chunk(items, [&](int64_t, const ChunkItem& it) {
     const int64_t row = it.row;

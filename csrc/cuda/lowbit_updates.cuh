@@ -1,6 +1,6 @@
 // CUDA kernels of the lowbit ops (docs/lowbit.md §5): an elementwise rule's update (Lion), Adan's, Gravity's
-// or NeuroOptima's core over bf16 or 8-bit state and stochastically rounded bf16 params (and Muon's two
-// stages: its bf16 / 8-bit momentum buffer, its rounded bf16 params), in one pass: the
+// or NeuroOptima's core over bf16 or 8-bit state and stochastically rounded bf16 / fp16 params (and Muon's two
+// stages: its bf16 / 8-bit momentum buffer, its rounded params), in one pass: the
 // CUDA twin of csrc/cpu/lowbit_updates.cpp, with the same per-element Ops as the fp32 ops of
 // fused_optim_cuda.cu (this file is part of that translation unit, included at its end).
 //
@@ -11,7 +11,7 @@
 // block), runs the Op (the fp32 op's math, AMP unscale written back), then encodes: bf16 state rounded
 // stochastically (stream 1 + j), 8-bit: the quantization block's new absmax (a max over its 256 threads:
 // warp shuffles, then the 8 warps' maxima in shared memory) and the element's code to nearest; the param
-// stored rounded to nearest, or stochastically (bf16 params with param_sr, stream 0). found_inf and a
+// stored rounded to nearest, or stochastically (bf16 / fp16 params with param_sr, stream 0). found_inf and a
 // capturable step's counter are read on the device: no host sync, so a CUDA graph can capture the step;
 // a skipped step reads and writes nothing.
 #pragma once
@@ -46,7 +46,7 @@ struct LowbitRow {
 template <int NS>
 struct LowbitKernelArgs {
   int fmt;               // lb::StateFormat
-  bool param_sr;         // bf16 params only (the host clears it for others)
+  bool param_sr;         // bf16 and fp16 params only (the host clears it for fp32)
   uint64_t seed;
   uint32_t step;
   const float* step_counter;  // capturable: the device step counter (lb::step_of_counter), else null
@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow
     if (!in) {
       continue;
     }
-    const bool sr_param = a.param_sr && std::is_same<P, c10::BFloat16>::value;
+    const bool sr_param = a.param_sr && !std::is_same<P, float>::value;  // bf16 and fp16 params
     lb::Philox4 w0{}, w1{};
     if (sr_param || sr_state) w0 = lb::random_words(a.seed, step, row.tensor, static_cast<uint64_t>(i));
     if (sr_state && NS >= 4) w1 = lb::random_words(a.seed, step, row.tensor + 0x80000000u, static_cast<uint64_t>(i));
@@ -171,6 +171,11 @@ __global__ void __launch_bounds__(kThreads) lowbit_update_kernel(const LowbitRow
     if constexpr (std::is_same<P, c10::BFloat16>::value) {
       if (sr_param) {
         p[i] = c10::BFloat16(lb::sr_bf16_bits(v[0], w0.w[0]), c10::BFloat16::from_bits());
+        continue;
+      }
+    } else if constexpr (std::is_same<P, c10::Half>::value) {
+      if (sr_param) {
+        p[i] = c10::Half(lb::sr_fp16_bits(v[0], w0.w[0]), c10::Half::from_bits());
         continue;
       }
     }
@@ -227,7 +232,7 @@ void launch_lowbit(const char* op_name, const std::vector<at::TensorList>& lists
   const RowTable<LowbitRow<NS>> table = upload_rows(rows, chunks, device);
   LowbitKernelArgs<NS> args{};
   args.fmt = static_cast<int>(plan.fmt);
-  args.param_sr = param_sr && plan.param_sr && lists[0][0].scalar_type() == at::kBFloat16;
+  args.param_sr = param_sr && plan.param_sr && lists[0][0].scalar_type() != at::kFloat;  // bf16, fp16 params
   args.seed = plan.seed;
   args.step = plan.step;
   args.step_counter = plan.step_counter;

@@ -93,6 +93,29 @@ C10_HOST_DEVICE inline uint16_t sr_bf16_bits(float x, uint32_t r) {
   return static_cast<uint16_t>((b + (r & 0xFFFFu)) >> 16);
 }
 
+// fp16 bits of x rounded stochastically with the random word r (its high 24 bits): between the two fp16
+// neighbours of |x|, away from zero when r >> 8 < frac * 2^24 (docs/lowbit.md §5; the torch reference is
+// fused_optim.lowbit.stochastic_round_fp16). In fp16's normal range frac * 2^24 is the 13 dropped mantissa
+// bits times 2^11, an integer; below it (fp16 subnormals, steps of 2^-24) it is computed in fp32, where
+// every operation is exact. Above 65504 inf stands for 2^16; NaN stays NaN (quiet, sign and the top
+// payload bits kept, as torch's CPU conversion).
+C10_HOST_DEVICE inline uint16_t sr_fp16_bits(float x, uint32_t r) {
+  const uint32_t b = f32_bits(x);
+  const uint32_t a = b & 0x7FFFFFFFu;
+  const uint16_t sign = static_cast<uint16_t>((b >> 16) & 0x8000u);
+  const uint32_t r24 = r >> 8;
+  if (a > 0x7F800000u) return static_cast<uint16_t>(sign | 0x7E00u | ((a >> 13) & 0x3FFu));
+  if (a >= 0x47800000u) return static_cast<uint16_t>(sign | 0x7C00u);  // |x| >= 2^16 (and inf): inf
+  if (a >= 0x38800000u) {                                               // |x| >= 2^-14: fp16 normal
+    const uint32_t lo = (a >> 13) - (112u << 10);                       // exponent rebiased 127 -> 15
+    return static_cast<uint16_t>(sign | (lo + (r24 < ((a & 0x1FFFu) << 11) ? 1u : 0u)));
+  }
+  const float t = f32_from_bits(a) * 16777216.0f;  // |x| / 2^-24, below 1024: exact
+  const uint32_t m = static_cast<uint32_t>(t);      // toward zero: the lower neighbour's bits
+  const float threshold = (t - static_cast<float>(m)) * 16777216.0f;
+  return static_cast<uint16_t>(sign | (m + (static_cast<float>(r24) < threshold ? 1u : 0u)));
+}
+
 // bf16 bits widened to fp32 (exact)
 C10_HOST_DEVICE inline float bf16_bits_to_float(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
 

@@ -82,6 +82,26 @@ def sr_bf16_bits(x, r):
 
 
 @device_fn
+def sr_fp16_bits(x, r):
+    """fp16 bits (uint16) of fp32 ``x`` rounded stochastically with the uint32 random words ``r`` (high 24
+    bits used): csrc/math/lowbit.h's ``sr_fp16_bits``, the same integer and exact fp32 operations."""
+    b = x.to(tl.uint32, bitcast=True)
+    a = b & 0x7FFFFFFF
+    sign = (b >> 16) & 0x8000
+    r24 = r >> 8
+    nan = sign | 0x7E00 | ((a >> 13) & 0x3FF)
+    normal = (a >> 13) - (112 << 10) + tl.where(r24 < ((a & 0x1FFF) << 11), 1, 0).to(tl.uint32)
+    small = a < 0x38800000
+    t = tl.where(small, a.to(tl.float32, bitcast=True), 0.0) * 16777216.0  # (other lanes: no cast overflow)
+    m = t.to(tl.uint32)  # toward zero (t >= 0)
+    threshold = (t - m.to(tl.float32)) * 16777216.0
+    sub = m + tl.where(r24.to(tl.float32) < threshold, 1, 0).to(tl.uint32)
+    mag = tl.where(a > 0x7F800000, nan, tl.where(a >= 0x47800000, sign | 0x7C00,
+                                                 sign | tl.where(small, sub, normal)))
+    return mag.to(tl.uint16)
+
+
+@device_fn
 def sr_bf16(x, r):
     """`sr_bf16_bits` widened back to fp32: the value a bf16 store would hold, for in-kernel math."""
     return (sr_bf16_bits(x, r).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
@@ -155,6 +175,15 @@ def _sr_bf16_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sr_fp16_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    r = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32)
+    tl.store(out_ptr + offs, sr_fp16_bits(x, r).to(tl.int16, bitcast=True), mask=mask)
+
+
+@triton.jit
 def _quantize_kernel(x_ptr, codes_ptr, scales_ptr, thr_ptr, n, SIGNED: tl.constexpr, ROWS: tl.constexpr,
                      QB: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
@@ -203,6 +232,18 @@ def stochastic_round_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
         kernel_for(_sr_bf16_kernel, x.device)[(triton.cdiv(n, _BLOCK),)](
             x, bits.contiguous(), out, n, BLOCK=_BLOCK)
     return out.view(torch.bfloat16)
+
+
+def stochastic_round_fp16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`fused_optim.lowbit.stochastic_round_fp16` computed by `sr_fp16_bits`."""
+    _ref.check_sr_args(x, bits)
+    x = x.contiguous()
+    out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
+    n = x.numel()
+    if n:
+        kernel_for(_sr_fp16_kernel, x.device)[(triton.cdiv(n, _BLOCK),)](
+            x, bits.contiguous(), out, n, BLOCK=_BLOCK)
+    return out.view(torch.float16)
 
 
 def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -308,12 +349,19 @@ def store_state(addr, offs, x, mask, blk, blk_mask, scale_addr, thr_ptr, r, FMT:
 @device_fn
 def store_param(addr, offs, p, mask, r, P_KIND: tl.constexpr, PARAM_SR: tl.constexpr, ALIGNED: tl.constexpr,
                 MASKED: tl.constexpr):
-    """Write the param: bf16 rounded stochastically with the words `r` when PARAM_SR, else to nearest."""
+    """Write the param: bf16 or fp16 rounded stochastically with the words `r` when PARAM_SR, else to
+    nearest."""
     if PARAM_SR:
-        _store(_ptr(addr, tl.uint16, ALIGNED) + offs, sr_bf16_bits(p, r), mask, MASKED)
+        if P_KIND == 1:
+            _store(_ptr(addr, tl.uint16, ALIGNED) + offs, sr_fp16_bits(p, r), mask, MASKED)
+        else:
+            _store(_ptr(addr, tl.uint16, ALIGNED) + offs, sr_bf16_bits(p, r), mask, MASKED)
     else:
         _store_f32(addr, offs, p, mask, P_KIND, ALIGNED, MASKED)
 
+
+#: param dtypes a lowbit kernel rounds stochastically (PARAM_SR)
+_SR_DTYPES = (torch.bfloat16, torch.float16)
 
 _DEVICE_TABLES: dict[tuple[bool, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -328,11 +376,11 @@ def device_tables(signed: bool, device: torch.device) -> tuple[torch.Tensor, tor
 
 
 def uses_lowbit_kernel(params, low) -> bool:
-    """Whether a call with ``lowbit=low`` needs the lowbit kernel: state stored below fp32, or bf16 params
+    """Whether a call with ``lowbit=low`` needs the lowbit kernel: state stored below fp32, or bf16 / fp16 params
     rounded stochastically. Otherwise the ordinary fp32 kernel runs, unchanged."""
     if low is None:
         return False
-    return low.fmt != "fp32" or (low.param_sr and bool(params) and params[0].dtype == torch.bfloat16)
+    return low.fmt != "fp32" or (low.param_sr and bool(params) and params[0].dtype in _SR_DTYPES)
 
 
 class LowbitLaunch(NamedTuple):
@@ -373,7 +421,7 @@ def lowbit_launches(params, grads, states, low, block: int, grad_scale=None, fou
     on_device = isinstance(step, torch.Tensor)
     tables = [device_tables(signed, device) for signed in low.signed]
     base = {"seed": int(low.seed), "rng_step": 0 if on_device else int(step), "FMT": fmt, "QB": _ref.QUANT_BLOCK,
-            "PARAM_SR": bool(low.param_sr) and p_kind == mt.KIND_BF16, "RNG_STEP_ON_DEVICE": on_device}
+            "PARAM_SR": bool(low.param_sr) and p_kind in (mt.KIND_BF16, mt.KIND_FP16), "RNG_STEP_ON_DEVICE": on_device}
     for idx in (plain, strided):
         if not idx:
             continue

@@ -24,7 +24,7 @@ Low-precision state (docs/lowbit.md §5): `_muon_momentum_lowbit_kernel` decodes
 the new block absmax and codes to nearest; bf16: rounded stochastically with stream 1) in the same pass,
 one quantization block per tile row (`kernels.lowbit`); Newton–Schulz's input is computed from the fp32
 buffer before encoding, as the reference computes it on its decoded copy. `_muon_apply_kernel` with
-``PARAM_SR`` writes bf16 params rounded stochastically with stream 0.
+``PARAM_SR`` writes bf16 / fp16 params rounded stochastically with stream 0.
 """
 from __future__ import annotations
 
@@ -197,7 +197,7 @@ def _muon_apply_kernel(meta_ptr, dyn_ptrs_ptr, chunks_ptr,  # `multi_tensor.Laun
                        DECAY: tl.constexpr,  # weight_decay != 0 (the multiply by exactly 1 is skipped otherwise)
                        P_KIND: tl.constexpr,  # dtype code of params (0 fp32, 1 fp16, 2 bf16)
                        U_KIND: tl.constexpr,  # dtype code of the updates (bf16, or the params')
-                       PARAM_SR: tl.constexpr,  # bf16 params rounded stochastically (stream 0)
+                       PARAM_SR: tl.constexpr,  # bf16 / fp16 params rounded stochastically (stream 0)
                        RNG_STEP_ON_DEVICE: tl.constexpr,
                        ALIGNED: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr):
     t, row, offs, mask, full = mt._chunk_coords(meta_ptr, chunks_ptr, ROW, BLOCK)
@@ -222,11 +222,11 @@ def _triton_muon_apply(params: list[Tensor], updates: list[Tensor], *, scales: l
     """Muon's update stage over a (device, dtype) group in one launch (a second one only for strided
     params): ``p = p·(1 − lr·wd) − lr·round(u·scale)``. ``updates[i]`` has ``params[i]``'s numel (any
     shape, e.g. the 2-D Newton–Schulz output of a conv weight) and may be non-contiguous. ``lowbit``
-    (`fused_optim.lowstate.Rounding`, aligned with `params`): bf16 params with ``param_sr`` are rounded
+    (`fused_optim.lowstate.Rounding`, aligned with `params`): bf16 / fp16 params with ``param_sr`` are rounded
     stochastically (stream 0 of the generator, element index row-major)."""
     if len(scales) != len(params):
         raise ValueError(f"Triton launcher: list lengths differ (params {len(params)}, scales {len(scales)})")
-    sr = lowbit is not None and lowbit.param_sr and bool(params) and params[0].dtype == torch.bfloat16
+    sr = lowbit is not None and lowbit.param_sr and bool(params) and params[0].dtype in lb._SR_DTYPES
     step = lowbit.step if sr else 0
     on_device = isinstance(step, Tensor)
     preps = mt.prepare_lists([params], [updates], names=("params", "updates"), written=("params",))
