@@ -1,7 +1,7 @@
 """Native CPU step vs torch.optim.AdamW(fused=True) and the foreach impl on the GPT-2-small parameter set.
 
     python -m bench.native_cpu [--reps 9] [--threads 1] [--foreach-reps 2] [--only lion,adan]
-    python -m bench.native_cpu --lowbit [--numel 4194304] [--reps 7] [--threads 1] [--only lion,adan] [--no-reference]
+    python -m bench.native_cpu --lowbit [--numel 4194304] [--reps 7] [--threads 1] [--only lion,adan,muon] [--no-reference]
 
 One process, one shared set of params and grads; every optimizer keeps its own state. Steps are
 interleaved (AdamW, then each candidate, per repetition) so machine noise hits all alike; the
@@ -12,7 +12,8 @@ Learning rates are tiny so params stay finite over the run. Results: bench/NOTES
 ``--lowbit``: one tensor of ``--numel`` fp32 params per state_precision (fp32, bf16, 8bit), the native
 impl's lowbit op vs the same fp32 op through `fused_optim.lowstate.reference_step` (the impl's
 ``supports_lowbit`` off), interleaved; with the bytes a step must move at least (the floor: each
-tensor read once and the written ones written once). Results: bench/NOTES.md, "Low-precision state".
+tensor read once and the written ones written once); "muon": Muon's momentum stage alone. Results:
+bench/NOTES.md, "Low-precision state".
 """
 from __future__ import annotations
 
@@ -107,6 +108,8 @@ def lowbit(args):
     print(f"1 tensor of {n / 2**20:.0f}Mi fp32 params, torch {torch.__version__}, threads {torch.get_num_threads()}")
     print(f"{'opt':5s} {'state':5s} {'path':9s} {'wall ms':>8s} {'range':>15s} {'floor MB':>8s} {'GB/s':>6s}")
     for name in args.only.split(","):
+        if name == "muon":
+            muon_momentum_stage(args)
         if name not in fns:
             continue
         for precision in ("fp32", "bf16", "8bit"):
@@ -138,6 +141,48 @@ def lowbit(args):
                 print(f"{name:5s} {precision:5s} {path:9s} {med * 1e3:8.1f} [{min(v) * 1e3:6.1f}..{max(v) * 1e3:6.1f}] "
                       f"{floor / 1e6:8.1f} {floor / med / 1e9:6.2f}")
             del opts
+
+
+def muon_momentum_stage(args):
+    """Muon's momentum stage alone (Newton-Schulz would dominate a CPU step): the lowbit op against the fp32 op
+    through `reference_step`, per buffer format, on one ``--numel`` fp32 matrix; the floor reads the grad and
+    the buffer, writes the buffer and the bf16 Newton-Schulz input."""
+    from fused_optim import _native, lowbit as lb, lowstate
+
+    n = args.numel
+    torch.manual_seed(0)
+    g = torch.randn(n // 1024, 1024)
+    lowstate_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    for precision in ("fp32", "bf16", "8bit"):
+        if precision == "8bit":
+            codes, scales = lb.quantize_blockwise(torch.randn(g.shape) * 1e-2, True)
+            buf, absmax = codes, [scales]
+        else:
+            buf, absmax = (torch.randn(g.shape) * 1e-2).to(lowstate_dtype[precision]), []
+        low = lowstate.Rounding(precision, (True,), (absmax,), False, 1234, 1, [0])
+        u = torch.empty(g.shape, dtype=torch.bfloat16)
+        floor = n * (4 + 2 * _STATE_BYTES[precision] + 2)
+        if precision == "fp32":  # the fp32 op itself
+            runs = {"fused": lambda: _native._native_muon_momentum([g], [buf], [u], momentum=0.95, nesterov=True,
+                                                                   maximize=False)}
+        else:
+            runs = {"fused": lambda: _native._native_muon_momentum_lowbit([g], [buf], [u], momentum=0.95,
+                                                                          nesterov=True, maximize=False, lowbit=low)}
+        if not args.no_reference and precision != "fp32":
+            runs["reference"] = lambda: lowstate.reference_step(
+                lambda us, gs, ss: _native._native_muon_momentum(gs, ss[0], us, momentum=0.95, nesterov=True,
+                                                                 maximize=False), [u], [g], [[buf]], low, [torch.float32])
+        times = {k: [] for k in runs}
+        for r in range(args.reps + 1):
+            for path, run in runs.items():
+                t0 = time.perf_counter()
+                run()
+                if r:
+                    times[path].append(time.perf_counter() - t0)
+        for path, v in times.items():
+            med = statistics.median(v)
+            print(f"{'muon':5s} {precision:5s} {path:9s} {med * 1e3:8.1f} [{min(v) * 1e3:6.1f}..{max(v) * 1e3:6.1f}] "
+                  f"{floor / 1e6:8.1f} {floor / med / 1e9:6.2f}")
 
 
 if __name__ == "__main__":

@@ -203,7 +203,7 @@ def _momentum_stage(kernel, grads, bufs, outs, *, momentum, nesterov, maximize, 
 
 
 def _apply_stage(kernel, params, updates, *, scales, lr, weight_decay, lowbit) -> None:
-    """A fused impl's apply stage; it rounds bf16 params stochastically itself when ``lowbit.param_sr``."""
+    """A fused impl's apply stage; it rounds bf16 / fp16 params stochastically itself when ``lowbit.param_sr``."""
     if lowbit is not None and lowbit.param_sr:
         kernel(params, updates, scales=scales, lr=lr, weight_decay=weight_decay, lowbit=lowbit)
     else:

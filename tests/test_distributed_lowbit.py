@@ -147,7 +147,8 @@ def _dcp_resume(mesh, out_dir):
 
 def _plain_into_unsharded(mesh):
     """opt.state_dict() of sharded 8-bit state loaded into the same model unsharded: refused, nothing changed;
-    into an fp32 optimizer on the same sharding: decoded."""
+    into an fp32 optimizer on the same sharding: decoded; that fp32 state into an 8-bit one: quantized per
+    shard."""
     from torch.distributed.fsdp import fully_shard
 
     from fused_optim import lowstate
@@ -165,6 +166,16 @@ def _plain_into_unsharded(mesh):
     want = lowstate.decode(st["exp_avg"].to_local(), lowstate.local_scales(st["exp_avg_absmax"], st["exp_avg"]),
                            True, torch.float32)
     converted = torch.equal(fp32.state[w]["exp_avg"].to_local(), want) and "exp_avg_absmax" not in fp32.state[w]
+    # and back: the fp32 sharded state into a fresh 8-bit optimizer is quantized per shard, scales a DTensor
+    back = Lion(model.parameters(), lr=1e-2, impl="foreach", state_precision="8bit")
+    back.load_state_dict(fp32.state_dict())
+    codes, scales = back.state[w]["exp_avg"], back.state[w]["exp_avg_absmax"]
+    from fused_optim import lowbit
+
+    want_codes, want_scales = lowbit.quantize_blockwise(want, True)
+    converted = (converted and torch.equal(codes.to_local(), want_codes)
+                 and torch.equal(lowstate.local_scales(scales, codes), want_scales)
+                 and type(scales).__name__ == "DTensor")
     plain = _model()
     opt2 = Lion(plain.parameters(), lr=1e-2, impl="foreach", state_precision="8bit")
     try:
