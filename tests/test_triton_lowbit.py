@@ -101,15 +101,20 @@ def assert_same(opt_a, params_a, opt_b, params_b, what: str) -> None:
                 assert v == sb[key], (what, i, key)
 
 
-def run(name: str, precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
-    params = make_params(dtype)
-    torch.manual_seed(0)  # the optimizer's seed is drawn from torch's generator
-    opt = OPTIMIZERS[name](params, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper)
+def run_steps(opt, params, *, fused: bool, steps: int = 3) -> None:
+    """`steps` steps with fresh grads each, through the fused pass or the reference path."""
     ctx = fused_off(opt) if not fused else contextlib.nullcontext()
     for step in range(steps):
         set_grads(params, step)
         with ctx:
             opt.step()
+
+
+def run(name: str, precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
+    params = make_params(dtype)
+    torch.manual_seed(0)  # the optimizer's seed is drawn from torch's generator
+    opt = OPTIMIZERS[name](params, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper)
+    run_steps(opt, params, fused=fused, steps=steps)
     return opt, params
 
 
@@ -135,18 +140,18 @@ def test_fused_pass_equals_reference_step(name, precision, sr, dtype):
 MUON_SHAPES = [(80, 64), (64, 80), (3, 50, 30), (16, 8), (33, 129)]
 
 
-def run_muon(precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
+def muon_params(dtype: torch.dtype) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     params = [torch.randn(s, generator=gen).to(dtype) for s in MUON_SHAPES]
     params[1] = torch.randn(MUON_SHAPES[1][::-1], generator=gen).to(dtype).t()  # strided
-    params = [p.requires_grad_() for p in params]
+    return [p.requires_grad_() for p in params]
+
+
+def run_muon(precision: str, sr: bool, dtype: torch.dtype, hyper: dict, *, fused: bool, steps: int = 3):
+    params = muon_params(dtype)
     torch.manual_seed(0)
     opt = fo.Muon(params, lr=0.02, impl="triton", state_precision=precision, stochastic_rounding=sr, **hyper)
-    ctx = fused_off(opt) if not fused else contextlib.nullcontext()
-    for step in range(steps):
-        set_grads(params, step)
-        with ctx:
-            opt.step()
+    run_steps(opt, params, fused=fused, steps=steps)
     return opt, params
 
 
@@ -167,14 +172,7 @@ def test_muon_fused_pass_equals_reference_step(precision, sr, dtype):
     assert a.state[pa[0]]["momentum_buffer"].dtype == want
     assert a.state[pa[3]]["momentum_buffer"].dtype == (torch.float32 if precision != "bf16" else want)
     assert_same(a, pa, b, pb, f"muon {precision} sr={sr} {dtype} {hyper}")
-    assert any(not torch.equal(p, q) for p, q in zip(pa, make_muon_start(dtype)))
-
-
-def make_muon_start(dtype):
-    gen = torch.Generator().manual_seed(0)
-    params = [torch.randn(s, generator=gen).to(dtype) for s in MUON_SHAPES]
-    params[1] = torch.randn(MUON_SHAPES[1][::-1], generator=gen).to(dtype).t()
-    return params
+    assert any(not torch.equal(p, q) for p, q in zip(pa, muon_params(dtype)))  # the steps moved something
 
 
 def test_muon_lowbit_launches(monkeypatch):
@@ -205,18 +203,7 @@ def test_neuro_optima_fused_pass_equals_reference_step(precision, sr, dtype):
         torch.manual_seed(0)
         opt = fo.NeuroOptima(params, lr=1e-2, sam_rho=0.0, lookahead_k=2, impl="triton", state_precision=precision,
                              stochastic_rounding=sr, **hyper)
-        fn = opt._impls["triton"]
-        for step in range(3):
-            set_grads(params, step)
-            if fused:
-                opt.step()
-            else:
-                assert fn.supports_lowbit
-                fn.supports_lowbit = False
-                try:
-                    opt.step()
-                finally:
-                    fn.supports_lowbit = True
+        run_steps(opt, params, fused=fused)
         out.append((opt, params))
     (a, pa), (b, pb) = out
     assert a.state[pa[0]]["exp_avg"].dtype == (torch.bfloat16 if precision == "bf16" else torch.uint8)

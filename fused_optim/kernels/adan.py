@@ -114,18 +114,7 @@ def _adan_lowbit_update(t, row, g_addr, offs, mask, blk, blk_mask, aux_ptr, mag0
         p, g, exp_avg, exp_avg_sq, exp_avg_diff, npg, clip, beta1, one_minus_beta1, beta2, one_minus_beta2, beta3,
         one_minus_beta3, bias_correction3_sqrt, eps, neg_step_size, neg_step_size_diff, decay, first, NO_PROX,
         DECAY, CLIP, FIRST_STEP)
-    # streams: 0 the param, 1 + j state j; stream 4 is word 0 of the call at tensor_index + 2^31
-    if PARAM_SR or FMT == 1:
-        r0, r1, r2, r3 = lb.random_words(seed, step, tensor_index, offs)
-    else:
-        r0 = 0
-        r1 = 0
-        r2 = 0
-        r3 = 0
-    if FMT == 1:
-        r4, _, _, _ = lb.random_words(seed, step, tensor_index + 2147483648, offs)
-    else:
-        r4 = 0
+    r0, r1, r2, r3, r4 = lb.five_stream_words(seed, step, tensor_index, offs, PARAM_SR, FMT)
     lb.store_param(p_addr, offs, p, mask, r0, P_KIND, PARAM_SR, ALIGNED, MASKED)
     lb.store_state(ea_addr, offs, exp_avg, mask, blk, blk_mask, s0, thr0_ptr, r1, FMT, S_KIND, SIGNED0, ALIGNED,
                    MASKED)

@@ -70,6 +70,25 @@ def random_words(seed, step, tensor_index, offs):
     return philox4x32_10(c0, c1, c2, c3, k0, k1)
 
 
+@device_fn
+def five_stream_words(seed, step, tensor_index, offs, PARAM_SR: tl.constexpr, FMT: tl.constexpr):
+    """The words of streams 0..4 of an update with four state lists (Adan, NeuroOptima): 0 the param, 1 + j
+    state list j; stream 4 is word 0 of the call at tensor index + 2^31 (docs/lowbit.md §5). Zeros where
+    nothing is rounded stochastically (8-bit state is rounded to nearest)."""
+    if PARAM_SR or FMT == 1:
+        r0, r1, r2, r3 = random_words(seed, step, tensor_index, offs)
+    else:
+        r0 = 0
+        r1 = 0
+        r2 = 0
+        r3 = 0
+    if FMT == 1:
+        r4, _, _, _ = random_words(seed, step, tensor_index + 2147483648, offs)
+    else:
+        r4 = 0
+    return r0, r1, r2, r3, r4
+
+
 # ------------------------------------------------------------------------------- stochastic rounding
 @device_fn
 def sr_bf16_bits(x, r):
@@ -166,21 +185,16 @@ def _random_kernel(out_ptr, n, seed, step, tensor_index, offset, BLOCK: tl.const
 
 
 @triton.jit
-def _sr_bf16_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
+def _sr_kernel(x_ptr, r_ptr, out_ptr, n, FP16: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
     r = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    tl.store(out_ptr + offs, sr_bf16_bits(x, r).to(tl.int16, bitcast=True), mask=mask)
-
-
-@triton.jit
-def _sr_fp16_kernel(x_ptr, r_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    r = tl.load(r_ptr + offs, mask=mask, other=0).to(tl.uint32)
-    tl.store(out_ptr + offs, sr_fp16_bits(x, r).to(tl.int16, bitcast=True), mask=mask)
+    if FP16:
+        h = sr_fp16_bits(x, r)
+    else:
+        h = sr_bf16_bits(x, r)
+    tl.store(out_ptr + offs, h.to(tl.int16, bitcast=True), mask=mask)
 
 
 @triton.jit
@@ -222,28 +236,25 @@ def random_bits(seed: int, step: int, tensor_index: int, numel: int, *, offset: 
     return out[0] if streams == 1 else out[:streams]
 
 
-def stochastic_round_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
-    """`fused_optim.lowbit.stochastic_round_bf16` computed by `sr_bf16_bits`."""
+def _stochastic_round(x: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _ref.check_sr_args(x, bits)
     x = x.contiguous()
     out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
     n = x.numel()
     if n:
-        kernel_for(_sr_bf16_kernel, x.device)[(triton.cdiv(n, _BLOCK),)](
-            x, bits.contiguous(), out, n, BLOCK=_BLOCK)
-    return out.view(torch.bfloat16)
+        kernel_for(_sr_kernel, x.device)[(triton.cdiv(n, _BLOCK),)](x, bits.contiguous(), out, n,
+                                                                    FP16=dtype == torch.float16, BLOCK=_BLOCK)
+    return out.view(dtype)
+
+
+def stochastic_round_bf16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """`fused_optim.lowbit.stochastic_round_bf16` computed by `sr_bf16_bits`."""
+    return _stochastic_round(x, bits, torch.bfloat16)
 
 
 def stochastic_round_fp16(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     """`fused_optim.lowbit.stochastic_round_fp16` computed by `sr_fp16_bits`."""
-    _ref.check_sr_args(x, bits)
-    x = x.contiguous()
-    out = torch.empty(x.shape, dtype=torch.int16, device=x.device)
-    n = x.numel()
-    if n:
-        kernel_for(_sr_fp16_kernel, x.device)[(triton.cdiv(n, _BLOCK),)](
-            x, bits.contiguous(), out, n, BLOCK=_BLOCK)
-    return out.view(torch.float16)
+    return _stochastic_round(x, bits, torch.float16)
 
 
 def quantize_blockwise(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
