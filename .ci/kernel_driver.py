@@ -426,7 +426,8 @@ def impl_fns(name: str) -> dict[str, Callable]:
     # the package's attributes or their kernel module's
     base = name.removesuffix("_lowbit")  # a low-precision case runs the same functional step
     decl = declared().get(base)
-    if decl is not None and (decl[0].impls or base == "muon"):  # Muon's impls are its class's own table
+    # (an optimizer whose impls its class tables by hand, Muon, counts too)
+    if decl is not None and {"native", "triton"} <= set(getattr(decl[1], "_impls", {})):
         return {"native": decl[1]._impls["native"], "triton": decl[1]._impls["triton"]}
     tri = getattr(kernels, f"_triton_{base}", None) or getattr(kernels.kernel_module(base), f"_triton_{base}")
     return {"native": getattr(native, f"_native_{base}"), "triton": tri}

@@ -118,8 +118,11 @@ def new_entries(key: str, fmt: str, signed: bool, like: Tensor, value: Tensor | 
 def local_scales(absmax: Tensor, codes: Tensor) -> Tensor:
     """The block scales of this rank's `codes` (a DTensor's local shard, or the tensor), a 1-D view of
     `absmax`: of a DTensor param, its row of the per-shard scales (`distributed.block_scales_layout`)
-    without the padding; of a plain tensor, itself."""
-    return _local(absmax).reshape(-1)[:_lb.num_blocks(_local(codes).numel())]
+    without the padding; of a plain tensor, itself (no view made: this runs per tensor and state every step)."""
+    local = _local(absmax)
+    if local is absmax:
+        return absmax
+    return local.reshape(-1)[:_lb.num_blocks(_local(codes).numel())]
 
 
 def decode(stored: Tensor, absmax: Tensor | None, signed: bool, dtype32: torch.dtype) -> Tensor:
